@@ -1,0 +1,173 @@
+"""Validated configuration of a tunnel end (pure: no reactor, no sockets).
+
+User-facing address syntax (PROTOCOL.md section 9, plus host names, which
+the reference documents but rejects):
+
+* ``:PORT`` — every IPv4 interface;
+* ``IPv4:PORT`` and ``[IPv6]:PORT``;
+* ``HOSTNAME:PORT``.
+
+Addresses are converted here, once, into Twisted endpoint descriptions; any
+bad value raises :class:`~tigertunnel.errors.ConfigError` naming it.
+"""
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+from tigertunnel.crypto.keys import KeyStore
+from tigertunnel.errors import ConfigError
+
+MAX_PROXY_PAIRS = 16
+DEFAULT_POOL_SIZE = 4
+DEFAULT_MAX_SESSIONS = 1000
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host (IP literal or name; empty = all IPv4 interfaces) and a port."""
+
+    host: str
+    port: int
+
+    @property
+    def is_ipv6(self) -> bool:
+        """Whether the host is an IPv6 literal."""
+        try:
+            return ipaddress.ip_address(self.host).version == 6
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        if self.is_ipv6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def _escape(host: str) -> str:
+    return host.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def parse_address(text: str, what: str) -> Address:
+    """Parse ``:PORT``, ``IPv4:PORT``, ``[IPv6]:PORT`` or ``HOST:PORT``.
+
+    :param what: names the value in errors (``listen address`` ...).
+    :raises ConfigError: the text is not an address with a port 1..65535.
+    """
+    bad = ConfigError(f"invalid {what}: {text!r} (expected :PORT, "
+                      f"IPv4:PORT, [IPv6]:PORT or HOST:PORT)")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise bad
+        port_text = rest[1:]
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise bad
+        except ValueError:
+            raise bad from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise bad
+        if host:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                if not _valid_hostname(host):
+                    raise bad from None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise bad
+    return Address(host, int(port_text))
+
+
+def _valid_hostname(host: str) -> bool:
+    if len(host) > 253:
+        return False
+    labels = host.rstrip(".").split(".")
+    for label in labels:
+        if not label or len(label) > 63 or label[0] == "-" or label[-1] == "-":
+            return False
+        if not all(c.isalnum() or c == "-" for c in label) or not label.isascii():
+            return False
+    return True
+
+
+def listen_description(address: Address) -> str:
+    """Return the Twisted server endpoint description for a listen address.
+
+    A host name is resolved once, here (listening needs an address).
+
+    :raises ConfigError: the host name does not resolve.
+    """
+    host = address.host
+    if host and not _is_ip(host):
+        try:
+            host = socket.getaddrinfo(host, address.port, socket.AF_UNSPEC,
+                                      socket.SOCK_STREAM)[0][4][0]
+        except (OSError, IndexError) as e:
+            raise ConfigError(f"cannot resolve listen host {address.host!r}: "
+                              f"{e}") from None
+    if not host:
+        return f"tcp:{address.port}"
+    kind = "tcp6" if ipaddress.ip_address(host).version == 6 else "tcp"
+    return f"{kind}:{address.port}:interface={_escape(host)}"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ProxyPair:
+    """One ``-p LISTEN,TARGET`` pair (target = backend or tunnel server)."""
+
+    index: int
+    listen: Address
+    target: Address
+
+    @property
+    def name(self) -> str:
+        """A short name used in logs: ``pair0`` ..."""
+        return f"pair{self.index}"
+
+
+def parse_proxy(text: str, index: int) -> ProxyPair:
+    """Parse ``LISTEN,TARGET`` (split at the first comma).
+
+    :raises ConfigError: naming the bad part.
+    """
+    listen, sep, target = text.partition(",")
+    if not sep or not listen or not target:
+        raise ConfigError(f"invalid proxy pair {text!r}: expected "
+                          f"LISTEN,TARGET such as :4000,127.0.0.1:3000")
+    return ProxyPair(index, parse_address(listen, "listen address"),
+                     parse_address(target, "target address"))
+
+
+@dataclass
+class TunnelConfig:
+    """Everything one tunnel end (client or server) needs to run.
+
+    ``psk`` is ``None`` only in explicit plaintext mode.
+    """
+
+    role: str
+    pairs: List[ProxyPair]
+    psk: Optional[KeyStore] = None
+    kem_public: Optional[Tuple[int, bytes]] = None
+    kem_secret: Optional[KeyStore] = None
+    cluster_id: Optional[int] = None
+    pool_size: int = DEFAULT_POOL_SIZE
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    require_kem: bool = False
+    key_path: Optional[str] = None
+    kem_path: Optional[str] = None
+    extra: dict = field(default_factory=dict)

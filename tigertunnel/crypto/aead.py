@@ -1,0 +1,248 @@
+"""AEGIS-128X2 encryption of TB frames on a pool connection (PROTOCOL.md section 6).
+
+AEAD: AEGIS-128X2 with a 16-byte key, a 16-byte nonce and a **16-byte tag**
+(pyaegis' default of 32 bytes would not interoperate).
+
+A plaintext TB frame ``H`` (256-byte header) + ``B`` (body), ``size`` bytes in
+all, travels as exactly ``size`` bytes after its 12-byte mux header::
+
+    offset 0   16 bytes   AEAD tag
+    offset 16   4 bytes   size, u32 LE, in clear (not in the AD)
+    offset 20  size - 20  AEAD ciphertext of P
+
+    P = H[0:64] || H[100:256] || H[240:256] || B
+
+so ``nonce_reserved`` and ``cluster`` are not transmitted and the last 16
+header bytes are encrypted twice.  The associated data is the 12-byte mux
+header exactly as sent.  The nonce of a frame is the direction's base nonce
+with bytes 0..7 XORed with ``LE64(counter)``; each direction of a pool
+connection has its own key, base nonce and counter, starting at 0.
+
+* The sender refuses a frame whose ``checksum_padding`` or
+  ``checksum_body_padding`` is not zero (``InvalidPadding``) without
+  consuming a counter value.
+* The receiver advances its counter only when the tag verifies; it rebuilds
+  the header with ``nonce_reserved`` zeroed, its own cluster id, and the
+  clear size, discards the duplicated 16 bytes, and only then checks the
+  padding fields (so a bad padding consumes a counter value, as in the
+  reference).
+
+Layout trick used to save copies: the body sits at offset 256 of the TB
+frame, at offset 236 of ``P`` and so at offset ``20 + 236 = 256`` of the
+encrypted frame.  Both directions therefore copy the frame once into a
+``bytearray``, rewrite the first 256 bytes, and run the cipher in place.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import List
+
+import pyaegis
+
+from tigertunnel.errors import AuthenticationError, FrameError, TunnelError
+from tigertunnel.frames import (
+    CHECKSUM_BODY_PADDING,
+    CHECKSUM_PADDING,
+    HEADER_SIZE,
+    MAX_FRAME_SIZE,
+    MIN_FRAME_SIZE,
+    SIZE_OFFSET,
+)
+
+__all__ = ["KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "FrameSealer", "FrameOpener",
+           "frame_nonce"]
+
+# Wire facts, source of truth: PROTOCOL.md sections 1 and 6.
+KEY_SIZE = 16
+NONCE_SIZE = 16
+TAG_SIZE = 16
+#: Offset of the clear size field, and of the ciphertext, in an encrypted frame.
+CLEAR_SIZE_OFFSET = TAG_SIZE
+CIPHERTEXT_OFFSET = TAG_SIZE + 4
+#: Length of the part of P that comes from the header (64 + 156 + 16).
+P_HEADER_SIZE = HEADER_SIZE - CIPHERTEXT_OFFSET
+MUX_HEADER_SIZE = 12  # the AD; see tigertunnel.muxframes
+
+_COUNTER_LIMIT = 1 << 64
+_ZERO16 = bytes(16)
+_u32_from = struct.Struct("<I").unpack_from
+_AEAD = pyaegis.Aegis128X2(tag_size=TAG_SIZE)
+
+
+def frame_nonce(base_nonce: bytes, counter: int) -> bytes:
+    """Return the nonce for ``counter``: ``base_nonce`` with bytes 0..7 XOR LE64(counter).
+
+    :raises ValueError: if ``counter`` is not a u64 or ``base_nonce`` is not
+        16 bytes.
+    """
+    if len(base_nonce) != NONCE_SIZE:
+        raise ValueError(f"base nonce must be {NONCE_SIZE} bytes")
+    if not 0 <= counter < _COUNTER_LIMIT:
+        raise ValueError(f"counter {counter} is not a u64")
+    low = int.from_bytes(base_nonce[:8], "little") ^ counter
+    return low.to_bytes(8, "little") + bytes(base_nonce[8:])
+
+
+class _Keys:
+    """Key and base nonce of one direction of a pool connection."""
+
+    __slots__ = ("key", "nonce_low", "nonce_high")
+
+    def __init__(self, key: bytes, base_nonce: bytes, counter: int) -> None:
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"key must be {KEY_SIZE} bytes, got {len(key)}")
+        if len(base_nonce) != NONCE_SIZE:
+            raise ValueError(f"base nonce must be {NONCE_SIZE} bytes, got {len(base_nonce)}")
+        if not 0 <= counter < _COUNTER_LIMIT:
+            raise ValueError(f"counter {counter} is not a u64")
+        self.key = bytes(key)
+        self.nonce_low = int.from_bytes(base_nonce[:8], "little")
+        self.nonce_high = bytes(base_nonce[8:])
+
+    def nonce(self, counter: int) -> bytes:
+        """Return the nonce for ``counter`` (which must be below 2**64)."""
+        return (self.nonce_low ^ counter).to_bytes(8, "little") + self.nonce_high
+
+
+def _check_ad(mux_header: bytes) -> None:
+    if len(mux_header) != MUX_HEADER_SIZE:
+        raise FrameError(f"associated data must be the {MUX_HEADER_SIZE}-byte mux header")
+
+
+class FrameSealer:
+    """Encrypt the TB frames one end sends on a pool connection.
+
+    :ivar counter: the counter value the next sealed frame uses.
+    """
+
+    def __init__(self, key: bytes, base_nonce: bytes, counter: int = 0) -> None:
+        """
+        :param key: the direction's 16-byte session key (``c2s_key`` on the
+            client, ``s2c_key`` on the server).
+        :param base_nonce: the direction's 16-byte base nonce.
+        :param counter: the first counter value (0 after a handshake).
+        :raises ValueError: on a wrong key or nonce length or a counter
+            outside u64.
+        """
+        self._keys = _Keys(key, base_nonce, counter)
+        self.counter = counter
+
+    def seal(self, mux_header: bytes, frame: bytes) -> List[bytes]:
+        """Encrypt ``frame`` behind ``mux_header`` with the next counter.
+
+        :param mux_header: the 12-byte mux header sent before the frame; it
+            is the associated data.
+        :param frame: a complete plaintext TB frame (or the 256-byte
+            stream_close pseudo header).
+        :returns: the wire bytes (``mux_header`` followed by the encrypted
+            frame, ``12 + size`` bytes in all) as a list of chunks for
+            ``transport.writeSequence``.
+        :raises FrameError: the frame's padding is not zero, its length is
+            outside 256 ... 1 MiB or differs from its size field, or the
+            header is not 12 bytes. No counter value is consumed.
+        :raises TunnelError: the u64 counter is exhausted.
+        """
+        size = len(frame)
+        if not MIN_FRAME_SIZE <= size <= MAX_FRAME_SIZE:
+            raise FrameError(f"TB frame of {size} bytes outside {MIN_FRAME_SIZE}..{MAX_FRAME_SIZE}")
+        if _u32_from(frame, SIZE_OFFSET)[0] != size:
+            raise FrameError(f"TB frame of {size} bytes has size field "
+                             f"{_u32_from(frame, SIZE_OFFSET)[0]}")
+        if frame[CHECKSUM_PADDING] != _ZERO16 or frame[CHECKSUM_BODY_PADDING] != _ZERO16:
+            raise FrameError("InvalidPadding: a checksum padding field is not zero")
+        _check_ad(mux_header)
+        counter = self.counter
+        if counter >= _COUNTER_LIMIT:
+            raise TunnelError("frame counter exhausted: the pool connection needs new keys")
+        keys = self._keys
+        nonce = keys.nonce(counter)
+        # out = mux header || H || B; the body is already where the
+        # ciphertext of B belongs (offset 12 + 256).
+        out = bytearray(mux_header) + frame
+        out[MUX_HEADER_SIZE + CLEAR_SIZE_OFFSET:MUX_HEADER_SIZE + HEADER_SIZE] = (
+            frame[96:100] + frame[0:64] + frame[100:256] + frame[240:256])
+        try:
+            with memoryview(out) as view:
+                tag = _AEAD.encrypt_inplace(
+                    keys.key, nonce, view[MUX_HEADER_SIZE + CIPHERTEXT_OFFSET:],
+                    mux_header)
+        except (pyaegis.AegisError, ValueError, TypeError) as e:
+            raise FrameError(f"frame encryption failed: {e}") from None
+        out[MUX_HEADER_SIZE:MUX_HEADER_SIZE + TAG_SIZE] = tag
+        self.counter = counter + 1
+        return [bytes(out)]
+
+
+class FrameOpener:
+    """Authenticate and decrypt the TB frames one end receives on a pool connection.
+
+    :ivar counter: the counter value the next frame must have been sealed with.
+    """
+
+    def __init__(self, key: bytes, base_nonce: bytes, cluster_id: int = 0,
+                 counter: int = 0) -> None:
+        """
+        :param key: the direction's 16-byte session key (``s2c_key`` on the
+            client, ``c2s_key`` on the server).
+        :param base_nonce: the direction's 16-byte base nonce.
+        :param cluster_id: this end's configured cluster id (0 if none); it is
+            written into every rebuilt header.
+        :param counter: the first counter value (0 after a handshake).
+        :raises ValueError: on a wrong key or nonce length, a counter outside
+            u64 or a cluster id outside u128.
+        """
+        if not 0 <= cluster_id < 1 << 128:
+            raise ValueError(f"cluster id {cluster_id} is not a u128")
+        self._keys = _Keys(key, base_nonce, counter)
+        self._cluster = cluster_id.to_bytes(16, "little")
+        self.counter = counter
+
+    def open(self, mux_header: bytes, payload: bytes) -> bytes:
+        """Authenticate and decrypt one encrypted frame; rebuild its TB frame.
+
+        :param mux_header: the 12 mux header bytes exactly as received (AD).
+        :param payload: the encrypted frame (tag, clear size, ciphertext).
+        :returns: the TB frame: ``nonce_reserved`` zeroed, ``cluster`` set to
+            this end's cluster id, ``size`` restored.
+        :raises FrameError: before any decryption, if ``payload`` is outside
+            256 ... 1 MiB, its clear size field differs from its length, or
+            ``mux_header`` is not 12 bytes (counter unchanged); after a good
+            tag, if a padding field is not zero (counter already advanced).
+        :raises AuthenticationError: the tag does not verify (counter
+            unchanged).
+        """
+        size = len(payload)
+        if not MIN_FRAME_SIZE <= size <= MAX_FRAME_SIZE:
+            raise FrameError(f"encrypted frame of {size} bytes outside "
+                             f"{MIN_FRAME_SIZE}..{MAX_FRAME_SIZE}")
+        clear_size = payload[CLEAR_SIZE_OFFSET:CIPHERTEXT_OFFSET]
+        if _u32_from(clear_size)[0] != size:
+            raise FrameError(f"encrypted frame of {size} bytes has size field "
+                             f"{_u32_from(clear_size)[0]}")
+        _check_ad(mux_header)
+        counter = self.counter
+        if counter >= _COUNTER_LIMIT:
+            raise AuthenticationError("frame counter exhausted: the pool connection needs new keys")
+        keys = self._keys
+        nonce = keys.nonce(counter)
+        buf = bytearray(payload)
+        try:
+            with memoryview(buf) as view:
+                _AEAD.decrypt_inplace(keys.key, nonce, view[CIPHERTEXT_OFFSET:],
+                                      bytes(payload[:TAG_SIZE]), mux_header)
+        except pyaegis.DecryptionError:
+            raise AuthenticationError(
+                f"frame with counter {counter} failed to authenticate") from None
+        except (pyaegis.AegisError, ValueError, TypeError) as e:
+            raise AuthenticationError(f"frame decryption failed: {e}") from None
+        self.counter = counter + 1
+        p = bytes(buf[CIPHERTEXT_OFFSET:HEADER_SIZE])  # P[0:236]
+        if p[CHECKSUM_PADDING] != _ZERO16 or p[CHECKSUM_BODY_PADDING] != _ZERO16:
+            raise FrameError("InvalidPadding: a decrypted padding field is not zero")
+        buf[0:HEADER_SIZE] = b"".join((
+            p[0:16], _ZERO16, p[32:48], _ZERO16,  # checksums and paddings
+            _ZERO16, self._cluster, clear_size,   # nonce_reserved, cluster, size
+            p[64:220],                            # epoch .. end of header
+        ))
+        return bytes(buf)

@@ -1,0 +1,211 @@
+"""MLKEM768-X25519 ("X-Wing") hybrid KEM, as the Zig reference uses it.
+
+Implements PROTOCOL.md section 5.  The secret key is a 32-byte seed ``sk``;
+everything else is re-derived from it::
+
+    E = SHAKE256(sk)[0:96]
+    (ek_M, dk_M) = ML-KEM-768.KeyGen_internal(d=E[0:32], z=E[32:64])
+    x_sk = E[64:96];  pk_X = X25519(x_sk, 9)
+    public key (1216)  = ek_M (1184) || pk_X (32)
+    ciphertext (1120)  = ct_M (1088) || ct_X (32)
+    shared secret (32) = SHA3-256(ss_M || ss_X || ct_X || pk_X || "\\.//^\\")
+
+Production code uses ``cryptography``'s native, constant-time ML-KEM-768.
+kyber-py (pure Python, *not* constant time) is used only for deterministic
+encapsulation (the reference vectors fix the 64 bytes of randomness) and as a
+fallback when the installed ``cryptography`` has no ML-KEM.
+
+Every failure (a wrong length, an invalid ML-KEM public key, an all-zero
+X25519 shared secret) raises :class:`tigertunnel.errors.KEMError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import (
+    X25519PrivateKey,
+    X25519PublicKey,
+)
+
+from tigertunnel.errors import KEMError
+
+try:
+    from cryptography.hazmat.primitives.asymmetric.mlkem import (
+        MLKEM768PrivateKey,
+        MLKEM768PublicKey,
+    )
+    HAVE_NATIVE_MLKEM = True
+except ImportError:  # pragma: no cover - depends on the installed cryptography
+    HAVE_NATIVE_MLKEM = False
+
+# Sizes from PROTOCOL.md section 1 / section 5.
+PUBLIC_KEY_SIZE = 1216
+SECRET_KEY_SIZE = 32
+CIPHERTEXT_SIZE = 1120
+SHARED_SECRET_SIZE = 32
+ENCAPS_SEED_SIZE = 64
+
+MLKEM_PUBLIC_KEY_SIZE = 1184
+MLKEM_CIPHERTEXT_SIZE = 1088
+X25519_SIZE = 32
+
+# The X-Wing combiner label: the six bytes 5c 2e 2f 2f 5e 5c.
+XWING_LABEL = b"\\.//^\\"
+
+
+def _kyber() -> Any:
+    """Return kyber-py's ML-KEM-768 object, imported on first use.
+
+    :raises KEMError: kyber-py is not installed.
+    """
+    try:
+        from kyber_py.ml_kem import ML_KEM_768
+    except ImportError as e:  # pragma: no cover - kyber-py is a dependency
+        raise KEMError("kyber-py is required for this ML-KEM operation") from e
+    return ML_KEM_768
+
+
+def _check_length(name: str, value: bytes, size: int) -> None:
+    if len(value) != size:
+        raise KEMError(f"{name} must be {size} bytes, got {len(value)}")
+
+
+def _x25519(private: X25519PrivateKey, peer_public: bytes) -> bytes:
+    """X25519 agreement; an all-zero result (low-order point) is an error."""
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as e:
+        raise KEMError("X25519 shared secret is all zero") from e
+    if shared == bytes(X25519_SIZE):  # cryptography already refuses; be sure
+        raise KEMError("X25519 shared secret is all zero")
+    return shared
+
+
+def _combine(ss_m: bytes, ss_x: bytes, ct_x: bytes, pk_x: bytes) -> bytes:
+    return hashlib.sha3_256(ss_m + ss_x + ct_x + pk_x + XWING_LABEL).digest()
+
+
+def expand_seed(seed: bytes) -> bytes:
+    """Return the 96-byte SHAKE256 expansion of a secret-key seed.
+
+    Bytes 0..64 are the ML-KEM-768 seed ``d || z``, bytes 64..96 the X25519
+    private scalar.
+
+    :raises KEMError: the seed is not 32 bytes.
+    """
+    _check_length("X-Wing secret key", seed, SECRET_KEY_SIZE)
+    return hashlib.shake_256(bytes(seed)).digest(96)
+
+
+class SecretKey:
+    """An expanded X-Wing secret key, ready to decapsulate.
+
+    Expanding the seed costs an ML-KEM key generation, so build one object per
+    key and reuse it.  The seed itself is not kept.
+
+    :ivar public_key: the 1216-byte public key.
+    """
+
+    __slots__ = ("public_key", "_pk_x", "_x_private", "_native", "_kyber_dk")
+
+    def __init__(self, seed: bytes, *, pure_python: bool = False) -> None:
+        """Expand ``seed``.
+
+        :param seed: the 32-byte secret key (the seed kemgen writes).
+        :param pure_python: use kyber-py for ML-KEM even if the native
+            implementation is available (for cross-checking in tests).
+        :raises KEMError: the seed is not 32 bytes.
+        """
+        expanded = expand_seed(seed)
+        self._x_private = X25519PrivateKey.from_private_bytes(expanded[64:96])
+        self._pk_x = self._x_private.public_key().public_bytes_raw()
+        self._native: Any = None
+        self._kyber_dk: bytes | None = None
+        if HAVE_NATIVE_MLKEM and not pure_python:
+            self._native = MLKEM768PrivateKey.from_seed_bytes(expanded[:64])
+            ek = self._native.public_key().public_bytes_raw()
+        else:
+            ek, self._kyber_dk = _kyber().key_derive(expanded[:64])
+        self.public_key: bytes = ek + self._pk_x
+
+    def __repr__(self) -> str:
+        return f"<SecretKey public_key={self.public_key[:8].hex()}...>"
+
+    def decapsulate(self, ciphertext: bytes) -> bytes:
+        """Recover the 32-byte shared secret from a 1120-byte ciphertext.
+
+        ML-KEM uses implicit rejection, so a tampered ML-KEM part yields a
+        different secret rather than an error.
+
+        :raises KEMError: wrong ciphertext length, or the X25519 part gives
+            an all-zero shared secret.
+        """
+        _check_length("X-Wing ciphertext", ciphertext, CIPHERTEXT_SIZE)
+        ct = bytes(ciphertext)
+        ct_m, ct_x = ct[:MLKEM_CIPHERTEXT_SIZE], ct[MLKEM_CIPHERTEXT_SIZE:]
+        try:
+            if self._native is not None:
+                ss_m = self._native.decapsulate(ct_m)
+            else:
+                ss_m = _kyber().decaps(self._kyber_dk, ct_m)
+        except ValueError as e:
+            raise KEMError("ML-KEM-768 decapsulation failed") from e
+        ss_x = _x25519(self._x_private, ct_x)
+        return _combine(ss_m, ss_x, ct_x, self._pk_x)
+
+
+def public_key_from_seed(seed: bytes) -> bytes:
+    """Return the 1216-byte public key of a 32-byte secret-key seed.
+
+    :raises KEMError: the seed is not 32 bytes.
+    """
+    return SecretKey(seed).public_key
+
+
+def encapsulate(public_key: bytes,
+                randomness: bytes | None = None) -> tuple[bytes, bytes]:
+    """Encapsulate a fresh shared secret to ``public_key``.
+
+    :param public_key: the server's 1216-byte X-Wing public key.
+    :param randomness: ``None`` in production (native ML-KEM and a fresh
+        X25519 ephemeral key); 64 bytes to be deterministic (``m`` =
+        bytes 0..32, X25519 ephemeral scalar = bytes 32..64), which is how
+        the reference vectors were made.
+    :return: ``(ciphertext, shared_secret)``, 1120 and 32 bytes.
+    :raises KEMError: bad lengths, an invalid ML-KEM public key, or an
+        all-zero X25519 shared secret (low-order public key).
+    """
+    _check_length("X-Wing public key", public_key, PUBLIC_KEY_SIZE)
+    pk = bytes(public_key)
+    ek_m, pk_x = pk[:MLKEM_PUBLIC_KEY_SIZE], pk[MLKEM_PUBLIC_KEY_SIZE:]
+    try:
+        if randomness is None:
+            if HAVE_NATIVE_MLKEM:
+                ss_m, ct_m = MLKEM768PublicKey.from_public_bytes(ek_m).encapsulate()
+            else:  # pragma: no cover - depends on the installed cryptography
+                ss_m, ct_m = _kyber().encaps(ek_m)
+            ephemeral = X25519PrivateKey.generate()
+        else:
+            _check_length("encapsulation randomness", randomness, ENCAPS_SEED_SIZE)
+            r = bytes(randomness)
+            ss_m, ct_m = _kyber()._encaps_internal(ek_m, r[:32])
+            ephemeral = X25519PrivateKey.from_private_bytes(r[32:])
+    except ValueError as e:
+        raise KEMError("invalid ML-KEM-768 public key") from e
+    ct_x = ephemeral.public_key().public_bytes_raw()
+    ss_x = _x25519(ephemeral, pk_x)
+    return ct_m + ct_x, _combine(ss_m, ss_x, ct_x, pk_x)
+
+
+def decapsulate(seed: bytes, ciphertext: bytes) -> bytes:
+    """Expand ``seed`` and decapsulate ``ciphertext`` (convenience).
+
+    Servers should keep a :class:`SecretKey` instead of calling this per
+    handshake.
+
+    :return: the 32-byte shared secret.
+    :raises KEMError: as :meth:`SecretKey.decapsulate`, or a bad seed length.
+    """
+    return SecretKey(seed).decapsulate(ciphertext)

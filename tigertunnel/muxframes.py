@@ -1,0 +1,243 @@
+"""Sans-IO codec of the pool-connection byte stream (PROTOCOL.md sections 7.1, 7.2, 8).
+
+Every unit on a pool connection starts with a 12-byte mux header, always in
+clear:
+
+====== ====== =========================================================
+offset length field
+====== ====== =========================================================
+0      4      magic, u32 LE ``0x5A4D5558`` (wire bytes ``XUMZ``)
+4      4      stream_id, u32 LE
+8      1      frame_type: 0 = data, 1 = stream_open, 2 = stream_close
+9      3      reserved: sent as zero, not checked (but part of the AD)
+====== ====== =========================================================
+
+What follows the header depends on the type and on the mode:
+
+============ =========================================== ==================
+type         encrypted mode                              plaintext mode
+============ =========================================== ==================
+stream_open  nothing                                     nothing
+data         encrypted TB frame; total ``size`` as u32   plain TB frame;
+             LE at payload offset 16, in clear           ``size`` at 96
+stream_close 256-byte encrypted pseudo TB header         nothing
+============ =========================================== ==================
+
+In both modes a data payload is ``size`` bytes long, with ``size`` in
+256 ... 1 MiB.  :class:`MuxDecoder` rejects a bad magic, a type above 2 or a
+bad size as soon as the offending byte has arrived, before the payload is
+buffered.  The 12 header bytes are kept exactly as received in
+:attr:`MuxFrame.header`, because they are the AEAD associated data of the
+payload (section 6.4).
+
+The encrypted stream_close payload is a 256-byte all-zero TB header with
+``size`` = 256, the stream id (u32 LE) at offset 116 and the byte 2 at
+offset 120 (:func:`build_close_plaintext`); the server honours the close only
+if it authenticates and :func:`is_valid_close` holds.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import List, Optional
+
+from tigertunnel.errors import MuxError
+from tigertunnel.frames import MAX_FRAME_SIZE, MIN_FRAME_SIZE, SIZE_OFFSET
+
+__all__ = [
+    "MUX_HEADER_SIZE", "MAGIC", "CLOSE_PAYLOAD_SIZE", "FrameType", "MuxFrame",
+    "encode_header", "MuxDecoder", "build_close_plaintext", "is_valid_close",
+]
+
+# Wire facts, source of truth: PROTOCOL.md sections 6.2, 7.1 and 7.2.
+MUX_HEADER_SIZE = 12
+MAGIC = b"XUMZ"  # u32 LE 0x5A4D5558
+CLOSE_PAYLOAD_SIZE = 256
+#: Offset of the clear ``size`` field inside an encrypted TB frame.
+ENCRYPTED_SIZE_OFFSET = 16
+#: Offsets of the stream id and marker inside a stream_close pseudo header.
+CLOSE_STREAM_ID_OFFSET = 116
+CLOSE_MARKER_OFFSET = 120
+CLOSE_MARKER = 2
+
+_MAX_STREAM_ID = (1 << 32) - 1
+_HEADER = struct.Struct("<4sIB3x")
+_u32_from = struct.Struct("<I").unpack_from
+
+
+class FrameType(enum.IntEnum):
+    """The ``frame_type`` byte of a mux header."""
+
+    DATA = 0
+    OPEN = 1
+    CLOSE = 2
+
+
+_TYPES = tuple(FrameType)
+
+
+@dataclass(frozen=True)
+class MuxFrame:
+    """One decoded mux frame.
+
+    :ivar stream_id: the stream (session) it belongs to.
+    :ivar frame_type: data, stream_open or stream_close.
+    :ivar header: the 12 header bytes exactly as received (the AEAD
+        associated data of ``payload``).
+    :ivar payload: the bytes after the header: an encrypted or plain TB frame
+        for data, the 256-byte encrypted pseudo header for an encrypted
+        stream_close, otherwise empty.
+    """
+
+    stream_id: int
+    frame_type: FrameType
+    header: bytes
+    payload: bytes
+
+
+def encode_header(stream_id: int, frame_type: FrameType) -> bytes:
+    """Return the 12-byte mux header for ``stream_id`` and ``frame_type``.
+
+    The reserved bytes are zero.
+
+    :raises ValueError: if ``stream_id`` is not a u32.
+    """
+    if not 0 <= stream_id <= _MAX_STREAM_ID:
+        raise ValueError(f"stream_id {stream_id} is not a u32")
+    return _HEADER.pack(MAGIC, stream_id, int(frame_type))
+
+
+def build_close_plaintext(stream_id: int) -> bytes:
+    """Return the 256-byte pseudo TB header of an encrypted stream_close.
+
+    All zero except ``size`` = 256 at offset 96, ``stream_id`` (u32 LE) at
+    offset 116 and the byte 2 at offset 120.  Seal it with the next c2s
+    counter and the stream_close mux header as AD.
+
+    :raises ValueError: if ``stream_id`` is not a u32.
+    """
+    if not 0 <= stream_id <= _MAX_STREAM_ID:
+        raise ValueError(f"stream_id {stream_id} is not a u32")
+    out = bytearray(CLOSE_PAYLOAD_SIZE)
+    struct.pack_into("<I", out, SIZE_OFFSET, CLOSE_PAYLOAD_SIZE)
+    struct.pack_into("<I", out, CLOSE_STREAM_ID_OFFSET, stream_id)
+    out[CLOSE_MARKER_OFFSET] = CLOSE_MARKER
+    return bytes(out)
+
+
+def is_valid_close(frame: bytes, stream_id: int) -> bool:
+    """Tell whether a decrypted stream_close payload closes ``stream_id``.
+
+    :param frame: the authenticated, decrypted payload (a TB header).
+    :returns: ``True`` if its u32 at offset 116 equals ``stream_id`` and its
+        byte at offset 120 is 2 (the reference's only checks).
+    """
+    if len(frame) <= CLOSE_MARKER_OFFSET:
+        return False
+    return (_u32_from(frame, CLOSE_STREAM_ID_OFFSET)[0] == stream_id
+            and frame[CLOSE_MARKER_OFFSET] == CLOSE_MARKER)
+
+
+class MuxDecoder:
+    """Cut a pool-connection byte stream into :class:`MuxFrame` (sans-IO).
+
+    Feed it the bytes received after the handshake (or from the start in
+    plaintext mode).  It returns the frames that are complete and keeps the
+    rest.  After an error the decoder is dead: every later :meth:`feed`
+    raises :class:`MuxError`.  Frames that precede the error in the same
+    :meth:`feed` call are not returned.
+    """
+
+    def __init__(self, encrypted: bool) -> None:
+        """
+        :param encrypted: ``True`` after a handshake (data payloads carry
+            their size at offset 16, stream_close carries 256 bytes),
+            ``False`` in plaintext mode (size at offset 96, empty close).
+        """
+        self._encrypted = encrypted
+        self._size_end = MUX_HEADER_SIZE + (
+            ENCRYPTED_SIZE_OFFSET + 4 if encrypted else SIZE_OFFSET + 4)
+        self._size_at = self._size_end - 4
+        self._close_size = CLOSE_PAYLOAD_SIZE if encrypted else 0
+        self._buf = bytearray()
+        self._error: Optional[MuxError] = None
+
+    def buffered(self) -> int:
+        """Return how many bytes of an incomplete mux frame are held."""
+        return len(self._buf)
+
+    def _fail(self, message: str) -> MuxError:
+        self._error = MuxError(message)
+        self._buf = bytearray()
+        return self._error
+
+    def feed(self, data: bytes) -> List[MuxFrame]:
+        """Add ``data`` and return every mux frame it completed, in order.
+
+        :raises MuxError: on a bad magic, a frame type above 2, a data size
+            outside 256 ... 1 MiB, or if the decoder already failed.
+        """
+        if self._error is not None:
+            raise MuxError(f"mux decoder already failed: {self._error}")
+        buf = self._buf
+        frames: List[MuxFrame] = []
+        if not buf and type(data) is bytes:
+            # Fast path: decode straight from the caller's bytes and keep
+            # only the incomplete tail.
+            end = self._scan(data, frames)
+            if end < len(data):
+                buf += memoryview(data)[end:]
+            return frames
+        buf += data
+        with memoryview(buf) as view:
+            end = self._scan(view, frames)
+        if end:
+            del buf[:end]  # O(1) on CPython: moves the start of the buffer
+        return frames
+
+    def _scan(self, src: "bytes | memoryview", frames: List[MuxFrame]) -> int:
+        """Append the complete frames of ``src`` and return where they end."""
+        avail = len(src)
+        off = 0
+        while True:
+            left = avail - off
+            if left < MUX_HEADER_SIZE:
+                if left:
+                    self._check_partial_header(src, off, left)
+                return off
+            if src[off:off + 4] != MAGIC:
+                raise self._fail(f"bad mux magic {bytes(src[off:off + 4]).hex()}")
+            type_byte = src[off + 8]
+            if type_byte > 2:
+                raise self._fail(f"bad mux frame type {type_byte}")
+            frame_type = _TYPES[type_byte]
+            if frame_type is FrameType.DATA:
+                if left < self._size_end:
+                    return off
+                size = _u32_from(src, off + self._size_at)[0]
+                if size < MIN_FRAME_SIZE or size > MAX_FRAME_SIZE:
+                    raise self._fail(
+                        f"data frame size {size} outside {MIN_FRAME_SIZE}..{MAX_FRAME_SIZE}")
+            elif frame_type is FrameType.CLOSE:
+                size = self._close_size
+            else:
+                size = 0
+            end = off + MUX_HEADER_SIZE + size
+            if end > avail:
+                return off
+            frames.append(MuxFrame(
+                _u32_from(src, off + 4)[0], frame_type,
+                bytes(src[off:off + MUX_HEADER_SIZE]),
+                bytes(src[off + MUX_HEADER_SIZE:end])))
+            off = end
+
+    def _check_partial_header(self, src: "bytes | memoryview", off: int,
+                              left: int) -> None:
+        """Reject an incomplete header whose magic or type is already wrong."""
+        n = min(left, 4)
+        if src[off:off + n] != MAGIC[:n]:
+            raise self._fail(f"bad mux magic {bytes(src[off:off + n]).hex()}")
+        if left > 8 and src[off + 8] > 2:
+            raise self._fail(f"bad mux frame type {src[off + 8]}")

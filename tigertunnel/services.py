@@ -1,0 +1,365 @@
+"""Services: the lifecycle of listeners, pool connections and sessions.
+
+One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
+
+* :class:`ClientMultiplexer` (tunnel client) listens for TB clients at
+  start-up, keeps ``-n`` pool connections to the tunnel server (each a
+  :class:`PoolSlot` reconnecting with exponential backoff and jitter,
+  100 ms doubling to 10 s) and places every new TB
+  connection on a healthy pool connection, round-robin. With no healthy pool
+  connection, or ``-m`` sessions already open, the TB connection is closed at
+  once (TB reconnects by itself).
+  (Twisted's ``ClientService`` is not used: it cannot handle a connection
+  that closes after its ``prepareConnection`` failed, which is exactly what
+  a rejected handshake does.)
+* :class:`ServerMultiplexer` (tunnel server) accepts pool connections and
+  opens one backend connection per stream (``-m`` streams per pair at most).
+"""
+
+import random
+from typing import Any, Callable, List, Optional, Set, Union
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.python.failure import Failure
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
+
+from tigertunnel.config import ProxyPair, TunnelConfig, listen_description
+from tigertunnel.handshake import ClientHandshake, ServerHandshake
+from tigertunnel.logs import logger
+from tigertunnel.protocols import (
+    FrameFactory,
+    FrameProtocol,
+    PrebuiltFactory,
+    TunnelFactory,
+    TunnelProtocol,
+)
+
+#: Pool connection reconnect backoff (PROTOCOL.md section 7.8).
+BACKOFF_INITIAL = 0.1
+BACKOFF_MAX = 10.0
+#: Seconds allowed for a TCP connect (pool connection or backend).
+CONNECT_TIMEOUT = 10.0
+#: Minimum seconds between two "limit reached" log lines of one pair.
+LIMIT_LOG_INTERVAL = 10.0
+
+log = logger("tigertunnel.services")
+
+EndpointFor = Callable[[ProxyPair], IStreamClientEndpoint]
+
+
+def backoff_policy(rand: Callable[[], float] = random.random) -> Callable[[int], float]:
+    """Return a retry policy: 100 ms, doubling, capped at 10 s, ±20 % jitter."""
+    def policy(attempt: int) -> float:
+        base = min(BACKOFF_INITIAL * (2 ** min(max(attempt - 1, 0), 20)),
+                   BACKOFF_MAX)
+        return base * (0.8 + 0.4 * rand())
+    return policy
+
+
+def target_host(pair: ProxyPair) -> str:
+    """The host to connect to; ``:PORT`` targets mean this machine."""
+    return pair.target.host or "127.0.0.1"
+
+
+class PoolSlot(Service):
+    """Keeps one pool connection up: connect, handshake, reconnect with backoff.
+
+    A failed TCP connect, a failed handshake and the loss of an established
+    pool connection all schedule the next attempt after
+    ``policy(consecutive failures)`` seconds; a completed handshake resets
+    the count.
+    """
+
+    def __init__(self, mux: "ClientMultiplexer", index: int,
+                 policy: Callable[[int], float]) -> None:
+        self.mux = mux
+        self.index = index
+        self.policy = policy
+        self.failures = 0
+        self.link: Optional[TunnelProtocol] = None
+        self._connecting: Optional[Deferred[Any]] = None
+        self._retry: Optional[IDelayedCall] = None
+        self._stopped: Optional[Deferred[None]] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._attempt()
+
+    def stopService(self) -> "Deferred[None]":
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self.link is None:
+            return succeed(None)
+        self._stopped = Deferred()
+        self.link.transport.loseConnection()
+        return self._stopped
+
+    def _attempt(self) -> None:
+        self._retry = None
+        if not self.running:
+            return
+        link = self.mux.new_link(self.index)
+        link.on_lost = self._lost
+        d = self.mux.endpoint_for(self.mux.pair).connect(PrebuiltFactory(link))
+        self._connecting = d
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, link: TunnelProtocol) -> None:
+        self._connecting = None
+        self.link = link
+        link.ready.addCallbacks(self._ready, lambda f: None)
+
+    def _ready(self, link: TunnelProtocol) -> None:
+        self.failures = 0
+
+    def _connect_failed(self, reason: Failure) -> None:
+        self._connecting = None
+        if reason.check(CancelledError):
+            return
+        log.info("client {pair}: cannot connect pool connection {slot} to "
+                 "{target}: {reason}", pair=self.mux.name, slot=self.index,
+                 target=self.mux.backend_name,
+                 reason=reason.getErrorMessage())
+        self._schedule()
+
+    def _lost(self, link: TunnelProtocol) -> None:
+        if link is self.link:
+            self.link = None
+        if self._stopped is not None:
+            stopped, self._stopped = self._stopped, None
+            stopped.callback(None)
+            return
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self.running:
+            return
+        self.failures += 1
+        delay = self.policy(self.failures)
+        log.debug("client {pair}: pool connection {slot} retry in {delay:.2f} s",
+                  pair=self.mux.name, slot=self.index, delay=delay)
+        self._retry = self.mux.clock.callLater(delay, self._attempt)
+
+
+class SessionMultiplexer(MultiService):
+    """Joins the TB-side connections and the pool connections of one pair.
+
+    :param config: the tunnel end's configuration.
+    :param pair: the proxy pair this multiplexer serves.
+    :param reactor: the reactor (or a ``MemoryReactorClock`` in tests).
+    """
+
+    role = ""
+
+    def __init__(self, config: TunnelConfig, pair: ProxyPair, reactor: Any,
+                 endpoint_for: Optional[EndpointFor] = None) -> None:
+        super().__init__()
+        self.endpoint_for: EndpointFor = endpoint_for or self._tcp_endpoint
+        self.config = config
+        self.pair = pair
+        self.clock = reactor
+        self.reactor = reactor
+        self.name = pair.name
+        self.handshake_timeout = config.handshake_timeout
+        self.links: List[TunnelProtocol] = []
+        self.sessions: Set[FrameProtocol] = set()
+        self.handshake_failures = 0
+        self._last_limit_log = -1e9
+
+    def _tcp_endpoint(self, pair: ProxyPair) -> IStreamClientEndpoint:
+        return HostnameEndpoint(self.reactor, target_host(pair),
+                                pair.target.port, timeout=CONNECT_TIMEOUT)
+
+    @property
+    def cluster_value(self) -> int:
+        """The configured cluster id, 0 when none (PROTOCOL.md section 7.6)."""
+        return self.config.cluster_id or 0
+
+    @property
+    def backend_name(self) -> str:
+        """The target address, for logs."""
+        return str(self.pair.target)
+
+    def new_session(self) -> FrameProtocol:
+        """Build the protocol of a TB-side connection of this pair."""
+        encrypted = self.config.psk is not None
+        return FrameProtocol(self, self.config.cluster_id,
+                             check_cluster=encrypted or
+                             self.config.cluster_id is not None)
+
+    def session_ended(self, session: FrameProtocol) -> None:
+        """A TB-side connection is gone; forget it."""
+        self.sessions.discard(session)
+
+    def link_up(self, link: TunnelProtocol) -> None:
+        """A pool connection finished its handshake."""
+        self.links.append(link)
+        log.info("{role} pool connection {link} up (key id {key_id})",
+                 role=self.role, link=link.name, key_id=link.key_id)
+
+    def link_down(self, link: TunnelProtocol) -> None:
+        """A pool connection that was up is gone."""
+        if link in self.links:
+            self.links.remove(link)
+
+    def handshake_failed(self, link: TunnelProtocol, reason: str,
+                         skew: Optional[int] = None) -> None:
+        """Count and log a failed handshake."""
+        self.handshake_failures += 1
+        if skew is not None:
+            log.warn("{role} pool connection {link}: handshake failed: "
+                     "{reason} (clock skew {skew} s)", role=self.role,
+                     link=link.name, reason=reason, skew=skew)
+        else:
+            log.warn("{role} pool connection {link}: handshake failed: "
+                     "{reason}", role=self.role, link=link.name, reason=reason)
+
+    def _limit_log(self, message: str, **fields: Any) -> None:
+        now = self.clock.seconds()
+        if now - self._last_limit_log >= LIMIT_LOG_INTERVAL:
+            self._last_limit_log = now
+            log.warn(message, **fields)
+
+    # Overridden per role.
+    def attach(self, session: FrameProtocol) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+    def open_backend(self, link: TunnelProtocol,
+                     stream_id: int) -> Optional[FrameProtocol]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ClientMultiplexer(SessionMultiplexer):
+    """The tunnel client's side of a proxy pair."""
+
+    role = "client"
+
+    def __init__(self, config: TunnelConfig, pair: ProxyPair, reactor: Any,
+                 endpoint_for: Optional[EndpointFor] = None,
+                 rand: Callable[[], float] = random.random) -> None:
+        super().__init__(config, pair, reactor, endpoint_for)
+        self._rr = 0
+        self.frame_factory = FrameFactory(self)
+        listener = strports.service(listen_description(pair.listen),
+                                    self.frame_factory, reactor=reactor)
+        listener.setServiceParent(self)
+        self._link_count = 0
+        self.pool: List[PoolSlot] = []
+        for index in range(config.pool_size):
+            slot = PoolSlot(self, index, backoff_policy(rand))
+            slot.setServiceParent(self)
+            self.pool.append(slot)
+
+    def new_link(self, slot: int) -> TunnelProtocol:
+        """Build the protocol of a new pool connection for ``slot``."""
+        self._link_count += 1
+        name = f"{self.name}/{slot}#{self._link_count}"
+        return TunnelProtocol(self.role, self._make_handshake(), self, name)
+
+    def _make_handshake(self) -> Optional[ClientHandshake]:
+        psk = self.config.psk
+        if psk is None:
+            return None
+        key_id, key = psk.first()
+        return ClientHandshake(key_id, key, self.cluster_value,
+                               kem_public=self.config.kem_public,
+                               now=self.clock.seconds)
+
+    def attach(self, session: FrameProtocol) -> bool:
+        """Place a new TB connection on a healthy pool connection.
+
+        :returns: ``False`` when it must be closed (no healthy pool
+            connection, or ``-m`` sessions already open).
+        """
+        healthy = [link for link in self.links if link.established]
+        if not healthy:
+            self._limit_log("client {pair}: no healthy pool connection to "
+                            "{target}; closing new TB connections",
+                            pair=self.name, target=self.backend_name)
+            return False
+        if len(self.sessions) >= self.config.max_sessions:
+            self._limit_log("client {pair}: max sessions ({max}) reached; "
+                            "closing new TB connections", pair=self.name,
+                            max=self.config.max_sessions)
+            return False
+        link = healthy[self._rr % len(healthy)]
+        self._rr += 1
+        self.sessions.add(session)
+        stream_id = link.open_stream(session)
+        log.debug("client {pair}: session {stream} on {link}", pair=self.name,
+                  stream=stream_id, link=link.name)
+        return True
+
+
+class ServerMultiplexer(SessionMultiplexer):
+    """The tunnel server's side of a proxy pair."""
+
+    role = "server"
+
+    def __init__(self, config: TunnelConfig, pair: ProxyPair, reactor: Any,
+                 endpoint_for: Optional[EndpointFor] = None) -> None:
+        super().__init__(config, pair, reactor, endpoint_for)
+        self.tunnel_factory = TunnelFactory(self, self._make_handshake)
+        listener = strports.service(listen_description(pair.listen),
+                                    self.tunnel_factory, reactor=reactor)
+        listener.setServiceParent(self)
+
+    def _make_handshake(self) -> Optional[ServerHandshake]:
+        psk = self.config.psk
+        if psk is None:
+            return None
+        return ServerHandshake(psk, self.config.kem_secret, self.cluster_value,
+                               now=self.clock.seconds,
+                               require_kem=self.config.require_kem)
+
+    def open_backend(self, link: TunnelProtocol,
+                     stream_id: int) -> Optional[FrameProtocol]:
+        """Register a newly opened stream on ``link`` and connect its backend.
+
+        :returns: the session, or ``None`` when the stream is refused
+            (``-m`` streams already open on this pair).
+        """
+        if len(self.sessions) >= self.config.max_sessions:
+            self._limit_log("server {pair}: max sessions ({max}) reached; "
+                            "refusing streams", pair=self.name,
+                            max=self.config.max_sessions)
+            return None
+        session = self.new_session()
+        self.sessions.add(session)
+        endpoint = self.endpoint_for(self.pair)
+        link.streams[stream_id] = session
+        session.attached(link, stream_id)
+        d = endpoint.connect(PrebuiltFactory(session))
+        session.connecting = d
+
+        def connected(proto: Any) -> None:
+            session.connecting = None
+
+        d.addCallbacks(connected, session.connect_failed)
+        return session
+
+
+def build_service(config: TunnelConfig, reactor: Any = None,
+                  endpoint_for: Optional[EndpointFor] = None) -> MultiService:
+    """Build the service tree of a tunnel end: one multiplexer per pair.
+
+    :param endpoint_for: returns the client endpoint that reaches a pair's
+        target (tests pass in-memory endpoints); TCP by default.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+        reactor = _reactor
+    top = MultiService()
+    cls: Union[type[ClientMultiplexer], type[ServerMultiplexer]]
+    cls = ClientMultiplexer if config.role == "client" else ServerMultiplexer
+    for pair in config.pairs:
+        cls(config, pair, reactor, endpoint_for).setServiceParent(top)
+    return top
