@@ -72,3 +72,7 @@ class HandshakeError(TunnelError):
 
 class KEMError(TunnelError):
     """A hybrid-KEM operation failed (bad key or ciphertext, zero X25519 secret)."""
+
+
+class ListenError(ConfigError):
+    """A listening port cannot be bound (fatal at start-up)."""

@@ -52,6 +52,12 @@ Our extensions, all invisible to a reference peer:
   decoder.
 * ``require_kem``: a server may refuse PSK-only (``connect``) hellos, with
   status 4, once their hash has verified.
+* Hardening (PROTOCOL.md section 11, items 1 and 6): with a
+  :class:`ReplayCache` the server refuses a byte-identical ClientHello seen
+  before inside the timestamp window (status 4); with ``hide_unknown_key``
+  an unknown key id gets the same status (4) as a bad hash, so a stranger
+  cannot learn which key ids exist. The reference client treats every
+  failure status alike, so both stay compatible.
 """
 
 from __future__ import annotations
@@ -61,8 +67,9 @@ import functools
 import hmac
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Deque, Dict, Mapping, Tuple
 
 from tigertunnel.crypto import kdf, kem
 from tigertunnel.crypto.kdf import SessionKeys
@@ -179,13 +186,6 @@ def build_server_hello(psk: bytes, client_random: bytes, server_random: bytes,
     return bytes((Status.OK,)) + server_random + digest
 
 
-def _check_common(psk: bytes, cluster_id: int) -> None:
-    if len(psk) != kdf.PSK_SIZE:
-        raise ValueError(f"PSK must be {kdf.PSK_SIZE} bytes")
-    if not 0 <= cluster_id < 1 << 128:
-        raise ValueError("cluster id must be an unsigned 128-bit integer")
-
-
 def _random(random: Callable[[int], bytes]) -> bytes:
     value = random(_RANDOM_SIZE)
     if len(value) != _RANDOM_SIZE:
@@ -222,7 +222,10 @@ class ClientHandshake:
         :param version: the version byte to send.
         :raises ValueError: a parameter is out of range or has a bad length.
         """
-        _check_common(psk, cluster_id)
+        if len(psk) != kdf.PSK_SIZE:
+            raise ValueError(f"PSK must be {kdf.PSK_SIZE} bytes")
+        if not 0 <= cluster_id < 1 << 128:
+            raise ValueError("cluster id must be an unsigned 128-bit integer")
         if not 0 <= key_id <= _MAX_U64:
             raise ValueError("key id must be an unsigned 64-bit integer")
         if not 0 <= version <= 255:
@@ -244,6 +247,7 @@ class ClientHandshake:
         self._buffer = bytearray()
         self._client_random = b""
         self._kem_secret: bytes | None = None
+        self._timestamp = 0
 
     def __repr__(self) -> str:
         return f"<ClientHandshake key_id={self._key_id} state={self._state.value}>"
@@ -258,6 +262,7 @@ class ClientHandshake:
         self._state = _State.FAILED  # until the hello is built
         self._client_random = _random(self._random)
         timestamp = max(0, min(int(self._now()), _MAX_U64))
+        self._timestamp = timestamp
         if self._kem_public is None:
             hello = build_connect_hello(self._version, self._key_id, self._psk,
                                         self._client_random, timestamp)
@@ -298,8 +303,15 @@ class ClientHandshake:
             if status > max(Status):
                 raise HandshakeError(f"server sent an invalid handshake status {status}",
                                      status=status)
+            hint = ""
+            if status == Status.TIMESTAMP_INVALID:
+                hint = (f" (our clock says {self._timestamp} Unix seconds; the "
+                        f"server's differs by more than {TIMESTAMP_TOLERANCE} s:"
+                        f" check NTP on both ends)")
+            elif status == Status.CLIENT_AUTH_FAILED:
+                hint = " (wrong or unknown key, replayed hello, or KEM required)"
             raise HandshakeError(
-                f"server rejected handshake: {Status(status).name.lower()}",
+                f"server rejected handshake: {Status(status).name.lower()}{hint}",
                 status=Status(status))
         if len(buffer) < SERVER_HELLO_SIZE:
             return None
@@ -324,6 +336,40 @@ class ClientHandshake:
             leftover=leftover)
 
 
+class ReplayCache:
+    """Remembers authenticated ClientHellos for as long as they could be replayed.
+
+    A hello is only accepted within :data:`TIMESTAMP_TOLERANCE` seconds of
+    its timestamp, so an entry can be forgotten once its timestamp is more
+    than that in the past. Only hellos whose hash verified are recorded, so
+    strangers cannot fill the cache; past ``max_entries`` the oldest entry is
+    dropped.
+    """
+
+    def __init__(self, max_entries: int = 65536,
+                 now: Callable[[], float] = time.time) -> None:
+        self._max = max_entries
+        self._now = now
+        self._seen: Dict[bytes, int] = {}
+        self._order: Deque[Tuple[int, bytes]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check_and_add(self, digest: bytes, timestamp: int) -> bool:
+        """Record a hello by its hash; return ``False`` if it was seen before."""
+        horizon = int(self._now()) - TIMESTAMP_TOLERANCE - 1
+        order, seen = self._order, self._seen
+        while order and (order[0][0] < horizon or len(seen) >= self._max):
+            _, old = order.popleft()
+            seen.pop(old, None)
+        if digest in seen:
+            return False
+        seen[digest] = timestamp
+        order.append((timestamp, digest))
+        return True
+
+
 @functools.lru_cache(maxsize=64)
 def _expand_kem_seed(seed: bytes) -> kem.SecretKey:
     # Key stores hold at most 16 keys; expanding ML-KEM once per process
@@ -343,7 +389,9 @@ class ServerHandshake:
                  cluster_id: int = 0, *,
                  random: Callable[[int], bytes] = os.urandom,
                  now: Callable[[], float] = time.time,
-                 require_kem: bool = False) -> None:
+                 require_kem: bool = False,
+                 replay_cache: ReplayCache | None = None,
+                 hide_unknown_key: bool = False) -> None:
         """
         :param psk_keys: PSK by key id (the server's ``-k`` file).
         :param kem_keys: X-Wing secret key by KEM key id: the 32-byte seeds
@@ -351,6 +399,10 @@ class ServerHandshake:
             process-wide) or already expanded :class:`kem.SecretKey` objects.
         :param cluster_id: the server's ``-c`` value, 0 when unset.
         :param require_kem: refuse ``connect`` (PSK-only) hellos.
+        :param replay_cache: refuse hellos seen before (shared by every
+            pool connection of a listener).
+        :param hide_unknown_key: answer an unknown key id with status 4,
+            like a bad hash (the reason still says which it was).
         :raises ValueError: a key or the cluster id is malformed.
         """
         if not 0 <= cluster_id < 1 << 128:
@@ -367,6 +419,8 @@ class ServerHandshake:
         self._random = random
         self._now = now
         self._require_kem = require_kem
+        self._replay_cache = replay_cache
+        self._hide_unknown_key = hide_unknown_key
         self._state = _State.WAITING
         self._buffer = bytearray()
 
@@ -421,7 +475,9 @@ class ServerHandshake:
 
         psk = self._psk_keys.get(key_id)
         if psk is None:
-            return self._reject(Status.UNKNOWN_KEY, f"unknown key id {key_id}")
+            status = (Status.CLIENT_AUTH_FAILED if self._hide_unknown_key
+                      else Status.UNKNOWN_KEY)
+            return self._reject(status, f"unknown key id {key_id}")
         if kem_key_id is None:
             expected = kdf.connect_hello_hash(version, operation, key_id,
                                               client_random, timestamp, psk)
@@ -437,6 +493,10 @@ class ServerHandshake:
                 Status.TIMESTAMP_INVALID,
                 f"ClientHello timestamp is {skew:+d} s off the server clock "
                 f"(tolerance {TIMESTAMP_TOLERANCE} s)", skew=skew)
+        if (self._replay_cache is not None
+                and not self._replay_cache.check_and_add(digest, timestamp)):
+            return self._reject(Status.CLIENT_AUTH_FAILED,
+                                f"replayed ClientHello for key id {key_id}")
 
         kem_secret: bytes | None = None
         if kem_key_id is None:

@@ -356,6 +356,7 @@ class TunnelProtocol(Protocol):
             return
         self._timer = self.clock.callLater(self.mux.handshake_timeout,
                                            self._handshake_timed_out)
+        self.mux.handshake_started(self)
         if isinstance(self._handshake, ClientHandshake):
             self.transport.write(self._handshake.start())
 
@@ -385,6 +386,7 @@ class TunnelProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._alive = False
         self._cancel_timer()
+        self.mux.handshake_ended(self)
         streams, self.streams = self.streams, {}
         if self.codec is not None:
             self.codec = None
@@ -456,6 +458,7 @@ class TunnelProtocol(Protocol):
 
     def _established(self, codec: LinkCodec, leftover: bytes) -> None:
         self._cancel_timer()
+        self.mux.handshake_ended(self)
         self._handshake = None
         self.codec = codec
         self.mux.link_up(self)
@@ -482,6 +485,11 @@ class TunnelProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def evict(self) -> None:
+        """Drop this connection before its handshake finished (too many pending)."""
+        self._fail_handshake(HandshakeError("evicted: too many pending handshakes"))
+        self.transport.abortConnection()
 
     def _fail(self, reason: str) -> None:
         log.error("{role} pool connection {link} failed: {reason}; closing it "

@@ -17,6 +17,7 @@ One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
 """
 
 import random
+from collections import OrderedDict
 from typing import Any, Callable, List, Optional, Set, Union
 
 from twisted.application import strports
@@ -25,10 +26,12 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from tigertunnel.config import ProxyPair, TunnelConfig, listen_description
-from tigertunnel.handshake import ClientHandshake, ServerHandshake
+from tigertunnel.errors import ListenError
+from tigertunnel.handshake import ClientHandshake, ReplayCache, ServerHandshake
 from tigertunnel.logs import logger
 from tigertunnel.protocols import (
     FrameFactory,
@@ -43,6 +46,10 @@ BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 10.0
 #: Seconds allowed for a TCP connect (pool connection or backend).
 CONNECT_TIMEOUT = 10.0
+#: Pool connections of one server pair allowed to be in their handshake at
+#: once; past that the oldest is dropped, so a flood of silent connections
+#: cannot lock out a real client (whose handshake takes milliseconds).
+MAX_PENDING_HANDSHAKES = 64
 #: Minimum seconds between two "limit reached" log lines of one pair.
 LIMIT_LOG_INTERVAL = 10.0
 
@@ -58,6 +65,11 @@ def backoff_policy(rand: Callable[[], float] = random.random) -> Callable[[int],
                    BACKOFF_MAX)
         return base * (0.8 + 0.4 * rand())
     return policy
+
+
+def _short_reason(error: CannotListenError) -> str:
+    reason = error.socketError
+    return getattr(reason, "strerror", None) or str(reason)
 
 
 def target_host(pair: ProxyPair) -> str:
@@ -178,6 +190,21 @@ class SessionMultiplexer(MultiService):
         return HostnameEndpoint(self.reactor, target_host(pair),
                                 pair.target.port, timeout=CONNECT_TIMEOUT)
 
+    def privilegedStartService(self) -> None:
+        """Bind the listener; a port that cannot be bound is a one-line error."""
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise ListenError(f"cannot listen on {self.pair.listen}: "
+                              f"{_short_reason(e)}") from None
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except CannotListenError as e:
+            raise ListenError(f"cannot listen on {self.pair.listen}: "
+                              f"{_short_reason(e)}") from None
+
     @property
     def cluster_value(self) -> int:
         """The configured cluster id, 0 when none (PROTOCOL.md section 7.6)."""
@@ -209,6 +236,12 @@ class SessionMultiplexer(MultiService):
         """A pool connection that was up is gone."""
         if link in self.links:
             self.links.remove(link)
+
+    def handshake_started(self, link: TunnelProtocol) -> None:
+        """A pool connection started its handshake."""
+
+    def handshake_ended(self, link: TunnelProtocol) -> None:
+        """A pool connection's handshake finished, failed or was cut."""
 
     def handshake_failed(self, link: TunnelProtocol, reason: str,
                          skew: Optional[int] = None) -> None:
@@ -307,6 +340,9 @@ class ServerMultiplexer(SessionMultiplexer):
     def __init__(self, config: TunnelConfig, pair: ProxyPair, reactor: Any,
                  endpoint_for: Optional[EndpointFor] = None) -> None:
         super().__init__(config, pair, reactor, endpoint_for)
+        self.replay_cache = ReplayCache(now=reactor.seconds)
+        self.pending: "OrderedDict[TunnelProtocol, None]" = OrderedDict()
+        self.evictions = 0
         self.tunnel_factory = TunnelFactory(self, self._make_handshake)
         listener = strports.service(listen_description(pair.listen),
                                     self.tunnel_factory, reactor=reactor)
@@ -318,7 +354,25 @@ class ServerMultiplexer(SessionMultiplexer):
             return None
         return ServerHandshake(psk, self.config.kem_secret, self.cluster_value,
                                now=self.clock.seconds,
-                               require_kem=self.config.require_kem)
+                               require_kem=self.config.require_kem,
+                               replay_cache=self.replay_cache,
+                               hide_unknown_key=True)
+
+    def handshake_started(self, link: TunnelProtocol) -> None:
+        """Track a pending handshake; evict the oldest past the limit."""
+        self.pending[link] = None
+        while len(self.pending) > MAX_PENDING_HANDSHAKES:
+            oldest, _ = self.pending.popitem(last=False)
+            self.evictions += 1
+            self._limit_log("server {pair}: more than {max} pending handshakes;"
+                            " dropping the oldest ({count} so far)",
+                            pair=self.name, max=MAX_PENDING_HANDSHAKES,
+                            count=self.evictions)
+            oldest.evict()
+
+    def handshake_ended(self, link: TunnelProtocol) -> None:
+        """Forget a handshake that is no longer pending."""
+        self.pending.pop(link, None)
 
     def open_backend(self, link: TunnelProtocol,
                      stream_id: int) -> Optional[FrameProtocol]:

@@ -20,6 +20,7 @@ from tigertunnel.config import (
     DEFAULT_POOL_SIZE,
     MAX_PROXY_PAIRS,
     TunnelConfig,
+    listen_description,
     parse_proxy,
 )
 from tigertunnel.crypto.keys import (
@@ -87,6 +88,11 @@ class _EndOptions(usage.Options):
         if level not in logs.LEVELS:
             raise usage.UsageError(f"invalid log level: {level!r} (use: err, "
                                    f"warn, info, debug)")
+        for pair in self["proxies"]:
+            try:
+                listen_description(pair.listen)  # resolves a listen host name
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
         cfg = TunnelConfig(role=self.role, pairs=list(self["proxies"]))
         cfg.max_sessions = _positive_int("max-sessions",
                                          self["max-sessions"])

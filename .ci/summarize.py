@@ -1,0 +1,31 @@
+"""Turn trial's closing lines into 'N passed, N failed' (exit 1 if none ran)."""
+
+import re
+import sys
+
+
+def main(path: str) -> int:
+    text = open(path, errors="replace").read()
+    ran = re.findall(r"^Ran (\d+) tests? in", text, re.M)
+    results = re.findall(r"^(PASSED|FAILED) \(([^)]*)\)", text, re.M)
+    if not ran or not results:
+        print("0 passed, 1 failed")
+        print("ci: no trial summary found: the test command did not run",
+              file=sys.stderr)
+        return 1
+    total = int(ran[-1])
+    counts = dict((k, int(v)) for k, v in
+                  re.findall(r"(\w+)=(\d+)", results[-1][1]))
+    failed = (counts.get("failures", 0) + counts.get("errors", 0)
+              + counts.get("unexpectedSuccesses", 0))
+    passed = counts.get("successes", 0) + counts.get("expectedFailures", 0)
+    skipped = counts.get("skips", 0)
+    print(f"{passed} passed, {failed} failed, {skipped} skipped")
+    if total == 0:
+        print("ci: zero tests ran", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,300 @@
+"""Process, port and waiting helpers for the integration tests.
+
+Everything here is bounded: a child that does not finish in time is killed
+and reported, a wait that does not see its event by the deadline fails the
+test with :class:`WaitTimeout`. Waits poll with ``deferLater`` on the real
+reactor, so the reactor keeps running while a test waits.
+
+Processes are started with ``reactor.spawnProcess`` from the ``bin``
+directory of the running interpreter (the tox or development venv) and with
+the environment unchanged (``PYTHONPATH`` included). Daemons started by
+``twistd`` are found again by their pidfile, or by a marker string in their
+command line (each test's unique temporary directory) when a test failed
+before it could read the pidfile.
+"""
+
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from twisted.internet import defer, task
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+#: Seconds between two looks at a polled condition.
+POLL_INTERVAL = 0.02
+
+
+class WaitTimeout(AssertionError):
+    """A bounded wait reached its deadline (reported as a test failure)."""
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+    return reactor
+
+
+def executable(name: str) -> str:
+    """Return the path of console script ``name`` next to ``sys.executable``.
+
+    :raises AssertionError: the script is not installed there.
+    """
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if not os.access(path, os.X_OK):
+        raise AssertionError(f"{name} is not installed next to "
+                             f"{sys.executable} (expected {path})")
+    return path
+
+
+def child_env() -> Dict[str, str]:
+    """The environment for children: ours, unchanged (PYTHONPATH included)."""
+    return dict(os.environ)
+
+
+def free_ports(count: int) -> List[int]:
+    """Return ``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+             for _ in range(count)]
+    try:
+        for s in socks:  # all held at once, so the ports differ
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def fresh_dir(path: str) -> str:
+    """Create directory ``path`` (a ``TestCase.mktemp()`` name); return it absolute."""
+    path = os.path.abspath(path)
+    os.makedirs(path)
+    return path
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished child process left behind.
+
+    :ivar status: the exit status, or minus the signal number that killed it.
+    """
+
+    args: Sequence[str]
+    status: int
+    stdout: str
+    stderr: str
+
+    def describe(self) -> str:
+        """A short description for assertion messages (output tails only)."""
+        return (f"{' '.join(self.args[:6])} ... exited {self.status}; "
+                f"stdout tail {self.stdout[-600:]!r}; "
+                f"stderr tail {self.stderr[-600:]!r}")
+
+
+class _Collector(ProcessProtocol):
+    def __init__(self) -> None:
+        self.out: List[bytes] = []
+        self.err: List[bytes] = []
+        self.ended: "defer.Deferred[int]" = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err.append(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        if isinstance(value, ProcessDone):
+            status = 0
+        elif getattr(value, "exitCode", None) is not None:
+            status = int(value.exitCode)
+        else:
+            status = -int(getattr(value, "signal", 0) or 0)
+        self.ended.callback(status)
+
+
+async def run(args: Sequence[str], timeout: float = 30.0,
+              umask: Optional[int] = None) -> Result:
+    """Run a child to completion, collecting its output.
+
+    The child runs in our working directory (give it absolute paths): with
+    no ``path`` Twisted starts it with ``posix_spawn`` instead of forking
+    this (possibly large, threaded) test process.
+
+    :param umask: the child's umask (ours is restored right after spawning).
+    :returns: the child's :class:`Result`.
+    :raises WaitTimeout: the child did not finish within ``timeout`` seconds
+        (it has been killed with SIGKILL).
+    """
+    reactor = _reactor()
+    proto = _Collector()
+    old = os.umask(umask) if umask is not None else None
+    try:
+        transport = reactor.spawnProcess(proto, args[0], list(args),
+                                         env=child_env())
+    finally:
+        if old is not None:
+            os.umask(old)
+    transport.closeStdin()
+    try:
+        status = await proto.ended.addTimeout(timeout, reactor)
+    except defer.TimeoutError:
+        where = _describe_pid(transport.pid)
+        try:
+            transport.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
+        # A killed child ends (and is reaped) promptly; bound it anyway.
+        await task.deferLater(reactor, 0.5, lambda: None)
+        raise WaitTimeout(
+            f"{' '.join(args[:6])} ... still running after {timeout} s "
+            f"({where}); killed. stderr tail: "
+            f"{b''.join(proto.err)[-600:].decode(errors='replace')!r}"
+        ) from None
+    return Result(list(args), status,
+                  b"".join(proto.out).decode(errors="replace"),
+                  b"".join(proto.err).decode(errors="replace"))
+
+
+def _describe_pid(pid: Optional[int]) -> str:
+    """The state, kernel wait channel and command line of ``pid``, for failures."""
+    if pid is None:
+        return "no pid"
+    parts = [f"pid {pid}"]
+    for name in ("stat", "wchan", "cmdline"):
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                parts.append(f"{name}={f.read()[:200].replace(bytes(1), b' ')!r}")
+        except OSError:
+            pass
+    return ", ".join(parts)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float,
+                     what: str) -> None:
+    """Poll ``predicate`` until it is true.
+
+    :param what: describes the awaited condition, for the failure message.
+    :raises WaitTimeout: still false after ``timeout`` seconds.
+    """
+    reactor = _reactor()
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() >= deadline:
+            raise WaitTimeout(f"gave up after {timeout} s waiting for {what}")
+        await task.deferLater(reactor, POLL_INTERVAL, lambda: None)
+
+
+def read_text(path: str) -> str:
+    """Return the content of ``path``, or ``""`` when it does not exist."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+async def wait_for_text(path: str, text: str, timeout: float,
+                        count: int = 1) -> str:
+    """Wait until file ``path`` contains ``text`` at least ``count`` times.
+
+    :returns: the file's content at that moment.
+    :raises WaitTimeout: naming the file and showing its tail.
+    """
+    try:
+        await wait_until(lambda: read_text(path).count(text) >= count,
+                         timeout, f"{count} x {text!r} in {path}")
+    except WaitTimeout as e:
+        raise WaitTimeout(f"{e}; its tail: {read_text(path)[-1500:]!r}") from None
+    return read_text(path)
+
+
+def read_pidfile(path: str) -> Optional[int]:
+    """Return the pid written in ``path``, or ``None`` without a usable file."""
+    text = read_text(path).strip()
+    return int(text) if text.isdigit() else None
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        return True  # no procfs: trust kill(0)
+    return state not in ("Z", "X")
+
+
+def pids_mentioning(marker: str) -> List[int]:
+    """Return the running processes (not us) whose command line contains ``marker``."""
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    encoded = marker.encode()
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if encoded in cmdline and pid_running(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+async def stop_pid(pid: int, timeout: float = 5.0) -> bool:
+    """Stop process ``pid``: SIGTERM, wait, then SIGKILL.
+
+    :returns: ``True`` when it ended after SIGTERM (or was already gone),
+        ``False`` when it needed SIGKILL.
+    :raises WaitTimeout: it survived SIGKILL too.
+    """
+    if not pid_running(pid):
+        return True
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    try:
+        await wait_until(lambda: not pid_running(pid), timeout,
+                         f"pid {pid} to exit after SIGTERM")
+        return True
+    except WaitTimeout:
+        pass
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    await wait_until(lambda: not pid_running(pid), 5.0,
+                     f"pid {pid} to exit after SIGKILL")
+    return False
+
+
+async def stop_strays(marker: str) -> List[int]:
+    """Stop every process whose command line contains ``marker``.
+
+    Used in cleanups with the test's own temporary directory as the marker,
+    so it only ever touches processes this test started.
+
+    :returns: the pids that were still running.
+    """
+    strays = pids_mentioning(marker)
+    for pid in strays:
+        await stop_pid(pid)
+    return strays

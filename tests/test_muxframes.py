@@ -1,0 +1,290 @@
+"""Tests for :mod:`tigertunnel.muxframes` (mux framing, PROTOCOL.md 7.1, 7.2, 8)."""
+
+import struct
+from typing import List, Optional, Tuple
+
+from hypothesis import given, strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.helpers import load_vectors, unhex
+from tests.strategies import chunked, mux_header, mux_units, noisy_mux_streams
+from tigertunnel import muxframes
+from tigertunnel.errors import MuxError
+from tigertunnel.muxframes import (
+    FrameType,
+    MuxDecoder,
+    MuxFrame,
+    build_close_plaintext,
+    encode_header,
+    is_valid_close,
+)
+
+MIB = 1 << 20
+SESSIONS = [load_vectors("session_psk"), load_vectors("session_kem")]
+
+
+def model_decode(data: bytes, encrypted: bool) -> Tuple[List[bytes], Optional[int]]:
+    """Decode ``data`` the slow, obvious way.
+
+    :returns: the complete units (header + payload) before any error, and the
+        index of the first byte that shows the error, or ``None``.
+    """
+    out = []
+    off = 0
+    size_at = 16 if encrypted else 96
+    while off < len(data):
+        for i in range(4):
+            if off + i < len(data) and data[off + i] != b"XUMZ"[i]:
+                return out, off + i
+        if off + 8 < len(data) and data[off + 8] > 2:
+            return out, off + 8
+        if len(data) - off < 12:
+            break
+        kind = data[off + 8]
+        if kind == 0:
+            field = off + 12 + size_at
+            if len(data) < field + 4:
+                break
+            size = int.from_bytes(data[field:field + 4], "little")
+            if not 256 <= size <= MIB:
+                return out, field + 3
+        elif kind == 2 and encrypted:
+            size = 256
+        else:
+            size = 0
+        if len(data) - off < 12 + size:
+            break
+        out.append(data[off:off + 12 + size])
+        off += 12 + size
+    return out, None
+
+
+def units(frames: List[MuxFrame]) -> List[bytes]:
+    """The wire bytes of decoded frames, checking each frame's fields on the way."""
+    out = []
+    for f in frames:
+        assert type(f.header) is bytes and type(f.payload) is bytes
+        assert f.stream_id == struct.unpack("<I", f.header[4:8])[0]
+        assert f.frame_type is FrameType(f.header[8])
+        out.append(f.header + f.payload)
+    return out
+
+
+class ConstantsTests(SynchronousTestCase):
+    """Wire constants and header encoding."""
+
+    def test_values(self) -> None:
+        """The constants match PROTOCOL.md section 7."""
+        self.assertEqual(muxframes.MUX_HEADER_SIZE, 12)
+        self.assertEqual(muxframes.MAGIC, b"XUMZ")
+        self.assertEqual(struct.unpack("<I", muxframes.MAGIC)[0], 0x5A4D5558)
+        self.assertEqual(muxframes.CLOSE_PAYLOAD_SIZE, 256)
+        self.assertEqual([(t.name, int(t)) for t in FrameType],
+                         [("DATA", 0), ("OPEN", 1), ("CLOSE", 2)])
+
+    def test_stream_open_vector(self) -> None:
+        """The stream_open of stream 1 is the reference's 12 bytes."""
+        wire = unhex(load_vectors("frames")["stream_open_stream_1"]["wire"])
+        self.assertEqual(encode_header(1, FrameType.OPEN), wire)
+        self.assertEqual(MuxDecoder(encrypted=True).feed(wire),
+                         [MuxFrame(1, FrameType.OPEN, wire, b"")])
+
+    @given(st.integers(0, (1 << 32) - 1), st.sampled_from(list(FrameType)))
+    def test_encode_header(self, stream_id: int, frame_type: FrameType) -> None:
+        """The header is magic, stream id LE, type, three zero bytes."""
+        self.assertEqual(encode_header(stream_id, frame_type),
+                         mux_header(stream_id, int(frame_type)))
+
+    def test_encode_header_range(self) -> None:
+        """A stream id outside u32 is refused."""
+        self.assertRaises(ValueError, encode_header, 1 << 32, FrameType.DATA)
+        self.assertRaises(ValueError, encode_header, -1, FrameType.DATA)
+
+
+class CloseTests(SynchronousTestCase):
+    """The encrypted stream_close pseudo header."""
+
+    @given(st.integers(0, (1 << 32) - 1))
+    def test_layout(self, stream_id: int) -> None:
+        """All zero except size 256 at 96, the stream id at 116 and 2 at 120."""
+        expected = bytearray(256)
+        expected[96:100] = (256).to_bytes(4, "little")
+        expected[116:120] = stream_id.to_bytes(4, "little")
+        expected[120] = 2
+        plain = build_close_plaintext(stream_id)
+        self.assertEqual(plain, bytes(expected))
+        self.assertTrue(is_valid_close(plain, stream_id))
+
+    @given(st.integers(0, (1 << 32) - 1), st.integers(0, (1 << 32) - 1))
+    def test_other_stream(self, stream_id: int, other: int) -> None:
+        """A close naming another stream is not valid for this one."""
+        self.assertEqual(is_valid_close(build_close_plaintext(stream_id), other),
+                         stream_id == other)
+
+    @given(st.integers(0, 255))
+    def test_marker(self, marker: int) -> None:
+        """Only the byte 2 at offset 120 marks a close; other bytes are not checked."""
+        plain = bytearray(build_close_plaintext(9))
+        plain[120] = marker
+        plain[0:96] = b"\xff" * 96
+        self.assertEqual(is_valid_close(bytes(plain), 9), marker == 2)
+
+    def test_short(self) -> None:
+        """A payload too short to hold the marker is not a valid close."""
+        self.assertFalse(is_valid_close(build_close_plaintext(1)[:120], 1))
+
+
+class SessionVectorTests(SynchronousTestCase):
+    """Decoding the pool-connection streams captured from the reference."""
+
+    def c2s(self, session: dict) -> Tuple[bytes, List[dict]]:
+        """The c2s mux bytes (after the ClientHello) and their segments."""
+        segs = session["client_to_server_segments"]
+        hello = len(unhex(segs[0]["bytes"]))
+        return unhex(session["client_to_server"])[hello:], segs[1:]
+
+    def s2c(self, session: dict) -> Tuple[bytes, List[dict]]:
+        """The s2c mux bytes (after the 49-byte ServerHello) and their segments."""
+        segs = session["server_to_client_segments"]
+        self.assertEqual(len(unhex(segs[0]["bytes"])), 49)
+        return unhex(session["server_to_client"])[49:], segs[1:]
+
+    def check(self, stream: bytes, segs: List[dict], chunks: List[bytes]) -> None:
+        decoder = MuxDecoder(encrypted=True)
+        got: List[MuxFrame] = []
+        for chunk in chunks:
+            got.extend(decoder.feed(chunk))
+        kinds = {"data": FrameType.DATA, "stream_open": FrameType.OPEN,
+                 "stream_close": FrameType.CLOSE}
+        self.assertEqual([(f.frame_type, f.stream_id) for f in got],
+                         [(kinds[s["kind"]], s["stream_id"]) for s in segs])
+        self.assertEqual(units(got), [unhex(s["bytes"]) for s in segs])
+        self.assertEqual(decoder.buffered(), 0)
+
+    def test_sessions(self) -> None:
+        """Both captured sessions decode into exactly their recorded segments."""
+        for session in SESSIONS:
+            stream, segs = self.c2s(session)
+            self.assertEqual([s["kind"] for s in segs],
+                             ["stream_open", "data", "data", "data", "stream_close"])
+            self.check(stream, segs, [stream])
+            stream, segs = self.s2c(session)
+            self.assertEqual([s["kind"] for s in segs], ["data"] * 3)
+            self.check(stream, segs, [stream])
+
+    @given(st.sampled_from(SESSIONS), st.booleans(), st.data())
+    def test_session_chunking(self, session: dict, c2s: bool, data: st.DataObject) -> None:
+        """Any chunking of a captured stream decodes into the same segments."""
+        stream, segs = self.c2s(session) if c2s else self.s2c(session)
+        self.check(stream, segs, data.draw(chunked(stream)))
+
+    def test_byte_at_a_time(self) -> None:
+        """The captured c2s stream fed byte by byte decodes into its segments."""
+        stream, segs = self.c2s(SESSIONS[0])
+        self.check(stream, segs, [stream[i:i + 1] for i in range(len(stream))])
+
+
+class DecoderTests(SynchronousTestCase):
+    """MuxDecoder on generated input."""
+
+    @given(st.booleans(), st.data())
+    def test_chunking_invariance(self, encrypted: bool, data: st.DataObject) -> None:
+        """Any split of a stream of valid units yields the same frames."""
+        expected = data.draw(st.lists(mux_units(encrypted), max_size=6))
+        stream = b"".join(expected)
+        decoder = MuxDecoder(encrypted)
+        got: List[MuxFrame] = []
+        for chunk in data.draw(chunked(stream)):
+            got.extend(decoder.feed(chunk))
+        self.assertEqual(units(got), expected)
+        self.assertEqual(decoder.buffered(), 0)
+
+    @given(st.binary(min_size=3, max_size=3), st.integers(0, (1 << 32) - 1))
+    def test_reserved_kept(self, reserved: bytes, stream_id: int) -> None:
+        """The reserved bytes are not checked and stay in the header (the AD)."""
+        header = mux_header(stream_id, 1, reserved)
+        frame, = MuxDecoder(encrypted=True).feed(header)
+        self.assertEqual(frame, MuxFrame(stream_id, FrameType.OPEN, header, b""))
+
+    def test_payload_lengths(self) -> None:
+        """Payload lengths per type and mode follow PROTOCOL.md 7.2."""
+        data = bytearray(300)
+        data[16:20] = struct.pack("<I", 300)
+        plain = bytearray(300)
+        plain[96:100] = struct.pack("<I", 300)
+        close = bytes(range(256))
+        enc = (mux_header(1, 1) + mux_header(1, 0) + bytes(data)
+               + mux_header(1, 2) + close)
+        got = MuxDecoder(encrypted=True).feed(enc)
+        self.assertEqual([len(f.payload) for f in got], [0, 300, 256])
+        self.assertEqual(got[2].payload, close)
+        pln = mux_header(1, 1) + mux_header(1, 0) + bytes(plain) + mux_header(1, 2)
+        got = MuxDecoder(encrypted=False).feed(pln)
+        self.assertEqual([len(f.payload) for f in got], [0, 300, 0])
+
+    def test_extreme_sizes(self) -> None:
+        """Data payloads of exactly 256 bytes and exactly 1 MiB are accepted."""
+        for encrypted, at in ((True, 16), (False, 96)):
+            for size in (256, MIB):
+                payload = bytearray(size)
+                payload[at:at + 4] = struct.pack("<I", size)
+                frame, = MuxDecoder(encrypted).feed(mux_header(3, 0) + bytes(payload))
+                self.assertEqual(frame.payload, bytes(payload))
+
+    @given(st.integers(0, 3), st.integers(1, 255), st.booleans())
+    def test_bad_magic_immediately(self, index: int, xor: int, encrypted: bool) -> None:
+        """A wrong magic byte raises as soon as that byte arrives."""
+        header = bytearray(mux_header(1, 1))
+        header[index] ^= xor
+        decoder = MuxDecoder(encrypted)
+        self.assertEqual(decoder.feed(bytes(header[:index])), [])
+        self.assertRaises(MuxError, decoder.feed, bytes(header[index:index + 1]))
+
+    @given(st.integers(3, 255), st.booleans())
+    def test_bad_type_immediately(self, kind: int, encrypted: bool) -> None:
+        """A frame type above 2 raises as soon as the type byte arrives."""
+        header = mux_header(1, kind)
+        decoder = MuxDecoder(encrypted)
+        self.assertEqual(decoder.feed(header[:8]), [])
+        self.assertRaises(MuxError, decoder.feed, header[8:9])
+
+    @given(st.one_of(st.integers(0, 255), st.integers(MIB + 1, (1 << 32) - 1)),
+           st.booleans(), st.binary(min_size=96, max_size=96))
+    def test_bad_size_before_body(self, size: int, encrypted: bool, filler: bytes) -> None:
+        """A data size outside 256..1 MiB raises when the size field arrives."""
+        at = 16 if encrypted else 96
+        head = mux_header(1, 0) + filler[:at] + struct.pack("<I", size)
+        decoder = MuxDecoder(encrypted)
+        self.assertEqual(decoder.feed(head[:-1]), [])
+        self.assertRaises(MuxError, decoder.feed, head[-1:])
+
+    def test_dead_after_error(self) -> None:
+        """After an error every feed raises, even with valid data."""
+        decoder = MuxDecoder(encrypted=False)
+        self.assertRaises(MuxError, decoder.feed, b"ZMUX")
+        self.assertRaises(MuxError, decoder.feed, mux_header(1, 1))
+        self.assertRaises(MuxError, decoder.feed, b"")
+        self.assertEqual(decoder.buffered(), 0)
+
+    @given(st.booleans(), st.data())
+    def test_arbitrary_bytes(self, encrypted: bool, data: st.DataObject) -> None:
+        """Arbitrary bytes give a prefix of the frames, then MuxError at the first bad byte."""
+        stream = data.draw(st.one_of(noisy_mux_streams(encrypted), st.binary(max_size=64)))
+        expected, error_at = model_decode(stream, encrypted)
+        decoder = MuxDecoder(encrypted)
+        got: List[MuxFrame] = []
+        start = 0
+        for chunk in data.draw(chunked(stream)):
+            end = start + len(chunk)
+            if error_at is not None and start <= error_at < end:
+                self.assertRaises(MuxError, decoder.feed, chunk)
+                break
+            got.extend(decoder.feed(chunk))
+            start = end
+        else:
+            self.assertIsNone(error_at)
+            self.assertEqual(units(got), expected)
+            self.assertEqual(decoder.buffered(), len(stream) - sum(map(len, expected)))
+            return
+        ends = [sum(map(len, expected[:i + 1])) for i in range(len(expected))]
+        self.assertEqual(units(got), [u for u, e in zip(expected, ends) if e <= start])
