@@ -41,7 +41,13 @@ from tigertunnel.errors import (
     TunnelError,
 )
 from tigertunnel.frames import FrameParser, check_frame
-from tigertunnel.handshake import Accepted, ClientHandshake, Rejected, ServerHandshake
+from tigertunnel.handshake import (
+    Accepted,
+    ClientHandshake,
+    Rejected,
+    ServerHandshake,
+    Status,
+)
 from tigertunnel.logs import logger
 from tigertunnel.mux import (
     CLIENT,
@@ -91,6 +97,31 @@ def tune_socket(transport: Any) -> None:
         pass
 
 
+def _failure_kind(status: Optional[int]) -> str:
+    """Metric label of a handshake failure seen by the client."""
+    if status is None:
+        return "server_auth"
+    try:
+        return f"rejected_{Status(status).name.lower()}"
+    except ValueError:
+        return "invalid_status"
+
+
+def _rejection_kind(result: Rejected) -> str:
+    """Metric label of a ClientHello the server rejected."""
+    reason = result.reason
+    for word, kind in (("unknown operation", "bad_operation"),
+                       ("unknown key id", "unknown_key"),
+                       ("hash mismatch", "bad_hash"),
+                       ("timestamp", "timestamp"),
+                       ("replayed", "replay"),
+                       ("requires KEM", "kem_required"),
+                       ("KEM", "kem")):
+        if word in reason:
+            return kind
+    return "other"
+
+
 @implementer(IPushProducer)
 class _WriteWatcher:
     """Registered on a TB-side transport to learn when its peer stops reading."""
@@ -134,8 +165,7 @@ class FrameProtocol(Protocol):
         self._reading_paused = False
         self._close_timer: Optional[IDelayedCall] = None
         self.connecting: Optional[Deferred[Any]] = None
-        self.frames_in = 0
-        self.frames_out = 0
+        self.stats = mux.stats
 
     # -- Twisted's interface -----------------------------------------------
 
@@ -169,7 +199,9 @@ class FrameProtocol(Protocol):
                     check_frame(frame, self._cluster_id)
                 if self.link is not link or self._closing:
                     return
-                self.frames_in += 1
+                stats = self.stats
+                stats["frames_to_tunnel"] += 1
+                stats["bytes_to_tunnel"] += len(frame)
                 link.send_data(self.stream_id, frame)
         except ClusterMismatchError as e:
             if self._cluster_id is None:
@@ -209,7 +241,9 @@ class FrameProtocol(Protocol):
         """Write one TB frame that arrived for this stream to the TB peer."""
         if self._closing:
             return
-        self.frames_out += 1
+        stats = self.stats
+        stats["frames_from_tunnel"] += 1
+        stats["bytes_from_tunnel"] += len(frame)
         if self.transport is None:
             self._pending.append(frame)
             self._pending_bytes += len(frame)
@@ -250,6 +284,7 @@ class FrameProtocol(Protocol):
         """The backend connection of this stream could not be made."""
         link, self.link = self.link, None
         if not self._closing:
+            self.stats["backend_connect_failures"] += 1
             log.warn("server session {stream}: backend {backend} refused: "
                      "{reason}", stream=self.stream_id,
                      backend=self.mux.backend_name,
@@ -276,6 +311,7 @@ class FrameProtocol(Protocol):
         self._unread = 0
 
     def _overflow(self) -> None:
+        self.stats["sessions_overflowed"] += 1
         log.warn("{side} session {stream}: TB peer is not reading; more than "
                  "{limit} bytes queued, closing the session",
                  side=self.mux.role, stream=self.stream_id,
@@ -435,13 +471,14 @@ class TunnelProtocol(Protocol):
             assert isinstance(hs, ServerHandshake)
             result = hs.feed(data)
         except HandshakeError as e:
-            self.mux.handshake_failed(self, str(e))
+            self.mux.handshake_failed(self, str(e), kind=_failure_kind(e.status))
             self._fail_handshake(e)
             return
         if result is None:
             return
         if isinstance(result, Rejected):
-            self.mux.handshake_failed(self, result.reason, result.skew)
+            self.mux.handshake_failed(self, result.reason, result.skew,
+                                      kind=_rejection_kind(result))
             if result.reply:
                 self.transport.write(result.reply)
             self._fail_handshake(HandshakeError(result.reason, result.status))
@@ -469,7 +506,7 @@ class TunnelProtocol(Protocol):
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
-        self.mux.handshake_failed(self, "handshake timed out")
+        self.mux.handshake_failed(self, "handshake timed out", kind="timeout")
         self._fail_handshake(HandshakeError("handshake timed out"))
 
     def _fail_handshake(self, error: HandshakeError) -> None:
@@ -495,6 +532,7 @@ class TunnelProtocol(Protocol):
         log.error("{role} pool connection {link} failed: {reason}; closing it "
                   "and its {count} sessions", role=self.role, link=self.name,
                   reason=reason, count=len(self.streams))
+        self.mux.stats["link_failures"] += 1
         self._alive = False
         codec, self.codec = self.codec, None
         streams, self.streams = self.streams, {}

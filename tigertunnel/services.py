@@ -17,7 +17,7 @@ One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
 """
 
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, Callable, List, Optional, Set, Union
 
 from twisted.application import strports
@@ -183,7 +183,11 @@ class SessionMultiplexer(MultiService):
         self.handshake_timeout = config.handshake_timeout
         self.links: List[TunnelProtocol] = []
         self.sessions: Set[FrameProtocol] = set()
-        self.handshake_failures = 0
+        #: Monotonic counters for metrics: frames_/bytes_to_tunnel (read from
+        #: the TB side), frames_/bytes_from_tunnel (written to the TB side),
+        #: sessions_opened, sessions_refused_<why>, handshake_failures_<kind>,
+        #: pool_connects, pool_losses, link_failures.
+        self.stats: Counter[str] = Counter()
         self._last_limit_log = -1e9
 
     def _tcp_endpoint(self, pair: ProxyPair) -> IStreamClientEndpoint:
@@ -228,6 +232,7 @@ class SessionMultiplexer(MultiService):
 
     def link_up(self, link: TunnelProtocol) -> None:
         """A pool connection finished its handshake."""
+        self.stats["pool_connects"] += 1
         self.links.append(link)
         log.info("{role} pool connection {link} up (key id {key_id})",
                  role=self.role, link=link.name, key_id=link.key_id)
@@ -235,6 +240,7 @@ class SessionMultiplexer(MultiService):
     def link_down(self, link: TunnelProtocol) -> None:
         """A pool connection that was up is gone."""
         if link in self.links:
+            self.stats["pool_losses"] += 1
             self.links.remove(link)
 
     def handshake_started(self, link: TunnelProtocol) -> None:
@@ -243,10 +249,16 @@ class SessionMultiplexer(MultiService):
     def handshake_ended(self, link: TunnelProtocol) -> None:
         """A pool connection's handshake finished, failed or was cut."""
 
+    @property
+    def handshake_failures(self) -> int:
+        """Failed handshakes of this pair, all kinds."""
+        return sum(v for k, v in self.stats.items()
+                   if k.startswith("handshake_failures_"))
+
     def handshake_failed(self, link: TunnelProtocol, reason: str,
-                         skew: Optional[int] = None) -> None:
+                         skew: Optional[int] = None, kind: str = "other") -> None:
         """Count and log a failed handshake."""
-        self.handshake_failures += 1
+        self.stats[f"handshake_failures_{kind}"] += 1
         if skew is not None:
             log.warn("{role} pool connection {link}: handshake failed: "
                      "{reason} (clock skew {skew} s)", role=self.role,
@@ -314,11 +326,13 @@ class ClientMultiplexer(SessionMultiplexer):
         """
         healthy = [link for link in self.links if link.established]
         if not healthy:
+            self.stats["sessions_refused_no_pool"] += 1
             self._limit_log("client {pair}: no healthy pool connection to "
                             "{target}; closing new TB connections",
                             pair=self.name, target=self.backend_name)
             return False
         if len(self.sessions) >= self.config.max_sessions:
+            self.stats["sessions_refused_max_sessions"] += 1
             self._limit_log("client {pair}: max sessions ({max}) reached; "
                             "closing new TB connections", pair=self.name,
                             max=self.config.max_sessions)
@@ -326,6 +340,7 @@ class ClientMultiplexer(SessionMultiplexer):
         link = healthy[self._rr % len(healthy)]
         self._rr += 1
         self.sessions.add(session)
+        self.stats["sessions_opened"] += 1
         stream_id = link.open_stream(session)
         log.debug("client {pair}: session {stream} on {link}", pair=self.name,
                   stream=stream_id, link=link.name)
@@ -364,6 +379,7 @@ class ServerMultiplexer(SessionMultiplexer):
         while len(self.pending) > MAX_PENDING_HANDSHAKES:
             oldest, _ = self.pending.popitem(last=False)
             self.evictions += 1
+            self.stats["handshake_evictions"] += 1
             self._limit_log("server {pair}: more than {max} pending handshakes;"
                             " dropping the oldest ({count} so far)",
                             pair=self.name, max=MAX_PENDING_HANDSHAKES,
@@ -382,12 +398,14 @@ class ServerMultiplexer(SessionMultiplexer):
             (``-m`` streams already open on this pair).
         """
         if len(self.sessions) >= self.config.max_sessions:
+            self.stats["sessions_refused_max_sessions"] += 1
             self._limit_log("server {pair}: max sessions ({max}) reached; "
                             "refusing streams", pair=self.name,
                             max=self.config.max_sessions)
             return None
         session = self.new_session()
         self.sessions.add(session)
+        self.stats["sessions_opened"] += 1
         endpoint = self.endpoint_for(self.pair)
         link.streams[stream_id] = session
         session.attached(link, stream_id)
