@@ -26,6 +26,7 @@ commands:
   server [options]              run a tunnel server in the foreground
   client [options]              run a tunnel client in the foreground
   demo [--sessions N]           loopback demo with the built-in echo backend
+  bench [--sizes ...] [--json F] benchmark: tunnel vs direct, CPU per round trip
 
 'tigertunnel server --help' and 'tigertunnel client --help' list options.
 The same server/client run under twistd:
@@ -111,6 +112,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if command == "demo":
         from tigertunnel.demo import main as demo_main
         return demo_main(rest)
+    if command == "bench":
+        from tigertunnel.bench import main as bench_main
+        return bench_main(rest)
     return _fail(f"unknown command: {command!r} (see tigertunnel --help)", 2)
 
 

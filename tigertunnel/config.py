@@ -78,7 +78,7 @@ def parse_address(text: str, what: str) -> Address:
             except ValueError:
                 if not _valid_hostname(host):
                     raise bad from None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise bad
     return Address(host, int(port_text))
 

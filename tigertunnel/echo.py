@@ -49,3 +49,26 @@ class EchoFactory(Factory):
     def buildProtocol(self, addr: Any) -> EchoProtocol:
         self.connections += 1
         return EchoProtocol()
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    """``python -m tigertunnel.echo PORT``: run an echo backend on 127.0.0.1."""
+    import sys
+
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit():
+        sys.stderr.write("usage: python -m tigertunnel.echo PORT\n")
+        return 2
+    d = TCP4ServerEndpoint(reactor, int(args[0]), interface="127.0.0.1").listen(
+        EchoFactory())
+    d.addErrback(lambda f: (sys.stderr.write(f"echo: {f.getErrorMessage()}\n"),
+                            reactor.stop()))  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
