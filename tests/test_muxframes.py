@@ -63,10 +63,12 @@ def units(frames: List[MuxFrame]) -> List[bytes]:
     """The wire bytes of decoded frames, checking each frame's fields on the way."""
     out = []
     for f in frames:
-        assert type(f.header) is bytes and type(f.payload) is bytes
+        # Data payloads are bytearrays (decrypted in place by the receiver).
+        assert type(f.header) is bytes
+        assert type(f.payload) is (bytearray if f.frame_type is FrameType.DATA else bytes)
         assert f.stream_id == struct.unpack("<I", f.header[4:8])[0]
         assert f.frame_type is FrameType(f.header[8])
-        out.append(f.header + f.payload)
+        out.append(f.header + bytes(f.payload))
     return out
 
 

@@ -120,7 +120,9 @@ class Ends:
     def flush(self) -> None:
         """Move bytes between the two ends of every pool connection until none are left."""
         moved = True
-        while moved:
+        for _ in range(10_000):
+            if not moved:
+                return
             moved = False
             for client, ct, server, st in self.links:
                 up, down = ct.value(), st.value()
@@ -132,6 +134,7 @@ class Ends:
                 if down and not ct.disconnecting:
                     client.dataReceived(down)
                     moved = True
+        raise AssertionError("the pool connections never went quiet")
 
     def tb_client(self) -> Tuple[FrameProtocol, StringTransport]:
         """Accept a TB client on the tunnel client's listener."""

@@ -5,7 +5,7 @@ from typing import List
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.memnet import BackendFactory, Tunnel, psk_store
+from tests.memnet import BackendFactory, TBPeer, Tunnel, psk_store
 from tests.strategies import make_tb_frame
 from tigertunnel.config import Address, ProxyPair
 from tigertunnel.handshake import ClientHandshake
@@ -13,6 +13,7 @@ from tigertunnel.protocols import TunnelProtocol
 from tigertunnel.services import (
     BACKOFF_INITIAL,
     BACKOFF_MAX,
+    MAX_PENDING_HANDSHAKES,
     backoff_policy,
     target_host,
 )
@@ -88,7 +89,7 @@ class TargetHostTests(SynchronousTestCase):
 
 def run_until(tunnel: Tunnel, end: float) -> None:
     """Advance the clock from one scheduled call to the next until ``end``, flushing in between."""
-    while True:
+    for _ in range(10_000):
         now = tunnel.clock.seconds()
         due = [call.getTime() for call in tunnel.clock.getDelayedCalls()]
         step = min(due, default=end) - now
@@ -98,6 +99,7 @@ def run_until(tunnel: Tunnel, end: float) -> None:
             return
         tunnel.clock.advance(max(step, 0.0))
         tunnel.net.flush()
+    raise AssertionError(f"more than 10000 scheduled calls before {end} s")
 
 
 class AttemptClock:
@@ -308,6 +310,22 @@ class ServerLimitTests(SynchronousTestCase):
         peers = [t.tb_client()[0] for _ in range(4)]
         self.assertEqual([p.lost for p in peers], [False, False, True, True])
         self.assertEqual(len(t.backend.peers), 2)
+
+    def test_pending_handshakes_bounded(self) -> None:
+        """Past MAX_PENDING_HANDSHAKES silent pool connections the oldest is dropped, the others kept."""
+        t = Tunnel()
+        t.start()
+        silent = [TBPeer() for _ in range(MAX_PENDING_HANDSHAKES + 1)]
+        for peer in silent:
+            t.net.dial(t.server_addr, peer)
+        t.net.flush()
+        self.assertEqual([p.lost for p in silent], [True] + [False] * MAX_PENDING_HANDSHAKES)
+        self.assertEqual(t.server.evictions, 1)
+        self.assertEqual(len(t.server.links), 2)  # the client's own pool is untouched
+        client, _ = t.tb_client()
+        client.send(tb_frame(5))
+        t.net.flush()
+        self.assertEqual(client.received, [tb_frame(5)])
 
     def test_reference_client_gets_no_close(self) -> None:
         """A version-1 client over the limit gets nothing back for the refused stream (no stream_close)."""

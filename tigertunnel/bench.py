@@ -35,6 +35,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 
 from tigertunnel.frames import FrameParser
+from tigertunnel.protocols import tune_socket
+from tigertunnel.tuning import tune_malloc
 
 TICKS = os.sysconf("SC_CLK_TCK")
 DEFAULT_SIZES = "256,4096,65536,1048576"
@@ -122,7 +124,7 @@ class _Session(Protocol):
         self.sent_at = 0.0
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)
+        tune_socket(self.transport)
         self.run.connected(self)
 
     def send(self) -> None:
@@ -353,6 +355,7 @@ def format_table(cells: List[Cell]) -> str:
 
 async def run_bench(reactor: Any, opts: BenchOptions) -> Dict[str, Any]:
     """Run every cell; returns the JSON-able results."""
+    tune_malloc()
     cells: List[Cell] = []
     memory: Dict[str, Any] = {}
     total = len(opts["modes"]) * len(opts["sizes"]) * len(opts["sessions"])

@@ -21,10 +21,8 @@ class EchoProtocol(Protocol):
         self.frames = 0
 
     def connectionMade(self) -> None:
-        try:
-            self.transport.setTcpNoDelay(True)
-        except AttributeError:
-            pass
+        from tigertunnel.protocols import tune_socket
+        tune_socket(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -62,6 +60,8 @@ def main(argv: "list[str] | None" = None) -> int:
     if len(args) != 1 or not args[0].isdigit():
         sys.stderr.write("usage: python -m tigertunnel.echo PORT\n")
         return 2
+    from tigertunnel.tuning import tune_malloc
+    tune_malloc()
     d = TCP4ServerEndpoint(reactor, int(args[0]), interface="127.0.0.1").listen(
         EchoFactory())
     d.addErrback(lambda f: (sys.stderr.write(f"echo: {f.getErrorMessage()}\n"),

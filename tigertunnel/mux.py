@@ -54,7 +54,7 @@ class StreamData:
     """One complete, authenticated TB frame for stream ``stream_id``."""
 
     stream_id: int
-    frame: bytes
+    frame: "bytes | bytearray"
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,8 @@ class LinkCodec:
                payload: bytes) -> Event:
         if frame_type == FrameType.DATA:
             if self._opener is not None:
-                return StreamData(stream_id, self._opener.open(header, payload))
+                return StreamData(stream_id,
+                                  self._opener.open_buffer(header, payload))
             return StreamData(stream_id, payload)
         if frame_type == FrameType.OPEN:
             if self.role == CLIENT:
@@ -158,7 +159,7 @@ class LinkCodec:
             raise MuxError("only the client opens streams")
         return [encode_header(stream_id, FrameType.OPEN)]
 
-    def encode_data(self, stream_id: int, frame: bytes) -> List[bytes]:
+    def encode_data(self, stream_id: int, frame: bytes) -> "List[bytes | bytearray]":
         """Return the wire bytes carrying TB frame ``frame`` on ``stream_id``.
 
         :raises FrameError: the frame has non-zero padding (encrypted mode);
@@ -166,7 +167,7 @@ class LinkCodec:
         """
         header = encode_header(stream_id, FrameType.DATA)
         if self._sealer is not None:
-            return self._sealer.seal(header, frame)
+            return [self._sealer.seal_buffer(header, frame)]
         return [header, frame]
 
     def encode_close(self, stream_id: int) -> List[bytes]:

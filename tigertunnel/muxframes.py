@@ -227,10 +227,13 @@ class MuxDecoder:
             end = off + MUX_HEADER_SIZE + size
             if end > avail:
                 return off
+            # A data payload is handed out as a bytearray: the receiver
+            # decrypts it in place instead of copying it once more.
+            payload_type = bytearray if frame_type is FrameType.DATA else bytes
             frames.append(MuxFrame(
                 _u32_from(src, off + 4)[0], frame_type,
                 bytes(src[off:off + MUX_HEADER_SIZE]),
-                bytes(src[off + MUX_HEADER_SIZE:end])))
+                payload_type(src[off + MUX_HEADER_SIZE:end])))
             off = end
 
     def _check_partial_header(self, src: "bytes | memoryview", off: int,

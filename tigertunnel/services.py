@@ -18,7 +18,8 @@ One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
 
 import random
 from collections import Counter, OrderedDict
-from typing import Any, Callable, List, Optional, Set, Union
+from typing import Any, Callable, List, Optional, Set, Tuple, Union
+from weakref import WeakKeyDictionary
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
@@ -33,6 +34,7 @@ from tigertunnel.config import ProxyPair, TunnelConfig, listen_description
 from tigertunnel.errors import ListenError
 from tigertunnel.handshake import ClientHandshake, ReplayCache, ServerHandshake
 from tigertunnel.logs import logger
+from tigertunnel.tuning import tune_malloc
 from tigertunnel.protocols import (
     FrameFactory,
     FrameProtocol,
@@ -92,6 +94,7 @@ class PoolSlot(Service):
         self.index = index
         self.policy = policy
         self.failures = 0
+        self.connected_before = False
         self.link: Optional[TunnelProtocol] = None
         self._connecting: Optional[Deferred[Any]] = None
         self._retry: Optional[IDelayedCall] = None
@@ -131,6 +134,9 @@ class PoolSlot(Service):
 
     def _ready(self, link: TunnelProtocol) -> None:
         self.failures = 0
+        if self.connected_before:
+            self.mux.stats["pool_reconnects"] += 1
+        self.connected_before = True
 
     def _connect_failed(self, reason: Failure) -> None:
         self._connecting = None
@@ -186,8 +192,13 @@ class SessionMultiplexer(MultiService):
         #: Monotonic counters for metrics: frames_/bytes_to_tunnel (read from
         #: the TB side), frames_/bytes_from_tunnel (written to the TB side),
         #: sessions_opened, sessions_refused_<why>, handshake_failures_<kind>,
-        #: pool_connects, pool_losses, link_failures.
+        #: pool_connects, pool_reconnects, pool_losses, link_failures.
         self.stats: Counter[str] = Counter()
+        #: Established pool connections keyed with a retired key
+        #: (:mod:`tigertunnel.reload`): no new sessions go to them.
+        self.draining: Set[TunnelProtocol] = set()
+        #: Set by a graceful shutdown: no new sessions or streams.
+        self.stopping = False
         self._last_limit_log = -1e9
 
     def _tcp_endpoint(self, pair: ProxyPair) -> IStreamClientEndpoint:
@@ -239,6 +250,7 @@ class SessionMultiplexer(MultiService):
 
     def link_down(self, link: TunnelProtocol) -> None:
         """A pool connection that was up is gone."""
+        self.draining.discard(link)
         if link in self.links:
             self.stats["pool_losses"] += 1
             self.links.remove(link)
@@ -293,10 +305,14 @@ class ClientMultiplexer(SessionMultiplexer):
         super().__init__(config, pair, reactor, endpoint_for)
         self._rr = 0
         self.frame_factory = FrameFactory(self)
-        listener = strports.service(listen_description(pair.listen),
+        listener = strports.service(pair_listen_description(config, pair),
                                     self.frame_factory, reactor=reactor)
         listener.setServiceParent(self)
         self._link_count = 0
+        #: The KEM public key each pool connection's handshake was built
+        #: with (key reload retires those built with a replaced one).
+        self.link_kem: "WeakKeyDictionary[TunnelProtocol, Optional[Tuple[int, bytes]]]"
+        self.link_kem = WeakKeyDictionary()
         self.pool: List[PoolSlot] = []
         for index in range(config.pool_size):
             slot = PoolSlot(self, index, backoff_policy(rand))
@@ -307,7 +323,9 @@ class ClientMultiplexer(SessionMultiplexer):
         """Build the protocol of a new pool connection for ``slot``."""
         self._link_count += 1
         name = f"{self.name}/{slot}#{self._link_count}"
-        return TunnelProtocol(self.role, self._make_handshake(), self, name)
+        link = TunnelProtocol(self.role, self._make_handshake(), self, name)
+        self.link_kem[link] = self.config.kem_public
+        return link
 
     def _make_handshake(self) -> Optional[ClientHandshake]:
         psk = self.config.psk
@@ -324,7 +342,13 @@ class ClientMultiplexer(SessionMultiplexer):
         :returns: ``False`` when it must be closed (no healthy pool
             connection, or ``-m`` sessions already open).
         """
-        healthy = [link for link in self.links if link.established]
+        if self.stopping:
+            self.stats["sessions_refused_stopping"] += 1
+            return False
+        established = [link for link in self.links if link.established]
+        # Draining pool connections only take sessions when nothing else can.
+        healthy = [link for link in established
+                   if link not in self.draining] or established
         if not healthy:
             self.stats["sessions_refused_no_pool"] += 1
             self._limit_log("client {pair}: no healthy pool connection to "
@@ -359,7 +383,7 @@ class ServerMultiplexer(SessionMultiplexer):
         self.pending: "OrderedDict[TunnelProtocol, None]" = OrderedDict()
         self.evictions = 0
         self.tunnel_factory = TunnelFactory(self, self._make_handshake)
-        listener = strports.service(listen_description(pair.listen),
+        listener = strports.service(pair_listen_description(config, pair),
                                     self.tunnel_factory, reactor=reactor)
         listener.setServiceParent(self)
 
@@ -397,6 +421,9 @@ class ServerMultiplexer(SessionMultiplexer):
         :returns: the session, or ``None`` when the stream is refused
             (``-m`` streams already open on this pair).
         """
+        if self.stopping:
+            self.stats["sessions_refused_stopping"] += 1
+            return None
         if len(self.sessions) >= self.config.max_sessions:
             self.stats["sessions_refused_max_sessions"] += 1
             self._limit_log("server {pair}: max sessions ({max}) reached; "
@@ -419,17 +446,32 @@ class ServerMultiplexer(SessionMultiplexer):
         return session
 
 
+def pair_listen_description(config: TunnelConfig, pair: ProxyPair) -> str:
+    """The server endpoint description a pair listens on.
+
+    ``config.extra["listen"]`` may map a pair index to another description
+    (a ``systemd:`` socket handed over by socket activation).
+    """
+    override = config.extra.get("listen", {}).get(pair.index)
+    return str(override) if override else listen_description(pair.listen)
+
+
 def build_service(config: TunnelConfig, reactor: Any = None,
-                  endpoint_for: Optional[EndpointFor] = None) -> MultiService:
+                  endpoint_for: Optional[EndpointFor] = None,
+                  top: Optional[MultiService] = None) -> MultiService:
     """Build the service tree of a tunnel end: one multiplexer per pair.
 
     :param endpoint_for: returns the client endpoint that reaches a pair's
         target (tests pass in-memory endpoints); TCP by default.
+    :param top: the parent to add the multiplexers to (a new
+        ``MultiService`` by default); returned.
     """
     if reactor is None:
         from twisted.internet import reactor as _reactor
         reactor = _reactor
-    top = MultiService()
+    tune_malloc()
+    if top is None:
+        top = MultiService()
     cls: Union[type[ClientMultiplexer], type[ServerMultiplexer]]
     cls = ClientMultiplexer if config.role == "client" else ServerMultiplexer
     for pair in config.pairs:

@@ -298,3 +298,156 @@ async def stop_strays(marker: str) -> List[int]:
     for pid in strays:
         await stop_pid(pid)
     return strays
+
+
+# -- measuring a process from /proc (added for tests/integration/test_faults.py) --
+
+#: TCP states as /proc/net/tcp numbers them (include/net/tcp_states.h).
+TCP_STATES = {
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
+    5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT",
+    9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
+}
+
+
+@dataclass(frozen=True)
+class TcpSocket:
+    """One TCP socket held by a process, as /proc/<pid>/net/tcp shows it.
+
+    :ivar timer: the kernel's active timer (0 none, 1 retransmit, 2
+        keepalive, 3 TIME_WAIT, 4 zero-window probe).
+    """
+
+    local_port: int
+    remote_port: int
+    state: str
+    timer: int
+    inode: int
+
+
+def fd_count(pid: int) -> int:
+    """The number of open file descriptors of ``pid``."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size (VmRSS) of ``pid`` in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def socket_inodes(pid: int) -> List[int]:
+    """The inodes of the sockets ``pid`` has open."""
+    inodes = []
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            target = os.readlink(os.path.join(base, name))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.append(int(target[8:-1]))
+    return inodes
+
+
+def tcp_sockets(pid: int) -> List[TcpSocket]:
+    """The TCP sockets (IPv4 and IPv6) held by ``pid``, in its network namespace."""
+    mine = set(socket_inodes(pid))
+    found = []
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            inode = int(fields[9])
+            if inode not in mine:
+                continue
+            found.append(TcpSocket(
+                local_port=int(fields[1].rsplit(":", 1)[1], 16),
+                remote_port=int(fields[2].rsplit(":", 1)[1], 16),
+                state=TCP_STATES.get(int(fields[3], 16), fields[3]),
+                timer=int(fields[5].split(":")[0], 16), inode=inode))
+    return found
+
+
+class Child:
+    """A long-running child process started by :func:`spawn`.
+
+    :ivar ended: fires with the exit status (minus the signal number when
+        killed by a signal).
+    """
+
+    def __init__(self, args: Sequence[str], transport: Any,
+                 collector: "_Collector") -> None:
+        self.args = list(args)
+        self.transport = transport
+        self.pid: int = transport.pid
+        self._collector = collector
+        self.ended = collector.ended
+
+    @property
+    def output(self) -> str:
+        """Everything the child wrote to stdout and stderr so far."""
+        return (b"".join(self._collector.out) + b"".join(self._collector.err)
+                ).decode(errors="replace")
+
+    @property
+    def running(self) -> bool:
+        """Whether the child has not ended yet."""
+        return not self.ended.called
+
+    async def kill(self, sig: int = signal.SIGKILL, timeout: float = 5.0) -> int:
+        """Send ``sig`` and wait (bounded) for the child to end; return its status."""
+        if self.running:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+        result: int = await _wait_deferred(self.ended, timeout,
+                                           f"pid {self.pid} to end after signal {sig}")
+        return result
+
+
+async def _wait_deferred(d: "defer.Deferred[Any]", timeout: float, what: str) -> Any:
+    """Wait for ``d`` without consuming its result (other waiters still see it)."""
+    done: "defer.Deferred[Any]" = defer.Deferred()
+
+    def fire(result: Any) -> Any:
+        if not done.called:
+            done.callback(result)
+        return result
+
+    d.addBoth(fire)
+    try:
+        return await done.addTimeout(timeout, _reactor())
+    except defer.TimeoutError:
+        raise WaitTimeout(f"gave up after {timeout} s waiting for {what}") from None
+
+
+def spawn(args: Sequence[str]) -> Child:
+    """Start a long-running child (in our working directory, our environment).
+
+    The caller stops it with :meth:`Child.kill` (in a cleanup).
+    """
+    proto = _Collector()
+    transport = _reactor().spawnProcess(proto, args[0], list(args), env=child_env())
+    transport.closeStdin()
+    return Child(args, transport, proto)
+
+
+async def wait_for_output(child: Child, text: str, timeout: float) -> None:
+    """Wait until ``child`` has written ``text`` (stdout or stderr)."""
+    try:
+        await wait_until(lambda: text in child.output or not child.running,
+                         timeout, f"{text!r} from pid {child.pid}")
+    except WaitTimeout as e:
+        raise WaitTimeout(f"{e}; output tail {child.output[-800:]!r}") from None
+    if text not in child.output:
+        raise AssertionError(f"pid {child.pid} ended before writing {text!r}: "
+                             f"{child.output[-800:]!r}")

@@ -128,7 +128,7 @@ class FrameSealer:
         self._keys = _Keys(key, base_nonce, counter)
         self.counter = counter
 
-    def seal(self, mux_header: bytes, frame: bytes) -> List[bytes]:
+    def seal_buffer(self, mux_header: bytes, frame: bytes) -> bytearray:
         """Encrypt ``frame`` behind ``mux_header`` with the next counter.
 
         :param mux_header: the 12-byte mux header sent before the frame; it
@@ -136,8 +136,7 @@ class FrameSealer:
         :param frame: a complete plaintext TB frame (or the 256-byte
             stream_close pseudo header).
         :returns: the wire bytes (``mux_header`` followed by the encrypted
-            frame, ``12 + size`` bytes in all) as a list of chunks for
-            ``transport.writeSequence``.
+            frame, ``12 + size`` bytes in all) in one new ``bytearray``.
         :raises FrameError: the frame's padding is not zero, its length is
             outside 256 ... 1 MiB or differs from its size field, or the
             header is not 12 bytes. No counter value is consumed.
@@ -175,7 +174,12 @@ class FrameSealer:
             raise FrameError(f"frame encryption failed: {e}") from None
         out[MUX_HEADER_SIZE:MUX_HEADER_SIZE + TAG_SIZE] = tag
         self.counter = counter + 1
-        return [bytes(out)]
+        return out
+
+
+    def seal(self, mux_header: bytes, frame: bytes) -> List[bytes]:
+        """Like :meth:`seal_buffer`, but return ``[bytes]`` for ``writeSequence``."""
+        return [bytes(self.seal_buffer(mux_header, frame))]
 
 
 class FrameOpener:
@@ -202,13 +206,15 @@ class FrameOpener:
         self._cluster = cluster_id.to_bytes(16, "little")
         self.counter = counter
 
-    def open(self, mux_header: bytes, payload: bytes) -> bytes:
+    def open_buffer(self, mux_header: bytes, payload: "bytes | bytearray") -> bytearray:
         """Authenticate and decrypt one encrypted frame; rebuild its TB frame.
 
         :param mux_header: the 12 mux header bytes exactly as received (AD).
         :param payload: the encrypted frame (tag, clear size, ciphertext).
-        :returns: the TB frame: ``nonce_reserved`` zeroed, ``cluster`` set to
-            this end's cluster id, ``size`` restored.
+        :returns: the TB frame in a ``bytearray``: ``nonce_reserved`` zeroed,
+            ``cluster`` set to this end's cluster id, ``size`` restored. A
+            ``bytearray`` payload is decrypted in place and returned (it is
+            consumed); ``bytes`` are copied once.
         :raises FrameError: before any decryption, if ``payload`` is outside
             256 ... 1 MiB, its clear size field differs from its length, or
             ``mux_header`` is not 12 bytes (counter unchanged); after a good
@@ -216,42 +222,53 @@ class FrameOpener:
         :raises AuthenticationError: the tag does not verify (counter
             unchanged).
         """
-        if type(payload) is not bytes:
-            payload = bytes(payload)
-        if type(mux_header) is not bytes:
-            mux_header = bytes(mux_header)
         size = len(payload)
         if not MIN_FRAME_SIZE <= size <= MAX_FRAME_SIZE:
             raise FrameError(f"encrypted frame of {size} bytes outside "
                              f"{MIN_FRAME_SIZE}..{MAX_FRAME_SIZE}")
-        clear_size = payload[CLEAR_SIZE_OFFSET:CIPHERTEXT_OFFSET]
-        if _u32_from(clear_size)[0] != size:
+        clear_size = _u32_from(payload, CLEAR_SIZE_OFFSET)[0]
+        if clear_size != size:
             raise FrameError(f"encrypted frame of {size} bytes has size field "
-                             f"{_u32_from(clear_size)[0]}")
+                             f"{clear_size}")
+        if type(mux_header) is not bytes:
+            mux_header = bytes(mux_header)
         _check_ad(mux_header)
         counter = self.counter
         if counter >= _COUNTER_LIMIT:
             raise AuthenticationError("frame counter exhausted: the pool connection needs new keys")
         keys = self._keys
-        nonce = keys.nonce(counter)
-        # decrypt_detached rather than decrypt_inplace: the latter zeroes the
-        # buffer with a Python loop when the tag fails (~30 ms per MiB), a
-        # cheap lever for anyone able to send garbage frames.
+        out = payload if type(payload) is bytearray else bytearray(payload)
+        tag = bytes(out[:TAG_SIZE])
+        # In place: P lands at out[20:], so the body B (P[236:]) is already
+        # at offset 256 where the TB frame wants it. A failed tag makes
+        # pyaegis zero the buffer, which costs at most one frame per pool
+        # connection (that connection is closed on the failure).
+        # The error is raised outside the ``except`` clause so that it keeps
+        # no reference (``__context__``) to pyaegis' frames, which hold a
+        # cffi view of ``out``.
+        failure = ""
         try:
-            p = _AEAD.decrypt_detached(keys.key, nonce, payload[CIPHERTEXT_OFFSET:],
-                                       payload[:TAG_SIZE], mux_header)
+            _AEAD.decrypt_inplace(keys.key, keys.nonce(counter),
+                                  memoryview(out)[CIPHERTEXT_OFFSET:], tag,
+                                  mux_header)
         except pyaegis.DecryptionError:
-            raise AuthenticationError(
-                f"frame with counter {counter} failed to authenticate") from None
+            failure = f"frame with counter {counter} failed to authenticate"
         except (pyaegis.AegisError, ValueError, TypeError) as e:
-            raise AuthenticationError(f"frame decryption failed: {e}") from None
+            failure = f"frame decryption failed: {e}"
+        if failure:
+            raise AuthenticationError(failure)
         self.counter = counter + 1
-        if p[CHECKSUM_PADDING] != _ZERO16 or p[CHECKSUM_BODY_PADDING] != _ZERO16:
+        # P[0:64] at out[20:84], P[64:220] at out[84:240].
+        head = bytes(out[CIPHERTEXT_OFFSET:CIPHERTEXT_OFFSET + 64])
+        if head[CHECKSUM_PADDING] != _ZERO16 or head[CHECKSUM_BODY_PADDING] != _ZERO16:
             raise FrameError("InvalidPadding: a decrypted padding field is not zero")
-        with memoryview(p) as view:
-            return b"".join((
-                view[0:16], _ZERO16, view[32:48], _ZERO16,  # checksums, paddings
-                _ZERO16, self._cluster, clear_size,         # nonce_reserved, cluster, size
-                view[64:220],                               # epoch .. end of header
-                view[P_HEADER_SIZE:],                       # body (P[220:236] dropped)
-            ))
+        out[100:256] = out[CIPHERTEXT_OFFSET + 64:CIPHERTEXT_OFFSET + 220]
+        out[0:100] = (head[0:16] + _ZERO16 + head[32:48] + _ZERO16 + _ZERO16
+                      + self._cluster + size.to_bytes(4, "little"))
+        return out
+
+    def open(self, mux_header: bytes, payload: bytes) -> bytes:
+        """Like :meth:`open_buffer`, but return ``bytes`` and never touch ``payload``."""
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        return bytes(self.open_buffer(mux_header, payload))

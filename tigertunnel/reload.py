@@ -1,0 +1,338 @@
+"""Live key reload (SIGHUP): re-read the key files and swap them atomically.
+
+What a reload does (the README's "Key rotation" section is the user's side):
+
+1. Every key file named in the configuration (``-k``, ``--kemsecret`` on a
+   server, ``--kempublic`` on a client) is read and validated completely:
+   the same parsers as at start-up, every KEM secret seed is expanded, a KEM
+   public key must accept an encapsulation. Any error keeps the old keys
+   and is logged with the reason (file, line, error name; never key
+   material).
+2. The new keys replace the old ones in the :class:`TunnelConfig` every
+   multiplexer shares; new handshakes are built from it, so new client hellos
+   use the new first PSK and servers accept exactly the keys now in the file.
+3. Established pool connections keep working. Those keyed with a key that
+   is no longer current are *retired*:
+
+   * tunnel client: a pool connection whose PSK key id is not the new first
+     key, or whose handshake used a replaced KEM public key, is marked
+     draining (no new sessions are placed on it while another pool
+     connection can take them) and closed as soon as it carries no session,
+     or after :data:`DRAIN_TIMEOUT` seconds; its pool slot then reconnects
+     with the current key at once;
+   * tunnel server: a pool connection whose PSK key id was removed from the
+     file is closed as soon as it carries no stream, or after
+     :data:`RETIRE_GRACE` seconds (its client reconnects with its own
+     current key).
+
+   Handshakes already under way during the reload finish with the old keys;
+   a second sweep, one handshake timeout later, retires those too.
+
+Limitation: a pool connection does not record which KEM *secret* key its
+handshake used, so removing a key from a server's ``--kemsecret`` file only
+affects new handshakes.
+"""
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall
+
+from tigertunnel.config import TunnelConfig
+from tigertunnel.crypto import kem
+from tigertunnel.crypto.keys import (
+    KeyStore,
+    load_kem_public_file,
+    load_kem_secret_file,
+    load_psk_file,
+)
+from tigertunnel.errors import KEMError, KeyFileError, TunnelError
+from tigertunnel.handshake import ClientHandshake, ServerHandshake
+from tigertunnel.logs import logger
+from tigertunnel.protocols import TunnelProtocol
+from tigertunnel.services import ClientMultiplexer, SessionMultiplexer
+
+#: Seconds a tunnel client lets a draining pool connection finish its
+#: sessions before closing it anyway.
+DRAIN_TIMEOUT = 60.0
+#: Seconds a tunnel server keeps a busy pool connection whose key was
+#: removed before closing it.
+RETIRE_GRACE = 60.0
+#: Seconds between two looks at the retired pool connections.
+CHECK_INTERVAL = 1.0
+
+log = logger("tigertunnel.reload")
+
+
+class ReloadError(TunnelError):
+    """The key files cannot be reloaded; the old keys stay in use."""
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """The key material of one tunnel end, as read from its key files."""
+
+    psk: Optional[KeyStore]
+    kem_public: Optional[Tuple[int, bytes]] = None
+    kem_secret: Optional[KeyStore] = None
+
+
+def load_keys(config: TunnelConfig) -> KeySet:
+    """Read and completely validate the key files ``config`` names.
+
+    :returns: the new keys (nothing is changed).
+    :raises ReloadError: a file cannot be read or used; the message names
+        the file, the line and the reason.
+    """
+    if config.key_path is None:
+        return KeySet(None)
+    try:
+        psk = load_psk_file(config.key_path)
+        kem_public = kem_secret = None
+        if config.kem_path is not None and config.role == "server":
+            kem_secret = load_kem_secret_file(config.kem_path)
+            for seed in kem_secret.values():
+                kem.SecretKey(seed)
+            ServerHandshake(psk, kem_secret, config.cluster_id or 0)
+        elif config.kem_path is not None:
+            kem_public = load_kem_public_file(config.kem_path)
+            try:
+                kem.encapsulate(kem_public[1])
+            except KEMError as e:
+                raise ReloadError(f"{config.kem_path}: unusable KEM public "
+                                  f"key ({e})") from None
+        key_id, key = psk.first()
+        ClientHandshake(key_id, key, config.cluster_id or 0,
+                        kem_public=kem_public)
+    except (KeyFileError, KEMError) as e:
+        raise ReloadError(str(e)) from None
+    except ValueError as e:
+        raise ReloadError(f"{config.key_path}: {e}") from None
+    return KeySet(psk, kem_public, kem_secret)
+
+
+def describe(keys: KeySet, role: str) -> str:
+    """A one-line summary of key ids for logs (never key material)."""
+    if keys.psk is None:
+        return "plaintext (no keys)"
+    ids = keys.psk.ids()
+    text = (f"psk key id {ids[0]} (of {len(ids)})" if role == "client"
+            else f"psk key ids {ids}")
+    if keys.kem_public is not None:
+        text += f", kem public key id {keys.kem_public[0]}"
+    if keys.kem_secret is not None:
+        text += f", kem key ids {keys.kem_secret.ids()}"
+    return text
+
+
+class KeyReloader:
+    """Reloads the keys of a tunnel end and retires outdated pool connections.
+
+    :param muxes: the multiplexers of the tunnel end (their configs are the
+        ones reloaded; usually one shared config).
+    :param clock: schedules the drain checks (the reactor).
+    :param now: wall-clock time, for the reported reload time.
+    """
+
+    def __init__(self, muxes: Sequence[SessionMultiplexer], clock: Any,
+                 now: Callable[[], float] = time.time,
+                 drain_timeout: float = DRAIN_TIMEOUT,
+                 retire_grace: float = RETIRE_GRACE) -> None:
+        self.muxes = list(muxes)
+        self.clock = clock
+        self.now = now
+        self.drain_timeout = drain_timeout
+        self.retire_grace = retire_grace
+        #: Wall-clock time of the last reload attempt, ``None`` before any.
+        self.last_time: Optional[float] = None
+        #: Whether the last reload attempt succeeded (``None`` before any).
+        self.last_ok: Optional[bool] = None
+        #: Why the last reload failed ("" when it did not).
+        self.last_error = ""
+        self.results: Dict[str, int] = {"ok": 0, "error": 0}
+        self._deadlines: Dict[TunnelProtocol, float] = {}
+        self._closing: Set[TunnelProtocol] = set()
+        self._check_call: Optional[IDelayedCall] = None
+        self._sweep_call: Optional[IDelayedCall] = None
+
+    def configs(self) -> List[TunnelConfig]:
+        """The distinct configurations of the multiplexers."""
+        seen: Dict[int, TunnelConfig] = {}
+        for mux in self.muxes:
+            seen.setdefault(id(mux.config), mux.config)
+        return list(seen.values())
+
+    def reload(self) -> bool:
+        """Re-read every key file; swap the keys only if all of them are good.
+
+        :returns: whether the new keys are in use.
+        """
+        self.last_time = self.now()
+        configs = self.configs()
+        try:
+            loaded = [(cfg, load_keys(cfg)) for cfg in configs]
+        except ReloadError as e:
+            self.last_ok, self.last_error = False, str(e)
+            self.results["error"] += 1
+            log.error("key reload failed, keeping the old keys: {reason}",
+                      reason=str(e))
+            return False
+        if all(keys.psk is None for _, keys in loaded):
+            log.info("key reload: no key files (plaintext mode)")
+        for cfg, keys in loaded:
+            if keys.psk is None:
+                continue
+            cfg.psk = keys.psk
+            if cfg.role == "server":
+                cfg.kem_secret = keys.kem_secret
+            else:
+                cfg.kem_public = keys.kem_public
+            log.info("{role} keys reloaded: {keys}", role=cfg.role,
+                     keys=describe(keys, cfg.role))
+        self.last_ok, self.last_error = True, ""
+        self.results["ok"] += 1
+        self.sweep()
+        # Handshakes under way now were built with the old keys.
+        timeout = max(mux.handshake_timeout for mux in self.muxes) if self.muxes else 0
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = self.clock.callLater(timeout + CHECK_INTERVAL,
+                                                self._late_sweep)
+        return True
+
+    def _late_sweep(self) -> None:
+        self._sweep_call = None
+        self.sweep()
+
+    def outdated(self, mux: SessionMultiplexer, link: TunnelProtocol) -> bool:
+        """Whether ``link`` was keyed with a key that is no longer current."""
+        psk = mux.config.psk
+        if psk is None or link.key_id is None:
+            return False
+        if isinstance(mux, ClientMultiplexer):
+            if link.key_id != psk.first()[0]:
+                return True
+            used = mux.link_kem.get(link, mux.config.kem_public)
+            return used != mux.config.kem_public
+        return link.key_id not in psk
+
+    def sweep(self) -> None:
+        """Mark outdated pool connections as retired, un-mark current ones."""
+        now = self.clock.seconds()
+        for mux in self.muxes:
+            if mux.stopping:
+                continue
+            wait = (self.drain_timeout if isinstance(mux, ClientMultiplexer)
+                    else self.retire_grace)
+            for link in list(mux.links):
+                if self.outdated(mux, link):
+                    if link not in mux.draining:
+                        mux.draining.add(link)
+                        self._deadlines[link] = now + wait
+                        log.info("{role} pool connection {link} uses retired "
+                                 "key id {key_id}; closing it when idle or "
+                                 "within {wait:.0f} s", role=mux.role,
+                                 link=link.name, key_id=link.key_id, wait=wait)
+                elif link in mux.draining and link not in self._closing:
+                    mux.draining.discard(link)
+                    self._deadlines.pop(link, None)
+        self.check()
+
+    def check(self) -> None:
+        """Close retired pool connections that are idle or past their deadline."""
+        if self._check_call is not None and self._check_call.active():
+            self._check_call.cancel()
+        self._check_call = None
+        now = self.clock.seconds()
+        live = set()
+        pending = False
+        for mux in self.muxes:
+            for link in list(mux.draining):
+                deadline = self._deadlines.get(link)
+                if link not in mux.links or deadline is None:
+                    mux.draining.discard(link)
+                    continue
+                live.add(link)
+                if link in self._closing:
+                    continue  # stays draining until it is gone
+                if not link.streams or now >= deadline:
+                    log.info("{role} pool connection {link}: closing (retired "
+                             "key id {key_id}, {count} sessions)",
+                             role=mux.role, link=link.name, key_id=link.key_id,
+                             count=len(link.streams))
+                    self._closing.add(link)
+                    link.transport.loseConnection()
+                else:
+                    pending = True
+        for link in [k for k in self._deadlines if k not in live]:
+            del self._deadlines[link]
+            self._closing.discard(link)
+        if pending:
+            self._check_call = self.clock.callLater(CHECK_INTERVAL, self.check)
+
+    def stop(self) -> None:
+        """Cancel the scheduled checks (the tunnel end is stopping)."""
+        for call in (self._check_call, self._sweep_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._check_call = self._sweep_call = None
+
+    def status(self) -> Dict[str, Any]:
+        """The reload state for ``/status``: time, result, error, counts."""
+        return {"time": self.last_time, "ok": self.last_ok,
+                "error": self.last_error or None,
+                "results": dict(self.results)}
+
+
+class ReloadService(Service):
+    """Reloads the keys on SIGHUP (twistd keeps SIGUSR1 for log rotation).
+
+    The handler is installed in :meth:`startService` and the previous one
+    restored in :meth:`stopService`. The signal handler only hops into the
+    reactor (``callFromThread``); the reload runs there.
+
+    :param reactor: provides ``callFromThread``.
+    :param listeners: objects with ``reloading()`` and ``reloaded(ok)``
+        (the systemd notifier), told around every reload.
+    """
+
+    def __init__(self, reloader: KeyReloader, reactor: Any,
+                 listeners: Sequence[Any] = ()) -> None:
+        self.reloader = reloader
+        self.reactor = reactor
+        self.listeners = list(listeners)
+        self._previous: Any = None
+        self._installed = False
+
+    def startService(self) -> None:
+        super().startService()
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+            self._installed = True
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._installed:
+            signal.signal(signal.SIGHUP, self._previous
+                          if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+        self.reloader.stop()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """Reload now (what SIGHUP triggers); returns whether it succeeded."""
+        if not self.running:
+            return False
+        log.info("SIGHUP: reloading key files")
+        for listener in self.listeners:
+            listener.reloading()
+        ok = self.reloader.reload()
+        for listener in self.listeners:
+            listener.reloaded(ok)
+        return ok
