@@ -590,3 +590,14 @@ class HardeningTests(SynchronousTestCase):
         self.assertIsInstance(result, hs.Rejected)
         self.assertEqual(result.reply, bytes((hs.Status.CLIENT_AUTH_FAILED,)))
         self.assertIn("unknown key id 999", result.reason)
+
+    def test_versions_restricted(self) -> None:
+        """With versions=(1, 2) any other version byte is refused at once, without a reply."""
+        for version in (0, 3, 7, 0x16, 0x47, 255):
+            result = make_server(versions=(1, 2)).feed(bytes([version]))
+            self.assertIsInstance(result, hs.Rejected)
+            self.assertEqual(result.reply, b"")
+            self.assertIn(f"unknown version byte {version}", result.reason)
+        for version in (1, 2):
+            result = make_server(versions=(1, 2)).feed(connect_hello(version=version))
+            self.assertIsInstance(result, hs.Accepted)

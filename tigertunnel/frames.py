@@ -128,16 +128,22 @@ class FrameParser:
         if not MIN_FRAME_SIZE <= max_size <= MAX_FRAME_SIZE:
             raise ValueError(f"max_size must be in {MIN_FRAME_SIZE}..{MAX_FRAME_SIZE}")
         self._max_size = max_size
-        self._buf = bytearray()
+        # The incomplete tail: chunks as received, joined once when the
+        # frame they start is complete (a 1 MiB frame arrives in many reads;
+        # growing one bytearray per read costs far more than one join).
+        self._chunks: List["bytes | memoryview"] = []
+        self._have = 0
+        self._need = 0
         self._error: Optional[FrameError] = None
 
     def buffered(self) -> int:
         """Return how many bytes of an incomplete frame are held."""
-        return len(self._buf)
+        return self._have
 
     def _fail(self, message: str) -> FrameError:
         self._error = FrameError(message)
-        self._buf = bytearray()
+        self._chunks = []
+        self._have = self._need = 0
         return self._error
 
     def feed(self, data: bytes) -> List[bytes]:
@@ -149,21 +155,26 @@ class FrameParser:
         """
         if self._error is not None:
             raise FrameError(f"frame parser already failed: {self._error}")
-        buf = self._buf
+        if not data:
+            return []
+        if self._chunks:
+            self._chunks.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []
+            data = b"".join(self._chunks)
+            self._chunks = []
+            self._have = 0
+        elif type(data) is not bytes:
+            data = bytes(data)
         frames: List[bytes] = []
-        if not buf and type(data) is bytes:
-            # Fast path: parse straight from the caller's bytes; only the
-            # incomplete tail is copied into the buffer.  A frame that spans
-            # all of ``data`` is returned without any copy.
-            end = self._scan(data, frames)
-            if end < len(data):
-                buf += memoryview(data)[end:]
-            return frames
-        buf += data
-        with memoryview(buf) as view:
-            end = self._scan(view, frames)
-        if end:
-            del buf[:end]  # O(1) on CPython: moves the start of the buffer
+        end = self._scan(data, frames)
+        left = len(data) - end
+        if left:
+            self._chunks = [memoryview(data)[end:]]
+            self._have = left
+            self._need = (_u32_from(data, end + SIZE_OFFSET)[0]
+                          if left >= SIZE_END else SIZE_END)
         return frames
 
     def _scan(self, src: "bytes | memoryview", frames: List[bytes]) -> int:

@@ -52,7 +52,10 @@ Our extensions, all invisible to a reference peer:
   decoder.
 * ``require_kem``: a server may refuse PSK-only (``connect``) hellos, with
   status 4, once their hash has verified.
-* Hardening (PROTOCOL.md section 11, items 1 and 6): with a
+* Hardening (PROTOCOL.md section 11, items 1, 6 and 7): ``versions``
+  restricts the version byte (our server accepts 1 and 2 only, and closes
+  anything else, such as an HTTP request or a TLS ClientHello, at its first
+  byte); with a
   :class:`ReplayCache` the server refuses a byte-identical ClientHello seen
   before inside the timestamp window (status 4); with ``hide_unknown_key``
   an unknown key id gets the same status (4) as a bad hash, so a stranger
@@ -391,7 +394,8 @@ class ServerHandshake:
                  now: Callable[[], float] = time.time,
                  require_kem: bool = False,
                  replay_cache: ReplayCache | None = None,
-                 hide_unknown_key: bool = False) -> None:
+                 hide_unknown_key: bool = False,
+                 versions: "tuple[int, ...] | None" = None) -> None:
         """
         :param psk_keys: PSK by key id (the server's ``-k`` file).
         :param kem_keys: X-Wing secret key by KEM key id: the 32-byte seeds
@@ -403,6 +407,9 @@ class ServerHandshake:
             pool connection of a listener).
         :param hide_unknown_key: answer an unknown key id with status 4,
             like a bad hash (the reason still says which it was).
+        :param versions: the version bytes accepted (``None``: any, as the
+            reference server does); another version is closed without reply
+            as soon as its first byte arrives.
         :raises ValueError: a key or the cluster id is malformed.
         """
         if not 0 <= cluster_id < 1 << 128:
@@ -421,6 +428,7 @@ class ServerHandshake:
         self._require_kem = require_kem
         self._replay_cache = replay_cache
         self._hide_unknown_key = hide_unknown_key
+        self._versions = versions
         self._state = _State.WAITING
         self._buffer = bytearray()
 
@@ -437,6 +445,9 @@ class ServerHandshake:
             raise HandshakeError(f"ClientHello data received in state {self._state.value}")
         buffer = self._buffer
         buffer += data
+        if (self._versions is not None and buffer
+                and buffer[0] not in self._versions):
+            return self._reject(None, f"unknown version byte {buffer[0]}")
         if len(buffer) < 2:
             return None
         operation = buffer[1]

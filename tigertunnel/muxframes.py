@@ -161,16 +161,22 @@ class MuxDecoder:
             ENCRYPTED_SIZE_OFFSET + 4 if encrypted else SIZE_OFFSET + 4)
         self._size_at = self._size_end - 4
         self._close_size = CLOSE_PAYLOAD_SIZE if encrypted else 0
-        self._buf = bytearray()
+        # The incomplete tail, as received; see FrameParser for why it is a
+        # list of chunks rather than one growing buffer.
+        self._chunks: List["bytes | memoryview"] = []
+        self._have = 0
+        self._need = 0
+        self._large = False  # the pending frame is a data frame of known size
         self._error: Optional[MuxError] = None
 
     def buffered(self) -> int:
         """Return how many bytes of an incomplete mux frame are held."""
-        return len(self._buf)
+        return self._have
 
     def _fail(self, message: str) -> MuxError:
         self._error = MuxError(message)
-        self._buf = bytearray()
+        self._chunks = []
+        self._have = self._need = 0
         return self._error
 
     def feed(self, data: bytes) -> List[MuxFrame]:
@@ -181,21 +187,80 @@ class MuxDecoder:
         """
         if self._error is not None:
             raise MuxError(f"mux decoder already failed: {self._error}")
-        buf = self._buf
+        if not data:
+            return []
         frames: List[MuxFrame] = []
-        if not buf and type(data) is bytes:
-            # Fast path: decode straight from the caller's bytes and keep
-            # only the incomplete tail.
-            end = self._scan(data, frames)
-            if end < len(data):
-                buf += memoryview(data)[end:]
-            return frames
-        buf += data
-        with memoryview(buf) as view:
-            end = self._scan(view, frames)
-        if end:
-            del buf[:end]  # O(1) on CPython: moves the start of the buffer
+        if self._chunks:
+            self._chunks.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                # Still incomplete; only a short tail may still be invalid.
+                if self._have < self._size_end:
+                    joined = b"".join(self._chunks)
+                    self._chunks = [joined]
+                    self._scan(joined, frames)
+                    self._set_need(joined, 0)
+                return frames
+            if self._large:
+                data = self._complete_large(frames)
+            else:
+                data = b"".join(self._chunks)
+                self._chunks = []
+                self._have = 0
+        elif type(data) is not bytes:
+            data = bytes(data)
+        end = self._scan(data, frames)
+        left = len(data) - end
+        if left:
+            self._chunks = [memoryview(data)[end:]]
+            self._have = left
+            self._set_need(data, end)
         return frames
+
+    def _set_need(self, src: "bytes | memoryview", off: int) -> None:
+        """Work out how many bytes the frame starting at ``off`` needs."""
+        left = len(src) - off
+        self._large = False
+        if left <= 8 or src[off + 8] != FrameType.DATA:
+            self._need = MUX_HEADER_SIZE + (
+                self._close_size if left > 8 and src[off + 8] == FrameType.CLOSE
+                else 0)
+            if left < MUX_HEADER_SIZE:
+                self._need = MUX_HEADER_SIZE
+        elif left < self._size_end:
+            self._need = self._size_end
+        else:
+            self._need = MUX_HEADER_SIZE + _u32_from(src, off + self._size_at)[0]
+            self._large = True
+
+    def _complete_large(self, frames: List[MuxFrame]) -> bytes:
+        """Build the pending data frame from its chunks (one copy); return the rest.
+
+        The frame's magic, type and size were checked when its first
+        ``size_end`` bytes arrived.
+        """
+        chunks, need = self._chunks, self._need
+        self._chunks = []
+        self._have = 0
+        first = bytes(chunks[0][:MUX_HEADER_SIZE]) if len(chunks[0]) >= MUX_HEADER_SIZE \
+            else bytes(b"".join(chunks)[:MUX_HEADER_SIZE])
+        payload = bytearray(need - MUX_HEADER_SIZE)
+        filled = 0
+        pos = 0  # position in the stream of the frame
+        rest: "bytes | memoryview" = b""
+        for chunk in chunks:
+            n = len(chunk)
+            lo = max(0, MUX_HEADER_SIZE - pos)
+            hi = min(n, need - pos)
+            if hi > lo:
+                payload[filled:filled + hi - lo] = chunk[lo:hi]
+                filled += hi - lo
+            if pos + n > need:
+                rest = chunk[need - pos:]
+            pos += n
+        frames.append(MuxFrame(_u32_from(first, 4)[0], FrameType.DATA, first,
+                               payload))
+        return bytes(rest)
 
     def _scan(self, src: "bytes | memoryview", frames: List[MuxFrame]) -> int:
         """Append the complete frames of ``src`` and return where they end."""

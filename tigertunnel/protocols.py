@@ -122,6 +122,7 @@ def _rejection_kind(result: Rejected) -> str:
     """Metric label of a ClientHello the server rejected."""
     reason = result.reason
     for word, kind in (("unknown operation", "bad_operation"),
+                       ("unknown version", "bad_version"),
                        ("unknown key id", "unknown_key"),
                        ("hash mismatch", "bad_hash"),
                        ("timestamp", "timestamp"),

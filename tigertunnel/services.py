@@ -32,7 +32,13 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 
 from tigertunnel.config import ProxyPair, TunnelConfig, listen_description
 from tigertunnel.errors import ListenError
-from tigertunnel.handshake import ClientHandshake, ReplayCache, ServerHandshake
+from tigertunnel.handshake import (
+    EXTENDED_VERSION,
+    PROTOCOL_VERSION,
+    ClientHandshake,
+    ReplayCache,
+    ServerHandshake,
+)
 from tigertunnel.logs import logger
 from tigertunnel.tuning import tune_malloc
 from tigertunnel.protocols import (
@@ -395,7 +401,8 @@ class ServerMultiplexer(SessionMultiplexer):
                                now=self.clock.seconds,
                                require_kem=self.config.require_kem,
                                replay_cache=self.replay_cache,
-                               hide_unknown_key=True)
+                               hide_unknown_key=True,
+                               versions=(PROTOCOL_VERSION, EXTENDED_VERSION))
 
     def handshake_started(self, link: TunnelProtocol) -> None:
         """Track a pending handshake; evict the oldest past the limit."""

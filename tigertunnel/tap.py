@@ -2,18 +2,22 @@
 
 ``twistd [-n] [--pidfile F] tigertunnel server -p :3000,127.0.0.1:3001 -k K``
 ``twistd [-n] [--pidfile F] tigertunnel client -p :4000,HOST:3000 -k K``
+``twistd [-n] [--pidfile F] tigertunnel client --config cluster.ini``
 
 Every option, address and key file is validated while the options are
 parsed, so a bad value stops start-up with a one-line message naming it and a
 non-zero exit status, before anything listens or daemonizes.
 """
 
-from typing import Any, List, Optional
+import getopt
+import sys
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Set
 
 from twisted.application.service import IService
 from twisted.python import usage
 
-from tigertunnel import logs
+from tigertunnel import configfile, logs
 from tigertunnel.config import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_SESSIONS,
@@ -30,6 +34,18 @@ from tigertunnel.crypto.keys import (
     parse_int,
 )
 from tigertunnel.errors import ConfigError, KeyFileError
+
+#: Default seconds a graceful shutdown (SIGTERM) may take.
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+
+
+@dataclass
+class Operations:
+    """Settings of the operations features (metrics, shutdown, systemd)."""
+
+    metrics: Optional[str] = None
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    systemd_sockets: bool = False
 
 
 def _positive_int(name: str, text: str, limit: int = 2 ** 32 - 1) -> int:
@@ -51,6 +67,8 @@ class _EndOptions(usage.Options):
     optFlags = [
         ["plaintext", None, "Run without encryption (no -k). Only for "
          "testing on a trusted network: nothing is authenticated."],
+        ["systemd-sockets", None, "Listen on the sockets systemd passes "
+         "(socket activation): one ListenStream= per -p, in order."],
     ]
     optParameters = [
         ["key", "k", None, "PSK key file (tigertunnel keygen)."],
@@ -61,12 +79,68 @@ class _EndOptions(usage.Options):
         ["log-level", None, "info", "err, warn, info or debug."],
         ["handshake-timeout", None, str(DEFAULT_HANDSHAKE_TIMEOUT),
          "Seconds allowed for a pool connection's handshake."],
+        ["metrics", None, None, "Serve /metrics (Prometheus) and /status "
+         "(JSON) over HTTP on this endpoint, e.g. tcp:9101:interface=127.0.0.1."],
+        ["shutdown-timeout", None, str(DEFAULT_SHUTDOWN_TIMEOUT),
+         "Seconds a graceful shutdown (SIGTERM) may take before connections "
+         "are aborted."],
+        ["config", None, None, "Cluster config file (INI) giving the proxy "
+         "pairs and options; flags override it."],
+        ["replica", None, None, "With --config: the replica this tunnel end "
+         "runs next to (server: required with several replicas; client: "
+         "replica-to-replica pairs)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["proxies"] = []
         self.config: Optional[TunnelConfig] = None
+        self.operations = Operations()
+        #: Canonical names of the options given on the command line.
+        self.given: Set[str] = set()
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """Parse, with ``--config FILE`` expanded in front of the arguments."""
+        args = list(sys.argv[1:] if options is None else options)
+        try:
+            found, _ = getopt.getopt(args, self.shortOpt, self.longOpt)
+        except getopt.error:
+            found = []  # the real parse reports it
+        values = {}
+        for opt, value in found:
+            name = opt.lstrip("-")
+            name = self.synonyms.get(name, self.synonyms.get(
+                name.replace("-", "_"), name))
+            self.given.add(name)
+            values[name] = value
+        path = values.get("config")
+        if path is not None and "help" not in self.given:
+            args = self.config_file_args(path, values.get("replica")) + args
+        super().parseOptions(args)
+
+    def config_file_args(self, path: str, replica: Optional[str]) -> List[str]:
+        """The arguments ``--config`` stands for, each value checked first.
+
+        :raises usage.UsageError: ``FILE: [section] key: reason``.
+        """
+        if "proxy" in self.given:
+            raise usage.UsageError("-p and --config exclude each other (put "
+                                   "the proxy pairs in the config file)")
+        number: Optional[int] = None
+        if replica is not None:
+            if not replica.isdigit():
+                raise usage.UsageError(f"invalid --replica: {replica!r} "
+                                       f"(expected a replica number)")
+            number = int(replica)
+        try:
+            cluster = configfile.load(path)
+            args = cluster.argv(self.role, number)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        for key, value, where in cluster.options:
+            if self.role in configfile.option_roles(key):
+                check_option(self.role, key, value, f"{path}: {where}")
+        return args
 
     def opt_proxy(self, value: str) -> None:
         """LISTEN,TARGET proxy pair (repeat for several replicas)."""
@@ -81,6 +155,8 @@ class _EndOptions(usage.Options):
     opt_p = opt_proxy
 
     def postOptions(self) -> None:
+        if self["replica"] is not None and self["config"] is None:
+            raise usage.UsageError("--replica needs --config")
         if not self["proxies"]:
             raise usage.UsageError(f"at least one proxy pair (-p LISTEN,TARGET)"
                                    f" is required for {self.role} mode")
@@ -124,7 +200,40 @@ class _EndOptions(usage.Options):
             self.load_role_keys(cfg)
         except KeyFileError as e:
             raise usage.UsageError(f"cannot use key file: {e}") from None
+        self.operations = self.check_operations(cfg)
         self.config = cfg
+
+    def check_operations(self, cfg: TunnelConfig) -> Operations:
+        """Check --metrics, --shutdown-timeout and --systemd-sockets."""
+        ops = Operations(metrics=self["metrics"])
+        if ops.metrics is not None:
+            from twisted.internet.endpoints import serverFromString
+
+            try:
+                serverFromString(None, ops.metrics)
+            except (ValueError, KeyError, IndexError, TypeError,
+                    AttributeError) as e:
+                raise usage.UsageError(f"invalid --metrics endpoint "
+                                       f"{ops.metrics!r}: {e or type(e).__name__}"
+                                       f" (example: tcp:9101:interface="
+                                       f"127.0.0.1)") from None
+        try:
+            ops.shutdown_timeout = float(self["shutdown-timeout"])
+            if not 0 < ops.shutdown_timeout <= 3600:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError(f"invalid shutdown-timeout: "
+                                   f"{self['shutdown-timeout']!r} (seconds, "
+                                   f"more than 0, at most 3600)") from None
+        if self["systemd-sockets"]:
+            from tigertunnel.systemd import adopted_listen_descriptions
+
+            ops.systemd_sockets = True
+            try:
+                cfg.extra["listen"] = adopted_listen_descriptions(cfg.pairs)
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
+        return ops
 
     def load_role_keys(self, cfg: TunnelConfig) -> None:
         """Load and check the KEM key file of this role."""
@@ -134,9 +243,19 @@ class ServerOptions(_EndOptions):
     """``tigertunnel server``: accept pool connections, forward to a replica."""
 
     role = "server"
-    synopsis = ("[options] -p LISTEN,BACKEND -k KEYFILE\n"
-                "Example: twistd -n tigertunnel server -p :3000,127.0.0.1:3001 "
-                "-k secret.key")
+    synopsis = "[options] -p LISTEN,BACKEND -k KEYFILE | --config FILE --replica N"
+    longdesc = """Accept pool connections from tunnel clients and forward each
+stream to the backend (the TigerBeetle replica next to this server).
+
+Examples:
+  twistd -n tigertunnel server -p :3000,127.0.0.1:3001 -k secret.key
+  twistd -n tigertunnel server -p :3000,127.0.0.1:3001 -k secret.key \\
+      --kemsecret server-kem.key --require-kem --metrics tcp:9101:interface=127.0.0.1
+  twistd --pidfile tt-server.pid --logfile tt-server.log \\
+      tigertunnel server --config cluster.ini --replica 0
+  tigertunnel check-config server --config cluster.ini --replica 0
+
+SIGHUP reloads the key files; SIGTERM drains and exits."""
     optFlags = [
         ["require-kem", None, "Refuse PSK-only handshakes (KEM required)."],
     ]
@@ -163,9 +282,20 @@ class ClientOptions(_EndOptions):
     """``tigertunnel client``: accept TB clients, tunnel to a server."""
 
     role = "client"
-    synopsis = ("[options] -p LISTEN,SERVER -k KEYFILE\n"
-                "Example: twistd --pidfile tt.pid tigertunnel client "
-                "-p :4000,tunnel.example.org:3000 -k secret.key")
+    synopsis = "[options] -p LISTEN,SERVER -k KEYFILE | --config FILE [--replica N]"
+    longdesc = """Accept TigerBeetle connections (TB clients, or a replica talking
+to its peers) and carry them over a pool of encrypted connections to the
+tunnel server of each proxy pair.
+
+Examples:
+  twistd --pidfile tt.pid tigertunnel client -p :4000,tunnel.example.org:3000 -k secret.key
+  twistd -n tigertunnel client -k secret.key --kempublic server-kem.pub \\
+      -p :4000,r0.example:3000 -p :4001,r1.example:3000 -p :4002,r2.example:3000
+  twistd -n tigertunnel client --config cluster.ini               (TB clients)
+  twistd -n tigertunnel client --config cluster.ini --replica 1   (replica 1's peers)
+  tigertunnel check-config client --config cluster.ini
+
+SIGHUP reloads the key files; SIGTERM drains and exits."""
     optParameters = [
         ["num-conns", "n", str(DEFAULT_POOL_SIZE),
          "Pool connections per proxy pair."],
@@ -189,6 +319,10 @@ class Options(usage.Options):
     """tigertunnel: an encrypted tunnel for TigerBeetle traffic."""
 
     synopsis = "server|client [options]"
+    longdesc = """Examples:
+  twistd -n tigertunnel server -p :3000,127.0.0.1:3001 -k secret.key
+  twistd --pidfile tt.pid tigertunnel client -p :4000,HOST:3000 -k secret.key
+'twistd tigertunnel server --help' and 'client --help' list the options."""
     subCommands = [
         ["server", None, ServerOptions, "Run the tunnel server (next to a "
          "replica)."],
@@ -201,14 +335,66 @@ class Options(usage.Options):
             raise usage.UsageError("give a mode: server or client")
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
-    """Build the tunnel service from parsed :class:`Options`."""
-    from tigertunnel.services import build_service
+_PROBE_PAIR = "127.0.0.1:1,127.0.0.1:2"
 
+
+def check_option(role: str, key: str, value: str, where: str) -> None:
+    """Check one config-file option with the code the flag goes through.
+
+    :raises usage.UsageError: ``<where>: <reason>``.
+    """
+    try:
+        if key == "key":
+            load_psk_file(value)
+        elif key == "kemsecret":
+            load_kem_secret_file(value)
+        elif key == "kempublic":
+            load_kem_public_file(value)
+        elif configfile.option_kind(key) == "value":
+            probe = ServerOptions() if role == "server" else ClientOptions()
+            usage.Options.parseOptions(probe, ["--plaintext", "-p", _PROBE_PAIR,
+                                               f"--{key}={value}"])
+    except (KeyFileError, usage.UsageError) as e:
+        raise usage.UsageError(f"{where}: {e}") from None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """Build the tunnel service from parsed :class:`Options`.
+
+    The multiplexers are the children of a
+    :class:`~tigertunnel.shutdown.TunnelService` (graceful shutdown), with
+    key reload on SIGHUP, the optional metrics listener and, under systemd,
+    the notifications as its operations services.
+    """
+    from tigertunnel.metrics import MetricsService
+    from tigertunnel.reload import KeyReloader, ReloadService
+    from tigertunnel.services import build_service
+    from tigertunnel.shutdown import TunnelService
+    from tigertunnel.systemd import Notifier, SystemdService, watchdog_interval
+
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+        reactor = _reactor
     sub = options.subOptions
     config: TunnelConfig = sub.config
+    ops: Operations = sub.operations
     logs.set_level(sub["log-level"])
-    return build_service(config, reactor)
+    top = TunnelService(reactor, ops.shutdown_timeout)
+    build_service(config, reactor, top=top)
+    reloader = KeyReloader(top.multiplexers, reactor)
+    listeners = []
+    notifier = Notifier.from_environment()
+    watchdog = watchdog_interval()
+    if notifier.enabled:
+        systemd = SystemdService(notifier, reactor, watchdog)
+        listeners.append(systemd)
+    top.add_operation(ReloadService(reloader, reactor, listeners))
+    if ops.metrics is not None:
+        top.add_operation(MetricsService(ops.metrics, top.multiplexers,
+                                         reloader, reactor), stop_last=True)
+    if notifier.enabled:
+        top.add_operation(systemd)
+    return top
 
 
 def end_options(argv: List[str]) -> Options:

@@ -346,7 +346,6 @@ class ScriptedBackend(Factory):
     def __init__(self, script: Optional[Script] = None) -> None:
         self.script = script or ControlScript()
         self.connections: List[BackendConnection] = []
-        self.accepted: "defer.DeferredQueue[BackendConnection]" = defer.DeferredQueue()
         self.frames_received = 0
         self.port: Optional[Any] = None
         self.port_number = 0
@@ -354,7 +353,6 @@ class ScriptedBackend(Factory):
     def buildProtocol(self, addr: Any) -> BackendConnection:
         conn = BackendConnection(self, len(self.connections))
         self.connections.append(conn)
-        self.accepted.put(conn)
         return conn
 
     def listen(self, port: int = 0) -> int:
@@ -374,9 +372,12 @@ class ScriptedBackend(Factory):
         """Connections not yet lost."""
         return [c for c in self.connections if not c.is_lost]
 
-    def next_connection(self, timeout: float = 5.0) -> "defer.Deferred[BackendConnection]":
-        """The next accepted connection (bounded wait)."""
-        return self.accepted.get().addTimeout(timeout, _reactor())
+    async def connection(self, index: int, timeout: float = 5.0) -> BackendConnection:
+        """The ``index``-th accepted connection (0-based), once it exists (bounded wait)."""
+        from tests.integration.procs import wait_until
+        await wait_until(lambda: len(self.connections) > index, timeout,
+                         f"backend connection #{index}")
+        return self.connections[index]
 
 
 def backend_command(port: int) -> List[str]:

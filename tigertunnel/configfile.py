@@ -1,0 +1,258 @@
+"""The cluster config file (``--config FILE``): every proxy pair of a cluster.
+
+One INI file (read with :mod:`configparser`) describes a whole 3- or
+6-replica cluster, and the same file serves every tunnel end of it::
+
+    [tunnel]
+    key = secret.key            ; -k (relative paths: from this file's directory)
+    kemsecret = server-kem.key  ; --kemsecret, used by servers
+    kempublic = server-kem.pub  ; --kempublic, used by clients
+    cluster = 0                 ; -c
+    local-port = 4000           ; tunnel clients listen on local-host:local-port+N
+    local-host = 127.0.0.1
+
+    [replica 0]
+    tunnel = r0.example:3000    ; where replica 0's tunnel server is reached
+    backend = 127.0.0.1:3001    ; replica 0 itself, as its tunnel server reaches it
+    ; listen = :3000            ; the tunnel server's listen address (default :PORT of tunnel)
+    ; local = 127.0.0.1:4000    ; a tunnel client's listen address for replica 0
+
+    [replica 1]
+    ...
+
+Which proxy pairs a tunnel end gets:
+
+* ``server --config F --replica N``: one pair, replica N's ``listen`` to its
+  ``backend`` (``--replica`` may be left out when the file has one replica);
+* ``client --config F``: the client→replica direction, one pair per replica
+  (TB clients use ``--addresses`` = the ``local`` addresses in order);
+* ``client --config F --replica N``: the replica↔replica direction, next to
+  replica N: one pair per *other* replica (replica N's ``--addresses`` lists
+  its own real address and these ``local`` addresses).
+
+Other keys of ``[tunnel]`` are the long option names (``max-sessions``,
+``num-conns``, ``metrics``, ``shutdown-timeout``, ``require-kem = yes`` ...);
+options that belong to the other role are ignored. The file becomes
+command-line arguments placed *before* the real ones, so it goes through
+exactly the same validation as the flags, and flags given on the command
+line override it. Every error is one line naming the file, the section and
+the key.
+"""
+
+import configparser
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from tigertunnel.config import MAX_PROXY_PAIRS, Address, listen_description, parse_address
+from tigertunnel.errors import ConfigError
+
+_REPLICA = re.compile(r"replica (\d+)\Z")
+_PATH_KEYS = {"key", "kemsecret", "kempublic"}
+#: [tunnel] keys: option name, kind, roles that use it.
+_OPTIONS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "key": ("value", ("server", "client")),
+    "kemsecret": ("value", ("server",)),
+    "kempublic": ("value", ("client",)),
+    "require-kem": ("flag", ("server",)),
+    "plaintext": ("flag", ("server", "client")),
+    "cluster": ("value", ("server", "client")),
+    "num-conns": ("value", ("client",)),
+    "max-sessions": ("value", ("server", "client")),
+    "handshake-timeout": ("value", ("server", "client")),
+    "log-level": ("value", ("server", "client")),
+    "metrics": ("value", ("server", "client")),
+    "shutdown-timeout": ("value", ("server", "client")),
+    "systemd-sockets": ("flag", ("server", "client")),
+}
+_LOCAL_KEYS = {"local-host", "local-port"}
+_REPLICA_KEYS = {"tunnel", "backend", "listen", "local"}
+
+
+class ConfigFileError(ConfigError):
+    """A config file is unusable; the message is ``FILE: [section] key: why``."""
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One ``[replica N]`` section, resolved."""
+
+    index: int
+    tunnel: Address
+    backend: Address
+    listen: str
+    local: str
+
+
+@dataclass
+class ClusterFile:
+    """A parsed cluster config file.
+
+    :ivar where: maps each argument to the ``FILE: [section] key`` it came from.
+    """
+
+    path: str
+    options: List[Tuple[str, str, str]] = field(default_factory=list)
+    replicas: List[Replica] = field(default_factory=list)
+
+    def _error(self, section: str, key: Optional[str], message: str) -> ConfigFileError:
+        where = f"[{section}]" + (f" {key}" if key else "")
+        return ConfigFileError(f"{self.path}: {where}: {message}")
+
+    def pairs(self, role: str, replica: Optional[int]) -> List[str]:
+        """The ``-p LISTEN,TARGET`` values of ``role`` (next to ``replica``).
+
+        :raises ConfigFileError: ``replica`` is not in the file, or a server
+            without ``--replica`` in a file with several replicas.
+        """
+        count = len(self.replicas)
+        if replica is not None and not 0 <= replica < count:
+            raise ConfigFileError(f"{self.path}: --replica {replica}: the file "
+                                  f"describes replicas 0 to {count - 1}")
+        if role == "server":
+            if replica is None:
+                if count != 1:
+                    raise ConfigFileError(f"{self.path}: a server needs "
+                                          f"--replica N (which replica it fronts)")
+                replica = 0
+            r = self.replicas[replica]
+            return [f"{r.listen},{r.backend}"]
+        return [f"{r.local},{r.tunnel}" for r in self.replicas
+                if r.index != replica]
+
+    def argv(self, role: str, replica: Optional[int]) -> List[str]:
+        """Command-line arguments equivalent to this file for ``role``."""
+        args: List[str] = []
+        for key, value, _ in self.options:
+            kind, roles = _OPTIONS[key]
+            if role not in roles:
+                continue
+            if kind == "flag":
+                if value == "yes":
+                    args.append(f"--{key}")
+            elif key == "key":
+                args += ["-k", value]
+            else:
+                args.append(f"--{key}={value}")
+        for pair in self.pairs(role, replica):
+            args += ["-p", pair]
+        return args
+
+
+def option_kind(key: str) -> str:
+    """``"flag"`` or ``"value"`` for a ``[tunnel]`` option key."""
+    return _OPTIONS[key][0]
+
+
+def option_roles(key: str) -> Tuple[str, ...]:
+    """The roles (``server``, ``client``) a ``[tunnel]`` key applies to."""
+    return _OPTIONS[key][1]
+
+
+def _address_text(address: Address) -> str:
+    return str(address) if address.host else f":{address.port}"
+
+
+def load(path: str) -> ClusterFile:
+    """Read and check the structure and addresses of a cluster config file.
+
+    Values of ``[tunnel]`` are checked when the resulting arguments are
+    parsed (:meth:`ClusterFile.argv`).
+
+    :raises ConfigFileError: naming the file, the section and the key.
+    """
+    result = ClusterFile(path)
+    parser = configparser.ConfigParser(interpolation=None, strict=True,
+                                       inline_comment_prefixes=(";", "#"),
+                                       default_section="\0none")
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigFileError(f"{path}: not UTF-8 text") from None
+    except configparser.Error as e:
+        message = str(e).replace("\n", " ")
+        raise ConfigFileError(f"{path}: {message}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    local_host, local_port = "127.0.0.1", 4000
+    indexes: Dict[int, configparser.SectionProxy] = {}
+    for name in parser.sections():
+        section = parser[name]
+        match = _REPLICA.match(name)
+        if match:
+            indexes[int(match.group(1))] = section
+            continue
+        if name != "tunnel":
+            raise result._error(name, None, "unknown section (expected [tunnel] "
+                                "or [replica N])")
+        for key, value in section.items():
+            if key in _LOCAL_KEYS:
+                if key == "local-port":
+                    if not (value.isdigit() and 0 < int(value) < 65536):
+                        raise result._error(name, key, f"invalid port {value!r}")
+                    local_port = int(value)
+                else:
+                    try:
+                        parse_address(f"{value}:1", "local-host")
+                    except ConfigError:
+                        raise result._error(name, key, f"invalid host "
+                                            f"{value!r}") from None
+                    local_host = value
+                continue
+            if key not in _OPTIONS:
+                raise result._error(name, key, f"unknown key (known: "
+                                    f"{', '.join(sorted(_OPTIONS) + sorted(_LOCAL_KEYS))})")
+            if _OPTIONS[key][0] == "flag":
+                try:
+                    value = "yes" if section.getboolean(key) else "no"
+                except ValueError:
+                    raise result._error(name, key, f"expected yes or no, got "
+                                        f"{value!r}") from None
+            elif key in _PATH_KEYS:
+                value = os.path.join(base, os.path.expanduser(value))
+            if not value:
+                raise result._error(name, key, "empty value")
+            result.options.append((key, value, f"[{name}] {key}"))
+    if not indexes:
+        raise ConfigFileError(f"{path}: no [replica N] section")
+    if sorted(indexes) != list(range(len(indexes))):
+        raise ConfigFileError(f"{path}: replica sections must be numbered 0 to "
+                              f"{len(indexes) - 1} (found {sorted(indexes)})")
+    if len(indexes) > MAX_PROXY_PAIRS:
+        raise ConfigFileError(f"{path}: at most {MAX_PROXY_PAIRS} replicas")
+    for index in range(len(indexes)):
+        result.replicas.append(_replica(result, index, indexes[index],
+                                        local_host, local_port))
+    return result
+
+
+def _replica(result: ClusterFile, index: int, section: configparser.SectionProxy,
+             local_host: str, local_port: int) -> Replica:
+    name = section.name
+    for key in section:
+        if key not in _REPLICA_KEYS:
+            raise result._error(name, key, "unknown key (known: backend, "
+                                "listen, local, tunnel)")
+    values: Dict[str, Address] = {}
+    for key in ("tunnel", "backend", "listen", "local"):
+        text = section.get(key)
+        if text is None:
+            if key in ("tunnel", "backend"):
+                raise result._error(name, key, "missing")
+            continue
+        try:
+            values[key] = parse_address(text, f"{key} address")
+            if key in ("listen", "local"):
+                listen_description(values[key])
+        except ConfigError as e:
+            raise result._error(name, key, str(e)) from None
+    if local_port + index > 65535:
+        raise result._error(name, "local", f"local-port {local_port} + {index} "
+                            f"is not a port")
+    listen = values.get("listen", Address("", values["tunnel"].port))
+    local = values.get("local", Address(local_host, local_port + index))
+    return Replica(index, values["tunnel"], values["backend"],
+                   _address_text(listen), _address_text(local))

@@ -1,0 +1,321 @@
+"""Metrics and health over HTTP: Prometheus text at ``/metrics``, JSON at ``/status``.
+
+``--metrics DESCRIPTION`` (a Twisted server endpoint description such as
+``tcp:9101:interface=127.0.0.1``) starts an HTTP listener serving:
+
+* ``/metrics`` — the Prometheus exposition (``prometheus_client`` encodes
+  it, with content negotiation for OpenMetrics), per proxy pair (label
+  ``pair``): pool connections by state and by key id, active sessions,
+  frames and bytes in each direction, handshake failures by reason, pool
+  connects, reconnects, losses and failures, refused and overflowed
+  sessions, backend connect failures; plus the key reload results and the
+  configured key ids, and prometheus_client's process metrics.
+* ``/status`` — the same figures as JSON, answered with status 503 when a
+  tunnel client's proxy pair has no established pool connection (the server
+  is down or refuses us) or the tunnel end is shutting down, else 200.
+
+Figures are read from the multiplexers' counters in the reactor thread
+when a request comes in (prometheus_client's own Twisted resource runs the
+collection in a thread pool, which would race with the reactor).
+"""
+
+import json
+from typing import Any, Dict, Iterator, List, Optional
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from tigertunnel.errors import ListenError
+from tigertunnel.reload import KeyReloader
+from tigertunnel.services import ClientMultiplexer, SessionMultiplexer
+
+#: Directions of traffic, as named in the counters: ``to_tunnel`` = read from
+#: the TB side and sent into the tunnel, ``from_tunnel`` = the reverse.
+DIRECTIONS = ("to_tunnel", "from_tunnel")
+
+_SIMPLE_COUNTERS = (
+    # (stats key, metric name, help)
+    ("sessions_opened", "sessions_opened", "Sessions (streams) opened."),
+    ("sessions_overflowed", "sessions_overflowed",
+     "Sessions closed because their TB peer stopped reading."),
+    ("pool_connects", "pool_connects",
+     "Pool connections established (handshake completed)."),
+    ("pool_reconnects", "pool_reconnects",
+     "Pool connections re-established by a pool slot that was up before."),
+    ("pool_losses", "pool_losses", "Established pool connections lost."),
+    ("link_failures", "pool_failures",
+     "Pool connections closed for a protocol or authentication error."),
+    ("handshake_evictions", "handshake_evictions",
+     "Pending handshakes dropped because too many were pending."),
+    ("backend_connect_failures", "backend_connect_failures",
+     "Backend (replica) connections that could not be made."),
+)
+
+
+def _by_prefix(stats: Any, prefix: str) -> Dict[str, int]:
+    return {k[len(prefix):]: v for k, v in sorted(stats.items())
+            if k.startswith(prefix)}
+
+
+def pair_status(mux: SessionMultiplexer) -> Dict[str, Any]:
+    """The figures of one proxy pair (the ``/status`` JSON of that pair)."""
+    stats = mux.stats
+    links = [link for link in mux.links if link.established]
+    draining = [link for link in links if link in mux.draining]
+    by_key: Dict[str, int] = {}
+    for link in links:
+        key = str(link.key_id) if link.key_id is not None else "none"
+        by_key[key] = by_key.get(key, 0) + 1
+    client = isinstance(mux, ClientMultiplexer)
+    pool: Dict[str, Any] = {
+        "healthy": len(links) - len(draining),
+        "draining": len(draining),
+        "handshaking": len(getattr(mux, "pending", ())),
+    }
+    if client:
+        pool["size"] = mux.config.pool_size
+    return {
+        "name": mux.name,
+        "listen": str(mux.pair.listen),
+        "target": str(mux.pair.target),
+        # A server has no pool of its own: it is healthy while it listens.
+        "healthy": bool(links) if client else not mux.stopping,
+        "pool": pool,
+        "links": [{"name": link.name, "key_id": link.key_id,
+                   "sessions": len(link.streams),
+                   "state": "draining" if link in mux.draining else "healthy"}
+                  for link in links],
+        "key_ids": by_key,
+        "sessions": len(mux.sessions),
+        "sessions_opened": stats["sessions_opened"],
+        "frames": {d: stats[f"frames_{d}"] for d in DIRECTIONS},
+        "bytes": {d: stats[f"bytes_{d}"] for d in DIRECTIONS},
+        "handshake_failures": _by_prefix(stats, "handshake_failures_"),
+        "sessions_refused": _by_prefix(stats, "sessions_refused_"),
+        "reconnects": stats["pool_reconnects"],
+        "counters": dict(sorted(stats.items())),
+    }
+
+
+def status(muxes: List[SessionMultiplexer],
+           reloader: Optional[KeyReloader]) -> Dict[str, Any]:
+    """The whole ``/status`` document (JSON-serialisable)."""
+    role = muxes[0].role if muxes else ""
+    config = muxes[0].config if muxes else None
+    keys: Dict[str, Any] = {"psk": None, "kem": None}
+    if config is not None and config.psk is not None:
+        ids = config.psk.ids()
+        keys["psk"] = ids[:1] if role == "client" else ids
+        if config.kem_public is not None:
+            keys["kem"] = [config.kem_public[0]]
+        elif config.kem_secret is not None:
+            keys["kem"] = config.kem_secret.ids()
+    pairs = [pair_status(mux) for mux in muxes]
+    stopping = any(mux.stopping for mux in muxes)
+    return {
+        "role": role,
+        "healthy": bool(pairs) and all(p["healthy"] for p in pairs) and not stopping,
+        "stopping": stopping,
+        "keys": keys,
+        "reload": reloader.status() if reloader is not None else None,
+        "pairs": pairs,
+    }
+
+
+class TunnelCollector:
+    """A prometheus_client collector over the multiplexers' counters."""
+
+    def __init__(self, muxes: List[SessionMultiplexer],
+                 reloader: Optional[KeyReloader]) -> None:
+        self.muxes = muxes
+        self.reloader = reloader
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every metric family, read now."""
+        doc = status(self.muxes, self.reloader)
+        pair = ["pair"]
+        info = GaugeMetricFamily("tigertunnel_pair_info", "A proxy pair of this "
+                                 "tunnel end.", labels=["pair", "role", "listen",
+                                                        "target"])
+        healthy = GaugeMetricFamily("tigertunnel_pair_healthy", "1 when the pair "
+                                    "can take sessions (a client has an "
+                                    "established pool connection).", labels=pair)
+        pool_size = GaugeMetricFamily("tigertunnel_pool_size", "Configured pool "
+                                      "connections (-n) of a client pair.",
+                                      labels=pair)
+        pool = GaugeMetricFamily("tigertunnel_pool_connections", "Pool "
+                                 "connections by state.", labels=["pair", "state"])
+        by_key = GaugeMetricFamily("tigertunnel_pool_connections_by_key",
+                                   "Established pool connections by PSK key id.",
+                                   labels=["pair", "key_id"])
+        sessions = GaugeMetricFamily("tigertunnel_sessions", "Active sessions "
+                                     "(streams).", labels=pair)
+        frames = CounterMetricFamily("tigertunnel_frames", "TB frames forwarded "
+                                     "(to_tunnel: read from the TB side; "
+                                     "from_tunnel: written to it).",
+                                     labels=["pair", "direction"])
+        octets = CounterMetricFamily("tigertunnel_bytes", "TB frame bytes "
+                                     "forwarded, by direction.",
+                                     labels=["pair", "direction"])
+        failures = CounterMetricFamily("tigertunnel_handshake_failures",
+                                       "Failed pool-connection handshakes by "
+                                       "reason.", labels=["pair", "reason"])
+        refused = CounterMetricFamily("tigertunnel_sessions_refused", "Sessions "
+                                      "or streams refused, by reason.",
+                                      labels=["pair", "reason"])
+        simple = {name: CounterMetricFamily(f"tigertunnel_{name}", text,
+                                            labels=pair)
+                  for _, name, text in _SIMPLE_COUNTERS}
+        for mux, p in zip(self.muxes, doc["pairs"]):
+            name = p["name"]
+            info.add_metric([name, mux.role, p["listen"], p["target"]], 1)
+            healthy.add_metric([name], 1 if p["healthy"] else 0)
+            if "size" in p["pool"]:
+                pool_size.add_metric([name], p["pool"]["size"])
+            for state in ("healthy", "draining", "handshaking"):
+                pool.add_metric([name, state], p["pool"][state])
+            for key_id, count in p["key_ids"].items():
+                by_key.add_metric([name, key_id], count)
+            sessions.add_metric([name], p["sessions"])
+            for d in DIRECTIONS:
+                frames.add_metric([name, d], p["frames"][d])
+                octets.add_metric([name, d], p["bytes"][d])
+            for reason, count in p["handshake_failures"].items():
+                failures.add_metric([name, reason], count)
+            for reason, count in p["sessions_refused"].items():
+                refused.add_metric([name, reason], count)
+            for key, metric, _ in _SIMPLE_COUNTERS:
+                simple[metric].add_metric([name], mux.stats[key])
+        yield from (info, healthy, pool_size, pool, by_key, sessions, frames,
+                    octets, failures, refused, *simple.values())
+        yield from self._keys_and_reloads(doc)
+
+    def _keys_and_reloads(self, doc: Dict[str, Any]) -> Iterator[Metric]:
+        keys = GaugeMetricFamily("tigertunnel_key_info", "Key ids in use: the "
+                                 "client's first PSK, every PSK a server "
+                                 "accepts, KEM key ids.", labels=["kind", "key_id"])
+        for kind in ("psk", "kem"):
+            for key_id in doc["keys"][kind] or ():
+                keys.add_metric([kind, str(key_id)], 1)
+        yield keys
+        reload = doc["reload"]
+        if reload is None:
+            return
+        results = CounterMetricFamily("tigertunnel_key_reloads", "Key reloads "
+                                      "(SIGHUP) by result.", labels=["result"])
+        for result in ("ok", "error"):
+            results.add_metric([result], reload["results"][result])
+        yield results
+        if reload["time"] is not None:
+            yield GaugeMetricFamily("tigertunnel_key_reload_last_timestamp_seconds",
+                                    "Unix time of the last key reload.",
+                                    value=reload["time"])
+            yield GaugeMetricFamily("tigertunnel_key_reload_last_success",
+                                    "1 if the last key reload succeeded.",
+                                    value=1 if reload["ok"] else 0)
+
+
+def make_registry(collector: TunnelCollector,
+                  process_metrics: bool = True) -> CollectorRegistry:
+    """A registry of our collector (plus process, platform and GC metrics)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)  # type: ignore[arg-type]
+    if process_metrics:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry
+
+
+class MetricsPage(Resource):
+    """``/metrics``: the Prometheus exposition of a registry."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = request.getHeader("accept") or ""
+        encoder, content_type = choose_encoder(accept)
+        request.setHeader("Content-Type", content_type)
+        return encoder(self.registry)
+
+
+class StatusPage(Resource):
+    """``/status``: JSON, 503 when unhealthy."""
+
+    isLeaf = True
+
+    def __init__(self, collector: TunnelCollector) -> None:
+        super().__init__()
+        self.collector = collector
+
+    def render_GET(self, request: Request) -> bytes:
+        doc = status(self.collector.muxes, self.collector.reloader)
+        request.setResponseCode(200 if doc["healthy"] else 503)
+        request.setHeader("Content-Type", "application/json")
+        return json.dumps(doc, indent=1).encode() + b"\n"
+
+
+class _QuietSite(Site):
+    """A Site that does not log every scrape."""
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+def make_site(muxes: List[SessionMultiplexer],
+              reloader: Optional[KeyReloader]) -> Site:
+    """The HTTP site serving ``/metrics`` and ``/status``."""
+    collector = TunnelCollector(muxes, reloader)
+    root = Resource()
+    root.putChild(b"metrics", MetricsPage(make_registry(collector)))
+    root.putChild(b"status", StatusPage(collector))
+    return _QuietSite(root)
+
+
+class MetricsService(MultiService):
+    """The listener of ``--metrics DESCRIPTION``.
+
+    A port that cannot be bound is fatal at start-up, as for the tunnel's
+    own listeners (:class:`ListenError`, one line naming the endpoint).
+    """
+
+    def __init__(self, description: str, muxes: List[SessionMultiplexer],
+                 reloader: Optional[KeyReloader], reactor: Any) -> None:
+        super().__init__()
+        self.description = description
+        self.site = make_site(muxes, reloader)
+        strports.service(description, self.site,
+                         reactor=reactor).setServiceParent(self)
+
+    def _fatal(self, error: CannotListenError) -> ListenError:
+        reason = error.socketError
+        text = getattr(reason, "strerror", None) or str(reason)
+        return ListenError(f"cannot listen on metrics endpoint "
+                           f"{self.description}: {text}")
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise self._fatal(e) from None
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except CannotListenError as e:
+            raise self._fatal(e) from None
