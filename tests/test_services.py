@@ -199,6 +199,8 @@ class PoolSlotTests(NearTestCase):
         for _ in range(100):
             t.clock.advance(1)
         self.assertEqual(len(attempts.times), count)
+        # The server's own timers (its heap trimmer) go with the server.
+        self.successResultOf(t.server.stopService())
         self.assertEqual(t.clock.getDelayedCalls(), [])
 
     def test_stop_while_connected(self) -> None:

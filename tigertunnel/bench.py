@@ -365,6 +365,11 @@ async def run_bench(reactor: Any, opts: BenchOptions) -> Dict[str, Any]:
             procs = Processes(tmp, mode, opts["pool"])
             try:
                 await _ready(reactor, procs)
+                memory[mode] = {}
+                if opts["idle"]:
+                    # Fresh processes: what idle sessions cost, before any
+                    # burst of large frames has grown the heap.
+                    memory[mode]["idle"] = await _idle_rss(reactor, procs, opts["idle"])
                 for size in opts["sizes"]:
                     for sessions in opts["sessions"]:
                         _progress(done, total, f"{mode} {size} B x {sessions}", opts["quiet"])
@@ -375,12 +380,8 @@ async def run_bench(reactor: Any, opts: BenchOptions) -> Dict[str, Any]:
                                                      sessions, opts, tunnel=True)
                         cells.append(cell)
                         done += 1
-                memory[mode] = {
-                    "server_peak_rss_kib": memory_kib(procs.server.pid, "VmHWM"),
-                    "client_peak_rss_kib": memory_kib(procs.client.pid, "VmHWM"),
-                }
-                if opts["idle"]:
-                    memory[mode]["idle"] = await _idle_rss(reactor, procs, opts["idle"])
+                memory[mode]["server_peak_rss_kib"] = memory_kib(procs.server.pid, "VmHWM")
+                memory[mode]["client_peak_rss_kib"] = memory_kib(procs.client.pid, "VmHWM")
             finally:
                 procs.stop()
     _progress(total, total, "done", opts["quiet"])

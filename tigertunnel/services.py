@@ -22,6 +22,7 @@ from typing import Any, Callable, List, Optional, Set, Tuple, Union
 from weakref import WeakKeyDictionary
 
 from twisted.application import strports
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -40,7 +41,7 @@ from tigertunnel.handshake import (
     ServerHandshake,
 )
 from tigertunnel.logs import logger
-from tigertunnel.tuning import tune_malloc
+from tigertunnel.tuning import TRIM_INTERVAL, trim_memory, tune_malloc
 from tigertunnel.protocols import (
     FrameFactory,
     FrameProtocol,
@@ -187,6 +188,10 @@ class SessionMultiplexer(MultiService):
                  endpoint_for: Optional[EndpointFor] = None) -> None:
         super().__init__()
         self.endpoint_for: EndpointFor = endpoint_for or self._tcp_endpoint
+        # Give back the heap a burst of 1 MiB frames grew (see tuning.py).
+        trimmer = TimerService(TRIM_INTERVAL, trim_memory)
+        trimmer.clock = reactor
+        trimmer.setServiceParent(self)
         self.config = config
         self.pair = pair
         self.clock = reactor

@@ -41,3 +41,23 @@ def tune_malloc() -> bool:
     _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _done
+
+
+#: Seconds between two returns of freed heap memory to the kernel.
+TRIM_INTERVAL = 30.0
+
+
+def trim_memory() -> None:
+    """Return freed heap memory to the kernel (``malloc_trim``), if glibc.
+
+    With :data:`TRIM_THRESHOLD` the heap keeps what a burst of 1 MiB frames
+    freed; trimming it periodically brings an idle daemon's resident memory
+    back down after the burst.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
