@@ -21,6 +21,7 @@ from typing import Any, List, Optional
 from twisted.python import usage
 
 from tigertunnel.errors import KeyFileError
+from tigertunnel.tap import ExampleOptions
 
 USAGE = """usage: tigertunnel COMMAND [options]
 
@@ -43,7 +44,7 @@ The same server/client run under twistd:
 """
 
 
-class _GenOptions(usage.Options):
+class _GenOptions(ExampleOptions):
     optFlags = [["force", None, "Replace existing files."]]
     optParameters = [["output", "o", None, "Output path."]]
 
@@ -54,9 +55,8 @@ class _GenOptions(usage.Options):
 
 class _KeygenOptions(_GenOptions):
     synopsis = "tigertunnel keygen -o FILE [--force]"
-    longdesc = """Write a new PSK key file (one <key_id>:<64 hex> line, mode 0600).
-
-Examples:
+    longdesc = "Write a new PSK key file (one <key_id>:<64 hex> line, mode 0600)."
+    examples = """Examples:
   tigertunnel keygen -o secret.key
   tigertunnel keygen -o new.key    # then see "Key rotation" in README.rst"""
 
@@ -64,22 +64,20 @@ Examples:
 class _KemgenOptions(_GenOptions):
     synopsis = "tigertunnel kemgen -o PREFIX [--force]"
     longdesc = """Write a new X-Wing key pair: PREFIX.key (servers, mode 0600) and
-PREFIX.pub (clients).
-
-Example:
+PREFIX.pub (clients)."""
+    examples = """Example:
   tigertunnel kemgen -o server-kem   # server-kem.key, server-kem.pub"""
 
 
-class _CheckOptions(usage.Options):
+class _CheckOptions(ExampleOptions):
     synopsis = ("tigertunnel check-config server|client [options] | "
                 "check-config --config FILE")
     longdesc = """Validate a run's options, config file and key files exactly as
 start-up would, without listening or connecting; print what would run.
 With only --config FILE, check every tunnel end the cluster file describes
 (the server of each replica, the TB clients' client, each replica's client).
-Exit status 0 when valid, 1 otherwise (one line naming the problem).
-
-Examples:
+Exit status 0 when valid, 1 otherwise (one line naming the problem)."""
+    examples = """Examples:
   tigertunnel check-config server -p :3000,127.0.0.1:3001 -k secret.key
   tigertunnel check-config client --config cluster.ini --replica 2
   tigertunnel check-config --config cluster.ini"""

@@ -89,7 +89,10 @@ class Replica:
 class ClusterFile:
     """A parsed cluster config file.
 
-    :ivar where: maps each argument to the ``FILE: [section] key`` it came from.
+    :ivar options: the ``[tunnel]`` options in file order, as
+        ``(key, value, "[tunnel] key")`` (paths made absolute, flags
+        ``yes``/``no``).
+    :ivar replicas: the ``[replica N]`` sections in order.
     """
 
     path: str

@@ -31,6 +31,7 @@ from prometheus_client.registry import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -76,10 +77,15 @@ def pair_status(mux: SessionMultiplexer) -> Dict[str, Any]:
         key = str(link.key_id) if link.key_id is not None else "none"
         by_key[key] = by_key.get(key, 0) + 1
     client = isinstance(mux, ClientMultiplexer)
+    if isinstance(mux, ClientMultiplexer):
+        handshaking = sum(1 for slot in mux.pool
+                          if slot.link is not None and not slot.link.established)
+    else:
+        handshaking = len(getattr(mux, "pending", ()))
     pool: Dict[str, Any] = {
         "healthy": len(links) - len(draining),
         "draining": len(draining),
-        "handshaking": len(getattr(mux, "pending", ())),
+        "handshaking": handshaking,
     }
     if client:
         pool["size"] = mux.config.pool_size
@@ -268,12 +274,12 @@ class StatusPage(Resource):
         return json.dumps(doc, indent=1).encode() + b"\n"
 
 
-class _QuietSite(Site):
+class MetricsSite(Site):
     """A Site that does not log every scrape."""
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 
@@ -284,7 +290,7 @@ def make_site(muxes: List[SessionMultiplexer],
     root = Resource()
     root.putChild(b"metrics", MetricsPage(make_registry(collector)))
     root.putChild(b"status", StatusPage(collector))
-    return _QuietSite(root)
+    return MetricsSite(root)
 
 
 class MetricsService(MultiService):

@@ -74,7 +74,9 @@ KEEPALIVE = (5, 4, 3)
 #: maximal TB frame with its mux header.
 IO_SIZE = (1 << 20) + 64
 #: TCP_USER_TIMEOUT (ms): unacknowledged data for this long kills the socket.
-USER_TIMEOUT_MS = 20_000
+#: It also bounds keepalive (it overrides the probe count), so it equals
+#: idle + interval * probes.
+USER_TIMEOUT_MS = 17_000
 
 log = logger("tigertunnel.protocols")
 
@@ -341,7 +343,14 @@ class FrameProtocol(Protocol):
             self.transport.resumeProducing()
 
     def peer_slow(self, slow: bool) -> None:
-        """Our socket to the TB peer filled up (``True``) or drained."""
+        """Our socket to the TB peer filled up (``True``) or drained.
+
+        Twisted repeats ``pauseProducing`` on every write while its buffer
+        is over the limit, so only a drain resets the count of bytes queued
+        while the peer was not reading.
+        """
+        if slow == self._slow:
+            return
         self._slow = slow
         self._unread = 0
 

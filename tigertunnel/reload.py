@@ -19,7 +19,10 @@ What a reload does (the README's "Key rotation" section is the user's side):
      draining (no new sessions are placed on it while another pool
      connection can take them) and closed as soon as it carries no session,
      or after :data:`DRAIN_TIMEOUT` seconds; its pool slot then reconnects
-     with the current key at once;
+     with the current key at once. Until one pool connection with the
+     current key is up, only one idle retired connection at a time is
+     closed (to try the key) and the others are kept, even past the
+     timeout: a key the servers do not accept yet cannot empty the pool;
    * tunnel server: a pool connection whose PSK key id was removed from the
      file is closed as soon as it carries no stream, or after
      :data:`RETIRE_GRACE` seconds (its client reconnects with its own
@@ -38,6 +41,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from weakref import WeakSet
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall
@@ -156,6 +160,7 @@ class KeyReloader:
         self.results: Dict[str, int] = {"ok": 0, "error": 0}
         self._deadlines: Dict[TunnelProtocol, float] = {}
         self._closing: Set[TunnelProtocol] = set()
+        self._stuck: "WeakSet[TunnelProtocol]" = WeakSet()
         self._check_call: Optional[IDelayedCall] = None
         self._sweep_call: Optional[IDelayedCall] = None
 
@@ -243,7 +248,7 @@ class KeyReloader:
         self.check()
 
     def check(self) -> None:
-        """Close retired pool connections that are idle or past their deadline."""
+        """Close retired pool connections that may go now (see :meth:`may_close`)."""
         if self._check_call is not None and self._check_call.active():
             self._check_call.cancel()
         self._check_call = None
@@ -251,28 +256,54 @@ class KeyReloader:
         live = set()
         pending = False
         for mux in self.muxes:
-            for link in list(mux.draining):
+            for link in sorted(mux.draining, key=lambda l: len(l.streams)):
                 deadline = self._deadlines.get(link)
                 if link not in mux.links or deadline is None:
                     mux.draining.discard(link)
                     continue
                 live.add(link)
                 if link in self._closing:
-                    continue  # stays draining until it is gone
-                if not link.streams or now >= deadline:
+                    pending = True  # stays draining until it is gone
+                    continue
+                if self.may_close(mux, link, now >= deadline):
                     log.info("{role} pool connection {link}: closing (retired "
                              "key id {key_id}, {count} sessions)",
                              role=mux.role, link=link.name, key_id=link.key_id,
                              count=len(link.streams))
                     self._closing.add(link)
                     link.transport.loseConnection()
-                else:
-                    pending = True
+                pending = True
         for link in [k for k in self._deadlines if k not in live]:
             del self._deadlines[link]
             self._closing.discard(link)
         if pending:
             self._check_call = self.clock.callLater(CHECK_INTERVAL, self.check)
+
+    def may_close(self, mux: SessionMultiplexer, link: TunnelProtocol,
+                  expired: bool) -> bool:
+        """Whether a retired pool connection may be closed now.
+
+        A server closes it when idle or ``expired``. A client does the same
+        once a pool connection with the current key is up; until then it
+        closes one idle retired connection at a time (its slot reconnects
+        with the current key) and keeps the others, even past the drain
+        timeout, so that a key the servers do not accept yet cannot take
+        the whole pool down.
+        """
+        if not isinstance(mux, ClientMultiplexer):
+            return expired or not link.streams
+        if any(l.established and l not in mux.draining for l in mux.links):
+            return expired or not link.streams
+        if expired and link not in self._stuck:
+            self._stuck.add(link)
+            log.warn("client {pair}: no pool connection with the current key "
+                     "came up; keeping {link} (retired key id {key_id}) until "
+                     "one does; check that the servers accept key id "
+                     "{current}", pair=mux.name, link=link.name,
+                     key_id=link.key_id, current=mux.config.psk.first()[0]
+                     if mux.config.psk is not None else None)
+        probing = any(l in self._closing for l in mux.draining)
+        return not probing and not link.streams
 
     def stop(self) -> None:
         """Cancel the scheduled checks (the tunnel end is stopping)."""

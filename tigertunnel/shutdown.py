@@ -15,9 +15,14 @@ shuts down in this order, within ``--shutdown-timeout`` seconds:
 5. the metrics listener stops last, so a scrape during the drain works.
 
 Whatever is still open when the timeout expires is aborted, so the process
-always exits (status 0 under twistd, which also removes its pidfile).
+always exits. With ``handle_sigterm`` our own SIGTERM handler replaces the
+reactor's once it runs: the reactor's makes ``twistd`` end by re-raising
+SIGTERM, ours stops the reactor the same way but lets ``twistd`` exit with
+status 0 (and remove its pidfile) after a graceful shutdown.
 """
 
+import signal
+import threading
 from typing import Any, Callable, List
 
 from twisted.application.service import IService, MultiService, Service
@@ -49,14 +54,19 @@ class TunnelService(MultiService):
     """
 
     def __init__(self, clock: Any,
-                 shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
+                 shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+                 handle_sigterm: bool = False) -> None:
         super().__init__()
         self.clock = clock
         self.shutdown_timeout = shutdown_timeout
+        self.handle_sigterm = handle_sigterm
+        self._previous_sigterm: Any = None
+        self._sigterm_installed = False
         self.early: List[IService] = []
         self.late: List[IService] = []
-        self._deadline: Any = None
         self._aborted = False
+        self._given_up = False
+        self._waiters: List["defer.Deferred[None]"] = []
 
     @property
     def multiplexers(self) -> List[SessionMultiplexer]:
@@ -76,6 +86,30 @@ class TunnelService(MultiService):
         super().startService()
         for service in self.late + self.early:
             service.startService()
+        if self.handle_sigterm:
+            self.clock.callWhenRunning(self._install_sigterm)
+
+    def _install_sigterm(self) -> None:
+        if not self.running or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._sigterm_installed = True
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.clock.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        if not self.running:
+            return  # already shutting down
+        log.info("SIGTERM: shutting down gracefully (at most {timeout} s)",
+                 timeout=self.shutdown_timeout)
+        self.clock.stop()
+
+    def _restore_sigterm(self) -> None:
+        if self._sigterm_installed:
+            signal.signal(signal.SIGTERM, self._previous_sigterm
+                          if self._previous_sigterm is not None else signal.SIG_DFL)
+            self._sigterm_installed = False
 
     def stopService(self) -> "defer.Deferred[None]":
         """Drain and stop (see the module docstring); never fails."""
@@ -91,12 +125,16 @@ class TunnelService(MultiService):
                 await defer.maybeDeferred(service.stopService)
         except Exception:
             log.failure("while shutting down")
+        finally:
+            self._restore_sigterm()
 
     async def _drain(self) -> None:
         muxes = self.multiplexers
-        self._aborted = False
+        self._aborted = self._given_up = False
         deadline: IDelayedCall = self.clock.callLater(
             self.shutdown_timeout, self._abort, muxes)
+        give_up: IDelayedCall = self.clock.callLater(
+            self.shutdown_timeout + ABORT_GRACE, self._give_up)
         try:
             stops = []
             for mux in muxes:
@@ -104,7 +142,7 @@ class TunnelService(MultiService):
                 for child in mux:
                     if not isinstance(child, PoolSlot):
                         stops.append(defer.maybeDeferred(child.stopService))
-            await defer.gatherResults(stops, consumeErrors=True)
+            await self._wait(defer.gatherResults(stops, consumeErrors=True))
             count = sum(len(mux.sessions) for mux in muxes)
             if count:
                 log.info("shutting down: closing {count} sessions", count=count)
@@ -112,28 +150,56 @@ class TunnelService(MultiService):
                 for session in list(mux.sessions):
                     session.close()
             await self._until(lambda: not any(m.sessions for m in muxes))
-            closing = []
-            for mux in muxes:
-                if not isinstance(mux, ClientMultiplexer):
-                    # A client's pool slots close their own connections.
-                    for link in list(mux.links) + list(getattr(mux, "pending", ())):
-                        link.transport.loseConnection()
-                closing.append(defer.maybeDeferred(mux.stopService))
-            await defer.gatherResults(closing, consumeErrors=True)
-            await self._until(lambda: not any(m.links for m in muxes))
+            self._close_server_links(muxes)
+            closing = [defer.maybeDeferred(mux.stopService) for mux in muxes]
+            await self._wait(defer.gatherResults(closing, consumeErrors=True))
+            await self._until(lambda: not self._close_server_links(muxes))
         finally:
-            if deadline.active():
-                deadline.cancel()
+            for call in (deadline, give_up):
+                if call.active():
+                    call.cancel()
+
+    async def _wait(self, d: "defer.Deferred[Any]") -> None:
+        """Wait for ``d``, or until the shutdown gives up."""
+        if self._given_up:
+            return
+        waiter: "defer.Deferred[None]" = defer.Deferred()
+        self._waiters.append(waiter)
+
+        def done(result: Any) -> None:
+            if not waiter.called:
+                waiter.callback(None)
+
+        d.addBoth(done)
+        await waiter
+
+    def _give_up(self) -> None:
+        self._given_up = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(None)
 
     async def _until(self, done: Callable[[], bool]) -> None:
-        """Wait until ``done()``, the timeout, or shortly after an abort."""
-        waited_after_abort = 0.0
-        while not done():
-            if self._aborted:
-                if waited_after_abort >= ABORT_GRACE:
-                    return
-                waited_after_abort += POLL_INTERVAL
+        """Wait until ``done()``, or until the shutdown gives up."""
+        while not done() and not self._given_up:
             await task.deferLater(self.clock, POLL_INTERVAL, lambda: None)
+
+    @staticmethod
+    def _close_server_links(muxes: List[SessionMultiplexer]) -> bool:
+        """Close a server's pool connections (again: some may be new).
+
+        A client's pool slots close their own when they stop.
+
+        :returns: whether any pool connection is still there.
+        """
+        left = False
+        for mux in muxes:
+            if not isinstance(mux, ClientMultiplexer):
+                for link in list(mux.links) + list(getattr(mux, "pending", ())):
+                    link.transport.loseConnection()
+            left = left or bool(mux.links)
+        return left
 
     def _abort(self, muxes: List[SessionMultiplexer]) -> None:
         self._aborted = True

@@ -50,9 +50,9 @@ class Notifier:
         self._warned = False
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "Notifier":
+    def from_environment(cls, environ: Optional[Mapping[str, str]] = None) -> "Notifier":
         """The notifier systemd asked for (a no-op one outside systemd)."""
-        return cls(environ.get("NOTIFY_SOCKET"))
+        return cls((os.environ if environ is None else environ).get("NOTIFY_SOCKET"))
 
     @property
     def enabled(self) -> bool:
@@ -89,13 +89,15 @@ class Notifier:
             self._sock = None
 
 
-def watchdog_interval(environ: Mapping[str, str] = os.environ,
+def watchdog_interval(environ: Optional[Mapping[str, str]] = None,
                       pid: Optional[int] = None) -> Optional[float]:
     """Seconds between two ``WATCHDOG=1``: half of ``WATCHDOG_USEC``.
 
     :returns: ``None`` when no watchdog is asked for this process
         (unset, invalid, or ``WATCHDOG_PID`` names another process).
     """
+    if environ is None:
+        environ = os.environ
     text = environ.get("WATCHDOG_USEC", "")
     owner = environ.get("WATCHDOG_PID")
     if owner and owner != str(os.getpid() if pid is None else pid):
@@ -146,6 +148,7 @@ class SystemdService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        self.notifier.close()
 
     def reloading(self) -> None:
         """A SIGHUP key reload starts."""

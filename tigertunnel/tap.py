@@ -60,7 +60,22 @@ def _positive_int(name: str, text: str, limit: int = 2 ** 32 - 1) -> int:
     return value
 
 
-class _EndOptions(usage.Options):
+class ExampleOptions(usage.Options):
+    """Options whose ``--help`` ends with :attr:`examples`, verbatim.
+
+    (Twisted re-wraps ``longdesc``, which would mangle command lines.)
+    """
+
+    examples = ""
+
+    def getUsage(self, width: Optional[int] = None) -> str:
+        text: str = super().getUsage(width)
+        if self.examples:
+            text = text.rstrip("\n") + "\n\n" + self.examples.strip("\n") + "\n"
+        return text
+
+
+class _EndOptions(ExampleOptions):
     """Options shared by ``server`` and ``client``."""
 
     role = ""
@@ -246,16 +261,15 @@ class ServerOptions(_EndOptions):
     synopsis = "[options] -p LISTEN,BACKEND -k KEYFILE | --config FILE --replica N"
     longdesc = """Accept pool connections from tunnel clients and forward each
 stream to the backend (the TigerBeetle replica next to this server).
-
-Examples:
+SIGHUP reloads the key files; SIGTERM drains and exits."""
+    examples = """Examples:
   twistd -n tigertunnel server -p :3000,127.0.0.1:3001 -k secret.key
   twistd -n tigertunnel server -p :3000,127.0.0.1:3001 -k secret.key \\
       --kemsecret server-kem.key --require-kem --metrics tcp:9101:interface=127.0.0.1
   twistd --pidfile tt-server.pid --logfile tt-server.log \\
       tigertunnel server --config cluster.ini --replica 0
   tigertunnel check-config server --config cluster.ini --replica 0
-
-SIGHUP reloads the key files; SIGTERM drains and exits."""
+"""
     optFlags = [
         ["require-kem", None, "Refuse PSK-only handshakes (KEM required)."],
     ]
@@ -285,17 +299,16 @@ class ClientOptions(_EndOptions):
     synopsis = "[options] -p LISTEN,SERVER -k KEYFILE | --config FILE [--replica N]"
     longdesc = """Accept TigerBeetle connections (TB clients, or a replica talking
 to its peers) and carry them over a pool of encrypted connections to the
-tunnel server of each proxy pair.
-
-Examples:
+tunnel server of each proxy pair. SIGHUP reloads the key files; SIGTERM
+drains and exits."""
+    examples = """Examples:
   twistd --pidfile tt.pid tigertunnel client -p :4000,tunnel.example.org:3000 -k secret.key
   twistd -n tigertunnel client -k secret.key --kempublic server-kem.pub \\
       -p :4000,r0.example:3000 -p :4001,r1.example:3000 -p :4002,r2.example:3000
   twistd -n tigertunnel client --config cluster.ini               (TB clients)
   twistd -n tigertunnel client --config cluster.ini --replica 1   (replica 1's peers)
   tigertunnel check-config client --config cluster.ini
-
-SIGHUP reloads the key files; SIGTERM drains and exits."""
+"""
     optParameters = [
         ["num-conns", "n", str(DEFAULT_POOL_SIZE),
          "Pool connections per proxy pair."],
@@ -315,14 +328,15 @@ SIGHUP reloads the key files; SIGTERM drains and exits."""
         cfg.kem_path = path
 
 
-class Options(usage.Options):
+class Options(ExampleOptions):
     """tigertunnel: an encrypted tunnel for TigerBeetle traffic."""
 
     synopsis = "server|client [options]"
-    longdesc = """Examples:
+    examples = """Examples:
   twistd -n tigertunnel server -p :3000,127.0.0.1:3001 -k secret.key
   twistd --pidfile tt.pid tigertunnel client -p :4000,HOST:3000 -k secret.key
-'twistd tigertunnel server --help' and 'client --help' list the options."""
+'twistd tigertunnel server --help' and 'client --help' list the options.
+"""
     subCommands = [
         ["server", None, ServerOptions, "Run the tunnel server (next to a "
          "replica)."],
@@ -379,7 +393,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     config: TunnelConfig = sub.config
     ops: Operations = sub.operations
     logs.set_level(sub["log-level"])
-    top = TunnelService(reactor, ops.shutdown_timeout)
+    top = TunnelService(reactor, ops.shutdown_timeout, handle_sigterm=True)
     build_service(config, reactor, top=top)
     reloader = KeyReloader(top.multiplexers, reactor)
     listeners = []

@@ -146,7 +146,8 @@ class TBPeer(Protocol):
             ready = [w for w in self._waiters if len(self.digests) >= w[0]]
             self._waiters = [w for w in self._waiters if w not in ready]
             for _, d in ready:
-                d.callback(None)
+                if not d.called:  # not timed out meanwhile
+                    d.callback(None)
 
     def frame_received(self, frame: bytes) -> None:
         """Called for every complete frame (after it is recorded)."""
@@ -156,10 +157,13 @@ class TBPeer(Protocol):
         self.lost_reason = reason
         waiters, self._waiters = self._waiters, []
         for count, d in waiters:
+            if d.called:
+                continue
             d.errback(AssertionError(
                 f"connection lost with {len(self.digests)} of {count} frames "
                 f"received ({reason.getErrorMessage()})"))
-        self.lost.callback(self.lost_at)
+        if not self.lost.called:
+            self.lost.callback(self.lost_at)
 
     def send(self, *frames: bytes) -> None:
         """Write TB frames, remembering their digests."""
@@ -357,7 +361,7 @@ class ScriptedBackend(Factory):
 
     def listen(self, port: int = 0) -> int:
         """Listen on 127.0.0.1:``port`` (0: any) and return the port."""
-        self.port = _reactor().listenTCP(port, self, interface="127.0.0.1")
+        self.port = _reactor().listenTCP(port, self, backlog=1024, interface="127.0.0.1")
         self.port_number = self.port.getHost().port
         return self.port_number
 
@@ -429,7 +433,8 @@ class Fault:
         """Record that the fault has been applied."""
         if self.fired_at is None:
             self.fired_at = time.monotonic()
-            self.fired.callback(self.fired_at)
+            if not self.fired.called:  # a waiter may have timed out
+                self.fired.callback(self.fired_at)
 
     def received(self, data: bytes) -> None:
         """Bytes arrived from this direction's source."""
@@ -719,7 +724,8 @@ class ProxyLink:
                     other.transport.loseConnection()
         if self.open_sides <= 0 and self.closed_at is None:
             self.closed_at = time.monotonic()
-            self.closed.callback(self.closed_at)
+            if not self.closed.called:  # a waiter may have timed out
+                self.closed.callback(self.closed_at)
 
 
 class FaultProxy(Factory):

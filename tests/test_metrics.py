@@ -1,0 +1,219 @@
+"""Tests for :mod:`tigertunnel.metrics` (/metrics and /status), on the in-memory network."""
+
+import json
+from typing import Any, Dict, List, Tuple
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from tests.memnet import Tunnel
+from tests.strategies import make_tb_frame
+from tigertunnel.errors import ListenError
+from tigertunnel.metrics import MetricsService, make_site, status
+from tigertunnel.reload import KeyReloader
+
+Sample = Tuple[str, Dict[str, str], float]
+
+
+def frame(size: int, tag: int) -> bytes:
+    """A TB frame with a ``size``-byte body."""
+    return make_tb_frame(bytes([tag]) * size, bytes([tag]) * 64)
+
+
+def get(site: Any, path: bytes, accept: str = "") -> Tuple[int, str, bytes]:
+    """Render ``path`` of ``site``: (status code, content type, body)."""
+    request = DummyRequest(path.strip(b"/").split(b"/"))
+    if accept:
+        request.requestHeaders.setRawHeaders(b"accept", [accept.encode()])
+    resource = site.getResourceFor(request)
+    body = resource.render(request)
+    content_type = request.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
+    return request.responseCode or 200, content_type.decode(), body
+
+
+def samples(text: str) -> List[Sample]:
+    """Parse Prometheus text into (name, labels, value) samples."""
+    return [(s.name, dict(s.labels), s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples]
+
+
+def value(found: List[Sample], name: str, **labels: str) -> float:
+    """The value of the one sample ``name`` with ``labels``."""
+    matches = [v for n, l, v in found if n == name and all(l.get(k) == x for k, x in labels.items())]
+    if len(matches) != 1:
+        raise AssertionError(f"{len(matches)} samples {name} {labels}")
+    return matches[0]
+
+
+class TrafficTests(SynchronousTestCase):
+    """The figures match the traffic that went through the tunnel."""
+
+    def setUp(self) -> None:
+        self.t = Tunnel(pool_size=3)
+        self.t.start()
+        self.reloader = KeyReloader([self.t.client], self.t.clock, now=lambda: 99.0)
+        self.client_site = make_site([self.t.client], self.reloader)
+        self.server_site = make_site([self.t.server], None)
+        self.sizes = [0, 10, 1000, 5000]
+        peer, _ = self.t.tb_client()
+        peer.send(*[frame(n, i) for i, n in enumerate(self.sizes)])
+        self.t.net.flush()
+        self.peer = peer
+
+    def test_prometheus_counts(self) -> None:
+        """Frames and bytes in both directions, sessions and pool connections match what was sent."""
+        code, content_type, body = get(self.client_site, b"/metrics")
+        self.assertEqual(code, 200)
+        self.assertIn("text/plain", content_type)
+        found = samples(body.decode())
+        total = sum(256 + n for n in self.sizes)
+        for direction in ("to_tunnel", "from_tunnel"):
+            self.assertEqual(value(found, "tigertunnel_frames_total", pair="pair0",
+                                   direction=direction), len(self.sizes))
+            self.assertEqual(value(found, "tigertunnel_bytes_total", pair="pair0",
+                                   direction=direction), total)
+        self.assertEqual(value(found, "tigertunnel_sessions", pair="pair0"), 1)
+        self.assertEqual(value(found, "tigertunnel_sessions_opened_total", pair="pair0"), 1)
+        self.assertEqual(value(found, "tigertunnel_pool_connections", pair="pair0",
+                               state="healthy"), 3)
+        self.assertEqual(value(found, "tigertunnel_pool_size", pair="pair0"), 3)
+        self.assertEqual(value(found, "tigertunnel_pool_connects_total", pair="pair0"), 3)
+        key_id = str(self.t.client.config.psk.first()[0])
+        self.assertEqual(value(found, "tigertunnel_pool_connections_by_key", pair="pair0",
+                               key_id=key_id), 3)
+        self.assertEqual(value(found, "tigertunnel_key_info", kind="psk", key_id=key_id), 1)
+        self.assertEqual(value(found, "tigertunnel_pair_healthy", pair="pair0"), 1)
+        self.assertEqual(value(found, "tigertunnel_pair_info", pair="pair0", role="client",
+                               listen="127.0.0.1:4000", target="127.0.0.1:3000"), 1)
+        self.assertTrue(any(n.startswith("process_") for n, _, _ in found))
+
+    def test_server_side(self) -> None:
+        """The server counts the same frames (from_tunnel = towards its replica)."""
+        found = samples(get(self.server_site, b"/metrics")[2].decode())
+        self.assertEqual(value(found, "tigertunnel_frames_total", pair="pair0",
+                               direction="from_tunnel"), len(self.sizes))
+        self.assertEqual(value(found, "tigertunnel_pool_connections", pair="pair0",
+                               state="healthy"), 3)
+        self.assertEqual([n for n, _, _ in found if n.startswith("tigertunnel_key_reload")], [])
+
+    def test_openmetrics_negotiated(self) -> None:
+        """An OpenMetrics Accept header gets the OpenMetrics format."""
+        code, content_type, body = get(self.client_site, b"/metrics",
+                                       "application/openmetrics-text; version=1.0.0")
+        self.assertTrue(content_type.startswith("application/openmetrics-text"))
+        self.assertTrue(body.endswith(b"# EOF\n"))
+
+    def test_status_json(self) -> None:
+        """/status answers 200 with per-pair figures, key ids and the reload state."""
+        self.reloader.reload()
+        code, content_type, body = get(self.client_site, b"/status")
+        self.assertEqual((code, content_type), (200, "application/json"))
+        doc = json.loads(body)
+        self.assertEqual(doc["role"], "client")
+        self.assertTrue(doc["healthy"])
+        self.assertEqual(doc["reload"], {"time": 99.0, "ok": True, "error": None,
+                                         "results": {"ok": 1, "error": 0}})
+        pair = doc["pairs"][0]
+        self.assertEqual(pair["frames"], {"to_tunnel": 4, "from_tunnel": 4})
+        self.assertEqual(pair["pool"], {"healthy": 3, "draining": 0, "handshaking": 0, "size": 3})
+        self.assertEqual(sorted(link["sessions"] for link in pair["links"]), [0, 0, 1])
+        self.assertEqual(doc["keys"]["psk"], [self.t.client.config.psk.first()[0]])
+
+    def test_handshake_failures_by_reason(self) -> None:
+        """Rejected handshakes are counted by reason on the server."""
+        self.t.server.stats["handshake_failures_unknown_key"] += 2
+        self.t.server.stats["handshake_failures_timeout"] += 1
+        found = samples(get(self.server_site, b"/metrics")[2].decode())
+        self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair="pair0",
+                               reason="unknown_key"), 2)
+        self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair="pair0",
+                               reason="timeout"), 1)
+
+    def test_unknown_path(self) -> None:
+        """Paths other than /metrics and /status are not found."""
+        self.assertEqual(get(self.client_site, b"/nothing")[0], 404)
+
+
+class HealthTests(SynchronousTestCase):
+    """/status answers 503 when a client pair cannot carry sessions."""
+
+    def test_server_down(self) -> None:
+        """A client whose server refuses every pool connection is unhealthy (503)."""
+        t = Tunnel()
+        t.net.refusing.add(t.server_addr)
+        t.start()
+        site = make_site([t.client], None)
+        code, _, body = get(site, b"/status")
+        self.assertEqual(code, 503)
+        self.assertFalse(json.loads(body)["pairs"][0]["healthy"])
+        found = samples(get(site, b"/metrics")[2].decode())
+        self.assertEqual(value(found, "tigertunnel_pair_healthy", pair="pair0"), 0)
+        t.net.refusing.clear()
+        t.net.advance(1)
+        self.assertEqual(get(site, b"/status")[0], 200)
+
+    def test_refused_sessions(self) -> None:
+        """TB connections refused for lack of a pool connection are counted by reason."""
+        t = Tunnel()
+        t.net.refusing.add(t.server_addr)
+        t.start()
+        t.tb_client()
+        found = samples(get(make_site([t.client], None), b"/metrics")[2].decode())
+        self.assertEqual(value(found, "tigertunnel_sessions_refused_total", pair="pair0",
+                               reason="no_pool"), 1)
+
+    def test_stopping_is_unhealthy(self) -> None:
+        """A tunnel end that is shutting down answers 503."""
+        t = Tunnel()
+        t.start()
+        t.server.stopping = True
+        self.assertEqual(get(make_site([t.server], None), b"/status")[0], 503)
+        self.assertFalse(status([t.server], None)["healthy"])
+
+
+class ServiceTests(SynchronousTestCase):
+    """The --metrics listener."""
+
+    def test_listens_on_description(self) -> None:
+        """The metrics service listens on the endpoint description's port and interface."""
+        reactor = MemoryReactorClock()
+        t = Tunnel()
+        service = MetricsService("tcp:9101:interface=127.0.0.1", [t.client], None, reactor)
+        service.startService()
+        self.assertEqual([(p, i) for p, _, _, i in reactor.tcpServers], [(9101, "127.0.0.1")])
+        self.assertIs(reactor.tcpServers[0][1], service.site)
+        self.assertFalse(service.site.noisy)
+
+    def test_busy_port_is_fatal(self) -> None:
+        """A metrics port that cannot be bound is a one-line ListenError naming the endpoint."""
+        from twisted.internet.error import CannotListenError
+
+        class Busy(MemoryReactorClock):
+            def listenTCP(self, port: int, factory: Any, backlog: int = 50,
+                          interface: str = "") -> Any:
+                raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+        t = Tunnel()
+        service = MetricsService("tcp:9101", [t.client], None, Busy())
+        with self.assertRaises(ListenError) as caught:
+            service.privilegedStartService()
+        self.assertEqual(str(caught.exception), "cannot listen on metrics endpoint "
+                         "tcp:9101: Address already in use")
+
+    def test_make_service_wires_metrics(self) -> None:
+        """--metrics makes makeService listen there too, and keep the listener up during the drain."""
+        from tigertunnel import tap
+
+        options = tap.Options()
+        options.parseOptions(["client", "--plaintext", "-p", "127.0.0.1:4000,:3000",
+                              "--metrics", "tcp:9101:interface=127.0.0.1"])
+        reactor = MemoryReactorClock()
+        service = tap.makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual([(p, i) for p, _, _, i in reactor.tcpServers],
+                         [(4000, "127.0.0.1"), (9101, "127.0.0.1")])
+        self.assertEqual([type(s) for s in service.late], [MetricsService])
