@@ -67,6 +67,10 @@ SESSION_BUFFER_LIMIT = 8 * 1024 * 1024
 #: Seconds a closing session waits for its TB peer to read what is queued
 #: before the connection is aborted.
 CLOSE_TIMEOUT = 10.0
+#: Pool-connection writes smaller than this go through Twisted's buffer, so
+#: that the frames of many sessions leave in one send per reactor turn;
+#: larger ones are sent at once (see send_now), saving Twisted's copy.
+COALESCE_BELOW = 64 * 1024
 #: TCP keepalive as TigerBeetle configures it: 5 s idle, 4 s interval,
 #: 3 probes, so a dead peer is found within about 20 s.
 KEEPALIVE = (5, 4, 3)
@@ -629,7 +633,13 @@ class TunnelProtocol(Protocol):
         if self.codec is None:
             return
         chunks = self.codec.encode_data(stream_id, frame)
-        send_now(self.transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if len(data) < COALESCE_BELOW:
+            # Small frames of many sessions share the pool connection: let
+            # Twisted gather what this reactor turn produces into one send.
+            self.transport.write(bytes(data))
+        else:
+            send_now(self.transport, data)
 
     def end_stream(self, stream_id: int, session: FrameProtocol) -> None:
         """The TB side of ``stream_id`` closed: tell the peer and forget it."""

@@ -451,3 +451,31 @@ async def wait_for_output(child: Child, text: str, timeout: float) -> None:
     if text not in child.output:
         raise AssertionError(f"pid {child.pid} ended before writing {text!r}: "
                              f"{child.output[-800:]!r}")
+
+
+# -- descriptor limits and CPU time (added for tests/integration/test_emfile.py) --
+
+#: Run by :func:`with_fd_limit`: set RLIMIT_NOFILE, then become the command.
+_FD_LIMIT_EXEC = ("import os, resource, sys; n = int(sys.argv[1]); "
+                  "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+                  "os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def with_fd_limit(args: Sequence[str], limit: int) -> List[str]:
+    """A command line that runs ``args`` with at most ``limit`` open descriptors.
+
+    The soft and hard ``RLIMIT_NOFILE`` are both set to ``limit`` by a tiny
+    Python wrapper that then ``execv``\\ s ``args[0]`` (an absolute path), so
+    the pid :func:`spawn` reports is the pid of the limited program. (Our
+    ``spawn`` uses ``posix_spawn``, which has no ``preexec_fn``; this also
+    works where ``prlimit`` is not installed.)
+    """
+    return [sys.executable, "-c", _FD_LIMIT_EXEC, str(limit), *args]
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) ``pid`` has used so far, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # After the command name: state is field 3, utime 14 and stime 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
