@@ -52,3 +52,60 @@ def set_level(name: str) -> None:
 def logger(namespace: str) -> Logger:
     """Return a logger for ``namespace`` that honours ``--log-level``."""
     return Logger(namespace=namespace, observer=_filtered)
+
+
+#: Minimum seconds between two reports of connections closed for lack of
+#: file descriptors.
+EMFILE_REPORT_INTERVAL = 10.0
+
+
+@implementer(ILogObserver)
+class AcceptErrorLimiter:
+    """Rate-limit Twisted's per-connection accept-error messages.
+
+    When a listener runs out of descriptors (EMFILE), Twisted's ``tcp.Port``
+    closes every waiting connection through a reserved descriptor and logs up
+    to three info lines per connection, bypassing ``--log-level``. This
+    observer counts those events and lets one warning through at most every
+    :data:`EMFILE_REPORT_INTERVAL` seconds; everything else passes.
+    """
+
+    def __init__(self, forward: Any, clock: Any = None) -> None:
+        import time
+        self._forward = forward
+        self._now = clock.seconds if clock is not None else time.monotonic
+        self._last = -EMFILE_REPORT_INTERVAL
+        self._closed = 0
+        self._log = Logger(namespace="tigertunnel.listeners", observer=_filtered)
+
+    def __call__(self, event: Any) -> None:
+        fmt = event.get("log_format") or ""
+        if "EMFILE" not in fmt and not fmt.startswith("Could not accept new connection"):
+            self._forward(event)
+            return
+        if "Closed socket" in fmt or fmt.startswith("Could not accept"):
+            self._closed += 1
+        now = self._now()
+        if now - self._last >= EMFILE_REPORT_INTERVAL and self._closed:
+            self._last = now
+            closed, self._closed = self._closed, 0
+            self._log.warn("out of file descriptors: closed {count} new "
+                           "connections at once since the last report; raise "
+                           "the descriptor limit (ulimit -n, LimitNOFILE=) or "
+                           "lower -m", count=closed)
+
+
+def limit_accept_errors() -> None:
+    """Route ``twisted.internet.tcp.Port``'s log through :class:`AcceptErrorLimiter`.
+
+    Twisted looks its ``_logger`` class attribute up on every event, so this
+    works under ``twistd`` and in the console script alike. (``_logger`` is
+    private to Twisted; tests/integration/test_emfile.py would catch a change.)
+    """
+    from twisted.internet import tcp
+
+    current = tcp.Port._logger
+    if isinstance(current.observer, AcceptErrorLimiter):
+        return
+    tcp.Port._logger = Logger(namespace=current.namespace,
+                              observer=AcceptErrorLimiter(_ToGlobal()))

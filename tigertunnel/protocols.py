@@ -326,10 +326,15 @@ class FrameProtocol(Protocol):
         link, self.link = self.link, None
         if not self._closing:
             self.stats["backend_connect_failures"] += 1
-            log.warn("server session {stream}: backend {backend} refused: "
-                     "{reason}", stream=self.stream_id,
-                     backend=self.mux.backend_name,
-                     reason=reason.getErrorMessage())
+            if "Too many open files" in reason.getErrorMessage():
+                self.mux.limit_log("server {pair}: out of file descriptors; "
+                                   "refusing streams (raise ulimit -n or "
+                                   "lower -m)", pair=self.mux.name)
+            else:
+                log.warn("server session {stream}: backend {backend} refused:"
+                         " {reason}", stream=self.stream_id,
+                         backend=self.mux.backend_name,
+                         reason=reason.getErrorMessage())
         if link is not None:
             link.end_stream(self.stream_id, self)
         self.mux.session_ended(self)

@@ -40,7 +40,7 @@ from tigertunnel.handshake import (
     ReplayCache,
     ServerHandshake,
 )
-from tigertunnel.logs import logger
+from tigertunnel.logs import limit_accept_errors, logger
 from tigertunnel.tuning import TRIM_INTERVAL, trim_memory, tune_malloc
 from tigertunnel.protocols import (
     FrameFactory,
@@ -290,7 +290,8 @@ class SessionMultiplexer(MultiService):
             log.warn("{role} pool connection {link}: handshake failed: "
                      "{reason}", role=self.role, link=link.name, reason=reason)
 
-    def _limit_log(self, message: str, **fields: Any) -> None:
+    def limit_log(self, message: str, **fields: Any) -> None:
+        """Log a warning at most once per LIMIT_LOG_INTERVAL for this pair."""
         now = self.clock.seconds()
         if now - self._last_limit_log >= LIMIT_LOG_INTERVAL:
             self._last_limit_log = now
@@ -362,13 +363,13 @@ class ClientMultiplexer(SessionMultiplexer):
                    if link not in self.draining] or established
         if not healthy:
             self.stats["sessions_refused_no_pool"] += 1
-            self._limit_log("client {pair}: no healthy pool connection to "
+            self.limit_log("client {pair}: no healthy pool connection to "
                             "{target}; closing new TB connections",
                             pair=self.name, target=self.backend_name)
             return False
         if len(self.sessions) >= self.config.max_sessions:
             self.stats["sessions_refused_max_sessions"] += 1
-            self._limit_log("client {pair}: max sessions ({max}) reached; "
+            self.limit_log("client {pair}: max sessions ({max}) reached; "
                             "closing new TB connections", pair=self.name,
                             max=self.config.max_sessions)
             return False
@@ -416,7 +417,7 @@ class ServerMultiplexer(SessionMultiplexer):
             oldest, _ = self.pending.popitem(last=False)
             self.evictions += 1
             self.stats["handshake_evictions"] += 1
-            self._limit_log("server {pair}: more than {max} pending handshakes;"
+            self.limit_log("server {pair}: more than {max} pending handshakes;"
                             " dropping the oldest ({count} so far)",
                             pair=self.name, max=MAX_PENDING_HANDSHAKES,
                             count=self.evictions)
@@ -438,7 +439,7 @@ class ServerMultiplexer(SessionMultiplexer):
             return None
         if len(self.sessions) >= self.config.max_sessions:
             self.stats["sessions_refused_max_sessions"] += 1
-            self._limit_log("server {pair}: max sessions ({max}) reached; "
+            self.limit_log("server {pair}: max sessions ({max}) reached; "
                             "refusing streams", pair=self.name,
                             max=self.config.max_sessions)
             return None
@@ -482,6 +483,7 @@ def build_service(config: TunnelConfig, reactor: Any = None,
         from twisted.internet import reactor as _reactor
         reactor = _reactor
     tune_malloc()
+    limit_accept_errors()
     if top is None:
         top = MultiService()
     cls: Union[type[ClientMultiplexer], type[ServerMultiplexer]]
