@@ -177,6 +177,10 @@ class PoolSlot(Service):
 class SessionMultiplexer(MultiService):
     """Joins the TB-side connections and the pool connections of one pair.
 
+    The role subclasses add what their protocols call: ``attach`` (a TB
+    client connected: :class:`ClientMultiplexer`) and ``open_backend`` (a
+    stream was opened: :class:`ServerMultiplexer`).
+
     :param config: the tunnel end's configuration.
     :param pair: the proxy pair this multiplexer serves.
     :param reactor: the reactor (or a ``MemoryReactorClock`` in tests).
@@ -296,14 +300,6 @@ class SessionMultiplexer(MultiService):
         if now - self._last_limit_log >= LIMIT_LOG_INTERVAL:
             self._last_limit_log = now
             log.warn(message, **fields)
-
-    # Overridden per role.
-    def attach(self, session: FrameProtocol) -> bool:  # pragma: no cover
-        raise NotImplementedError
-
-    def open_backend(self, link: TunnelProtocol,
-                     stream_id: int) -> Optional[FrameProtocol]:  # pragma: no cover
-        raise NotImplementedError
 
 
 class ClientMultiplexer(SessionMultiplexer):
