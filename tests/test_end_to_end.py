@@ -410,3 +410,19 @@ class FailClosedTests(SynchronousTestCase):
         t.net.flush()
         self.assertEqual(b"".join(received), b"")
         self.assertIn(session.stream_id, link.streams)
+
+    def test_nonce_reserved_closes_only_the_session(self) -> None:
+        """A TB frame with non-zero nonce_reserved (which the encrypted format cannot carry) closes its session only."""
+        t = Tunnel(pool_size=1)
+        t.start()
+        bad, _ = t.tb_client()
+        good, _ = t.tb_client()
+        frame = bytearray(tb_frame(10, 1))
+        frame[70] = 9
+        bad.send(bytes(frame))
+        t.net.flush()
+        self.assertTrue(bad.lost)
+        self.assertEqual(t.backend.peers[0].received, [])
+        good.send(tb_frame(10, 2))
+        t.net.flush()
+        self.assertEqual(len(good.received), 1)

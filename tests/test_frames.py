@@ -208,11 +208,19 @@ class CheckFrameTests(SynchronousTestCase):
 
     @given(st.integers(0, (1 << 128) - 1), tb_frames(max_body=10, cluster=0))
     def test_matching_cluster(self, cluster: int, frame: bytes) -> None:
-        """A frame with zero paddings and the configured cluster passes."""
-        framed = frame[:80] + cluster.to_bytes(16, "little") + frame[96:]
+        """A frame with zero paddings and nonce_reserved and the configured cluster passes."""
+        framed = frame[:64] + bytes(16) + cluster.to_bytes(16, "little") + frame[96:]
         check_frame(framed, cluster)
         if cluster == 0:
             check_frame(framed, None)
+
+    @given(st.integers(64, 79), st.integers(1, 255))
+    def test_nonce_reserved_refused(self, offset: int, value: int) -> None:
+        """A frame with a non-zero nonce_reserved byte is refused (the encrypted format drops it)."""
+        frame = bytearray(make_tb_frame(b"", cluster=0))
+        frame[offset] = value
+        err = self.assertRaises(FrameError, check_frame, bytes(frame), None)
+        self.assertIn("nonce_reserved", str(err))
 
     @given(st.integers(0, (1 << 128) - 1), st.integers(0, (1 << 128) - 1))
     def test_cluster_mismatch(self, configured: int, got: int) -> None:

@@ -44,6 +44,7 @@ SIZE_OFFSET = 96
 CLUSTER_OFFSET = 80
 CHECKSUM_PADDING = slice(16, 32)
 CHECKSUM_BODY_PADDING = slice(48, 64)
+NONCE_RESERVED = slice(64, 80)
 
 #: Bytes of a frame that must be present before its size can be read.
 SIZE_END = SIZE_OFFSET + 4
@@ -97,11 +98,15 @@ def check_frame(frame: bytes, cluster_id: Optional[int]) -> None:
     :param frame: a complete TB frame.
     :param cluster_id: the configured cluster id (``-c``), or ``None`` when
         none is configured, in which case the frame's cluster must be 0.
-    :raises FrameError: if a padding field is not zero.
+    :raises FrameError: if a padding field or ``nonce_reserved`` is not zero.
     :raises ClusterMismatchError: if the frame's cluster differs from
         ``cluster_id`` (``expected`` is 0 when ``cluster_id`` is ``None``).
     """
     check_padding(frame)
+    if frame[NONCE_RESERVED] != _ZERO16:
+        # Not carried by the encrypted format: the receiver would zero it
+        # and TB would drop the frame on its checksum. Fail closed instead.
+        raise FrameError("nonce_reserved is not zero (the tunnel cannot carry it)")
     expected = 0 if cluster_id is None else cluster_id
     got = frame_cluster(frame)
     if got != expected:
