@@ -151,10 +151,14 @@ def send_now(transport: Any, data: "bytes | bytearray") -> None:
     so order is kept and Twisted's producer/consumer flow control still sees
     every queued byte. Other transports (in-memory tests) get ``write``.
     """
-    if (getattr(transport, "_tempDataLen", 1) == 0 and transport.connected
-            and not transport.disconnecting
-            and not transport._writeDisconnected
-            and transport.offset == len(transport.dataBuffer)):
+    # Twisted's FileDescriptor keeps its write queue in ``dataBuffer`` (from
+    # ``offset``) and ``_tempDataBuffer``; anything unexpected falls back to
+    # ``write``.
+    if (getattr(transport, "_tempDataLen", 1) == 0
+            and getattr(transport, "connected", False)
+            and not getattr(transport, "disconnecting", True)
+            and not getattr(transport, "_writeDisconnected", True)
+            and getattr(transport, "offset", -1) == len(getattr(transport, "dataBuffer", b"x"))):
         sent = transport.writeSomeData(data)
         if isinstance(sent, int) and sent >= 0:
             if sent == len(data):
