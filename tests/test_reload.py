@@ -320,6 +320,14 @@ class KemReloadTests(ReloadCase):
                          {(99, new_pub)})
         self.echo_session()
 
+    def test_server_retires_removed_kem_key(self) -> None:
+        """Removing a KEM secret key on the server retires the pool connections made with it."""
+        self.assertEqual({l.kem_key_id for l in self.t.server.links}, {KEM_KEY_ID})
+        self.keys.write("kem.key", format_key_line(99, OTHER_SEED))
+        self.assertTrue(self.server.reload())
+        self.t.net.flush()
+        self.assertEqual(self.t.server.links, [])
+
     def test_invalid_public_key_refused(self) -> None:
         """A KEM public key that is not a valid ML-KEM key is refused; the old one stays."""
         bad = bytes([0xFF]) * len(public_key_from_seed(KEM_SEED))

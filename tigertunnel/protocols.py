@@ -425,6 +425,8 @@ class TunnelProtocol(Protocol):
         self._timer: Optional[IDelayedCall] = None
         self._next_id = 1
         self.key_id: Optional[int] = None
+        #: The KEM key id of a kemconnect handshake (server side), else None.
+        self.kem_key_id: Optional[int] = None
         self.peer_version: Optional[int] = None
         self._alive = False
         self.on_lost: Optional[Callable[["TunnelProtocol"], None]] = None
@@ -564,6 +566,7 @@ class TunnelProtocol(Protocol):
         assert isinstance(result, Accepted)
         est = result.established
         self.key_id = est.key_id
+        self.kem_key_id = est.kem_key_id
         self.peer_version = est.peer_version
         self.transport.write(result.reply)
         self._established(

@@ -31,9 +31,9 @@ What a reload does (the README's "Key rotation" section is the user's side):
    Handshakes already under way during the reload finish with the old keys;
    a second sweep, one handshake timeout later, retires those too.
 
-Limitation: a pool connection does not record which KEM *secret* key its
-handshake used, so removing a key from a server's ``--kemsecret`` file only
-affects new handshakes.
+A server pool connection remembers the KEM key id of its handshake, so
+removing a key from a server's ``--kemsecret`` file retires the pool
+connections made with it, like a removed PSK.
 """
 
 import signal
@@ -223,7 +223,11 @@ class KeyReloader:
                 return True
             used = mux.link_kem.get(link, mux.config.kem_public)
             return used != mux.config.kem_public
-        return link.key_id not in psk
+        if link.key_id not in psk:
+            return True
+        kem_secret = mux.config.kem_secret
+        return (link.kem_key_id is not None
+                and (kem_secret is None or link.kem_key_id not in kem_secret))
 
     def sweep(self) -> None:
         """Mark outdated pool connections as retired, un-mark current ones."""
