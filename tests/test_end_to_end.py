@@ -426,3 +426,37 @@ class FailClosedTests(SynchronousTestCase):
         good.send(tb_frame(10, 2))
         t.net.flush()
         self.assertEqual(len(good.received), 1)
+
+    def test_duplicate_stream_open_closes_pool_connection(self) -> None:
+        """A stream_open for a stream that is open (tampering: it is not authenticated) closes the pool connection."""
+        from tigertunnel.muxframes import FrameType, encode_header
+        t = Tunnel(pool_size=1)
+        t.start()
+        client, _ = t.tb_client()
+        client.send(tb_frame(10, 1))
+        t.net.flush()
+        server_link = next(iter(t.server.links))
+        server_link.dataReceived(encode_header(1, FrameType.OPEN))
+        t.net.flush()
+        self.assertTrue(client.lost)
+        self.assertTrue(t.backend.peers[0].lost)
+        self.assertEqual(len(t.backend.peers), 1)
+        self.flushLoggedErrors()
+
+    def test_graceful_close_unregisters_producer(self) -> None:
+        """Graceful closes unregister the write watcher first (Twisted would not finish a loseConnection whose buffer drained while its producer was paused) and arm an abort."""
+        t = Tunnel(pool_size=1)
+        t.start()
+        client, _ = t.tb_client()
+        link = t.client.links[0]
+        session = next(iter(link.streams.values()))
+        self.assertIsNotNone(session.transport.producer)
+        session.close()
+        self.assertIsNone(session.transport.producer)
+        self.assertTrue(session.transport.disconnecting)
+        link.close_gracefully()
+        self.assertIsNone(link.transport.producer)
+        self.assertTrue(link.transport.disconnecting)
+        self.assertTrue(link._close_timer.active())
+        t.net.flush()
+        self.assertFalse(link._close_timer.active())

@@ -253,3 +253,23 @@ class CheckFrameTests(SynchronousTestCase):
         for _, fs in TRACE_STREAMS:
             for f in fs:
                 check_frame(f, frame_cluster(f))
+
+
+class DripTests(SynchronousTestCase):
+    """A frame dripped one byte per read costs memory in proportion to its size."""
+
+    def test_one_byte_reads_bounded_memory(self) -> None:
+        """Feeding a 256 KiB frame one byte at a time peaks below four times its size."""
+        import tracemalloc
+        frame = make_tb_frame(bytes(256 * 1024 - 256), cluster=0)
+        parser = FrameParser()
+        tracemalloc.start()
+        try:
+            got = []
+            for i in range(len(frame)):
+                got += parser.feed(frame[i:i + 1])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(got, [frame])
+        self.assertLess(peak, 4 * len(frame))

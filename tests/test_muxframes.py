@@ -290,3 +290,26 @@ class DecoderTests(SynchronousTestCase):
             return
         ends = [sum(map(len, expected[:i + 1])) for i in range(len(expected))]
         self.assertEqual(units(got), [u for u, e in zip(expected, ends) if e <= start])
+
+
+class DripTests(SynchronousTestCase):
+    """An encrypted data frame dripped one byte per read costs memory in proportion to its size."""
+
+    def test_one_byte_reads_bounded_memory(self) -> None:
+        """Feeding a 256 KiB data frame one byte at a time peaks below four times its size."""
+        import tracemalloc
+        size = 256 * 1024
+        payload = bytearray(size)
+        payload[16:20] = size.to_bytes(4, "little")  # the size in clear
+        wire = muxframes.encode_header(9, muxframes.FrameType.DATA) + bytes(payload)
+        decoder = muxframes.MuxDecoder(encrypted=True)
+        tracemalloc.start()
+        try:
+            got = []
+            for i in range(len(wire)):
+                got += decoder.feed(wire[i:i + 1])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual([(f.stream_id, bytes(f.payload)) for f in got], [(9, bytes(payload))])
+        self.assertLess(peak, 4 * len(wire))

@@ -113,6 +113,10 @@ def check_frame(frame: bytes, cluster_id: Optional[int]) -> None:
         raise ClusterMismatchError(expected, got)
 
 
+#: More pending chunks than this are merged (see FrameParser._merge_chunks).
+MAX_CHUNKS = 64
+
+
 class FrameParser:
     """Cut a byte stream into complete TB frames (sans-IO).
 
@@ -145,6 +149,19 @@ class FrameParser:
         """Return how many bytes of an incomplete frame are held."""
         return self._have
 
+    def _merge_chunks(self) -> None:
+        """Fold many small chunks into one growing buffer.
+
+        A peer dripping a frame one byte per read would otherwise cost a
+        Python object per byte (about 45 bytes each); this keeps the
+        overhead linear and small.
+        """
+        head = self._chunks[0]
+        if type(head) is not bytearray:
+            head = bytearray(head)
+        head += b"".join(self._chunks[1:])
+        self._chunks = [head]
+
     def _fail(self, message: str) -> FrameError:
         self._error = FrameError(message)
         self._chunks = []
@@ -165,6 +182,8 @@ class FrameParser:
         if self._chunks:
             self._chunks.append(data)
             self._have += len(data)
+            if len(self._chunks) > MAX_CHUNKS:
+                self._merge_chunks()
             if self._have < self._need:
                 return []
             data = b"".join(self._chunks)

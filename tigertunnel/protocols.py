@@ -320,6 +320,9 @@ class FrameProtocol(Protocol):
         if abort:
             self.transport.abortConnection()
             return
+        # Unregister our write watcher first: Twisted does not finish a
+        # loseConnection whose buffer drains while a producer is paused.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         if self._close_timer is None:
             self._close_timer = self.clock.callLater(
@@ -430,6 +433,7 @@ class TunnelProtocol(Protocol):
         self.peer_version: Optional[int] = None
         self._alive = False
         self.on_lost: Optional[Callable[["TunnelProtocol"], None]] = None
+        self._close_timer: Optional[IDelayedCall] = None
 
     @property
     def ready(self) -> "Deferred[TunnelProtocol]":
@@ -503,6 +507,8 @@ class TunnelProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._alive = False
         self._cancel_timer()
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
         self.mux.handshake_ended(self)
         streams, self.streams = self.streams, {}
         if self.codec is not None:
@@ -596,7 +602,23 @@ class TunnelProtocol(Protocol):
         if self._outcome is None:
             self._settle(Failure(error))
         self._alive = False
+        self.close_gracefully()
+
+    def close_gracefully(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close this pool connection after what is queued has been sent.
+
+        Unregisters this protocol as the transport's producer first (Twisted
+        does not finish a ``loseConnection`` whose buffer drains while its
+        producer is paused), and aborts the connection if the peer has not
+        taken the queued bytes within ``timeout`` seconds.
+        """
+        if not self._alive and self._close_timer is not None:
+            return
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
+        if self._close_timer is None:
+            self._close_timer = self.clock.callLater(
+                timeout, self.transport.abortConnection)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -663,11 +685,10 @@ class TunnelProtocol(Protocol):
 
     def _peer_opened(self, stream_id: int) -> None:
         if stream_id in self.streams:
-            log.warn("server pool connection {link}: stream {stream} opened "
-                     "twice; closing the old one", link=self.name,
-                     stream=stream_id)
-            old = self.streams.pop(stream_id)
-            old.close_by_peer(abort=True)
+            # Our client never reuses an open id; stream_open is not
+            # authenticated, so this is tampering or a broken peer.
+            self._fail(f"stream_open for stream {stream_id}, which is open")
+            return
         if self.mux.open_backend(self, stream_id) is None:
             if self.codec is not None and self.codec.can_send_close:
                 self.transport.writeSequence(self.codec.encode_close(stream_id))

@@ -275,7 +275,7 @@ class KeyReloader:
                              role=mux.role, link=link.name, key_id=link.key_id,
                              count=len(link.streams))
                     self._closing.add(link)
-                    link.transport.loseConnection()
+                    link.close_gracefully()
                 pending = True
         for link in [k for k in self._deadlines if k not in live]:
             del self._deadlines[link]

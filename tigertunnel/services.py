@@ -121,7 +121,7 @@ class PoolSlot(Service):
         if self.link is None:
             return succeed(None)
         self._stopped = Deferred()
-        self.link.transport.loseConnection()
+        self.link.close_gracefully()
         return self._stopped
 
     def _attempt(self) -> None:

@@ -197,7 +197,7 @@ class TunnelService(MultiService):
         for mux in muxes:
             if not isinstance(mux, ClientMultiplexer):
                 for link in list(mux.links) + list(getattr(mux, "pending", ())):
-                    link.transport.loseConnection()
+                    link.close_gracefully()
             left = left or bool(mux.links)
         return left
 
