@@ -38,6 +38,11 @@ from tigertunnel.traces import SINGLE, load_trace
 class DemoOptions(usage.Options):
     """Options of ``tigertunnel demo``."""
 
+    synopsis = "tigertunnel demo [--sessions N] [--rounds N]"
+    longdesc = ("Loopback demo: fresh keys, an echo backend, a tunnel server "
+                "and client on 127.0.0.1, real TigerBeetle frames checked byte "
+                "for byte.\nExample: tigertunnel demo --sessions 32 --rounds 5")
+
     optParameters = [
         ["sessions", "s", "8", "Concurrent TB sessions."],
         ["rounds", "r", "3", "Times each session replays the trace."],
