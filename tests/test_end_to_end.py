@@ -16,13 +16,13 @@ from tests.memnet import (
     BackendFactory,
     TBPeer,
     Tunnel,
-    echo,
     psk_store,
 )
 from tigertunnel.crypto.kem import public_key_from_seed
 from tigertunnel.crypto.keys import parse_key_text
 from tigertunnel.handshake import ClientHandshake
-from tigertunnel.protocols import SESSION_BUFFER_LIMIT, TunnelProtocol
+from tigertunnel.protocols import SESSION_BUFFER_LIMIT
+from tigertunnel.tunnel import TunnelProtocol
 from tigertunnel.traces import CLUSTER3, SINGLE, load_trace
 
 
@@ -397,7 +397,7 @@ class FailClosedTests(SynchronousTestCase):
         link = TunnelProtocol("client", ClientHandshake(*psk_store().first(), version=1,
                                                          now=t.clock.seconds),
                               t.client, "v1")
-        pump = t.net.dial(t.server_addr, link)
+        t.net.dial(t.server_addr, link)
         t.net.flush()
         self.assertTrue(link.established)
         received: List[bytes] = []

@@ -9,7 +9,7 @@ from tests.memnet import BackendFactory, TBPeer, Tunnel, psk_store
 from tests.strategies import make_tb_frame
 from tigertunnel.config import Address, ProxyPair
 from tigertunnel.handshake import ClientHandshake
-from tigertunnel.protocols import TunnelProtocol
+from tigertunnel.tunnel import TunnelProtocol
 from tigertunnel.services import (
     BACKOFF_INITIAL,
     BACKOFF_MAX,

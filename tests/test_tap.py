@@ -18,7 +18,8 @@ from tigertunnel import logs, tap
 from tigertunnel.config import Address
 from tigertunnel.crypto.kem import public_key_from_seed
 from tigertunnel.crypto.keys import keygen, kemgen
-from tigertunnel.protocols import FrameFactory, FrameProtocol, TunnelFactory, TunnelProtocol
+from tigertunnel.protocols import FrameFactory, FrameProtocol
+from tigertunnel.tunnel import TunnelFactory, TunnelProtocol
 from tigertunnel.services import ClientMultiplexer, ServerMultiplexer
 
 PAIR = ":3000,127.0.0.1:3001"

@@ -35,7 +35,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 
 from tigertunnel.frames import FrameParser
-from tigertunnel.protocols import tune_socket
+from tigertunnel.sockets import tune_socket
 from tigertunnel.tuning import tune_malloc
 
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -21,7 +21,7 @@ class EchoProtocol(Protocol):
         self.frames = 0
 
     def connectionMade(self) -> None:
-        from tigertunnel.protocols import tune_socket
+        from tigertunnel.sockets import tune_socket
         tune_socket(self.transport)
 
     def dataReceived(self, data: bytes) -> None:

@@ -57,7 +57,7 @@ from tigertunnel.crypto.keys import (
 from tigertunnel.errors import KEMError, KeyFileError, TunnelError
 from tigertunnel.handshake import ClientHandshake, ServerHandshake
 from tigertunnel.logs import logger
-from tigertunnel.protocols import TunnelProtocol
+from tigertunnel.tunnel import TunnelProtocol
 from tigertunnel.services import ClientMultiplexer, SessionMultiplexer
 
 #: Seconds a tunnel client lets a draining pool connection finish its

@@ -42,13 +42,8 @@ from tigertunnel.handshake import (
 )
 from tigertunnel.logs import limit_accept_errors, logger
 from tigertunnel.tuning import TRIM_INTERVAL, trim_memory, tune_malloc
-from tigertunnel.protocols import (
-    FrameFactory,
-    FrameProtocol,
-    PrebuiltFactory,
-    TunnelFactory,
-    TunnelProtocol,
-)
+from tigertunnel.protocols import FrameFactory, FrameProtocol, PrebuiltFactory
+from tigertunnel.tunnel import TunnelFactory, TunnelProtocol
 
 #: Pool connection reconnect backoff (PROTOCOL.md section 7.8).
 BACKOFF_INITIAL = 0.1
