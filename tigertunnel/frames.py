@@ -117,6 +117,20 @@ def check_frame(frame: bytes, cluster_id: Optional[int]) -> None:
 MAX_CHUNKS = 64
 
 
+def merge_chunks(chunks: "List[bytes | bytearray | memoryview]") -> "List[bytes | bytearray | memoryview]":
+    """Fold pending chunks into one growing buffer (a one-element list).
+
+    A peer dripping a frame one byte per read would otherwise cost a Python
+    object per byte (about 45 bytes each); folding whenever more than
+    :data:`MAX_CHUNKS` are pending keeps the overhead linear and small.
+    """
+    head = chunks[0]
+    if type(head) is not bytearray:
+        head = bytearray(head)
+    head += b"".join(chunks[1:])
+    return [head]
+
+
 class FrameParser:
     """Cut a byte stream into complete TB frames (sans-IO).
 
@@ -149,19 +163,6 @@ class FrameParser:
         """Return how many bytes of an incomplete frame are held."""
         return self._have
 
-    def _merge_chunks(self) -> None:
-        """Fold many small chunks into one growing buffer.
-
-        A peer dripping a frame one byte per read would otherwise cost a
-        Python object per byte (about 45 bytes each); this keeps the
-        overhead linear and small.
-        """
-        head = self._chunks[0]
-        if type(head) is not bytearray:
-            head = bytearray(head)
-        head += b"".join(self._chunks[1:])
-        self._chunks = [head]
-
     def _fail(self, message: str) -> FrameError:
         self._error = FrameError(message)
         self._chunks = []
@@ -183,7 +184,7 @@ class FrameParser:
             self._chunks.append(data)
             self._have += len(data)
             if len(self._chunks) > MAX_CHUNKS:
-                self._merge_chunks()
+                self._chunks = merge_chunks(self._chunks)
             if self._have < self._need:
                 return []
             data = b"".join(self._chunks)

@@ -44,7 +44,13 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from tigertunnel.errors import MuxError
-from tigertunnel.frames import MAX_CHUNKS, MAX_FRAME_SIZE, MIN_FRAME_SIZE, SIZE_OFFSET
+from tigertunnel.frames import (
+    MAX_CHUNKS,
+    MAX_FRAME_SIZE,
+    MIN_FRAME_SIZE,
+    SIZE_OFFSET,
+    merge_chunks,
+)
 
 __all__ = [
     "MUX_HEADER_SIZE", "MAGIC", "CLOSE_PAYLOAD_SIZE", "FrameType", "MuxFrame",
@@ -173,19 +179,6 @@ class MuxDecoder:
         """Return how many bytes of an incomplete mux frame are held."""
         return self._have
 
-    def _merge_chunks(self) -> None:
-        """Fold many small chunks into one growing buffer.
-
-        A peer dripping a frame one byte per read would otherwise cost a
-        Python object per byte (about 45 bytes each); this keeps the
-        overhead linear and small.
-        """
-        head = self._chunks[0]
-        if type(head) is not bytearray:
-            head = bytearray(head)
-        head += b"".join(self._chunks[1:])
-        self._chunks = [head]
-
     def _fail(self, message: str) -> MuxError:
         self._error = MuxError(message)
         self._chunks = []
@@ -207,7 +200,7 @@ class MuxDecoder:
             self._chunks.append(data)
             self._have += len(data)
             if len(self._chunks) > MAX_CHUNKS:
-                self._merge_chunks()
+                self._chunks = merge_chunks(self._chunks)
             if self._have < self._need:
                 # Still incomplete; only a short tail may still be invalid.
                 if self._have < self._size_end:
