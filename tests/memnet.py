@@ -204,3 +204,18 @@ class Tunnel:
         pump = self.net.dial(self.client_addr, peer)
         self.net.flush()
         return peer, pump
+
+    def reference_client_link(self) -> "Tuple[Any, List[bytes]]":
+        """A pool connection from a version-1 (reference) client, and what it receives after its handshake."""
+        from tigertunnel.handshake import ClientHandshake
+        from tigertunnel.tunnel import TunnelProtocol
+
+        link = TunnelProtocol("client", ClientHandshake(*psk_store().first(), version=1,
+                                                         now=self.clock.seconds),
+                              self.client, "v1")
+        self.net.dial(self.server_addr, link)
+        self.net.flush()
+        received: List[bytes] = []
+        original = link.dataReceived
+        link.dataReceived = lambda data: (received.append(data), original(data))  # type: ignore[method-assign]
+        return link, received

@@ -20,9 +20,7 @@ from tests.memnet import (
 )
 from tigertunnel.crypto.kem import public_key_from_seed
 from tigertunnel.crypto.keys import parse_key_text
-from tigertunnel.handshake import ClientHandshake
 from tigertunnel.protocols import SESSION_BUFFER_LIMIT
-from tigertunnel.tunnel import TunnelProtocol
 from tigertunnel.traces import CLUSTER3, SINGLE, load_trace
 
 
@@ -394,15 +392,8 @@ class FailClosedTests(SynchronousTestCase):
         """A version-1 (reference) client is never sent stream_close, even when its backend closes."""
         t = Tunnel()
         t.start()
-        link = TunnelProtocol("client", ClientHandshake(*psk_store().first(), version=1,
-                                                         now=t.clock.seconds),
-                              t.client, "v1")
-        t.net.dial(t.server_addr, link)
-        t.net.flush()
+        link, received = t.reference_client_link()
         self.assertTrue(link.established)
-        received: List[bytes] = []
-        orig = link.dataReceived
-        link.dataReceived = lambda data: (received.append(data), orig(data))  # type: ignore[method-assign]
         session = t.client.new_session()
         link.open_stream(session)
         t.net.flush()

@@ -5,11 +5,9 @@ from typing import List
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.memnet import BackendFactory, TBPeer, Tunnel, psk_store
+from tests.memnet import BackendFactory, TBPeer, Tunnel
 from tests.strategies import make_tb_frame
 from tigertunnel.config import Address, ProxyPair
-from tigertunnel.handshake import ClientHandshake
-from tigertunnel.tunnel import TunnelProtocol
 from tigertunnel.services import (
     BACKOFF_INITIAL,
     BACKOFF_MAX,
@@ -333,15 +331,8 @@ class ServerLimitTests(SynchronousTestCase):
         """A version-1 client over the limit gets nothing back for the refused stream (no stream_close)."""
         t = Tunnel(server_cfg={"max_sessions": 1}, backend=BackendFactory())
         t.start()
-        link = TunnelProtocol("client", ClientHandshake(*psk_store().first(), version=1,
-                                                         now=t.clock.seconds),
-                              t.client, "v1")
-        t.net.dial(t.server_addr, link)
-        t.net.flush()
+        link, received = t.reference_client_link()
         self.assertTrue(link.established)
-        received: List[bytes] = []
-        original = link.dataReceived
-        link.dataReceived = lambda data: (received.append(data), original(data))  # type: ignore[method-assign]
         first, second = t.client.new_session(), t.client.new_session()
         link.open_stream(first)
         link.open_stream(second)
