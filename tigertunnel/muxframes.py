@@ -252,20 +252,22 @@ class MuxDecoder:
         self._have = 0
         first = bytes(chunks[0][:MUX_HEADER_SIZE]) if len(chunks[0]) >= MUX_HEADER_SIZE \
             else bytes(b"".join(chunks)[:MUX_HEADER_SIZE])
-        payload = bytearray(need - MUX_HEADER_SIZE)
-        filled = 0
+        # Memoryview slices and bytearray.join: each payload byte is copied
+        # exactly once, into a buffer that is not zero-filled first.
+        parts: List[memoryview] = []
         pos = 0  # position in the stream of the frame
         rest: "bytes | memoryview" = b""
         for chunk in chunks:
             n = len(chunk)
             lo = max(0, MUX_HEADER_SIZE - pos)
             hi = min(n, need - pos)
+            view = memoryview(chunk)
             if hi > lo:
-                payload[filled:filled + hi - lo] = chunk[lo:hi]
-                filled += hi - lo
+                parts.append(view[lo:hi])
             if pos + n > need:
-                rest = chunk[need - pos:]
+                rest = view[need - pos:]
             pos += n
+        payload = bytearray().join(parts)
         frames.append(MuxFrame(_u32_from(first, 4)[0], FrameType.DATA, first,
                                payload))
         return bytes(rest)
@@ -273,6 +275,7 @@ class MuxDecoder:
     def _scan(self, src: "bytes | memoryview", frames: List[MuxFrame]) -> int:
         """Append the complete frames of ``src`` and return where they end."""
         avail = len(src)
+        view = memoryview(src)  # slices of it are not copies
         off = 0
         while True:
             left = avail - off
@@ -305,8 +308,8 @@ class MuxDecoder:
             payload_type = bytearray if frame_type is FrameType.DATA else bytes
             frames.append(MuxFrame(
                 _u32_from(src, off + 4)[0], frame_type,
-                bytes(src[off:off + MUX_HEADER_SIZE]),
-                payload_type(src[off + MUX_HEADER_SIZE:end])))
+                bytes(view[off:off + MUX_HEADER_SIZE]),
+                payload_type(view[off + MUX_HEADER_SIZE:end])))
             off = end
 
     def _check_partial_header(self, src: "bytes | memoryview", off: int,
