@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -60,6 +60,7 @@ class BenchOptions(usage.Options):
         ["idle", None, "1000", "Idle sessions for the idle-memory figure (0 = skip)."],
         ["json", None, None, "Also write the results as JSON to this file."],
         ["pool", "n", "4", "Pool connections (-n) of the tunnel client."],
+        ["workers", "w", "1", "Worker processes (--workers) of each tunnel end."],
     ]
     optFlags = [["quiet", "q", "No progress bar."]]
 
@@ -71,6 +72,7 @@ class BenchOptions(usage.Options):
             self["max-bytes"] = int(self["max-bytes"])
             self["idle"] = int(self["idle"])
             self["pool"] = int(self["pool"])
+            self["workers"] = int(self["workers"])
         except ValueError as e:
             raise usage.UsageError(f"bad number: {e}") from None
         if any(not 256 <= s <= 1 << 20 for s in self["sizes"]):
@@ -95,6 +97,22 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def with_children(pid: int) -> List[int]:
+    """``pid`` and its child processes (the workers of a tunnel end)."""
+    pids = [pid]
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            pids.append(int(name))
+    return pids
 
 
 def memory_kib(pid: int, key: str) -> int:
@@ -237,8 +255,9 @@ def _stats(run: _Run) -> Dict[str, float]:
 class Processes:
     """The echo backend and the tunnel server and client, as subprocesses."""
 
-    def __init__(self, tmp: str, mode: str, pool: int) -> None:
+    def __init__(self, tmp: str, mode: str, pool: int, workers: int = 1) -> None:
         exe = [sys.executable, "-m", "tigertunnel"]
+        self.workers = workers
         key = os.path.join(tmp, "secret.key")
         kem = os.path.join(tmp, "server-kem")
         if not os.path.exists(key):
@@ -254,19 +273,32 @@ class Processes:
             stdout=logs, stderr=logs)
         self.server = subprocess.Popen(
             exe + ["server", "-p", f"127.0.0.1:{self.server_port},127.0.0.1:{self.echo_port}",
-                   "-k", key, "--log-level", "warn", "-m", "5000"] + server_kem,
+                   "-k", key, "--log-level", "warn", "-m", "5000",
+                   "--workers", str(workers)] + server_kem,
             stdout=logs, stderr=logs)
         self.client = subprocess.Popen(
             exe + ["client", "-p", f"127.0.0.1:{self.client_port},127.0.0.1:{self.server_port}",
-                   "-k", key, "-n", str(pool), "--log-level", "warn", "-m", "5000"] + client_kem,
+                   "-k", key, "-n", str(pool), "--log-level", "warn", "-m", "5000",
+                   "--workers", str(workers)] + client_kem,
             stdout=logs, stderr=logs)
 
     @property
-    def tunnel_pids(self) -> Tuple[int, int]:
-        return self.server.pid, self.client.pid
+    def tunnel_pids(self) -> List[int]:
+        """Every tunnel process: both ends and their workers."""
+        return with_children(self.server.pid) + with_children(self.client.pid)
 
     def tunnel_cpu(self) -> float:
-        return sum(cpu_seconds(p) for p in self.tunnel_pids)
+        total = 0.0
+        for pid in self.tunnel_pids:
+            try:
+                total += cpu_seconds(pid)
+            except OSError:
+                pass  # a worker that just exited
+        return total
+
+    def peak_rss_kib(self, pid: int, key: str = "VmHWM") -> int:
+        """The largest ``key`` among a tunnel end's processes."""
+        return max(memory_kib(p, key) for p in with_children(pid))
 
     def stop(self) -> None:
         for p in (self.client, self.server, self.echo):
@@ -286,7 +318,9 @@ async def _ready(reactor: Any, procs: Processes) -> None:
             if p.poll() is not None:
                 raise RuntimeError(f"a benchmark process exited with {p.returncode}")
         try:
-            run = _Run(reactor, procs.client_port, 256, 1, 0.05, 1 << 20)
+            # Enough sessions that every client worker is very likely hit.
+            run = _Run(reactor, procs.client_port, 256, 8 * procs.workers, 0.05,
+                       1 << 20)
             await run.go()
             return
         except Exception:
@@ -320,8 +354,8 @@ async def _idle_rss(reactor: Any, procs: Processes, count: int) -> Dict[str, int
     for _ in range(count):
         protos.append(await endpoint.connect(Factory.forProtocol(Protocol)))
     await task.deferLater(reactor, 1.0, lambda: None)
-    rss = {"server_rss_kib": memory_kib(procs.server.pid, "VmRSS"),
-           "client_rss_kib": memory_kib(procs.client.pid, "VmRSS"),
+    rss = {"server_rss_kib": procs.peak_rss_kib(procs.server.pid, "VmRSS"),
+           "client_rss_kib": procs.peak_rss_kib(procs.client.pid, "VmRSS"),
            "sessions": count}
     for p in protos:
         p.transport.loseConnection()
@@ -367,7 +401,7 @@ async def run_bench(reactor: Any, opts: BenchOptions) -> Dict[str, Any]:
     done = 0
     with tempfile.TemporaryDirectory() as tmp:
         for mode in opts["modes"]:
-            procs = Processes(tmp, mode, opts["pool"])
+            procs = Processes(tmp, mode, opts["pool"], opts["workers"])
             try:
                 await _ready(reactor, procs)
                 memory[mode] = {}
@@ -385,8 +419,8 @@ async def run_bench(reactor: Any, opts: BenchOptions) -> Dict[str, Any]:
                                                      sessions, opts, tunnel=True)
                         cells.append(cell)
                         done += 1
-                memory[mode]["server_peak_rss_kib"] = memory_kib(procs.server.pid, "VmHWM")
-                memory[mode]["client_peak_rss_kib"] = memory_kib(procs.client.pid, "VmHWM")
+                memory[mode]["server_peak_rss_kib"] = procs.peak_rss_kib(procs.server.pid)
+                memory[mode]["client_peak_rss_kib"] = procs.peak_rss_kib(procs.client.pid)
             finally:
                 procs.stop()
     _progress(total, total, "done", opts["quiet"])

@@ -125,8 +125,16 @@ def _run_end(argv: List[str]) -> int:
         return _fail(str(e), 2)
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
-                                     redirectStandardIO=False)
+    if options.subOptions["worker-index"] is not None:
+        # A worker process of --workers: its supervisor relays the log.
+        from tigertunnel.workers import die_with_supervisor, worker_log_observer
+
+        if not die_with_supervisor():
+            return _fail("worker: the supervisor process is gone")
+        observer = worker_log_observer()
+    else:
+        observer = textFileLogObserver(sys.stderr)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     service = tap.makeService(options)
     try:
         service.privilegedStartService()
@@ -151,6 +159,8 @@ def describe_run(options: Any) -> List[str]:
         lines.append(f"  {pair.name}: {pair.listen} -> {pair.target}")
     if sub.operations.metrics:
         lines.append(f"  metrics: {sub.operations.metrics}")
+    if cfg.workers > 1:
+        lines.append(f"  workers: {cfg.workers} processes (SO_REUSEPORT)")
     return lines
 
 

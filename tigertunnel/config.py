@@ -95,8 +95,8 @@ def _valid_hostname(host: str) -> bool:
     return True
 
 
-def listen_description(address: Address) -> str:
-    """Return the Twisted server endpoint description for a listen address.
+def listen_host(address: Address) -> str:
+    """Return the IP address to bind for a listen address ("" for all).
 
     A host name is resolved once, here (listening needs an address).
 
@@ -110,6 +110,15 @@ def listen_description(address: Address) -> str:
         except (OSError, IndexError) as e:
             raise ConfigError(f"cannot resolve listen host {address.host!r}: "
                               f"{e}") from None
+    return host
+
+
+def listen_description(address: Address) -> str:
+    """Return the Twisted server endpoint description for a listen address.
+
+    :raises ConfigError: the host name does not resolve.
+    """
+    host = listen_host(address)
     if not host:
         return f"tcp:{address.port}"
     kind = "tcp6" if ipaddress.ip_address(host).version == 6 else "tcp"
@@ -170,4 +179,7 @@ class TunnelConfig:
     require_kem: bool = False
     key_path: Optional[str] = None
     kem_path: Optional[str] = None
+    #: Processes serving this tunnel end (``--workers``); more than one
+    #: makes every listener bind with SO_REUSEPORT.
+    workers: int = 1
     extra: dict = field(default_factory=dict)

@@ -22,7 +22,7 @@ from typing import Any, Callable, List, Optional, Set, Tuple, Union
 from weakref import WeakKeyDictionary
 
 from twisted.application import strports
-from twisted.application.internet import TimerService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -31,7 +31,12 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamClientEndpoint
 
-from tigertunnel.config import ProxyPair, TunnelConfig, listen_description
+from tigertunnel.config import (
+    ProxyPair,
+    TunnelConfig,
+    listen_description,
+    listen_host,
+)
 from tigertunnel.errors import ListenError
 from tigertunnel.handshake import (
     EXTENDED_VERSION,
@@ -308,8 +313,7 @@ class ClientMultiplexer(SessionMultiplexer):
         super().__init__(config, pair, reactor, endpoint_for)
         self._rr = 0
         self.frame_factory = FrameFactory(self)
-        listener = strports.service(pair_listen_description(config, pair),
-                                    self.frame_factory, reactor=reactor)
+        listener = pair_listener(config, pair, self.frame_factory, reactor)
         listener.setServiceParent(self)
         self._link_count = 0
         #: The KEM public key each pool connection's handshake was built
@@ -386,8 +390,7 @@ class ServerMultiplexer(SessionMultiplexer):
         self.pending: "OrderedDict[TunnelProtocol, None]" = OrderedDict()
         self.evictions = 0
         self.tunnel_factory = TunnelFactory(self, self._make_handshake)
-        listener = strports.service(pair_listen_description(config, pair),
-                                    self.tunnel_factory, reactor=reactor)
+        listener = pair_listener(config, pair, self.tunnel_factory, reactor)
         listener.setServiceParent(self)
 
     def _make_handshake(self) -> Optional[ServerHandshake]:
@@ -458,6 +461,25 @@ def pair_listen_description(config: TunnelConfig, pair: ProxyPair) -> str:
     """
     override = config.extra.get("listen", {}).get(pair.index)
     return str(override) if override else listen_description(pair.listen)
+
+
+def pair_listener(config: TunnelConfig, pair: ProxyPair, factory: Any,
+                  reactor: Any) -> Service:
+    """The listening service of a pair.
+
+    With several workers (``config.workers > 1``) the socket is bound with
+    SO_REUSEPORT, so that every worker can listen on the same address.
+    """
+    if config.workers > 1 and pair.index not in config.extra.get("listen", {}):
+        from tigertunnel.workers import ReusePortEndpoint
+
+        service = StreamServerEndpointService(
+            ReusePortEndpoint(reactor, pair.listen.port,
+                              listen_host(pair.listen)), factory)
+        service._raiseSynchronously = True
+        return service
+    return strports.service(pair_listen_description(config, pair), factory,
+                            reactor=reactor)
 
 
 def build_service(config: TunnelConfig, reactor: Any = None,

@@ -104,6 +104,10 @@ class _EndOptions(ExampleOptions):
         ["replica", None, None, "With --config: the replica this tunnel end "
          "runs next to (server: required with several replicas; client: "
          "replica-to-replica pairs)."],
+        ["workers", None, "1", "Processes serving this tunnel end; more than "
+         "1 starts worker processes that share the listeners (SO_REUSEPORT)."],
+        ["worker-index", None, None, "Internal: set by --workers on the "
+         "worker processes it starts."],
     ]
 
     def __init__(self) -> None:
@@ -117,6 +121,8 @@ class _EndOptions(ExampleOptions):
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """Parse, with ``--config FILE`` expanded in front of the arguments."""
         args = list(sys.argv[1:] if options is None else options)
+        #: The arguments as given (workers are started with the same ones).
+        self.raw_args = list(args)
         try:
             found, _ = getopt.getopt(args, self.shortOpt, self.longOpt)
         except getopt.error:
@@ -216,7 +222,25 @@ class _EndOptions(ExampleOptions):
         except KeyFileError as e:
             raise usage.UsageError(f"cannot use key file: {e}") from None
         self.operations = self.check_operations(cfg)
+        self.check_workers(cfg)
         self.config = cfg
+
+    def check_workers(self, cfg: TunnelConfig) -> None:
+        """Check --workers and --worker-index."""
+        from tigertunnel.workers import MAX_WORKERS
+
+        cfg.workers = _positive_int("workers", self["workers"], MAX_WORKERS)
+        index = self["worker-index"]
+        if index is not None:
+            if cfg.workers < 2:
+                raise usage.UsageError("--worker-index needs --workers 2 or more")
+            _positive_int("worker-index", index, cfg.workers - 1)
+            # A worker serves; the metrics listener is worker 0's.
+            self.operations.metrics = None
+        if cfg.workers > 1 and self.operations.systemd_sockets:
+            raise usage.UsageError("--workers and --systemd-sockets exclude "
+                                   "each other (give systemd one socket per "
+                                   "-p and run one process)")
 
     def check_operations(self, cfg: TunnelConfig) -> Operations:
         """Check --metrics, --shutdown-timeout and --systemd-sockets."""
@@ -402,6 +426,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if notifier.enabled:
         systemd = SystemdService(notifier, reactor, watchdog)
         listeners.append(systemd)
+    if config.workers > 1 and sub["worker-index"] is None:
+        from tigertunnel.workers import WorkerSupervisor, worker_command
+
+        supervisor = WorkerSupervisor(
+            reactor, worker_command([sub.role] + sub.raw_args),
+            config.workers, ops.shutdown_timeout)
+        listeners.append(supervisor)  # SIGHUP goes to the workers too
+        top.add_operation(supervisor, stop_last=True)
     top.add_operation(ReloadService(reloader, reactor, listeners))
     if ops.metrics is not None:
         top.add_operation(MetricsService(ops.metrics, top.multiplexers,
