@@ -1,27 +1,30 @@
-"""WorkerSupervisor with a fake process reactor; ReusePortEndpoint; --workers options."""
+"""WorkerSupervisor with a fake process reactor; inherited sockets; worker logs; options."""
 
 import os
 import socket
 from typing import Any, Dict, List, Optional, Tuple
 
-from twisted.internet import reactor as real_reactor
-from twisted.internet.error import CannotListenError, ProcessDone, ProcessTerminated
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, eventAsJSON
+from twisted.logger import LogLevel, eventAsJSON, eventFromJSON, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel import tap
 from tigertunnel.crypto.keys import keygen
+from tigertunnel.errors import ConfigError
 from tigertunnel.workers import (
     KILL_GRACE,
+    LISTEN_FDS_ENV,
+    LOG_BUFFER_LIMIT,
     PRIVATE_ENV,
     SUPERVISOR_ENV,
-    ReusePortEndpoint,
     WorkerSupervisor,
+    inherited_listen_fds,
+    socket_family,
     supervisor_alive,
+    worker_log_observer,
 )
 
 
@@ -43,14 +46,17 @@ class ProcessClock(Clock):
         super().__init__()
         self.spawned: List[Tuple[Any, List[str], Dict[str, str], Dict[int, str]]] = []
         self.triggers: List[Tuple[str, str, Any]] = []
+        self.paths: List[str] = []
         self._pid = 1000
 
     def spawnProcess(self, proto: Any, executable: str, args: List[str],
-                     env: Dict[str, str], childFDs: Dict[int, str]) -> FakeProcess:
+                     env: Dict[str, str], path: str,
+                     childFDs: Dict[int, Any]) -> FakeProcess:
         self._pid += 1
         transport = FakeProcess(self._pid)
         proto.makeConnection(transport)
         self.spawned.append((proto, args, env, childFDs))
+        self.paths.append(path)
         return transport
 
     def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> Tuple[str, str, Any]:
@@ -78,7 +84,8 @@ class SupervisorTests(SynchronousTestCase):
                "WATCHDOG_USEC": "5"}
         self.sup = WorkerSupervisor(self.clock, ["python", "-m", "tigertunnel",
                                                  "client", "--workers", "3"],
-                                    3, shutdown_timeout=10.0,
+                                    3, lambda: [7, 9], "/srv/tt",
+                                    shutdown_timeout=10.0,
                                     publish=self.events.append, environ=env)
 
     def worker(self, index: int) -> Any:
@@ -86,18 +93,21 @@ class SupervisorTests(SynchronousTestCase):
 
     def test_start_spawns_the_other_workers(self) -> None:
         """Workers 1 and 2 start with the same command plus --worker-index,
-        without systemd's variables and with the supervisor's pid."""
+        in the original directory, without systemd's variables, with the
+        supervisor's pid and worker 0's listening sockets as fds 3 and 4."""
         self.sup.startService()
         self.assertEqual([args[-2:] for _, args, _, _ in self.clock.spawned],
                          [["--worker-index", "1"], ["--worker-index", "2"]])
+        self.assertEqual(self.clock.paths, ["/srv/tt", "/srv/tt"])
         for _, args, env, fds in self.clock.spawned:
             self.assertEqual(args[:5], ["python", "-m", "tigertunnel", "client",
                                         "--workers"])
             for key in PRIVATE_ENV:
                 self.assertNotIn(key, env)
             self.assertEqual(env["PATH"], "/bin")
-            self.assertTrue(env[SUPERVISOR_ENV].isdigit())
-            self.assertEqual(fds, {0: "w", 1: "r", 2: "r"})
+            self.assertEqual(env[SUPERVISOR_ENV], str(os.getpid()))
+            self.assertEqual(env[LISTEN_FDS_ENV], "3,4")
+            self.assertEqual(fds, {0: "w", 1: "r", 2: "r", 3: 7, 4: 9})
         self.assertEqual(sorted(self.sup.workers), [1, 2])
         self.assertEqual(len(self.clock.triggers), 1)
 
@@ -156,11 +166,50 @@ class SupervisorTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(len(self.clock.spawned), 2)
 
-    def test_reload_forwards_sighup(self) -> None:
+    def log_line(self, index: int, text: str = "up") -> None:
+        event = {"log_level": LogLevel.info, "log_namespace": "tigertunnel.x",
+                 "log_format": text, "log_time": 1.0}
+        self.worker(index).childDataReceived(1, eventAsJSON(event).encode() + b"\n")
+
+    def test_reload_forwards_sighup_to_workers_that_are_up(self) -> None:
+        """SIGHUP goes to workers that logged (their handlers are set up),
+        not to one still starting (SIGHUP would end it)."""
         self.sup.startService()
+        self.log_line(1)
         self.sup.reloading()
         self.assertEqual(self.worker(1).transport.signals, ["HUP"])
-        self.assertEqual(self.worker(2).transport.signals, ["HUP"])
+        self.assertEqual(self.worker(2).transport.signals, [])
+
+    def test_start_failure_logged_as_error(self) -> None:
+        """A worker that exits before it logged anything failed to start:
+        an error; one that was up and exits: a warning."""
+        logged: List[Dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.sup.startService()
+        self.worker(1).childDataReceived(
+            2, b"tigertunnel: error: cannot use key file: x: No such file\n")
+        self.worker(1).processEnded(exited(1))
+        self.log_line(2)
+        self.worker(2).processEnded(exited(1))
+        ours = [(e["log_level"], e.get("index")) for e in logged
+                if e.get("log_namespace") == "tigertunnel.workers"
+                and "status" in e]
+        self.assertEqual(ours, [(LogLevel.error, 1), (LogLevel.warn, 2)])
+        relayed = [e for e in self.events if e.get("line", "").startswith(
+            "tigertunnel: error:")]
+        self.assertEqual(relayed[0]["log_level"], LogLevel.error)
+
+    def test_relay_never_raises(self) -> None:
+        """Odd lines (deeply nested JSON, bad levels, binary) become text events."""
+        self.sup.startService()
+        w = self.worker(1)
+        for line in (b"[" * 100_000 + b"]" * 100_000, b'{"log_level": 5}',
+                     b"\xff\xfe", b'{"log_level": {"name": "nope"}}'):
+            w.childDataReceived(1, line + b"\n")
+        self.assertEqual(len(self.events), 4)
+        self.assertTrue(all(e["log_level"] is LogLevel.warn for e in self.events))
+        self.assertFalse(w.up)
 
     def test_json_events_relayed_with_worker_system(self) -> None:
         """A worker's JSON log line is re-published with its level and format,
@@ -212,31 +261,108 @@ class SupervisorAliveTests(SynchronousTestCase):
         self.assertFalse(supervisor_alive({SUPERVISOR_ENV: str(os.getppid() + 1)}))
 
 
-class ReusePortEndpointTests(TestCase):
-    """Real sockets on 127.0.0.1."""
+class InheritedSocketTests(SynchronousTestCase):
+    """What a worker checks about the sockets it inherited."""
 
-    async def test_two_listeners_share_a_port(self) -> None:
-        """Two SO_REUSEPORT listeners bind the same port and both accept."""
-        first = await ReusePortEndpoint(real_reactor, 0, "127.0.0.1").listen(
-            Factory.forProtocol(Protocol))
-        self.addCleanup(first.stopListening)
-        port = first.getHost().port
-        second = await ReusePortEndpoint(real_reactor, port, "127.0.0.1").listen(
-            Factory.forProtocol(Protocol))
-        self.addCleanup(second.stopListening)
-        self.assertEqual(second.getHost().port, port)
+    def test_listening_sockets_accepted(self) -> None:
+        socks = []
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            try:
+                sock = socket.socket(family)
+                sock.bind((host, 0))
+            except OSError:
+                continue
+            sock.listen(1)
+            self.addCleanup(sock.close)
+            socks.append(sock)
+        fds = ",".join(str(s.fileno()) for s in socks)
+        got = inherited_listen_fds(len(socks), {LISTEN_FDS_ENV: fds})
+        self.assertEqual(got, {i: s.fileno() for i, s in enumerate(socks)})
+        self.assertEqual([socket_family(fd) for fd in got.values()],
+                         [s.family for s in socks])
 
-    async def test_port_taken_without_reuseport(self) -> None:
-        """A port held by a listener without SO_REUSEPORT is a CannotListenError."""
-        plain = socket.socket()
-        self.addCleanup(plain.close)
-        plain.bind(("127.0.0.1", 0))
-        plain.listen(1)
-        port = plain.getsockname()[1]
-        d = ReusePortEndpoint(real_reactor, port, "127.0.0.1").listen(
-            Factory.forProtocol(Protocol))
-        failure = self.failureResultOf(d, CannotListenError)
-        self.assertIn(str(port), str(failure.value))
+    def test_refused(self) -> None:
+        """Missing, malformed, wrong count, closed, or not listening."""
+        unbound = socket.socket()
+        self.addCleanup(unbound.close)
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        closed = socket.socket()
+        dead = closed.fileno()
+        closed.close()
+        for env, count, text in (
+                ({}, 1, "does not list 1 listening sockets"),
+                ({LISTEN_FDS_ENV: "x"}, 1, "does not list"),
+                ({LISTEN_FDS_ENV: f"{listening.fileno()}"}, 2, "does not list 2"),
+                ({LISTEN_FDS_ENV: f"{dead}"}, 1, f"inherited descriptor {dead}"),
+                ({LISTEN_FDS_ENV: f"{unbound.fileno()}"}, 1,
+                 "is not a listening TCP socket")):
+            with self.assertRaises(ConfigError) as ctx:
+                inherited_listen_fds(count, env)
+            self.assertIn(text, str(ctx.exception))
+
+
+class WorkerLogTests(SynchronousTestCase):
+    """The worker's JSON log observer on a real pipe."""
+
+    def pipe(self) -> Tuple[int, int]:
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        return r, w
+
+    def read_all(self, fd: int) -> bytes:
+        os.set_blocking(fd, False)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def test_failure_becomes_text(self) -> None:
+        r, w = self.pipe()
+        observer = worker_log_observer(w)
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        observer({"log_level": LogLevel.critical, "log_namespace": "x",
+                  "log_format": "while doing it", "log_failure": failure,
+                  "log_time": 1.0})
+        event = eventFromJSON(self.read_all(r).decode().strip())
+        self.assertIn("ZeroDivisionError: division by zero", event["log_traceback"])
+        self.assertEqual(event["log_format"], "while doing it\n{log_traceback}")
+
+    def test_full_pipe_never_blocks_and_counts_drops(self) -> None:
+        """With nobody reading, lines are held up to the limit, then dropped;
+        once the pipe drains, a line tells how many were dropped."""
+        r, w = self.pipe()
+        observer = worker_log_observer(w)
+        event = {"log_level": LogLevel.info, "log_namespace": "x",
+                 "log_format": "x" * 1000, "log_time": 1.0}
+        for _ in range(5000):  # ~5 MB: more than pipe + LOG_BUFFER_LIMIT
+            observer(event)
+        self.assertGreater(observer.dropped, 0)
+        self.assertLessEqual(len(observer._pending), LOG_BUFFER_LIMIT)
+        dropped = observer.dropped
+        data, logged = b"", 5000
+        for _ in range(1000):  # the supervisor reads again
+            data += self.read_all(r)
+            if observer.dropped == 0 and not observer._pending:
+                break
+            observer(event)
+            logged += 1
+        lines = data.decode().splitlines()
+        notes = [eventFromJSON(line) for line in lines if "dropped" in line]
+        self.assertEqual([n["count"] for n in notes], [dropped])
+        self.assertEqual(len(lines), logged - dropped + 1)
 
 
 class WorkerOptionTests(SynchronousTestCase):
@@ -261,9 +387,18 @@ class WorkerOptionTests(SynchronousTestCase):
         self.assertEqual(opts.subOptions.operations.metrics, "tcp:0")
 
     def test_worker_has_no_metrics(self) -> None:
+        """A worker serves on the inherited socket; metrics are worker 0's."""
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        self.patch(os, "environ", dict(os.environ, **{
+            LISTEN_FDS_ENV: str(sock.fileno())}))
         opts = self.parse("--workers", "4", "--metrics", "tcp:0",
                           "--worker-index", "3")
         self.assertIsNone(opts.subOptions.operations.metrics)
+        self.assertEqual(opts.subOptions.config.extra["inherited"],
+                         {0: sock.fileno()})
 
     def test_bad_values(self) -> None:
         for args, text in ((["--workers", "0"], "invalid workers: '0'"),

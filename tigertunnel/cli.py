@@ -129,8 +129,11 @@ def _run_end(argv: List[str]) -> int:
         # A worker process of --workers: its supervisor relays the log.
         from tigertunnel.workers import die_with_supervisor, worker_log_observer
 
-        if not die_with_supervisor():
-            return _fail("worker: the supervisor process is gone")
+        try:
+            if not die_with_supervisor():
+                return _fail("worker: the supervisor process is gone")
+        except OSError as e:
+            return _fail(f"worker: {e}")
         observer = worker_log_observer()
     else:
         observer = textFileLogObserver(sys.stderr)

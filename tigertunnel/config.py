@@ -179,7 +179,6 @@ class TunnelConfig:
     require_kem: bool = False
     key_path: Optional[str] = None
     kem_path: Optional[str] = None
-    #: Processes serving this tunnel end (``--workers``); more than one
-    #: makes every listener bind with SO_REUSEPORT.
+    #: Processes serving this tunnel end (``--workers``).
     workers: int = 1
     extra: dict = field(default_factory=dict)

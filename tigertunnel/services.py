@@ -21,22 +21,20 @@ from collections import Counter, OrderedDict
 from typing import Any, Callable, List, Optional, Set, Tuple, Union
 from weakref import WeakKeyDictionary
 
-from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    HostnameEndpoint,
+    serverFromString,
+)
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamClientEndpoint
 
-from tigertunnel.config import (
-    ProxyPair,
-    TunnelConfig,
-    listen_description,
-    listen_host,
-)
+from tigertunnel.config import ProxyPair, TunnelConfig, listen_description
 from tigertunnel.errors import ListenError
 from tigertunnel.handshake import (
     EXTENDED_VERSION,
@@ -313,8 +311,8 @@ class ClientMultiplexer(SessionMultiplexer):
         super().__init__(config, pair, reactor, endpoint_for)
         self._rr = 0
         self.frame_factory = FrameFactory(self)
-        listener = pair_listener(config, pair, self.frame_factory, reactor)
-        listener.setServiceParent(self)
+        self.listener = pair_listener(config, pair, self.frame_factory, reactor)
+        self.listener.setServiceParent(self)
         self._link_count = 0
         #: The KEM public key each pool connection's handshake was built
         #: with (key reload retires those built with a replaced one).
@@ -390,8 +388,8 @@ class ServerMultiplexer(SessionMultiplexer):
         self.pending: "OrderedDict[TunnelProtocol, None]" = OrderedDict()
         self.evictions = 0
         self.tunnel_factory = TunnelFactory(self, self._make_handshake)
-        listener = pair_listener(config, pair, self.tunnel_factory, reactor)
-        listener.setServiceParent(self)
+        self.listener = pair_listener(config, pair, self.tunnel_factory, reactor)
+        self.listener.setServiceParent(self)
 
     def _make_handshake(self) -> Optional[ServerHandshake]:
         psk = self.config.psk
@@ -463,23 +461,41 @@ def pair_listen_description(config: TunnelConfig, pair: ProxyPair) -> str:
     return str(override) if override else listen_description(pair.listen)
 
 
+class ListenerService(StreamServerEndpointService):
+    """A pair's listening service; keeps its port (``--workers`` hands the
+    socket to the worker processes)."""
+
+    port: Optional[Any] = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self._waitingForPort is not None:
+            self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        return port
+
+
 def pair_listener(config: TunnelConfig, pair: ProxyPair, factory: Any,
-                  reactor: Any) -> Service:
+                  reactor: Any) -> ListenerService:
     """The listening service of a pair.
 
-    With several workers (``config.workers > 1``) the socket is bound with
-    SO_REUSEPORT, so that every worker can listen on the same address.
+    A worker process (``--workers``) accepts on the socket it inherited from
+    worker 0; otherwise the pair's address (or its systemd socket) is used.
     """
-    if config.workers > 1 and pair.index not in config.extra.get("listen", {}):
-        from tigertunnel.workers import ReusePortEndpoint
+    inherited = config.extra.get("inherited", {}).get(pair.index)
+    if inherited is not None:
+        from tigertunnel.workers import socket_family
 
-        service = StreamServerEndpointService(
-            ReusePortEndpoint(reactor, pair.listen.port,
-                              listen_host(pair.listen)), factory)
-        service._raiseSynchronously = True
-        return service
-    return strports.service(pair_listen_description(config, pair), factory,
-                            reactor=reactor)
+        endpoint: Any = AdoptedStreamServerEndpoint(reactor, inherited,
+                                                    socket_family(inherited))
+    else:
+        endpoint = serverFromString(reactor,
+                                    pair_listen_description(config, pair))
+    service = ListenerService(endpoint, factory)
+    service._raiseSynchronously = True  # as strports.service does
+    return service
 
 
 def build_service(config: TunnelConfig, reactor: Any = None,

@@ -10,6 +10,7 @@ non-zero exit status, before anything listens or daemonizes.
 """
 
 import getopt
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Set
@@ -105,7 +106,8 @@ class _EndOptions(ExampleOptions):
          "runs next to (server: required with several replicas; client: "
          "replica-to-replica pairs)."],
         ["workers", None, "1", "Processes serving this tunnel end; more than "
-         "1 starts worker processes that share the listeners (SO_REUSEPORT)."],
+         "1 starts worker processes that accept on the same listening "
+         "sockets (-n and -m apply to each)."],
         ["worker-index", None, None, "Internal: set by --workers on the "
          "worker processes it starts."],
     ]
@@ -121,8 +123,10 @@ class _EndOptions(ExampleOptions):
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """Parse, with ``--config FILE`` expanded in front of the arguments."""
         args = list(sys.argv[1:] if options is None else options)
-        #: The arguments as given (workers are started with the same ones).
+        #: The arguments as given, and where (workers are started with the
+        #: same ones, in the same directory).
         self.raw_args = list(args)
+        self.cwd = os.getcwd()
         try:
             found, _ = getopt.getopt(args, self.shortOpt, self.longOpt)
         except getopt.error:
@@ -232,15 +236,17 @@ class _EndOptions(ExampleOptions):
         cfg.workers = _positive_int("workers", self["workers"], MAX_WORKERS)
         index = self["worker-index"]
         if index is not None:
+            from tigertunnel.workers import inherited_listen_fds
+
             if cfg.workers < 2:
                 raise usage.UsageError("--worker-index needs --workers 2 or more")
             _positive_int("worker-index", index, cfg.workers - 1)
-            # A worker serves; the metrics listener is worker 0's.
+            # A worker serves on worker 0's sockets; metrics are worker 0's.
             self.operations.metrics = None
-        if cfg.workers > 1 and self.operations.systemd_sockets:
-            raise usage.UsageError("--workers and --systemd-sockets exclude "
-                                   "each other (give systemd one socket per "
-                                   "-p and run one process)")
+            try:
+                cfg.extra["inherited"] = inherited_listen_fds(len(cfg.pairs))
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
 
     def check_operations(self, cfg: TunnelConfig) -> Operations:
         """Check --metrics, --shutdown-timeout and --systemd-sockets."""
@@ -264,7 +270,7 @@ class _EndOptions(ExampleOptions):
             raise usage.UsageError(f"invalid shutdown-timeout: "
                                    f"{self['shutdown-timeout']!r} (seconds, "
                                    f"more than 0, at most 3600)") from None
-        if self["systemd-sockets"]:
+        if self["systemd-sockets"] and self["worker-index"] is None:
             from tigertunnel.systemd import adopted_listen_descriptions
 
             ops.systemd_sockets = True
@@ -429,9 +435,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if config.workers > 1 and sub["worker-index"] is None:
         from tigertunnel.workers import WorkerSupervisor, worker_command
 
+        muxes = top.multiplexers
         supervisor = WorkerSupervisor(
-            reactor, worker_command([sub.role] + sub.raw_args),
-            config.workers, ops.shutdown_timeout)
+            reactor, worker_command([sub.role] + sub.raw_args), config.workers,
+            lambda: [mux.listener.port.fileno() for mux in muxes], sub.cwd,
+            ops.shutdown_timeout)
         listeners.append(supervisor)  # SIGHUP goes to the workers too
         top.add_operation(supervisor, stop_last=True)
     top.add_operation(ReloadService(reloader, reactor, listeners))

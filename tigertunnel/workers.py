@@ -3,20 +3,31 @@
 A tunnel end is one Python process, so it uses one core. With ``--workers N``
 the process the operator started (under ``twistd`` or the console script)
 is worker 0 *and* the supervisor of N-1 more workers, which run the same
-command with ``--worker-index I``. Every worker binds every listener with
-``SO_REUSEPORT`` (:class:`ReusePortEndpoint`), so the kernel spreads new
-connections over them: TB clients over the client's workers, pool
-connections over the server's. A session lives in one worker from start to
-end, and each client worker keeps its own pool (``-n`` connections per pair).
+command with ``--worker-index I``. Worker 0 binds the listeners (as twistd
+binds them, before it drops privileges, or as systemd hands them over) and
+every worker inherits those very sockets (:data:`LISTEN_FDS_ENV`) and
+accepts on them: whichever worker is free takes a new connection (TB clients
+on a tunnel client, pool connections on a tunnel server). A session lives in
+one worker from start to end; each client worker keeps its own pool (``-n``
+connections per pair) and each worker its own ``-m`` limit.
+
+Why inherited sockets rather than a SO_REUSEPORT socket per worker: with
+SO_REUSEPORT the kernel hashes a new connection to one socket of the group,
+so while a worker restarts, the connections hashed to its socket wait
+unanswered; a second instance started by mistake would silently join the
+group and take a share of the traffic; and a worker started after twistd
+dropped privileges could not bind a privileged port. A shared socket has
+none of these problems, and TB's connections are long-lived, so the wake-ups
+of the idle workers on a new connection cost nothing that matters.
 
 :class:`WorkerSupervisor` (a service of worker 0):
 
 * starts the workers, with their standard output and error piped back: a
   worker logs JSON events (:func:`worker_log_observer`) that the supervisor
-  re-publishes in its own log with a ``worker I/namespace#level`` system, so ``--logfile``,
-  levels and journald work as for one process;
+  re-publishes in its own log with a ``worker I/namespace#level`` system, so
+  ``--logfile``, levels and journald work as for one process;
 * restarts a worker that exits, after 1 s doubling to 30 s;
-* forwards SIGHUP (key reload) to the workers;
+* forwards SIGHUP (key reload) to the workers that are up;
 * on shutdown sends SIGTERM to the workers at once, so they drain in
   parallel with worker 0, and SIGKILLs those still alive after the shutdown
   timeout plus a grace period.
@@ -26,18 +37,17 @@ A worker asks the kernel for SIGTERM when its supervisor dies
 This module never imports the reactor; it is handed one.
 """
 
+import errno
 import ctypes
-import ctypes.util
 import os
 import signal
 import socket
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError, ProcessDone
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import (
     ILogObserver,
@@ -49,12 +59,18 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tigertunnel.errors import ConfigError
 from tigertunnel.logs import logger
 
 #: Most worker processes per tunnel end.
 MAX_WORKERS = 64
 #: Environment variable naming the supervisor's pid, for the workers.
 SUPERVISOR_ENV = "TIGERTUNNEL_SUPERVISOR_PID"
+#: Environment variable listing a worker's inherited listening sockets, one
+#: descriptor per proxy pair in ``-p`` order (``"3,4"``).
+LISTEN_FDS_ENV = "TIGERTUNNEL_LISTEN_FDS"
+#: The first descriptor number the listening sockets get in a worker.
+FIRST_FD = 3
 #: Environment variables a worker must not inherit: systemd's notification
 #: socket, watchdog and socket-activation variables belong to worker 0.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
@@ -65,47 +81,64 @@ RESTART_DELAY = (1.0, 2.0, 30.0)
 STABLE_AFTER = 60.0
 #: Seconds past the shutdown timeout before remaining workers are SIGKILLed.
 KILL_GRACE = 3.0
-#: Listen backlog of the SO_REUSEPORT listeners (Twisted's default).
-BACKLOG = 50
 #: Longest line kept from a worker's output.
 MAX_LINE = 64 * 1024
+#: Log bytes a worker holds while its supervisor does not read; past that,
+#: lines are dropped (and counted) rather than stalling the worker.
+LOG_BUFFER_LIMIT = 1 << 20
 
 log = logger("tigertunnel.workers")
+
+_LEVELS = tuple(LogLevel.iterconstants())
+
+
+def _is_level(value: Any) -> bool:
+    return any(value is level for level in _LEVELS)
 
 _PR_SET_PDEATHSIG = 1
 
 
-@implementer(IStreamServerEndpoint)
-class ReusePortEndpoint:
-    """A TCP server endpoint whose socket has ``SO_REUSEPORT`` set.
+def inherited_listen_fds(count: int,
+                         environ: "Optional[Dict[str, str]]" = None) -> Dict[int, int]:
+    """In a worker: the inherited listening socket of each of ``count`` pairs.
 
-    :param host: the IP address to bind, ``""`` for all IPv4 addresses.
+    :returns: ``{pair index: descriptor}``.
+    :raises ConfigError: the variable is missing, malformed, lists another
+        number of sockets, or a descriptor is not a listening TCP socket.
     """
-
-    def __init__(self, reactor: Any, port: int, host: str = "",
-                 backlog: int = BACKLOG) -> None:
-        self.reactor = reactor
-        self.port = port
-        self.host = host
-        self.backlog = backlog
-
-    def listen(self, factory: Any) -> "defer.Deferred[Any]":
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+    env = os.environ if environ is None else environ
+    text = env.get(LISTEN_FDS_ENV, "")
+    parts = text.split(",") if text else []
+    if len(parts) != count or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"--worker-index: {LISTEN_FDS_ENV}={text!r} does not "
+                          f"list {count} listening sockets (workers are started "
+                          f"by --workers, not by hand)")
+    fds = {}
+    for index, part in enumerate(parts):
+        fd = int(part)
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((self.host, self.port))
-                sock.listen(self.backlog)
-                sock.setblocking(False)
-                # adoptStreamPort duplicates the descriptor.
-                port = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
-            finally:
-                sock.close()
+            sock = socket.socket(fileno=os.dup(fd))
         except OSError as e:
-            return defer.fail(CannotListenError(self.host, self.port, e))
-        return defer.succeed(port)
+            raise ConfigError(f"--worker-index: inherited descriptor {fd}: "
+                              f"{e.strerror or e}") from None
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            if sock.type != socket.SOCK_STREAM or not listening:
+                raise ConfigError(f"--worker-index: inherited descriptor {fd} "
+                                  f"is not a listening TCP socket")
+        finally:
+            sock.close()
+        fds[index] = fd
+    return fds
+
+
+def socket_family(fd: int) -> int:
+    """The address family of socket ``fd`` (``AF_INET`` or ``AF_INET6``)."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        return int(sock.family)
+    finally:
+        sock.close()
 
 
 def supervisor_alive(environ: "Optional[Dict[str, str]]" = None) -> bool:
@@ -121,37 +154,82 @@ def supervisor_alive(environ: "Optional[Dict[str, str]]" = None) -> bool:
 def die_with_supervisor() -> bool:
     """In a worker: get SIGTERM when the supervisor dies (Linux).
 
+    Also ignore SIGHUP until the key-reload handler is installed, so that a
+    reload forwarded while this worker starts does not end it.
+
     :returns: ``False`` if the supervisor is already gone (the caller exits).
+    :raises OSError: the death signal cannot be set (not Linux): a worker
+        that could outlive its supervisor must not run.
     """
-    name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name, use_errno=True).prctl(
-                _PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"prctl(PR_SET_PDEATHSIG): {os.strerror(code)}")
     # Checked after prctl: a supervisor that died before it is caught here.
     return supervisor_alive()
 
 
 @implementer(ILogObserver)
 class _JSONLines:
-    """Write each event as one JSON line to a binary stream (a worker's stdout)."""
+    """Write each event as one JSON line to a worker's standard output.
 
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
+    Writes never block: the descriptor is non-blocking, what the supervisor
+    has not read yet is held up to :data:`LOG_BUFFER_LIMIT` bytes, and lines
+    beyond that are dropped and counted in the next line that gets through.
+    A failure's traceback is turned into text first (JSON cannot carry it).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        os.set_blocking(fd, False)
+        self._pending = bytearray()
+        self.dropped = 0
 
     def __call__(self, event: Dict[str, Any]) -> None:
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure):
+            event = dict(event)
+            del event["log_failure"]
+            event["log_format"] = (str(event.get("log_format") or "")
+                                   + "\n{log_traceback}")
+            event["log_traceback"] = failure.getTraceback()
         try:
-            self._stream.write(eventAsJSON(event).encode("utf-8") + b"\n")
-            self._stream.flush()
-        except (OSError, ValueError):
-            pass
+            line = eventAsJSON(event).encode("utf-8") + b"\n"
+        except (TypeError, ValueError, RecursionError):
+            return
+        self.flush()
+        if self.dropped and len(self._pending) < LOG_BUFFER_LIMIT // 2:
+            note = {"log_level": LogLevel.warn, "log_namespace":
+                    "tigertunnel.workers", "log_format": "{count} log lines "
+                    "dropped: the supervisor was not reading",
+                    "count": self.dropped, "log_time": event.get("log_time", 0)}
+            self._pending += eventAsJSON(note).encode("utf-8") + b"\n"
+            self.dropped = 0
+        if len(self._pending) + len(line) > LOG_BUFFER_LIMIT:
+            self.dropped += 1
+        else:
+            self._pending += line
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what the pipe takes now."""
+        while self._pending:
+            try:
+                n = os.write(self._fd, self._pending)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                self._pending.clear()  # supervisor gone: nobody to tell
+                return
+            del self._pending[:n]
 
 
-def worker_log_observer(stream: Any = None) -> ILogObserver:
+def worker_log_observer(fd: Optional[int] = None) -> ILogObserver:
     """The log observer of a worker: JSON lines on its standard output."""
-    return _JSONLines(stream if stream is not None else sys.stdout.buffer)
+    return _JSONLines(sys.stdout.fileno() if fd is None else fd)
 
 
 class _WorkerProtocol(ProcessProtocol):
@@ -161,6 +239,8 @@ class _WorkerProtocol(ProcessProtocol):
         self.supervisor = supervisor
         self.index = index
         self.started = supervisor.reactor.seconds()
+        #: Set by its first log line: its signal handlers are installed.
+        self.up = False
         self.ended: "defer.Deferred[None]" = defer.Deferred()
         self._partial = {1: b"", 2: b""}
 
@@ -173,12 +253,12 @@ class _WorkerProtocol(ProcessProtocol):
         self._partial[fd] = rest
         for line in lines:
             if line.strip():
-                self.supervisor.relay(self.index, fd, line)
+                self.supervisor.relay(self, fd, line)
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self._partial.items():
             if rest.strip():
-                self.supervisor.relay(self.index, fd, rest)
+                self.supervisor.relay(self, fd, rest)
         self._partial = {}
         self.supervisor.worker_ended(self, reason)
         self.ended.callback(None)
@@ -189,18 +269,25 @@ class WorkerSupervisor(Service):
 
     :param command: the worker command without ``--worker-index``.
     :param count: N, the number of workers including this process.
+    :param listen_fds: returns worker 0's listening descriptors, one per
+        pair in order, once the listeners are bound.
+    :param cwd: the directory the command was given in (relative key and
+        config paths are relative to it; twistd may have changed directory).
     :param shutdown_timeout: seconds the workers may take to drain.
     """
 
     name = "workers"
 
-    def __init__(self, reactor: Any, command: List[str], count: int,
+    def __init__(self, reactor: Any, command: Sequence[str], count: int,
+                 listen_fds: Callable[[], List[int]], cwd: str,
                  shutdown_timeout: float,
                  publish: Callable[[Dict[str, Any]], None] = globalLogPublisher,
                  environ: "Optional[Dict[str, str]]" = None) -> None:
         self.reactor = reactor
         self.command = list(command)
         self.count = count
+        self.listen_fds = listen_fds
+        self.cwd = cwd
         self.shutdown_timeout = shutdown_timeout
         self.publish = publish
         env = dict(os.environ if environ is None else environ)
@@ -261,9 +348,11 @@ class WorkerSupervisor(Service):
         return done
 
     def reload(self) -> None:
-        """Forward a key reload (SIGHUP) to every worker."""
+        """Forward a key reload (SIGHUP) to every worker that is up (one
+        still starting reads the key files anyway)."""
         for worker in list(self.workers.values()):
-            self._signal(worker, "HUP")
+            if worker.up:
+                self._signal(worker, "HUP")
 
     # ReloadService listener interface.
     def reloading(self) -> None:
@@ -278,11 +367,17 @@ class WorkerSupervisor(Service):
         self._pending.pop(index, None)
         argv = self.command + ["--worker-index", str(index)]
         worker = _WorkerProtocol(self, index)
+        fds = self.listen_fds()
+        child_fds: Dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        for i, fd in enumerate(fds):
+            child_fds[FIRST_FD + i] = fd
         # Read now, not when built: twistd daemonizes (forks) in between.
-        env = dict(self.env, **{SUPERVISOR_ENV: str(os.getpid())})
+        env = dict(self.env, **{
+            SUPERVISOR_ENV: str(os.getpid()),
+            LISTEN_FDS_ENV: ",".join(str(FIRST_FD + i) for i in range(len(fds)))})
         try:
             self.reactor.spawnProcess(worker, argv[0], argv, env=env,
-                                      childFDs={0: "w", 1: "r", 2: "r"})
+                                      path=self.cwd, childFDs=child_fds)
         except OSError as e:
             log.error("cannot start worker {index}: {reason}", index=index,
                       reason=str(e))
@@ -303,8 +398,14 @@ class WorkerSupervisor(Service):
         if self.reactor.seconds() - worker.started >= STABLE_AFTER:
             self._delay.pop(worker.index, None)
         delay = self._restart_later(worker.index)
-        log.warn("worker {index} exited ({status}); restarting it in "
-                 "{delay:.0f} s", index=worker.index, status=status, delay=delay)
+        if worker.up:
+            log.warn("worker {index} exited ({status}); restarting it in "
+                     "{delay:.0f} s", index=worker.index, status=status,
+                     delay=delay)
+        else:
+            log.error("worker {index} failed to start ({status}; see its "
+                      "lines above); trying again in {delay:.0f} s",
+                      index=worker.index, status=status, delay=delay)
 
     def _restart_later(self, index: int) -> float:
         first, factor, cap = RESTART_DELAY
@@ -329,24 +430,34 @@ class WorkerSupervisor(Service):
 
     # -- logs -----------------------------------------------------------------
 
-    def relay(self, index: int, fd: int, line: bytes) -> None:
-        """Publish one line of a worker's output in this process's log."""
+    def relay(self, worker: _WorkerProtocol, fd: int, line: bytes) -> None:
+        """Publish one line of a worker's output in this process's log.
+
+        Never raises: a line that is not one of our JSON events is published
+        as text, at error level when it is a start-up error.
+        """
         text = line.decode("utf-8", "replace")
-        event: Optional[Dict[str, Any]] = None
+        event: Any = None
         if fd == 1:
             try:
                 event = eventFromJSON(text)
-            except (ValueError, TypeError, KeyError):
+            except Exception:
                 event = None
-        if not isinstance(event, dict) or "log_level" not in event:
-            event = {"log_level": LogLevel.warn, "log_namespace":
-                     "tigertunnel.workers", "log_format": "{line}",
-                     "line": text, "log_time": self.reactor.seconds()}
-        level = event.get("log_level")
-        level_name = getattr(level, "name", "info")
-        event["log_system"] = (f"worker {index}/"
-                               f"{event.get('log_namespace', '-')}#{level_name}")
-        self.publish(event)
+        if isinstance(event, dict) and _is_level(event.get("log_level")):
+            worker.up = True
+        else:
+            level = (LogLevel.error if text.startswith("tigertunnel: error:")
+                     else LogLevel.warn)
+            event = {"log_level": level, "log_namespace": "tigertunnel.workers",
+                     "log_format": "{line}", "line": text,
+                     "log_time": self.reactor.seconds()}
+        event["log_system"] = (f"worker {worker.index}/"
+                               f"{event.get('log_namespace', '-')}"
+                               f"#{event['log_level'].name}")
+        try:
+            self.publish(event)
+        except Exception:
+            pass
 
     def status(self) -> Dict[str, Any]:
         """Workers running, their pids and the restarts so far."""
@@ -374,5 +485,6 @@ def worker_command(role_args: List[str]) -> List[str]:
     return [sys.executable, "-m", "tigertunnel"] + list(role_args)
 
 
-__all__ = ["MAX_WORKERS", "ReusePortEndpoint", "WorkerSupervisor",
-           "die_with_supervisor", "supervisor_alive", "worker_command", "worker_log_observer"]
+__all__ = ["MAX_WORKERS", "WorkerSupervisor", "die_with_supervisor",
+           "inherited_listen_fds", "socket_family", "supervisor_alive",
+           "worker_command", "worker_log_observer"]

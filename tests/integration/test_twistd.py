@@ -70,11 +70,13 @@ class _ProcessTestCase(TestCase):
                                f"no process mentioning {self.dir}")
 
     async def twistd(self, *args: str, pidfile: Optional[str] = None,
-                     logfile: Optional[str] = None) -> procs.Result:
-        """Run ``twistd --pidfile P --logfile L tigertunnel ARGS`` daemonized."""
+                     logfile: Optional[str] = None,
+                     options: Sequence[str] = ()) -> procs.Result:
+        """Run ``twistd --pidfile P --logfile L [OPTIONS] tigertunnel ARGS`` daemonized."""
         return await procs.run(
             [procs.executable("twistd"), "--pidfile", pidfile or self.pidfile,
-             "--logfile", logfile or self.logfile, "tigertunnel", *args])
+             "--logfile", logfile or self.logfile, *options, "tigertunnel",
+             *args])
 
     async def console(self, *args: str) -> procs.Result:
         """Run the console script ``tigertunnel ARGS`` in the foreground."""

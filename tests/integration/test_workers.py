@@ -52,7 +52,13 @@ class WorkerTests(_ProcessTestCase):
 
     timeout = 90
 
-    async def start_ends(self) -> None:
+    async def start_ends(self, relative: bool = False) -> None:
+        """Start both ends daemonized with ``--workers 2``.
+
+        :param relative: give the key file relative to our working directory
+            and let twistd change to another one (``--rundir``): workers must
+            still find it.
+        """
         reactor = _reactor()
         self.echo = WrappingFactory(EchoFactory())
         backend = reactor.listenTCP(0, self.echo, interface="127.0.0.1")
@@ -62,15 +68,18 @@ class WorkerTests(_ProcessTestCase):
         self.server_port, self.client_port = procs.free_ports(2)
         self.spid, self.slog = self.path("server.pid"), self.path("server.log")
         self.cpid, self.clog = self.path("client.pid"), self.path("client.log")
+        key = os.path.relpath(self.psk) if relative else self.psk
+        rundir = (["--rundir", procs.fresh_dir(self.path("rundir"))]
+                  if relative else [])
         server = await self.twistd(
             "server", "-p", f"127.0.0.1:{self.server_port},127.0.0.1:"
-            f"{backend.getHost().port}", "-k", self.psk, "--workers", "2",
-            pidfile=self.spid, logfile=self.slog)
+            f"{backend.getHost().port}", "-k", key, "--workers", "2",
+            pidfile=self.spid, logfile=self.slog, options=rundir)
         self.assertEqual(server.status, 0, server.describe())
         client = await self.twistd(
             "client", "-p", f"127.0.0.1:{self.client_port},127.0.0.1:"
-            f"{self.server_port}", "-k", self.psk, "-n", "2", "--workers", "2",
-            pidfile=self.cpid, logfile=self.clog)
+            f"{self.server_port}", "-k", key, "-n", "2", "--workers", "2",
+            pidfile=self.cpid, logfile=self.clog, options=rundir)
         self.assertEqual(client.status, 0, client.describe())
         server_pid = procs.read_pidfile(self.spid)
         client_pid = procs.read_pidfile(self.cpid)
@@ -154,8 +163,12 @@ class WorkerTests(_ProcessTestCase):
         await self.no_process_left()
 
     async def test_worker_dies_with_killed_supervisor(self) -> None:
-        """A SIGKILLed supervisor takes its workers with it (PR_SET_PDEATHSIG)."""
-        await self.start_ends()
+        """Workers start from another run directory with a relative key path;
+        a SIGKILLed supervisor takes its workers with it (PR_SET_PDEATHSIG)."""
+        await self.start_ends(relative=True)
+        await self.sessions_echo(4)
+        for tb in self.peers:
+            tb.transport.loseConnection()
         workers = children(self.server_pid) + children(self.client_pid)
         self.assertEqual(len(workers), 2)
         for pid in (self.client_pid, self.server_pid):
