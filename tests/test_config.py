@@ -180,19 +180,21 @@ class ListenDescriptionTests(SynchronousTestCase):
 
     def test_all_interfaces(self) -> None:
         """``:PORT`` listens on every IPv4 interface."""
-        self.assertEqual(listen_description(Address("", 3000)), "tcp:3000")
+        self.assertEqual(listen_description(Address("", 3000)), "tcp:3000:backlog=1024")
+        self.assertEqual(self.parsed("tcp:3000:backlog=1024")._backlog, 1024)
 
     def test_ipv4(self) -> None:
         """An IPv4 host becomes the interface of a tcp endpoint."""
         description = listen_description(Address("127.0.0.1", 4000))
-        self.assertEqual(description, "tcp:4000:interface=127.0.0.1")
+        self.assertEqual(description, "tcp:4000:interface=127.0.0.1:backlog=1024")
         endpoint = self.parsed(description)
-        self.assertEqual((endpoint._port, endpoint._interface), (4000, "127.0.0.1"))
+        self.assertEqual((endpoint._port, endpoint._interface, endpoint._backlog),
+                         (4000, "127.0.0.1", 1024))
 
     def test_ipv6_escaped(self) -> None:
         """An IPv6 host gets a tcp6 endpoint with its colons escaped, and parses back intact."""
         description = listen_description(Address("::1", 4000))
-        self.assertEqual(description, "tcp6:4000:interface=\\:\\:1")
+        self.assertEqual(description, "tcp6:4000:interface=\\:\\:1:backlog=1024")
         endpoint = self.parsed(description)
         self.assertEqual(type(endpoint).__name__, "TCP6ServerEndpoint")
         self.assertEqual((endpoint._port, endpoint._interface), (4000, "::1"))

@@ -124,6 +124,27 @@ def memory_kib(pid: int, key: str) -> int:
     return 0
 
 
+#: Kernel TCP counters (/proc/net/netstat) that explain stalls in a run:
+#: connections dropped by a full accept queue, and SYNs sent again.
+KERNEL_COUNTERS = ("ListenOverflows", "TCPSynRetrans", "TCPTimeouts")
+
+
+def kernel_counters() -> Dict[str, int]:
+    """The :data:`KERNEL_COUNTERS` of this network namespace ({} without /proc)."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    found: Dict[str, int] = {}
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            for name, value in zip(names.split()[1:], values.split()[1:]):
+                if name in KERNEL_COUNTERS:
+                    found[name] = int(value)
+    return found
+
+
 def own_cpu() -> float:
     """This process's user+system CPU seconds."""
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -162,7 +183,7 @@ class _Session(Protocol):
             self.run.completed(self, time.perf_counter() - self.sent_at)
 
     def connectionLost(self, reason: Any = None) -> None:
-        self.run.lost(self)
+        self.run.lost(self, reason)
 
 
 class _Run:
@@ -223,9 +244,11 @@ class _Run:
             self.elapsed = time.perf_counter() - self.start
             self.done.callback(None)
 
-    def lost(self, proto: _Session) -> None:
+    def lost(self, proto: _Session, reason: Any = None) -> None:
         if not self.stopping:
-            self.fail("a session was closed during the run")
+            why = reason.getErrorMessage() if reason is not None else "?"
+            self.fail(f"a session was closed during the run ({why}; "
+                      f"{len(self.rtts)} round trips done)")
 
 
 @dataclass
@@ -267,7 +290,8 @@ class Processes:
             free_port(), free_port(), free_port())
         server_kem = ["--kemsecret", kem + ".key"] if mode == "kem" else []
         client_kem = ["--kempublic", kem + ".pub"] if mode == "kem" else []
-        logs = open(os.path.join(tmp, f"{mode}.log"), "ab")
+        self.log_path = os.path.join(tmp, f"{mode}.log")
+        logs = open(self.log_path, "ab")
         self.echo = subprocess.Popen(
             [sys.executable, "-m", "tigertunnel.echo", str(self.echo_port)],
             stdout=logs, stderr=logs)
@@ -281,6 +305,15 @@ class Processes:
                    "-k", key, "-n", str(pool), "--log-level", "warn", "-m", "5000",
                    "--workers", str(workers)] + client_kem,
             stdout=logs, stderr=logs)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the tunnel processes and the echo backend logged."""
+        try:
+            with open(self.log_path, "rb") as f:
+                text = f.read()[-20000:].decode("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
     @property
     def tunnel_pids(self) -> List[int]:
@@ -334,7 +367,10 @@ async def _measure(reactor: Any, procs: Processes, port: int, size: int,
     cpu0 = procs.tunnel_cpu()
     echo0 = cpu_seconds(procs.echo.pid)
     me0 = own_cpu()
-    await run.go()
+    try:
+        await run.go()
+    except RuntimeError as e:
+        raise RuntimeError(f"{'tunnel' if tunnel else 'direct'} path: {e}") from None
     result = _stats(run)
     n = result["round_trips"]
     gb = 2 * n * size / 1e9
@@ -399,9 +435,11 @@ async def run_bench(reactor: Any, opts: BenchOptions) -> Dict[str, Any]:
     memory: Dict[str, Any] = {}
     total = len(opts["modes"]) * len(opts["sizes"]) * len(opts["sessions"])
     done = 0
+    kernel0 = kernel_counters()
     with tempfile.TemporaryDirectory() as tmp:
         for mode in opts["modes"]:
             procs = Processes(tmp, mode, opts["pool"], opts["workers"])
+            cell_name = "start-up"
             try:
                 await _ready(reactor, procs)
                 memory[mode] = {}
@@ -411,7 +449,8 @@ async def run_bench(reactor: Any, opts: BenchOptions) -> Dict[str, Any]:
                     memory[mode]["idle"] = await _idle_rss(reactor, procs, opts["idle"])
                 for size in opts["sizes"]:
                     for sessions in opts["sessions"]:
-                        _progress(done, total, f"{mode} {size} B x {sessions}", opts["quiet"])
+                        cell_name = f"{mode} {size} B x {sessions}"
+                        _progress(done, total, cell_name, opts["quiet"])
                         cell = Cell(mode, size, sessions)
                         cell.direct = await _measure(reactor, procs, procs.echo_port, size,
                                                      sessions, opts, tunnel=False)
@@ -421,12 +460,16 @@ async def run_bench(reactor: Any, opts: BenchOptions) -> Dict[str, Any]:
                         done += 1
                 memory[mode]["server_peak_rss_kib"] = procs.peak_rss_kib(procs.server.pid)
                 memory[mode]["client_peak_rss_kib"] = procs.peak_rss_kib(procs.client.pid)
+            except Exception as e:
+                raise RuntimeError(f"{cell_name}: {e}; the tunnel's log ends "
+                                   f"with:\n{procs.log_tail()}") from None
             finally:
                 procs.stop()
     _progress(total, total, "done", opts["quiet"])
     if not opts["quiet"] and sys.stderr.isatty():
         sys.stderr.write("\n")
-    return {"cells": [asdict(c) for c in cells], "memory": memory,
+    kernel = {k: v - kernel0.get(k, 0) for k, v in kernel_counters().items()}
+    return {"cells": [asdict(c) for c in cells], "memory": memory, "kernel": kernel,
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
 
 
@@ -460,6 +503,12 @@ def main(argv: List[str]) -> int:
                      f"{idle['server_rss_kib'] / 1024:.1f} MiB, client "
                      f"{idle['client_rss_kib'] / 1024:.1f} MiB")
         print(line)
+    kernel = result.get("kernel") or {}
+    if kernel:
+        print(f"kernel, during the run: {kernel.get('ListenOverflows', 0)} listen "
+              f"queue overflows, {kernel.get('TCPSynRetrans', 0)} SYN "
+              f"retransmissions, {kernel.get('TCPTimeouts', 0)} TCP timeouts "
+              f"(machine-wide; non-zero means stalls of 1 s or more)")
     if opts["json"]:
         with open(opts["json"], "w") as f:
             json.dump(result, f, indent=2)

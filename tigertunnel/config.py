@@ -95,6 +95,12 @@ def _valid_hostname(host: str) -> bool:
     return True
 
 
+#: Listen backlog of the tunnel's listeners (Twisted's default is 50). TB
+#: clients reconnect together after a failover; a connection that finds the
+#: accept queue full waits for a SYN retransmission (1 s, then 3 s, 7 s ...).
+LISTEN_BACKLOG = 1024
+
+
 def listen_host(address: Address) -> str:
     """Return the IP address to bind for a listen address ("" for all).
 
@@ -120,9 +126,10 @@ def listen_description(address: Address) -> str:
     """
     host = listen_host(address)
     if not host:
-        return f"tcp:{address.port}"
+        return f"tcp:{address.port}:backlog={LISTEN_BACKLOG}"
     kind = "tcp6" if ipaddress.ip_address(host).version == 6 else "tcp"
-    return f"{kind}:{address.port}:interface={_escape(host)}"
+    return (f"{kind}:{address.port}:interface={_escape(host)}"
+            f":backlog={LISTEN_BACKLOG}")
 
 
 def _is_ip(host: str) -> bool:

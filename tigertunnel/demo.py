@@ -21,7 +21,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 
-from tigertunnel.config import ProxyPair, TunnelConfig, parse_address
+from tigertunnel.config import LISTEN_BACKLOG, ProxyPair, TunnelConfig, parse_address
 from tigertunnel.crypto.keys import (
     kemgen,
     keygen,
@@ -145,7 +145,7 @@ async def run_demo(reactor: Any, sessions: int, rounds: int) -> int:
         echo_port = free_port()
         server_port = free_port()
         client_port = free_port()
-        echo = await TCP4ServerEndpoint(reactor, echo_port,
+        echo = await TCP4ServerEndpoint(reactor, echo_port, backlog=LISTEN_BACKLOG,
                                         interface="127.0.0.1").listen(EchoFactory())
         server_cfg = TunnelConfig(
             "server", [ProxyPair(0, parse_address(f"127.0.0.1:{server_port}", ""),

@@ -60,10 +60,11 @@ def main(argv: "list[str] | None" = None) -> int:
     if len(args) != 1 or not args[0].isdigit():
         sys.stderr.write("usage: python -m tigertunnel.echo PORT\n")
         return 2
+    from tigertunnel.config import LISTEN_BACKLOG
     from tigertunnel.tuning import tune_malloc
     tune_malloc()
-    d = TCP4ServerEndpoint(reactor, int(args[0]), interface="127.0.0.1").listen(
-        EchoFactory())
+    d = TCP4ServerEndpoint(reactor, int(args[0]), backlog=LISTEN_BACKLOG,
+                           interface="127.0.0.1").listen(EchoFactory())
     d.addErrback(lambda f: (sys.stderr.write(f"echo: {f.getErrorMessage()}\n"),
                             reactor.stop()))  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
