@@ -16,6 +16,7 @@ One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
   opens one backend connection per stream (``-m`` streams per pair at most).
 """
 
+import ipaddress
 import random
 from collections import Counter, OrderedDict
 from typing import Any, Callable, List, Optional, Set, Tuple, Union
@@ -29,6 +30,8 @@ from twisted.python.failure import Failure
 from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint,
     HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
     serverFromString,
 )
 from twisted.internet.error import CannotListenError
@@ -215,8 +218,18 @@ class SessionMultiplexer(MultiService):
         self._last_limit_log = -1e9
 
     def _tcp_endpoint(self, pair: ProxyPair) -> IStreamClientEndpoint:
-        return HostnameEndpoint(self.reactor, target_host(pair),
-                                pair.target.port, timeout=CONNECT_TIMEOUT)
+        host = target_host(pair)
+        try:
+            version = ipaddress.ip_address(host).version
+        except ValueError:
+            # A name: resolved on every connect (in Twisted's thread pool),
+            # trying each address it has.
+            return HostnameEndpoint(self.reactor, host, pair.target.port,
+                                    timeout=CONNECT_TIMEOUT)
+        # An address (the usual backend, 127.0.0.1:3001): a plain TCP
+        # connect, without a resolver round trip per session.
+        cls = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
+        return cls(self.reactor, host, pair.target.port, timeout=CONNECT_TIMEOUT)
 
     def privilegedStartService(self) -> None:
         """Bind the listener; a port that cannot be bound is a one-line error."""
