@@ -240,6 +240,21 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(cfg.key_path, self.files.path("secret.key"))
         self.assertEqual(sub.operations.metrics, "tcp:9101:interface=127.0.0.1")
 
+    def test_workers_get_the_values_read_now(self) -> None:
+        """--workers starts workers with the file's values as read at start,
+        not with --config (a restarted worker must run what worker 0 runs):
+        parsing those arguments after the file changed gives the same run."""
+        sub = parse(["client", "--config", self.path, "--workers", "2",
+                     "-m", "50"]).subOptions
+        self.assertNotIn("--config", sub.raw_args)
+        self.assertEqual(sub.raw_args[-4:], ["--workers", "2", "-m", "50"])
+        self.files.config(THREE.replace("r0.example:3000", "r9.example:3999"))
+        again = parse(["client"] + sub.raw_args).subOptions.config
+        self.assertEqual([str(p.target) for p in again.pairs],
+                         [str(p.target) for p in sub.config.pairs])
+        self.assertEqual((again.max_sessions, again.pool_size, again.cluster_id),
+                         (50, 2, 7))
+
     def test_server_from_file(self) -> None:
         """A server built from the file fronts the chosen replica and requires KEM."""
         cfg = parse(["server", "--config", self.path, "--replica", "2"]).subOptions.config

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel import tap
 from tigertunnel.crypto.keys import keygen
+from tigertunnel.config import ProxyPair, parse_proxy
 from tigertunnel.errors import ConfigError
 from tigertunnel.workers import (
     KILL_GRACE,
@@ -21,6 +22,7 @@ from tigertunnel.workers import (
     PRIVATE_ENV,
     SUPERVISOR_ENV,
     WorkerSupervisor,
+    announce_ready,
     inherited_listen_fds,
     socket_family,
     supervisor_alive,
@@ -166,19 +168,35 @@ class SupervisorTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(len(self.clock.spawned), 2)
 
-    def log_line(self, index: int, text: str = "up") -> None:
-        event = {"log_level": LogLevel.info, "log_namespace": "tigertunnel.x",
-                 "log_format": text, "log_time": 1.0}
-        self.worker(index).childDataReceived(1, eventAsJSON(event).encode() + b"\n")
+    def log_line(self, index: int) -> None:
+        """Worker ``index`` announces it is ready (as cli._run_end does)."""
+        lines: List[bytes] = []
+        announce_ready(lambda e: lines.append(eventAsJSON(e).encode() + b"\n"))
+        self.worker(index).childDataReceived(1, b"".join(lines))
 
     def test_reload_forwards_sighup_to_workers_that_are_up(self) -> None:
-        """SIGHUP goes to workers that logged (their handlers are set up),
-        not to one still starting (SIGHUP would end it)."""
+        """SIGHUP goes to workers that are ready (their handlers are set up),
+        not to one still starting (SIGHUP would end it); that one gets it
+        once ready. The ready event itself is not logged."""
         self.sup.startService()
         self.log_line(1)
         self.sup.reloading()
         self.assertEqual(self.worker(1).transport.signals, ["HUP"])
         self.assertEqual(self.worker(2).transport.signals, [])
+        self.log_line(2)
+        self.assertEqual(self.worker(2).transport.signals, ["HUP"])
+        self.log_line(1)  # a repeated ready: nothing missed, nothing sent
+        self.assertEqual(self.worker(1).transport.signals, ["HUP"])
+        self.assertEqual(self.events, [])
+
+    def test_plain_json_line_does_not_mean_ready(self) -> None:
+        """Only the ready event marks a worker up, not its first log line."""
+        self.sup.startService()
+        event = {"log_level": LogLevel.info, "log_namespace": "tigertunnel.x",
+                 "log_format": "listening", "log_time": 1.0}
+        self.worker(1).childDataReceived(1, eventAsJSON(event).encode() + b"\n")
+        self.assertFalse(self.worker(1).up)
+        self.assertEqual(len(self.events), 1)
 
     def test_start_failure_logged_as_error(self) -> None:
         """A worker that exits before it logged anything failed to start:
@@ -261,6 +279,19 @@ class SupervisorAliveTests(SynchronousTestCase):
         self.assertFalse(supervisor_alive({SUPERVISOR_ENV: str(os.getppid() + 1)}))
 
 
+def listening(family: int, host: str) -> socket.socket:
+    sock = socket.socket(family)
+    sock.bind((host, 0))
+    sock.listen(1)
+    return sock
+
+
+def pair_for(sock: socket.socket, index: int = 0) -> ProxyPair:
+    host, port = sock.getsockname()[:2]
+    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return parse_proxy(f"{text},127.0.0.1:9", index)
+
+
 class InheritedSocketTests(SynchronousTestCase):
     """What a worker checks about the sockets it inherited."""
 
@@ -268,39 +299,49 @@ class InheritedSocketTests(SynchronousTestCase):
         socks = []
         for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
             try:
-                sock = socket.socket(family)
-                sock.bind((host, 0))
+                sock = listening(family, host)
             except OSError:
                 continue
-            sock.listen(1)
             self.addCleanup(sock.close)
             socks.append(sock)
         fds = ",".join(str(s.fileno()) for s in socks)
-        got = inherited_listen_fds(len(socks), {LISTEN_FDS_ENV: fds})
+        pairs = [pair_for(s, i) for i, s in enumerate(socks)]
+        got = inherited_listen_fds(pairs, {LISTEN_FDS_ENV: fds})
         self.assertEqual(got, {i: s.fileno() for i, s in enumerate(socks)})
         self.assertEqual([socket_family(fd) for fd in got.values()],
                          [s.family for s in socks])
 
     def test_refused(self) -> None:
-        """Missing, malformed, wrong count, closed, or not listening."""
+        """Missing, malformed, wrong count, closed, not listening, not TCP,
+        or bound to another address than the pair's."""
         unbound = socket.socket()
         self.addCleanup(unbound.close)
-        listening = socket.socket()
-        self.addCleanup(listening.close)
-        listening.bind(("127.0.0.1", 0))
-        listening.listen(1)
+        sock = listening(socket.AF_INET, "127.0.0.1")
+        self.addCleanup(sock.close)
+        other = listening(socket.AF_INET, "127.0.0.1")
+        self.addCleanup(other.close)
+        unix = socket.socket(socket.AF_UNIX)
+        self.addCleanup(unix.close)
+        unix.bind(os.path.abspath(self.mktemp()))
+        unix.listen(1)
         closed = socket.socket()
         dead = closed.fileno()
         closed.close()
-        for env, count, text in (
-                ({}, 1, "does not list 1 listening sockets"),
-                ({LISTEN_FDS_ENV: "x"}, 1, "does not list"),
-                ({LISTEN_FDS_ENV: f"{listening.fileno()}"}, 2, "does not list 2"),
-                ({LISTEN_FDS_ENV: f"{dead}"}, 1, f"inherited descriptor {dead}"),
-                ({LISTEN_FDS_ENV: f"{unbound.fileno()}"}, 1,
-                 "is not a listening TCP socket")):
+        one = [pair_for(sock)]
+        for env, pairs, text in (
+                ({}, one, "does not list 1 listening sockets"),
+                ({LISTEN_FDS_ENV: "x"}, one, "does not list"),
+                ({LISTEN_FDS_ENV: f"{sock.fileno()}"}, one * 2, "does not list 2"),
+                ({LISTEN_FDS_ENV: f"{dead}"}, one, f"inherited descriptor {dead}"),
+                ({LISTEN_FDS_ENV: f"{unbound.fileno()}"}, one,
+                 "is not a listening TCP socket"),
+                ({LISTEN_FDS_ENV: f"{unix.fileno()}"}, one,
+                 "is not a listening TCP socket"),
+                ({LISTEN_FDS_ENV: f"{other.fileno()}"}, one,
+                 f"is bound to ('127.0.0.1', {other.getsockname()[1]}), not to "
+                 f"pair0's 127.0.0.1:{sock.getsockname()[1]}")):
             with self.assertRaises(ConfigError) as ctx:
-                inherited_listen_fds(count, env)
+                inherited_listen_fds(pairs, env)
             self.assertIn(text, str(ctx.exception))
 
 
@@ -370,11 +411,20 @@ class WorkerOptionTests(SynchronousTestCase):
         self.key = self.mktemp()
         keygen(self.key)
 
+    pair = "127.0.0.1:1,127.0.0.1:2"
+
     def parse(self, *args: str) -> tap.Options:
         opts = tap.Options()
-        opts.parseOptions(["client", "-p", "127.0.0.1:1,127.0.0.1:2", "-k",
-                           self.key, *args])
+        opts.parseOptions(["client", "-p", self.pair, "-k", self.key, *args])
         return opts
+
+    def test_without_options(self) -> None:
+        """Workers get the config file's values, not --config/--replica."""
+        args = ["-k", "k", "--config", "c.ini", "--replica=1", "--conf=x",
+                "--repl", "2", "--co", "y", "--cluster", "5", "--", "--config"]
+        self.assertEqual(tap.without_options(args, ("config", "replica")),
+                         ["-k", "k", "--co", "y", "--cluster", "5", "--",
+                          "--config"])
 
     def test_default_one(self) -> None:
         self.assertEqual(self.parse().subOptions.config.workers, 1)
@@ -388,12 +438,11 @@ class WorkerOptionTests(SynchronousTestCase):
 
     def test_worker_has_no_metrics(self) -> None:
         """A worker serves on the inherited socket; metrics are worker 0's."""
-        sock = socket.socket()
+        sock = listening(socket.AF_INET, "127.0.0.1")
         self.addCleanup(sock.close)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
         self.patch(os, "environ", dict(os.environ, **{
             LISTEN_FDS_ENV: str(sock.fileno())}))
+        self.pair = f"127.0.0.1:{sock.getsockname()[1]},127.0.0.1:2"
         opts = self.parse("--workers", "4", "--metrics", "tcp:0",
                           "--worker-index", "3")
         self.assertIsNone(opts.subOptions.operations.metrics)

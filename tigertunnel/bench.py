@@ -75,6 +75,12 @@ class BenchOptions(usage.Options):
             self["workers"] = int(self["workers"])
         except ValueError as e:
             raise usage.UsageError(f"bad number: {e}") from None
+        from tigertunnel.workers import MAX_WORKERS
+
+        if not 1 <= self["workers"] <= MAX_WORKERS:
+            raise usage.UsageError(f"--workers must be 1..{MAX_WORKERS}")
+        if self["pool"] < 1 or any(n < 1 for n in self["sessions"]):
+            raise usage.UsageError("--pool and --sessions must be at least 1")
         if any(not 256 <= s <= 1 << 20 for s in self["sizes"]):
             raise usage.UsageError("frame sizes must be 256..1048576")
         self["modes"] = self["modes"].split(",")
@@ -354,7 +360,7 @@ async def _ready(reactor: Any, procs: Processes) -> None:
             # Enough sessions that every client worker is very likely hit.
             run = _Run(reactor, procs.client_port, 256, 8 * procs.workers, 0.05,
                        1 << 20)
-            await run.go()
+            await defer.ensureDeferred(run.go()).addTimeout(10, reactor)
             return
         except Exception:
             await task.deferLater(reactor, 0.2, lambda: None)

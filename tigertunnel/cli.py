@@ -145,6 +145,9 @@ def _run_end(argv: List[str]) -> int:
     except Exception as e:
         return _fail(f"cannot start: {e}")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    if options.subOptions["worker-index"] is not None:
+        from tigertunnel.workers import announce_ready
+        announce_ready()
     reactor.run()  # type: ignore[attr-defined]
     return 0
 
@@ -163,7 +166,8 @@ def describe_run(options: Any) -> List[str]:
     if sub.operations.metrics:
         lines.append(f"  metrics: {sub.operations.metrics}")
     if cfg.workers > 1:
-        lines.append(f"  workers: {cfg.workers} processes (SO_REUSEPORT)")
+        lines.append(f"  workers: {cfg.workers} processes on shared listening "
+                     f"sockets")
     return lines
 
 

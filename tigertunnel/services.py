@@ -34,7 +34,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     serverFromString,
 )
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectingCancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from tigertunnel.config import ProxyPair, TunnelConfig, listen_description
@@ -148,7 +148,7 @@ class PoolSlot(Service):
 
     def _connect_failed(self, reason: Failure) -> None:
         self._connecting = None
-        if reason.check(CancelledError):
+        if reason.check(CancelledError, ConnectingCancelledError):
             return
         log.info("client {pair}: cannot connect pool connection {slot} to "
                  "{target}: {reason}", pair=self.mux.name, slot=self.index,
@@ -271,6 +271,9 @@ class SessionMultiplexer(MultiService):
         """A pool connection finished its handshake."""
         self.stats["pool_connects"] += 1
         self.links.append(link)
+        listener = getattr(self, "listener", None)
+        if listener is not None:
+            listener.release()
         log.info("{role} pool connection {link} up (key id {key_id})",
                  role=self.role, link=link.name, key_id=link.key_id)
 
@@ -325,6 +328,8 @@ class ClientMultiplexer(SessionMultiplexer):
         self._rr = 0
         self.frame_factory = FrameFactory(self)
         self.listener = pair_listener(config, pair, self.frame_factory, reactor)
+        # A worker on a shared socket takes TB connections once it can carry them.
+        self.listener.held = pair.index in config.extra.get("inherited", {})
         self.listener.setServiceParent(self)
         self._link_count = 0
         #: The KEM public key each pool connection's handshake was built
@@ -476,9 +481,15 @@ def pair_listen_description(config: TunnelConfig, pair: ProxyPair) -> str:
 
 class ListenerService(StreamServerEndpointService):
     """A pair's listening service; keeps its port (``--workers`` hands the
-    socket to the worker processes)."""
+    socket to the worker processes).
+
+    :ivar held: accept nothing until :meth:`release` (a client worker
+        leaves the connections on the shared socket to the other workers
+        until its own pool is up).
+    """
 
     port: Optional[Any] = None
+    held = False
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -487,7 +498,16 @@ class ListenerService(StreamServerEndpointService):
 
     def _listening(self, port: Any) -> Any:
         self.port = port
+        if self.held and hasattr(port, "stopReading"):
+            port.stopReading()
         return port
+
+    def release(self) -> None:
+        """Start accepting (once)."""
+        if self.held:
+            self.held = False
+            if self.port is not None and hasattr(self.port, "startReading"):
+                self.port.startReading()
 
 
 def pair_listener(config: TunnelConfig, pair: ProxyPair, factory: Any,

@@ -76,6 +76,28 @@ class ExampleOptions(usage.Options):
         return text
 
 
+def without_options(args: List[str], names: Sequence[str]) -> List[str]:
+    """``args`` without the long options ``names`` (and their values).
+
+    Unique prefixes count, as getopt accepts them (``--conf F``).
+    """
+    out: List[str] = []
+    skip = False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if arg == "--":
+            return out + list(args[i:])
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, _ = arg[2:].partition("=")
+            if len(name) >= 3 and any(n.startswith(name) for n in names):
+                skip = not eq
+                continue
+        out.append(arg)
+    return out
+
+
 class _EndOptions(ExampleOptions):
     """Options shared by ``server`` and ``client``."""
 
@@ -140,7 +162,12 @@ class _EndOptions(ExampleOptions):
             values[name] = value
         path = values.get("config")
         if path is not None and "help" not in self.given:
-            args = self.config_file_args(path, values.get("replica")) + args
+            from_file = self.config_file_args(path, values.get("replica"))
+            args = from_file + args
+            # Workers get the file's values as read now, not the file
+            # (a restarted worker must run what worker 0 runs).
+            self.raw_args = from_file + without_options(
+                self.raw_args, ("config", "replica"))
         super().parseOptions(args)
 
     def config_file_args(self, path: str, replica: Optional[str]) -> List[str]:
@@ -244,7 +271,7 @@ class _EndOptions(ExampleOptions):
             # A worker serves on worker 0's sockets; metrics are worker 0's.
             self.operations.metrics = None
             try:
-                cfg.extra["inherited"] = inherited_listen_fds(len(cfg.pairs))
+                cfg.extra["inherited"] = inherited_listen_fds(cfg.pairs)
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
 

@@ -59,6 +59,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tigertunnel.config import ProxyPair
 from tigertunnel.errors import ConfigError
 from tigertunnel.logs import logger
 
@@ -81,6 +82,8 @@ RESTART_DELAY = (1.0, 2.0, 30.0)
 STABLE_AFTER = 60.0
 #: Seconds past the shutdown timeout before remaining workers are SIGKILLed.
 KILL_GRACE = 3.0
+#: The field of the event a worker publishes once it serves.
+READY_FIELD = "tigertunnel_worker_ready"
 #: Longest line kept from a worker's output.
 MAX_LINE = 64 * 1024
 #: Log bytes a worker holds while its supervisor does not read; past that,
@@ -98,23 +101,26 @@ def _is_level(value: Any) -> bool:
 _PR_SET_PDEATHSIG = 1
 
 
-def inherited_listen_fds(count: int,
+def inherited_listen_fds(pairs: "Sequence[ProxyPair]",
                          environ: "Optional[Dict[str, str]]" = None) -> Dict[int, int]:
-    """In a worker: the inherited listening socket of each of ``count`` pairs.
+    """In a worker: the inherited listening socket of each proxy pair.
 
     :returns: ``{pair index: descriptor}``.
     :raises ConfigError: the variable is missing, malformed, lists another
-        number of sockets, or a descriptor is not a listening TCP socket.
+        number of sockets, or a descriptor is not a listening TCP socket
+        bound to its pair's listen address.
     """
+    from tigertunnel.systemd import _matches
+
     env = os.environ if environ is None else environ
     text = env.get(LISTEN_FDS_ENV, "")
     parts = text.split(",") if text else []
-    if len(parts) != count or not all(p.isdigit() for p in parts):
+    if len(parts) != len(pairs) or not all(p.isdigit() for p in parts):
         raise ConfigError(f"--worker-index: {LISTEN_FDS_ENV}={text!r} does not "
-                          f"list {count} listening sockets (workers are started "
-                          f"by --workers, not by hand)")
+                          f"list {len(pairs)} listening sockets (workers are "
+                          f"started by --workers, not by hand)")
     fds = {}
-    for index, part in enumerate(parts):
+    for pair, part in zip(pairs, parts):
         fd = int(part)
         try:
             sock = socket.socket(fileno=os.dup(fd))
@@ -122,13 +128,20 @@ def inherited_listen_fds(count: int,
             raise ConfigError(f"--worker-index: inherited descriptor {fd}: "
                               f"{e.strerror or e}") from None
         try:
-            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            if sock.type != socket.SOCK_STREAM or not listening:
+            listening = (sock.family in (socket.AF_INET, socket.AF_INET6)
+                         and sock.type == socket.SOCK_STREAM
+                         and sock.getsockopt(socket.SOL_SOCKET,
+                                             socket.SO_ACCEPTCONN))
+            if not listening:
                 raise ConfigError(f"--worker-index: inherited descriptor {fd} "
                                   f"is not a listening TCP socket")
+            if not _matches(pair, sock.getsockname()):
+                raise ConfigError(f"--worker-index: inherited descriptor {fd} "
+                                  f"is bound to {sock.getsockname()[:2]}, not "
+                                  f"to {pair.name}'s {pair.listen}")
         finally:
             sock.close()
-        fds[index] = fd
+        fds[pair.index] = fd
     return fds
 
 
@@ -227,6 +240,14 @@ class _JSONLines:
             del self._pending[:n]
 
 
+def announce_ready(publish: Callable[[Dict[str, Any]], None] = globalLogPublisher) -> None:
+    """In a worker: tell the supervisor this worker serves (whatever the
+    log level; the supervisor does not log it)."""
+    publish({READY_FIELD: True, "log_level": LogLevel.info,
+             "log_namespace": "tigertunnel.workers", "log_format": "ready",
+             "log_time": 0.0})
+
+
 def worker_log_observer(fd: Optional[int] = None) -> ILogObserver:
     """The log observer of a worker: JSON lines on its standard output."""
     return _JSONLines(sys.stdout.fileno() if fd is None else fd)
@@ -239,8 +260,10 @@ class _WorkerProtocol(ProcessProtocol):
         self.supervisor = supervisor
         self.index = index
         self.started = supervisor.reactor.seconds()
-        #: Set by its first log line: its signal handlers are installed.
+        #: Set by its ready event: it serves and its SIGHUP handler is set.
         self.up = False
+        #: Key reloads forwarded before it started (see WorkerSupervisor.reload).
+        self.reloads_seen = supervisor.reloads
         self.ended: "defer.Deferred[None]" = defer.Deferred()
         self._partial = {1: b"", 2: b""}
 
@@ -296,6 +319,8 @@ class WorkerSupervisor(Service):
         self.env = env
         self.workers: Dict[int, _WorkerProtocol] = {}
         self.restarts = 0
+        #: SIGHUP reloads so far (a worker that was starting gets one more).
+        self.reloads = 0
         self._delay: Dict[int, float] = {}
         self._pending: Dict[int, Any] = {}
         self._stopping: "Optional[defer.Deferred[None]]" = None
@@ -348,11 +373,19 @@ class WorkerSupervisor(Service):
         return done
 
     def reload(self) -> None:
-        """Forward a key reload (SIGHUP) to every worker that is up (one
-        still starting reads the key files anyway)."""
+        """Forward a key reload (SIGHUP) to every worker that is up; one
+        still starting gets it once it is ready (SIGHUP could end it before)."""
+        self.reloads += 1
         for worker in list(self.workers.values()):
             if worker.up:
+                worker.reloads_seen = self.reloads
                 self._signal(worker, "HUP")
+
+    def _ready(self, worker: _WorkerProtocol) -> None:
+        worker.up = True
+        if worker.reloads_seen != self.reloads:
+            worker.reloads_seen = self.reloads
+            self._signal(worker, "HUP")
 
     # ReloadService listener interface.
     def reloading(self) -> None:
@@ -367,7 +400,12 @@ class WorkerSupervisor(Service):
         self._pending.pop(index, None)
         argv = self.command + ["--worker-index", str(index)]
         worker = _WorkerProtocol(self, index)
-        fds = self.listen_fds()
+        try:
+            fds = self.listen_fds()
+        except (AttributeError, OSError, ValueError) as e:  # no listener now
+            log.error("cannot start worker {index}: no listening socket to "
+                      "hand over ({reason})", index=index, reason=str(e))
+            return
         child_fds: Dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for i, fd in enumerate(fds):
             child_fds[FIRST_FD + i] = fd
@@ -443,9 +481,10 @@ class WorkerSupervisor(Service):
                 event = eventFromJSON(text)
             except Exception:
                 event = None
-        if isinstance(event, dict) and _is_level(event.get("log_level")):
-            worker.up = True
-        else:
+        if isinstance(event, dict) and event.get(READY_FIELD) is True:
+            self._ready(worker)
+            return
+        if not (isinstance(event, dict) and _is_level(event.get("log_level"))):
             level = (LogLevel.error if text.startswith("tigertunnel: error:")
                      else LogLevel.warn)
             event = {"log_level": level, "log_namespace": "tigertunnel.workers",
@@ -485,6 +524,6 @@ def worker_command(role_args: List[str]) -> List[str]:
     return [sys.executable, "-m", "tigertunnel"] + list(role_args)
 
 
-__all__ = ["MAX_WORKERS", "WorkerSupervisor", "die_with_supervisor",
+__all__ = ["MAX_WORKERS", "WorkerSupervisor", "announce_ready", "die_with_supervisor",
            "inherited_listen_fds", "socket_family", "supervisor_alive",
            "worker_command", "worker_log_observer"]

@@ -1,4 +1,4 @@
-"""``--workers N``: real daemonized twistd processes sharing SO_REUSEPORT listeners.
+"""``--workers N``: real daemonized twistd processes sharing worker 0's listening sockets.
 
 What an operator relies on: one pidfile and one log per tunnel end, sessions
 spread over the workers and byte-identical, SIGHUP reaching every worker, a
