@@ -125,7 +125,8 @@ def _run_end(argv: List[str]) -> int:
         return _fail(str(e), 2)
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    if options.subOptions["worker-index"] is not None:
+    worker = options.subOptions["worker-index"] is not None
+    if worker:
         # A worker process of --workers: its supervisor relays the log.
         from tigertunnel.workers import die_with_supervisor, worker_log_observer
 
@@ -145,7 +146,7 @@ def _run_end(argv: List[str]) -> int:
     except Exception as e:
         return _fail(f"cannot start: {e}")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    if options.subOptions["worker-index"] is not None:
+    if worker:
         from tigertunnel.workers import announce_ready
         announce_ready()
     reactor.run()  # type: ignore[attr-defined]

@@ -101,8 +101,8 @@ def _valid_hostname(host: str) -> bool:
 LISTEN_BACKLOG = 1024
 
 
-def listen_host(address: Address) -> str:
-    """Return the IP address to bind for a listen address ("" for all).
+def listen_description(address: Address) -> str:
+    """Return the Twisted server endpoint description for a listen address.
 
     A host name is resolved once, here (listening needs an address).
 
@@ -116,15 +116,6 @@ def listen_host(address: Address) -> str:
         except (OSError, IndexError) as e:
             raise ConfigError(f"cannot resolve listen host {address.host!r}: "
                               f"{e}") from None
-    return host
-
-
-def listen_description(address: Address) -> str:
-    """Return the Twisted server endpoint description for a listen address.
-
-    :raises ConfigError: the host name does not resolve.
-    """
-    host = listen_host(address)
     if not host:
         return f"tcp:{address.port}:backlog={LISTEN_BACKLOG}"
     kind = "tcp6" if ipaddress.ip_address(host).version == 6 else "tcp"

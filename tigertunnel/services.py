@@ -233,15 +233,14 @@ class SessionMultiplexer(MultiService):
 
     def privilegedStartService(self) -> None:
         """Bind the listener; a port that cannot be bound is a one-line error."""
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            raise ListenError(f"cannot listen on {self.pair.listen}: "
-                              f"{_short_reason(e)}") from None
+        self._listen_errors(super().privilegedStartService)
 
     def startService(self) -> None:
+        self._listen_errors(super().startService)
+
+    def _listen_errors(self, start: Callable[[], None]) -> None:
         try:
-            super().startService()
+            start()
         except CannotListenError as e:
             raise ListenError(f"cannot listen on {self.pair.listen}: "
                               f"{_short_reason(e)}") from None
@@ -271,9 +270,7 @@ class SessionMultiplexer(MultiService):
         """A pool connection finished its handshake."""
         self.stats["pool_connects"] += 1
         self.links.append(link)
-        listener = getattr(self, "listener", None)
-        if listener is not None:
-            listener.release()
+        self.listener.release()
         log.info("{role} pool connection {link} up (key id {key_id})",
                  role=self.role, link=link.name, key_id=link.key_id)
 
@@ -498,7 +495,7 @@ class ListenerService(StreamServerEndpointService):
 
     def _listening(self, port: Any) -> Any:
         self.port = port
-        if self.held and hasattr(port, "stopReading"):
+        if self.held:
             port.stopReading()
         return port
 
@@ -506,7 +503,7 @@ class ListenerService(StreamServerEndpointService):
         """Start accepting (once)."""
         if self.held:
             self.held = False
-            if self.port is not None and hasattr(self.port, "startReading"):
+            if self.port is not None:
                 self.port.startReading()
 
 

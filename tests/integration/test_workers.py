@@ -16,6 +16,7 @@ from twisted.protocols.policies import WrappingFactory
 from tests.integration import procs
 from tests.integration.test_sockets import PeerFactory, digest
 from tests.integration.test_twistd import _ProcessTestCase
+from tigertunnel.bench import with_children
 from tigertunnel.echo import EchoFactory
 from tigertunnel.traces import SINGLE, load_trace
 
@@ -27,18 +28,7 @@ def _reactor() -> Any:
 
 def children(pid: int) -> List[int]:
     """The running child processes of ``pid``."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and procs.pid_running(int(name)):
-            found.append(int(name))
-    return found
+    return [p for p in with_children(pid)[1:] if procs.pid_running(p)]
 
 
 def established_on(pid: int, port: int) -> int:
