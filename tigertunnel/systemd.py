@@ -172,7 +172,9 @@ def _bound_address(fileno: int) -> Any:
         sock.close()
 
 
-def _matches(pair: ProxyPair, bound: Any) -> bool:
+def bound_to_pair(pair: ProxyPair, bound: Any) -> bool:
+    """Whether a socket's ``getsockname()`` is ``pair``'s listen address
+    (only its port when the address is a host name)."""
     if not isinstance(bound, tuple) or bound[1] != pair.listen.port:
         return False
     host = pair.listen.host
@@ -223,7 +225,7 @@ def adopted_listen_descriptions(
         except OSError as e:
             raise ConfigError(f"--systemd-sockets: inherited descriptor {fd} "
                               f"is not a socket: {e.strerror}") from None
-        if not _matches(pair, bound):
+        if not bound_to_pair(pair, bound):
             raise ConfigError(f"--systemd-sockets: {pair.name} listens on "
                               f"{pair.listen} but inherited socket {index} is "
                               f"bound to {bound!r}")

@@ -98,6 +98,7 @@ _LEVELS = tuple(LogLevel.iterconstants())
 def _is_level(value: Any) -> bool:
     return any(value is level for level in _LEVELS)
 
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -110,7 +111,7 @@ def inherited_listen_fds(pairs: "Sequence[ProxyPair]",
         number of sockets, or a descriptor is not a listening TCP socket
         bound to its pair's listen address.
     """
-    from tigertunnel.systemd import _matches
+    from tigertunnel.systemd import bound_to_pair
 
     env = os.environ if environ is None else environ
     text = env.get(LISTEN_FDS_ENV, "")
@@ -135,7 +136,7 @@ def inherited_listen_fds(pairs: "Sequence[ProxyPair]",
             if not listening:
                 raise ConfigError(f"--worker-index: inherited descriptor {fd} "
                                   f"is not a listening TCP socket")
-            if not _matches(pair, sock.getsockname()):
+            if not bound_to_pair(pair, sock.getsockname()):
                 raise ConfigError(f"--worker-index: inherited descriptor {fd} "
                                   f"is bound to {sock.getsockname()[:2]}, not "
                                   f"to {pair.name}'s {pair.listen}")
