@@ -4,7 +4,7 @@ import json
 import os
 from typing import Any
 
-from tigertunnel.traces import TraceFrame, load_trace  # noqa: F401 (re-export)
+from tigertunnel.tools.traces import TraceFrame, load_trace  # noqa: F401 (re-export)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VECTORS = os.path.join(HERE, "vectors")

@@ -16,10 +16,10 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 from zope.interface import implementer
 
-from tigertunnel.config import Address, ProxyPair, TunnelConfig, parse_address
-from tigertunnel.crypto.keys import KeyStore, parse_key_text
-from tigertunnel.frames import FrameParser
-from tigertunnel.services import ClientMultiplexer, ServerMultiplexer
+from tigertunnel.config.model import Address, ProxyPair, TunnelConfig, parse_address
+from tigertunnel.keys.keyfile import KeyStore, parse_key_text
+from tigertunnel.wire.frames import FrameParser
+from tigertunnel.net.multiplexer import ClientMultiplexer, ServerMultiplexer
 
 PSK_HEX = "a1" * 32
 PSK_TEXT = f"1732712345000000000:{PSK_HEX}\n".encode()
@@ -207,8 +207,8 @@ class Tunnel:
 
     def reference_client_link(self) -> "Tuple[Any, List[bytes]]":
         """A pool connection from a version-1 (reference) client, and what it receives after its handshake."""
-        from tigertunnel.handshake import ClientHandshake
-        from tigertunnel.tunnel import TunnelProtocol
+        from tigertunnel.wire.handshake import ClientHandshake
+        from tigertunnel.net.tunnel_protocol import TunnelProtocol
 
         link = TunnelProtocol("client", ClientHandshake(*psk_store().first(), version=1,
                                                          now=self.clock.seconds),

@@ -11,8 +11,8 @@ from tests.helpers import load_trace, load_vectors, unhex
 from tests.strategies import make_tb_frame, tb_frames
 from tigertunnel.crypto.aead import FrameOpener, FrameSealer, frame_nonce
 from tigertunnel.errors import AuthenticationError, FrameError, TunnelError
-from tigertunnel.frames import frame_cluster
-from tigertunnel.muxframes import (
+from tigertunnel.wire.frames import frame_cluster
+from tigertunnel.wire.muxframes import (
     FrameType,
     MuxDecoder,
     build_close_plaintext,

@@ -1,11 +1,11 @@
-"""Tests for :mod:`tigertunnel.config` (address syntax, PROTOCOL.md section 9)."""
+"""Tests for :mod:`tigertunnel.config.model` (address syntax, PROTOCOL.md section 9)."""
 
 from hypothesis import given, strategies as st
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from tigertunnel.config import (
+from tigertunnel.config.model import (
     Address,
     ProxyPair,
     listen_description,

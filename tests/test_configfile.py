@@ -1,4 +1,4 @@
-"""Tests for :mod:`tigertunnel.configfile` (cluster config file) and its use by the options."""
+"""Tests for :mod:`tigertunnel.config.clusterfile` (cluster config file) and its use by the options."""
 
 import os
 from typing import List, Optional
@@ -7,9 +7,10 @@ from hypothesis import given, strategies as st
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from tigertunnel import configfile, tap
+from tigertunnel import tap
+from tigertunnel.config import clusterfile as configfile
 from tigertunnel.cli import describe_run
-from tigertunnel.crypto.keys import kemgen, keygen
+from tigertunnel.keys.keyfile import kemgen, keygen
 from tigertunnel.errors import ConfigError
 
 THREE = """

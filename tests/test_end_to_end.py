@@ -19,9 +19,9 @@ from tests.memnet import (
     psk_store,
 )
 from tigertunnel.crypto.kem import public_key_from_seed
-from tigertunnel.crypto.keys import parse_key_text
-from tigertunnel.protocols import SESSION_BUFFER_LIMIT
-from tigertunnel.traces import CLUSTER3, SINGLE, load_trace
+from tigertunnel.keys.keyfile import parse_key_text
+from tigertunnel.net.frame_protocol import SESSION_BUFFER_LIMIT
+from tigertunnel.tools.traces import CLUSTER3, SINGLE, load_trace
 
 
 def digests(frames: List[bytes]) -> List[str]:
@@ -308,7 +308,7 @@ class FailClosedTests(SynchronousTestCase):
         t.net.flush()
         self.assertEqual(len(t.backend.peers[0].received), 1)
         # The next bytes the server reads: a data frame for stream 1 with a bad tag.
-        from tigertunnel.muxframes import FrameType, encode_header
+        from tigertunnel.wire.muxframes import FrameType, encode_header
         forged = encode_header(1, FrameType.DATA) + bytes(16) + (256).to_bytes(4, "little") + bytes(236)
         server_link.dataReceived(forged)
         t.net.flush()
@@ -420,7 +420,7 @@ class FailClosedTests(SynchronousTestCase):
 
     def test_duplicate_stream_open_closes_pool_connection(self) -> None:
         """A stream_open for a stream that is open (tampering: it is not authenticated) closes the pool connection."""
-        from tigertunnel.muxframes import FrameType, encode_header
+        from tigertunnel.wire.muxframes import FrameType, encode_header
         t = Tunnel(pool_size=1)
         t.start()
         client, _ = t.tb_client()

@@ -1,4 +1,4 @@
-"""Tests for :mod:`tigertunnel.frames` (TB frame parsing, PROTOCOL.md 6.1 and 7.7)."""
+"""Tests for :mod:`tigertunnel.wire.frames` (TB frame parsing, PROTOCOL.md 6.1 and 7.7)."""
 
 import struct
 from collections import defaultdict
@@ -9,9 +9,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import load_trace
 from tests.strategies import chunked, make_tb_frame, noisy_tb_streams, tb_frames
-from tigertunnel import frames
+from tigertunnel.wire import frames
 from tigertunnel.errors import ClusterMismatchError, FrameError
-from tigertunnel.frames import FrameParser, check_frame, frame_cluster, frame_size
+from tigertunnel.wire.frames import FrameParser, check_frame, frame_cluster, frame_size
 
 MIB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""Tests for tigertunnel.handshake: messages, checks and the two state machines."""
+"""Tests for tigertunnel.wire.handshake: messages, checks and the two state machines."""
 
 from typing import Any, Callable, List
 
@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import load_vectors, unhex
-from tigertunnel import handshake as hs
+from tigertunnel.wire import handshake as hs
 from tigertunnel.crypto import kem
 from tigertunnel.crypto.kdf import SessionKeys, derive_session_keys
 from tigertunnel.errors import HandshakeError

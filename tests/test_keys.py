@@ -1,4 +1,4 @@
-"""Tests for tigertunnel.crypto.keys: key-file parsing, loading and writing."""
+"""Tests for tigertunnel.keys.keyfile: key-file parsing, loading and writing."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from collections.abc import Callable
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tigertunnel.crypto import keys
-from tigertunnel.crypto.keys import (
+from tigertunnel.keys import keyfile as keys
+from tigertunnel.keys.keyfile import (
     KEM_PUBLIC_KEY_SIZE, KEM_SEED_SIZE, MAX_KEYS, PSK_SIZE, KeyStore,
     format_key_line, generate_key_id, kemgen, keygen, load_kem_public_file,
     load_kem_secret_file, load_psk_file, parse_int, parse_key_text,

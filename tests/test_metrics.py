@@ -1,4 +1,4 @@
-"""Tests for :mod:`tigertunnel.metrics` (/metrics and /status), on the in-memory network."""
+"""Tests for :mod:`tigertunnel.ops.metrics` (/metrics and /status), on the in-memory network."""
 
 import json
 from typing import Any, Dict, List, Tuple
@@ -11,8 +11,8 @@ from twisted.web.test.requesthelper import DummyRequest
 from tests.memnet import Tunnel
 from tests.strategies import make_tb_frame
 from tigertunnel.errors import ListenError
-from tigertunnel.metrics import MetricsService, make_site, status
-from tigertunnel.reload import KeyReloader
+from tigertunnel.ops.metrics import MetricsService, make_site, status
+from tigertunnel.ops.reload import KeyReloader
 
 Sample = Tuple[str, Dict[str, str], float]
 

@@ -1,4 +1,4 @@
-"""Tests for :mod:`tigertunnel.mux` (the codec of an established pool connection, PROTOCOL.md 7, 8)."""
+"""Tests for :mod:`tigertunnel.wire.codec` (the codec of an established pool connection, PROTOCOL.md 7, 8)."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ from tests.strategies import chunked, make_tb_frame, mux_header, noisy_mux_strea
 from tigertunnel.crypto.aead import FrameSealer
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import AuthenticationError, FrameError, MuxError, TunnelError
-from tigertunnel.mux import (
+from tigertunnel.wire.codec import (
     CLIENT,
     SERVER,
     LinkCodec,
@@ -21,7 +21,7 @@ from tigertunnel.mux import (
     StreamData,
     StreamOpened,
 )
-from tigertunnel.muxframes import FrameType, build_close_plaintext, encode_header
+from tigertunnel.wire.muxframes import FrameType, build_close_plaintext, encode_header
 
 KEYS = SessionKeys(c2s_key=bytes(range(16)), c2s_nonce=bytes(range(16, 32)),
                    s2c_key=bytes(range(32, 48)), s2c_nonce=bytes(range(48, 64)))
@@ -402,7 +402,7 @@ GC_SCRIPT = """
 import gc
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import AuthenticationError
-from tigertunnel.mux import CLIENT, SERVER, LinkCodec
+from tigertunnel.wire.codec import CLIENT, SERVER, LinkCodec
 keys = SessionKeys(bytes(16), bytes(16), bytes(16), bytes(16))
 unit = LinkCodec(CLIENT, keys).encode_data(1, bytes(96) + (256).to_bytes(4, "little") + bytes(156))
 bad = bytearray(b"".join(unit))

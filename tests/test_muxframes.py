@@ -1,4 +1,4 @@
-"""Tests for :mod:`tigertunnel.muxframes` (mux framing, PROTOCOL.md 7.1, 7.2, 8)."""
+"""Tests for :mod:`tigertunnel.wire.muxframes` (mux framing, PROTOCOL.md 7.1, 7.2, 8)."""
 
 import struct
 from typing import List, Optional, Tuple
@@ -8,9 +8,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import load_vectors, unhex
 from tests.strategies import chunked, mux_header, mux_units, noisy_mux_streams
-from tigertunnel import muxframes
+from tigertunnel.wire import muxframes
 from tigertunnel.errors import MuxError
-from tigertunnel.muxframes import (
+from tigertunnel.wire.muxframes import (
     FrameType,
     MuxDecoder,
     MuxFrame,

@@ -28,11 +28,11 @@ from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.strategies import chunked, noisy_mux_streams, noisy_tb_streams, tb_frames
-from tigertunnel import handshake as hs
+from tigertunnel.wire import handshake as hs
 from tigertunnel.crypto import kem
 from tigertunnel.crypto.aead import FrameOpener, FrameSealer
 from tigertunnel.crypto.kdf import SessionKeys
-from tigertunnel.crypto.keys import (
+from tigertunnel.keys.keyfile import (
     KEM_PUBLIC_KEY_SIZE,
     MAX_KEYS,
     format_key_line,
@@ -48,9 +48,9 @@ from tigertunnel.errors import (
     MuxError,
     TunnelError,
 )
-from tigertunnel.frames import MAX_FRAME_SIZE, FrameParser, check_frame
-from tigertunnel.mux import CLIENT, SERVER, LinkCodec, StreamClosed, StreamData, StreamOpened
-from tigertunnel.muxframes import MUX_HEADER_SIZE, MuxDecoder
+from tigertunnel.wire.frames import MAX_FRAME_SIZE, FrameParser, check_frame
+from tigertunnel.wire.codec import CLIENT, SERVER, LinkCodec, StreamClosed, StreamData, StreamOpened
+from tigertunnel.wire.muxframes import MUX_HEADER_SIZE, MuxDecoder
 
 KEYS = SessionKeys(c2s_key=bytes(range(16)), c2s_nonce=bytes(range(16, 32)),
                    s2c_key=bytes(range(32, 48)), s2c_nonce=bytes(range(48, 64)))

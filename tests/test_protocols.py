@@ -1,4 +1,4 @@
-"""Tests for :mod:`tigertunnel.protocols`, :mod:`tigertunnel.tunnel` and :mod:`tigertunnel.sockets` with StringTransports and a MemoryReactorClock.
+"""Tests for :mod:`tigertunnel.net.frame_protocol`, :mod:`tigertunnel.net.tunnel_protocol` and :mod:`tigertunnel.net.sockets` with StringTransports and a MemoryReactorClock.
 
 The protocols are built the way the services build them (a real
 ClientMultiplexer / ServerMultiplexer on a MemoryReactorClock); every socket
@@ -22,13 +22,13 @@ from zope.interface import implementer
 
 from tests.memnet import psk_store
 from tests.strategies import make_tb_frame
-from tigertunnel.config import Address, ProxyPair, TunnelConfig
+from tigertunnel.config.model import Address, ProxyPair, TunnelConfig
 from tigertunnel.errors import HandshakeError
-from tigertunnel.frames import FrameParser
-from tigertunnel.protocols import CLOSE_TIMEOUT, SESSION_BUFFER_LIMIT, FrameProtocol
-from tigertunnel.sockets import KEEPALIVE, USER_TIMEOUT_MS, tune_socket
-from tigertunnel.tunnel import TunnelProtocol
-from tigertunnel.services import ClientMultiplexer, ServerMultiplexer
+from tigertunnel.wire.frames import FrameParser
+from tigertunnel.net.frame_protocol import CLOSE_TIMEOUT, SESSION_BUFFER_LIMIT, FrameProtocol
+from tigertunnel.net.sockets import KEEPALIVE, USER_TIMEOUT_MS, tune_socket
+from tigertunnel.net.tunnel_protocol import TunnelProtocol
+from tigertunnel.net.multiplexer import ClientMultiplexer, ServerMultiplexer
 
 CLIENT_PAIR = ProxyPair(0, Address("127.0.0.1", 4000), Address("127.0.0.1", 3000))
 SERVER_PAIR = ProxyPair(0, Address("127.0.0.1", 3000), Address("127.0.0.1", 3001))

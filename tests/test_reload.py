@@ -1,4 +1,4 @@
-"""Tests for :mod:`tigertunnel.reload` (live key reload, SIGHUP), on the in-memory network."""
+"""Tests for :mod:`tigertunnel.ops.reload` (live key reload, SIGHUP), on the in-memory network."""
 
 import os
 import signal
@@ -11,8 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.memnet import KEM_KEY_ID, KEM_SEED, TBPeer, Tunnel
 from tests.strategies import make_tb_frame
 from tigertunnel.crypto.kem import public_key_from_seed
-from tigertunnel.crypto.keys import format_key_line, load_psk_file
-from tigertunnel.reload import (
+from tigertunnel.keys.keyfile import format_key_line, load_psk_file
+from tigertunnel.ops.reload import (
     CHECK_INTERVAL,
     DRAIN_TIMEOUT,
     RETIRE_GRACE,
@@ -107,7 +107,7 @@ class ReloadCase(SynchronousTestCase):
 
 def load_keys_from(path: str) -> Any:
     """The KEM secret key store of a file."""
-    from tigertunnel.crypto.keys import load_kem_secret_file
+    from tigertunnel.keys.keyfile import load_kem_secret_file
     return load_kem_secret_file(path)
 
 

@@ -1,4 +1,4 @@
-"""Tests for :mod:`tigertunnel.services` (pool slots, placement, limits, PROTOCOL.md 7.3, 7.8)."""
+"""Tests for :mod:`tigertunnel.net.multiplexer` (pool slots, placement, limits, PROTOCOL.md 7.3, 7.8)."""
 
 from typing import List
 
@@ -7,8 +7,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.memnet import BackendFactory, TBPeer, Tunnel
 from tests.strategies import make_tb_frame
-from tigertunnel.config import Address, ProxyPair
-from tigertunnel.services import (
+from tigertunnel.config.model import Address, ProxyPair
+from tigertunnel.net.multiplexer import (
     BACKOFF_INITIAL,
     BACKOFF_MAX,
     MAX_PENDING_HANDSHAKES,

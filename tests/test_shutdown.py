@@ -1,4 +1,4 @@
-"""Tests for :mod:`tigertunnel.shutdown` (graceful stop of a tunnel end), on the in-memory network."""
+"""Tests for :mod:`tigertunnel.ops.shutdown` (graceful stop of a tunnel end), on the in-memory network."""
 
 from typing import List, Tuple
 
@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.memnet import BackendFactory, TBPeer, Tunnel
 from tests.strategies import make_tb_frame
-from tigertunnel.shutdown import ABORT_GRACE, TunnelService
+from tigertunnel.ops.shutdown import ABORT_GRACE, TunnelService
 
 
 def frame(tag: int) -> bytes:

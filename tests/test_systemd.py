@@ -1,4 +1,4 @@
-"""Tests for :mod:`tigertunnel.systemd` (sd_notify datagrams, watchdog, socket activation)."""
+"""Tests for :mod:`tigertunnel.ops.systemd` (sd_notify datagrams, watchdog, socket activation)."""
 
 import os
 import socket
@@ -9,11 +9,11 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel import tap
-from tigertunnel.config import parse_proxy
-from tigertunnel.reload import ReloadService
-from tigertunnel.shutdown import TunnelService
+from tigertunnel.config.model import parse_proxy
+from tigertunnel.ops.reload import ReloadService
+from tigertunnel.ops.shutdown import TunnelService
 from tigertunnel.errors import ConfigError
-from tigertunnel.systemd import (
+from tigertunnel.ops.systemd import (
     Notifier,
     SystemdService,
     adopted_listen_descriptions,

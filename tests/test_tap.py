@@ -15,12 +15,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tigertunnel import logs, tap
-from tigertunnel.config import Address
+from tigertunnel.config.model import Address
 from tigertunnel.crypto.kem import public_key_from_seed
-from tigertunnel.crypto.keys import keygen, kemgen
-from tigertunnel.protocols import FrameFactory, FrameProtocol
-from tigertunnel.tunnel import TunnelFactory, TunnelProtocol
-from tigertunnel.services import ClientMultiplexer, ServerMultiplexer
+from tigertunnel.keys.keyfile import keygen, kemgen
+from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol
+from tigertunnel.net.tunnel_protocol import TunnelFactory, TunnelProtocol
+from tigertunnel.net.multiplexer import ClientMultiplexer, ServerMultiplexer
 
 PAIR = ":3000,127.0.0.1:3001"
 

@@ -12,10 +12,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel import tap
-from tigertunnel.crypto.keys import keygen
-from tigertunnel.config import ProxyPair, parse_proxy
+from tigertunnel.keys.keyfile import keygen
+from tigertunnel.config.model import ProxyPair, parse_proxy
 from tigertunnel.errors import ConfigError
-from tigertunnel.workers import (
+from tigertunnel.ops.workers import (
     KILL_GRACE,
     LISTEN_FDS_ENV,
     LOG_BUFFER_LIMIT,

@@ -9,7 +9,7 @@
   the config file and the key files of a run without starting anything;
   ``tigertunnel check-config --config FILE`` checks every tunnel end a
   cluster config file describes.
-* ``tigertunnel demo`` — a loopback demonstration (see :mod:`tigertunnel.demo`).
+* ``tigertunnel demo`` — a loopback demonstration (see :mod:`tigertunnel.tools.demo`).
 
 Errors print one line ``tigertunnel: error: ...`` and exit with status 1
 (2 for a usage error; check-config exits 1 for any invalid configuration).
@@ -90,7 +90,7 @@ def _fail(message: str, status: int = 1) -> int:
 
 
 def _keygen(argv: List[str], kem: bool) -> int:
-    from tigertunnel.crypto.keys import kemgen, keygen
+    from tigertunnel.keys.keyfile import kemgen, keygen
 
     opts = _KemgenOptions() if kem else _KeygenOptions()
     try:
@@ -128,7 +128,7 @@ def _run_end(argv: List[str]) -> int:
     worker = options.subOptions["worker-index"] is not None
     if worker:
         # A worker process of --workers: its supervisor relays the log.
-        from tigertunnel.workers import die_with_supervisor, worker_log_observer
+        from tigertunnel.ops.workers import die_with_supervisor, worker_log_observer
 
         try:
             if not die_with_supervisor():
@@ -147,7 +147,7 @@ def _run_end(argv: List[str]) -> int:
         return _fail(f"cannot start: {e}")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     if worker:
-        from tigertunnel.workers import announce_ready
+        from tigertunnel.ops.workers import announce_ready
         announce_ready()
     reactor.run()  # type: ignore[attr-defined]
     return 0
@@ -155,7 +155,7 @@ def _run_end(argv: List[str]) -> int:
 
 def describe_run(options: Any) -> List[str]:
     """What a parsed ``server``/``client`` run would do, one line per item."""
-    from tigertunnel.reload import KeySet, describe
+    from tigertunnel.ops.reload import KeySet, describe
 
     sub = options.subOptions
     cfg = sub.config
@@ -173,7 +173,8 @@ def describe_run(options: Any) -> List[str]:
 
 
 def _check_config(argv: List[str]) -> int:
-    from tigertunnel import configfile, tap
+    from tigertunnel import tap
+    from tigertunnel.config import clusterfile as configfile
     from tigertunnel.errors import ConfigError
 
     if argv and argv[0] in ("server", "client"):
@@ -225,10 +226,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if command == "check-config":
         return _check_config(rest)
     if command == "demo":
-        from tigertunnel.demo import main as demo_main
+        from tigertunnel.tools.demo import main as demo_main
         return demo_main(rest)
     if command == "bench":
-        from tigertunnel.bench import main as bench_main
+        from tigertunnel.tools.bench import main as bench_main
         return bench_main(rest)
     return _fail(f"unknown command: {command!r} (see tigertunnel --help)", 2)
 

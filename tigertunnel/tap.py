@@ -18,8 +18,9 @@ from typing import Any, List, Optional, Sequence, Set
 from twisted.application.service import IService
 from twisted.python import usage
 
-from tigertunnel import configfile, logs
-from tigertunnel.config import (
+from tigertunnel import logs
+from tigertunnel.config import clusterfile as configfile
+from tigertunnel.config.model import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_SESSIONS,
     DEFAULT_POOL_SIZE,
@@ -28,7 +29,7 @@ from tigertunnel.config import (
     listen_description,
     parse_proxy,
 )
-from tigertunnel.crypto.keys import (
+from tigertunnel.keys.keyfile import (
     load_kem_public_file,
     load_kem_secret_file,
     load_psk_file,
@@ -258,12 +259,12 @@ class _EndOptions(ExampleOptions):
 
     def check_workers(self, cfg: TunnelConfig) -> None:
         """Check --workers and --worker-index."""
-        from tigertunnel.workers import MAX_WORKERS
+        from tigertunnel.ops.workers import MAX_WORKERS
 
         cfg.workers = _positive_int("workers", self["workers"], MAX_WORKERS)
         index = self["worker-index"]
         if index is not None:
-            from tigertunnel.workers import inherited_listen_fds
+            from tigertunnel.ops.workers import inherited_listen_fds
 
             if cfg.workers < 2:
                 raise usage.UsageError("--worker-index needs --workers 2 or more")
@@ -298,7 +299,7 @@ class _EndOptions(ExampleOptions):
                                    f"{self['shutdown-timeout']!r} (seconds, "
                                    f"more than 0, at most 3600)") from None
         if self["systemd-sockets"] and self["worker-index"] is None:
-            from tigertunnel.systemd import adopted_listen_descriptions
+            from tigertunnel.ops.systemd import adopted_listen_descriptions
 
             ops.systemd_sockets = True
             try:
@@ -433,15 +434,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     """Build the tunnel service from parsed :class:`Options`.
 
     The multiplexers are the children of a
-    :class:`~tigertunnel.shutdown.TunnelService` (graceful shutdown), with
+    :class:`~tigertunnel.ops.shutdown.TunnelService` (graceful shutdown), with
     key reload on SIGHUP, the optional metrics listener and, under systemd,
     the notifications as its operations services.
     """
-    from tigertunnel.metrics import MetricsService
-    from tigertunnel.reload import KeyReloader, ReloadService
-    from tigertunnel.services import build_service
-    from tigertunnel.shutdown import TunnelService
-    from tigertunnel.systemd import Notifier, SystemdService, watchdog_interval
+    from tigertunnel.ops.metrics import MetricsService
+    from tigertunnel.ops.reload import KeyReloader, ReloadService
+    from tigertunnel.net.multiplexer import build_service
+    from tigertunnel.ops.shutdown import TunnelService
+    from tigertunnel.ops.systemd import Notifier, SystemdService, watchdog_interval
 
     if reactor is None:
         from twisted.internet import reactor as _reactor
@@ -460,7 +461,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         systemd = SystemdService(notifier, reactor, watchdog)
         listeners.append(systemd)
     if config.workers > 1 and sub["worker-index"] is None:
-        from tigertunnel.workers import WorkerSupervisor, worker_command
+        from tigertunnel.ops.workers import WorkerSupervisor, worker_command
 
         muxes = top.multiplexers
         supervisor = WorkerSupervisor(

@@ -36,7 +36,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-#: TB frame facts (PROTOCOL.md 6.1), independent of tigertunnel.frames.
+#: TB frame facts (PROTOCOL.md 6.1), independent of tigertunnel.wire.frames.
 HEADER_SIZE = 256
 SIZE_OFFSET = 96
 MAX_FRAME_SIZE = 1 << 20

@@ -1,6 +1,6 @@
 """Reliability: file-descriptor exhaustion (EMFILE on accept) is survived.
 
-Real processes on 127.0.0.1: an echo backend (``python -m tigertunnel.echo``),
+Real processes on 127.0.0.1: an echo backend (``python -m tigertunnel.tools.echo``),
 a tunnel server and a tunnel client (the ``tigertunnel server|client``
 console script, logging to stderr), one of the two ends started with a low
 ``RLIMIT_NOFILE`` (:func:`procs.with_fd_limit`). The test holds a few
@@ -37,7 +37,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.integration import procs
 from tests.integration.faults import TBPeer, TBPeerFactory, digest, filler, make_frame
-from tigertunnel.crypto.keys import keygen
+from tigertunnel.keys.keyfile import keygen
 
 #: RLIMIT_NOFILE of the limited tunnel end. An idle end holds about a dozen
 #: descriptors, so some 50 connections fit before accept() fails.
@@ -156,7 +156,7 @@ class Ends:
 
     async def start(self) -> "Ends":
         """Start the three processes; return once the client's pool is up."""
-        self.echo = self._spawn([sys.executable, "-m", "tigertunnel.echo",
+        self.echo = self._spawn([sys.executable, "-m", "tigertunnel.tools.echo",
                                  str(self.backend_port)])
         self.server = self._spawn(self._command("server", [
             "-p", f"127.0.0.1:{self.server_port},127.0.0.1:{self.backend_port}",

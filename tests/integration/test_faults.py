@@ -55,10 +55,10 @@ from tests.integration.faults import (
     make_frame,
     reply_frame,
 )
-from tigertunnel import handshake as hs
-from tigertunnel.config import Address, ProxyPair, TunnelConfig
-from tigertunnel.crypto.keys import keygen, load_psk_file
-from tigertunnel.services import ClientMultiplexer, ServerMultiplexer, build_service
+from tigertunnel.wire import handshake as hs
+from tigertunnel.config.model import Address, ProxyPair, TunnelConfig
+from tigertunnel.keys.keyfile import keygen, load_psk_file
+from tigertunnel.net.multiplexer import ClientMultiplexer, ServerMultiplexer, build_service
 
 LONG = os.environ.get("TIGERTUNNEL_LONG") == "1"
 #: Seconds within which a fault must be acted on when the peer's kernel

@@ -23,19 +23,19 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tests.integration import procs
-from tigertunnel.config import Address, ProxyPair, TunnelConfig
-from tigertunnel.crypto.keys import (
+from tigertunnel.config.model import Address, ProxyPair, TunnelConfig
+from tigertunnel.keys.keyfile import (
     kemgen,
     keygen,
     load_kem_public_file,
     load_kem_secret_file,
     load_psk_file,
 )
-from tigertunnel.services import ClientMultiplexer, ServerMultiplexer, build_service
-from tigertunnel.traces import CLUSTER3, SINGLE, TraceFrame, load_trace
+from tigertunnel.net.multiplexer import ClientMultiplexer, ServerMultiplexer, build_service
+from tigertunnel.tools.traces import CLUSTER3, SINGLE, TraceFrame, load_trace
 
 #: Offset of the TB header's u32 ``size`` field, and the header size (the test's own
-#: splitter, independent of tigertunnel.frames).
+#: splitter, independent of tigertunnel.wire.frames).
 SIZE_OFFSET = 96
 HEADER_SIZE = 256
 

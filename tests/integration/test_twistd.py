@@ -30,9 +30,9 @@ from twisted.trial.unittest import TestCase
 
 from tests.integration import procs
 from tests.integration.test_sockets import PeerFactory, digest
-from tigertunnel.crypto.keys import kemgen, keygen
-from tigertunnel.echo import EchoFactory
-from tigertunnel.traces import SINGLE, load_trace
+from tigertunnel.keys.keyfile import kemgen, keygen
+from tigertunnel.tools.echo import EchoFactory
+from tigertunnel.tools.traces import SINGLE, load_trace
 
 
 def _reactor() -> Any:

@@ -16,9 +16,9 @@ from twisted.protocols.policies import WrappingFactory
 from tests.integration import procs
 from tests.integration.test_sockets import PeerFactory, digest
 from tests.integration.test_twistd import _ProcessTestCase
-from tigertunnel.bench import with_children
-from tigertunnel.echo import EchoFactory
-from tigertunnel.traces import SINGLE, load_trace
+from tigertunnel.tools.bench import with_children
+from tigertunnel.tools.echo import EchoFactory
+from tigertunnel.tools.traces import SINGLE, load_trace
 
 
 def _reactor() -> Any:

@@ -41,7 +41,7 @@ from typing import List
 import pyaegis
 
 from tigertunnel.errors import AuthenticationError, FrameError, TunnelError
-from tigertunnel.frames import (
+from tigertunnel.wire.frames import (
     CHECKSUM_BODY_PADDING,
     CHECKSUM_PADDING,
     HEADER_SIZE,
@@ -62,7 +62,7 @@ CLEAR_SIZE_OFFSET = TAG_SIZE
 CIPHERTEXT_OFFSET = TAG_SIZE + 4
 #: Length of the part of P that comes from the header (64 + 156 + 16).
 P_HEADER_SIZE = HEADER_SIZE - CIPHERTEXT_OFFSET
-MUX_HEADER_SIZE = 12  # the AD; see tigertunnel.muxframes
+MUX_HEADER_SIZE = 12  # the AD; see tigertunnel.wire.muxframes
 
 _COUNTER_LIMIT = 1 << 64
 _ZERO16 = bytes(16)

@@ -36,8 +36,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from tigertunnel.errors import ListenError
-from tigertunnel.reload import KeyReloader
-from tigertunnel.services import ClientMultiplexer, SessionMultiplexer
+from tigertunnel.ops.reload import KeyReloader
+from tigertunnel.net.multiplexer import ClientMultiplexer, SessionMultiplexer
 
 #: Directions of traffic, as named in the counters: ``to_tunnel`` = read from
 #: the TB side and sent into the tunnel, ``from_tunnel`` = the reverse.

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from tigertunnel.errors import MuxError
-from tigertunnel.frames import (
+from tigertunnel.wire.frames import (
     MAX_CHUNKS,
     MAX_FRAME_SIZE,
     MIN_FRAME_SIZE,

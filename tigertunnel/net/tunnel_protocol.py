@@ -3,7 +3,7 @@
 After connectionMade the pool connection runs its handshake (client: send
 the ClientHello, wait for the ServerHello; server: the reverse), under the
 handshake deadline. Once established, received bytes go through the
-:class:`~tigertunnel.mux.LinkCodec` and become stream events:
+:class:`~tigertunnel.wire.codec.LinkCodec` and become stream events:
 
 * ``stream_open`` (server): the multiplexer opens a backend connection;
 * ``data``: the TB frame goes to the stream's :class:`FrameProtocol`;
@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tigertunnel.errors import HandshakeError, TunnelError
-from tigertunnel.handshake import (
+from tigertunnel.wire.handshake import (
     Accepted,
     ClientHandshake,
     Rejected,
@@ -32,7 +32,7 @@ from tigertunnel.handshake import (
     Status,
 )
 from tigertunnel.logs import logger
-from tigertunnel.mux import (
+from tigertunnel.wire.codec import (
     CLIENT,
     SERVER,
     LinkCodec,
@@ -40,11 +40,11 @@ from tigertunnel.mux import (
     StreamData,
     StreamOpened,
 )
-from tigertunnel.protocols import CLOSE_TIMEOUT, FrameProtocol
-from tigertunnel.sockets import send_now, tune_socket
+from tigertunnel.net.frame_protocol import CLOSE_TIMEOUT, FrameProtocol
+from tigertunnel.net.sockets import send_now, tune_socket
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tigertunnel.services import SessionMultiplexer
+    from tigertunnel.net.multiplexer import SessionMultiplexer
 
 #: Pool-connection writes smaller than this go through Twisted's buffer, so
 #: that the frames of many sessions leave in one send per reactor turn;

@@ -45,7 +45,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from tigertunnel.config import MAX_PROXY_PAIRS, Address, listen_description, parse_address
+from tigertunnel.config.model import MAX_PROXY_PAIRS, Address, listen_description, parse_address
 from tigertunnel.errors import ConfigError
 
 _REPLICA = re.compile(r"replica (\d+)\Z")

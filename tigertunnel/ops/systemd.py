@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 
-from tigertunnel.config import ProxyPair
+from tigertunnel.config.model import ProxyPair
 from tigertunnel.errors import ConfigError
 from tigertunnel.logs import logger
 

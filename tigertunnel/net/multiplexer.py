@@ -37,9 +37,9 @@ from twisted.internet.endpoints import (
 from twisted.internet.error import CannotListenError, ConnectingCancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
 
-from tigertunnel.config import ProxyPair, TunnelConfig, listen_description
+from tigertunnel.config.model import ProxyPair, TunnelConfig, listen_description
 from tigertunnel.errors import ListenError
-from tigertunnel.handshake import (
+from tigertunnel.wire.handshake import (
     EXTENDED_VERSION,
     PROTOCOL_VERSION,
     ClientHandshake,
@@ -47,9 +47,9 @@ from tigertunnel.handshake import (
     ServerHandshake,
 )
 from tigertunnel.logs import limit_accept_errors, logger
-from tigertunnel.tuning import TRIM_INTERVAL, trim_memory, tune_malloc
-from tigertunnel.protocols import FrameFactory, FrameProtocol, PrebuiltFactory
-from tigertunnel.tunnel import TunnelFactory, TunnelProtocol
+from tigertunnel.ops.memory import TRIM_INTERVAL, trim_memory, tune_malloc
+from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol, PrebuiltFactory
+from tigertunnel.net.tunnel_protocol import TunnelFactory, TunnelProtocol
 
 #: Pool connection reconnect backoff (PROTOCOL.md section 7.8).
 BACKOFF_INITIAL = 0.1
@@ -211,7 +211,7 @@ class SessionMultiplexer(MultiService):
         #: pool_connects, pool_reconnects, pool_losses, link_failures.
         self.stats: Counter[str] = Counter()
         #: Established pool connections keyed with a retired key
-        #: (:mod:`tigertunnel.reload`): no new sessions go to them.
+        #: (:mod:`tigertunnel.ops.reload`): no new sessions go to them.
         self.draining: Set[TunnelProtocol] = set()
         #: Set by a graceful shutdown: no new sessions or streams.
         self.stopping = False
@@ -516,7 +516,7 @@ def pair_listener(config: TunnelConfig, pair: ProxyPair, factory: Any,
     """
     inherited = config.extra.get("inherited", {}).get(pair.index)
     if inherited is not None:
-        from tigertunnel.workers import socket_family
+        from tigertunnel.ops.workers import socket_family
 
         endpoint: Any = AdoptedStreamServerEndpoint(reactor, inherited,
                                                     socket_family(inherited))

@@ -1,7 +1,7 @@
 """``tigertunnel bench``: what does the tunnel cost a TigerBeetle cluster?
 
 Starts, on 127.0.0.1 and as separate processes, a TB-frame echo backend
-(``python -m tigertunnel.echo``), a tunnel server and a tunnel client (the
+(``python -m tigertunnel.tools.echo``), a tunnel server and a tunnel client (the
 console script, exactly as in production), and drives them from this
 process with a closed-loop load generator: every session keeps one TB frame
 in flight (TB clients have one request in flight), waits for its echo,
@@ -34,9 +34,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 
-from tigertunnel.frames import FrameParser
-from tigertunnel.sockets import tune_socket
-from tigertunnel.tuning import tune_malloc
+from tigertunnel.wire.frames import FrameParser
+from tigertunnel.net.sockets import tune_socket
+from tigertunnel.ops.memory import tune_malloc
 
 TICKS = os.sysconf("SC_CLK_TCK")
 DEFAULT_SIZES = "256,4096,65536,1048576"
@@ -75,7 +75,7 @@ class BenchOptions(usage.Options):
             self["workers"] = int(self["workers"])
         except ValueError as e:
             raise usage.UsageError(f"bad number: {e}") from None
-        from tigertunnel.workers import MAX_WORKERS
+        from tigertunnel.ops.workers import MAX_WORKERS
 
         if not 1 <= self["workers"] <= MAX_WORKERS:
             raise usage.UsageError(f"--workers must be 1..{MAX_WORKERS}")
@@ -299,7 +299,7 @@ class Processes:
         self.log_path = os.path.join(tmp, f"{mode}.log")
         logs = open(self.log_path, "ab")
         self.echo = subprocess.Popen(
-            [sys.executable, "-m", "tigertunnel.echo", str(self.echo_port)],
+            [sys.executable, "-m", "tigertunnel.tools.echo", str(self.echo_port)],
             stdout=logs, stderr=logs)
         self.server = subprocess.Popen(
             exe + ["server", "-p", f"127.0.0.1:{self.server_port},127.0.0.1:{self.echo_port}",

@@ -30,7 +30,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
 
 from tigertunnel.logs import logger
-from tigertunnel.services import ClientMultiplexer, PoolSlot, SessionMultiplexer
+from tigertunnel.net.multiplexer import ClientMultiplexer, PoolSlot, SessionMultiplexer
 
 #: Default seconds a graceful shutdown may take before connections are aborted.
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0

@@ -59,7 +59,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tigertunnel.config import ProxyPair
+from tigertunnel.config.model import ProxyPair
 from tigertunnel.errors import ConfigError
 from tigertunnel.logs import logger
 
@@ -111,7 +111,7 @@ def inherited_listen_fds(pairs: "Sequence[ProxyPair]",
         number of sockets, or a descriptor is not a listening TCP socket
         bound to its pair's listen address.
     """
-    from tigertunnel.systemd import bound_to_pair
+    from tigertunnel.ops.systemd import bound_to_pair
 
     env = os.environ if environ is None else environ
     text = env.get(LISTEN_FDS_ENV, "")
@@ -215,7 +215,7 @@ class _JSONLines:
         self.flush()
         if self.dropped and len(self._pending) < LOG_BUFFER_LIMIT // 2:
             note = {"log_level": LogLevel.warn, "log_namespace":
-                    "tigertunnel.workers", "log_format": "{count} log lines "
+                    "tigertunnel.ops.workers", "log_format": "{count} log lines "
                     "dropped: the supervisor was not reading",
                     "count": self.dropped, "log_time": event.get("log_time", 0)}
             self._pending += eventAsJSON(note).encode("utf-8") + b"\n"

@@ -30,7 +30,7 @@ from typing import List, Optional, Union
 from tigertunnel.crypto.aead import FrameOpener, FrameSealer
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import MuxError, TunnelError
-from tigertunnel.muxframes import (
+from tigertunnel.wire.muxframes import (
     FrameType,
     MuxDecoder,
     build_close_plaintext,

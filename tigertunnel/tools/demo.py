@@ -21,18 +21,18 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 
-from tigertunnel.config import LISTEN_BACKLOG, ProxyPair, TunnelConfig, parse_address
-from tigertunnel.crypto.keys import (
+from tigertunnel.config.model import LISTEN_BACKLOG, ProxyPair, TunnelConfig, parse_address
+from tigertunnel.keys.keyfile import (
     kemgen,
     keygen,
     load_kem_public_file,
     load_kem_secret_file,
     load_psk_file,
 )
-from tigertunnel.echo import EchoFactory
-from tigertunnel.frames import FrameParser
-from tigertunnel.services import build_service
-from tigertunnel.traces import SINGLE, load_trace
+from tigertunnel.tools.echo import EchoFactory
+from tigertunnel.wire.frames import FrameParser
+from tigertunnel.net.multiplexer import build_service
+from tigertunnel.tools.traces import SINGLE, load_trace
 
 
 class DemoOptions(usage.Options):

@@ -46,19 +46,19 @@ from weakref import WeakSet
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall
 
-from tigertunnel.config import TunnelConfig
+from tigertunnel.config.model import TunnelConfig
 from tigertunnel.crypto import kem
-from tigertunnel.crypto.keys import (
+from tigertunnel.keys.keyfile import (
     KeyStore,
     load_kem_public_file,
     load_kem_secret_file,
     load_psk_file,
 )
 from tigertunnel.errors import KEMError, KeyFileError, TunnelError
-from tigertunnel.handshake import ClientHandshake, ServerHandshake
+from tigertunnel.wire.handshake import ClientHandshake, ServerHandshake
 from tigertunnel.logs import logger
-from tigertunnel.tunnel import TunnelProtocol
-from tigertunnel.services import ClientMultiplexer, SessionMultiplexer
+from tigertunnel.net.tunnel_protocol import TunnelProtocol
+from tigertunnel.net.multiplexer import ClientMultiplexer, SessionMultiplexer
 
 #: Seconds a tunnel client lets a draining pool connection finish its
 #: sessions before closing it anyway.

@@ -1,6 +1,6 @@
 """Recorded TigerBeetle traffic shipped with tigertunnel.
 
-``tigertunnel/data/*.jsonl.gz`` are gzip copies of real TigerBeetle 0.17.8
+``tigertunnel/tools/data/*.jsonl.gz`` are gzip copies of real TigerBeetle 0.17.8
 traces (a single replica, and a 3-replica cluster with every
 replica-to-replica link): the demo, the benchmark and the tests push these
 frames through the tunnel.

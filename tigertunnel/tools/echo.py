@@ -10,7 +10,7 @@ from typing import Any
 from twisted.internet.protocol import Factory, Protocol
 
 from tigertunnel.errors import FrameError
-from tigertunnel.frames import FrameParser
+from tigertunnel.wire.frames import FrameParser
 
 
 class EchoProtocol(Protocol):
@@ -21,7 +21,7 @@ class EchoProtocol(Protocol):
         self.frames = 0
 
     def connectionMade(self) -> None:
-        from tigertunnel.sockets import tune_socket
+        from tigertunnel.net.sockets import tune_socket
         tune_socket(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
@@ -50,7 +50,7 @@ class EchoFactory(Factory):
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    """``python -m tigertunnel.echo PORT``: run an echo backend on 127.0.0.1."""
+    """``python -m tigertunnel.tools.echo PORT``: run an echo backend on 127.0.0.1."""
     import sys
 
     from twisted.internet import reactor
@@ -58,10 +58,10 @@ def main(argv: "list[str] | None" = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not args[0].isdigit():
-        sys.stderr.write("usage: python -m tigertunnel.echo PORT\n")
+        sys.stderr.write("usage: python -m tigertunnel.tools.echo PORT\n")
         return 2
-    from tigertunnel.config import LISTEN_BACKLOG
-    from tigertunnel.tuning import tune_malloc
+    from tigertunnel.config.model import LISTEN_BACKLOG
+    from tigertunnel.ops.memory import tune_malloc
     tune_malloc()
     d = TCP4ServerEndpoint(reactor, int(args[0]), backlog=LISTEN_BACKLOG,
                            interface="127.0.0.1").listen(EchoFactory())

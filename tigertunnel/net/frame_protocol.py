@@ -8,9 +8,9 @@ Two kinds of connection meet in a tunnel end:
   the byte stream into TB frames and hands each complete frame to its pool
   connection at once, and writes the frames the pool connection delivers.
   There is no request/response pairing: frames flow both ways independently.
-* :class:`~tigertunnel.tunnel.TunnelProtocol` (in :mod:`tigertunnel.tunnel`)
+* :class:`~tigertunnel.net.tunnel_protocol.TunnelProtocol` (in :mod:`tigertunnel.net.tunnel_protocol`)
   is one pool connection: handshake, then the mux codec
-  (:mod:`tigertunnel.mux`). It owns the table of the streams that live on it.
+  (:mod:`tigertunnel.wire.codec`). It owns the table of the streams that live on it.
 
 Flow control. A pool connection is never paused because one session is
 slow: each :class:`FrameProtocol` watches its own socket, and a TB peer that
@@ -34,13 +34,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tigertunnel.errors import ClusterMismatchError, FrameError
-from tigertunnel.frames import FrameParser, check_frame
+from tigertunnel.wire.frames import FrameParser, check_frame
 from tigertunnel.logs import logger
-from tigertunnel.sockets import send_now, tune_socket
+from tigertunnel.net.sockets import send_now, tune_socket
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tigertunnel.services import SessionMultiplexer
-    from tigertunnel.tunnel import TunnelProtocol
+    from tigertunnel.net.multiplexer import SessionMultiplexer
+    from tigertunnel.net.tunnel_protocol import TunnelProtocol
 
 #: Bytes a session may have queued towards a TB peer that is not reading
 #: (beyond the socket buffers) before the session is closed.

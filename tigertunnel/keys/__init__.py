@@ -1,0 +1,1 @@
+"""Key files: format, reading and writing with permissions, generation."""

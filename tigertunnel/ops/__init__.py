@@ -1,0 +1,1 @@
+"""Operations: reload, shutdown, metrics, systemd, workers, memory."""

@@ -1,0 +1,1 @@
+"""Tools around the tunnel: benchmark, demo, echo backend, traces."""
