@@ -8,13 +8,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.memnet import BackendFactory, TBPeer, Tunnel
 from tests.strategies import make_tb_frame
 from tigertunnel.config.model import Address, ProxyPair
-from tigertunnel.net.multiplexer import (
-    BACKOFF_INITIAL,
-    BACKOFF_MAX,
-    MAX_PENDING_HANDSHAKES,
-    backoff_policy,
-    target_host,
-)
+from tigertunnel.net.backoff import BACKOFF_INITIAL, BACKOFF_MAX, backoff_policy
+from tigertunnel.net.multiplexer import MAX_PENDING_HANDSHAKES, target_host
 
 
 def tb_frame(tag: int) -> bytes:

@@ -4,6 +4,7 @@ import os
 import socket
 from typing import List
 
+from twisted.application.internet import TimerService
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -231,15 +232,16 @@ class MakeServiceTests(SynchronousTestCase):
         return service
 
     def test_not_under_systemd(self) -> None:
-        """Without NOTIFY_SOCKET there is no systemd service (only the SIGHUP reload)."""
+        """Without NOTIFY_SOCKET there is no systemd service (only the heap trimmer and the SIGHUP reload)."""
         service = self.build({})
-        self.assertEqual([type(s) for s in service.early], [ReloadService])
+        self.assertEqual([type(s) for s in service.early], [TimerService, ReloadService])
         self.assertEqual(service.late, [])
 
     def test_under_systemd(self) -> None:
         """With NOTIFY_SOCKET and WATCHDOG_USEC the systemd service is last, with the watchdog interval."""
         service = self.build({"NOTIFY_SOCKET": "/run/absent", "WATCHDOG_USEC": "4000000"})
-        self.assertEqual([type(s) for s in service.early], [ReloadService, SystemdService])
-        systemd = service.early[1]
+        self.assertEqual([type(s) for s in service.early],
+                         [TimerService, ReloadService, SystemdService])
+        systemd = service.early[2]
         self.assertEqual(systemd.watchdog, 2.0)
-        self.assertEqual(service.early[0].listeners, [systemd])
+        self.assertEqual(service.early[1].listeners, [systemd])

@@ -15,6 +15,7 @@ from tigertunnel import tap
 from tigertunnel.keys.keyfile import keygen
 from tigertunnel.config.model import ProxyPair, parse_proxy
 from tigertunnel.errors import ConfigError
+from tigertunnel.net.sockets import socket_family
 from tigertunnel.ops.workers import (
     KILL_GRACE,
     LISTEN_FDS_ENV,
@@ -24,7 +25,6 @@ from tigertunnel.ops.workers import (
     WorkerSupervisor,
     announce_ready,
     inherited_listen_fds,
-    socket_family,
     supervisor_alive,
     worker_log_observer,
 )

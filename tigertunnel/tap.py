@@ -438,6 +438,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     key reload on SIGHUP, the optional metrics listener and, under systemd,
     the notifications as its operations services.
     """
+    from tigertunnel.logs import limit_accept_errors
+    from tigertunnel.ops.memory import memory_trimmer, tune_malloc
     from tigertunnel.ops.metrics import MetricsService
     from tigertunnel.ops.reload import KeyReloader, ReloadService
     from tigertunnel.net.multiplexer import build_service
@@ -453,6 +455,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     logs.set_level(sub["log-level"])
     top = TunnelService(reactor, ops.shutdown_timeout, handle_sigterm=True)
     build_service(config, reactor, top=top)
+    # Process-wide, once: malloc settings for 1 MiB frames, a periodic heap
+    # trim, and one rate-limited line for accept errors.
+    tune_malloc()
+    limit_accept_errors()
+    top.add_operation(memory_trimmer(reactor))
     reloader = KeyReloader(top.multiplexers, reactor)
     listeners = []
     notifier = Notifier.from_environment()

@@ -22,7 +22,7 @@ from collections import Counter, OrderedDict
 from typing import Any, Callable, List, Optional, Set, Tuple, Union
 from weakref import WeakKeyDictionary
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -46,14 +46,12 @@ from tigertunnel.wire.handshake import (
     ReplayCache,
     ServerHandshake,
 )
-from tigertunnel.logs import limit_accept_errors, logger
-from tigertunnel.ops.memory import TRIM_INTERVAL, trim_memory, tune_malloc
+from tigertunnel.logs import logger
+from tigertunnel.net.backoff import backoff_policy
+from tigertunnel.net.sockets import socket_family
 from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol, PrebuiltFactory
 from tigertunnel.net.tunnel_protocol import TunnelFactory, TunnelProtocol
 
-#: Pool connection reconnect backoff (PROTOCOL.md section 7.8).
-BACKOFF_INITIAL = 0.1
-BACKOFF_MAX = 10.0
 #: Seconds allowed for a TCP connect (pool connection or backend).
 CONNECT_TIMEOUT = 10.0
 #: Pool connections of one server pair allowed to be in their handshake at
@@ -66,15 +64,6 @@ LIMIT_LOG_INTERVAL = 10.0
 log = logger("tigertunnel.services")
 
 EndpointFor = Callable[[ProxyPair], IStreamClientEndpoint]
-
-
-def backoff_policy(rand: Callable[[], float] = random.random) -> Callable[[int], float]:
-    """Return a retry policy: 100 ms, doubling, capped at 10 s, ±20 % jitter."""
-    def policy(attempt: int) -> float:
-        base = min(BACKOFF_INITIAL * (2 ** min(max(attempt - 1, 0), 20)),
-                   BACKOFF_MAX)
-        return base * (0.8 + 0.4 * rand())
-    return policy
 
 
 def _short_reason(error: CannotListenError) -> str:
@@ -193,10 +182,6 @@ class SessionMultiplexer(MultiService):
                  endpoint_for: Optional[EndpointFor] = None) -> None:
         super().__init__()
         self.endpoint_for: EndpointFor = endpoint_for or self._tcp_endpoint
-        # Give back the heap a burst of 1 MiB frames grew (see tuning.py).
-        trimmer = TimerService(TRIM_INTERVAL, trim_memory)
-        trimmer.clock = reactor
-        trimmer.setServiceParent(self)
         self.config = config
         self.pair = pair
         self.clock = reactor
@@ -516,8 +501,6 @@ def pair_listener(config: TunnelConfig, pair: ProxyPair, factory: Any,
     """
     inherited = config.extra.get("inherited", {}).get(pair.index)
     if inherited is not None:
-        from tigertunnel.ops.workers import socket_family
-
         endpoint: Any = AdoptedStreamServerEndpoint(reactor, inherited,
                                                     socket_family(inherited))
     else:
@@ -541,8 +524,6 @@ def build_service(config: TunnelConfig, reactor: Any = None,
     if reactor is None:
         from twisted.internet import reactor as _reactor
         reactor = _reactor
-    tune_malloc()
-    limit_accept_errors()
     if top is None:
         top = MultiService()
     cls: Union[type[ClientMultiplexer], type[ServerMultiplexer]]

@@ -3,8 +3,10 @@
 * :func:`tune_socket`: TCP_NODELAY, TigerBeetle-like keepalive,
   TCP_USER_TIMEOUT and 1 MiB reads and sends.
 * :func:`send_now`: write straight to the socket when nothing is queued.
+* :func:`socket_family`: the address family of an inherited descriptor.
 """
 
+import os
 import socket
 from typing import Any
 
@@ -74,3 +76,12 @@ def send_now(transport: Any, data: "bytes | bytearray") -> None:
                 return
             data = memoryview(data)[sent:]
     transport.write(bytes(data))
+
+
+def socket_family(fd: int) -> int:
+    """The address family of socket ``fd`` (``AF_INET`` or ``AF_INET6``)."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        return int(sock.family)
+    finally:
+        sock.close()

@@ -11,7 +11,11 @@ few frames keeps those buffers in the heap and reuses them.
 
 import ctypes
 import ctypes.util
-from typing import Optional
+import functools
+from typing import Callable, Optional
+
+from twisted.application.internet import TimerService
+from twisted.internet.interfaces import IReactorTime
 
 #: glibc mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -54,10 +58,25 @@ def trim_memory() -> None:
     freed; trimming it periodically brings an idle daemon's resident memory
     back down after the burst.
     """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's ``malloc_trim``, looked up once; ``None`` elsewhere."""
     name = ctypes.util.find_library("c")
     if not name:
-        return
+        return None
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        return ctypes.CDLL(name).malloc_trim  # type: ignore[no-any-return]
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def memory_trimmer(clock: IReactorTime) -> TimerService:
+    """A service that calls :func:`trim_memory` every :data:`TRIM_INTERVAL` s."""
+    service = TimerService(TRIM_INTERVAL, trim_memory)
+    service.clock = clock
+    return service

@@ -62,6 +62,7 @@ from zope.interface import implementer
 from tigertunnel.config.model import ProxyPair
 from tigertunnel.errors import ConfigError
 from tigertunnel.logs import logger
+from tigertunnel.net.sockets import socket_family
 
 #: Most worker processes per tunnel end.
 MAX_WORKERS = 64
@@ -144,15 +145,6 @@ def inherited_listen_fds(pairs: "Sequence[ProxyPair]",
             sock.close()
         fds[pair.index] = fd
     return fds
-
-
-def socket_family(fd: int) -> int:
-    """The address family of socket ``fd`` (``AF_INET`` or ``AF_INET6``)."""
-    sock = socket.socket(fileno=os.dup(fd))
-    try:
-        return int(sock.family)
-    finally:
-        sock.close()
 
 
 def supervisor_alive(environ: "Optional[Dict[str, str]]" = None) -> bool:
@@ -526,5 +518,5 @@ def worker_command(role_args: List[str]) -> List[str]:
 
 
 __all__ = ["MAX_WORKERS", "WorkerSupervisor", "announce_ready", "die_with_supervisor",
-           "inherited_listen_fds", "socket_family", "supervisor_alive",
+           "inherited_listen_fds", "supervisor_alive",
            "worker_command", "worker_log_observer"]
