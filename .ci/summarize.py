@@ -13,9 +13,12 @@ def main(path: str) -> int:
         print("ci: no trial summary found: the test command did not run",
               file=sys.stderr)
         return 1
-    total = int(ran[-1])
-    counts = dict((k, int(v)) for k, v in
-                  re.findall(r"(\w+)=(\d+)", results[-1][1]))
+    # One trial run per build (compiled and pure Python): add them up.
+    total = sum(int(n) for n in ran)
+    counts: dict = {}
+    for _, fields in results:
+        for k, v in re.findall(r"(\w+)=(\d+)", fields):
+            counts[k] = counts.get(k, 0) + int(v)
     failed = (counts.get("failures", 0) + counts.get("errors", 0)
               + counts.get("unexpectedSuccesses", 0))
     passed = counts.get("successes", 0) + counts.get("expectedFailures", 0)
