@@ -58,6 +58,12 @@ def layer_of(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
+def _is_module(name: str) -> bool:
+    """Whether ``tigertunnel.<name>`` is a module or package (not a name in ``__init__``)."""
+    return (os.path.exists(os.path.join(PACKAGE, name + ".py"))
+            or os.path.isdir(os.path.join(PACKAGE, name)))
+
+
 def imported(path: str, module: str) -> List[Tuple[int, str]]:
     """The tigertunnel modules ``path`` imports (at any depth), with line numbers."""
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
@@ -74,7 +80,11 @@ def imported(path: str, module: str) -> List[Tuple[int, str]]:
                 package = package[: len(package) - (node.level - 1)]
                 base = ".".join(package + ([base] if base else []))
             if base == "tigertunnel":
-                found += [(node.lineno, f"tigertunnel.{a.name}") for a in node.names]
+                # ``from tigertunnel import x``: a module, or a name of the
+                # package itself (``__version__``: layer 0).
+                found += [(node.lineno, f"tigertunnel.{a.name}"
+                           if _is_module(a.name) else "tigertunnel")
+                          for a in node.names]
             else:
                 found.append((node.lineno, base))
     return [(line, name) for line, name in found
