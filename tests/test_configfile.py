@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tigertunnel import tap
 from tigertunnel.config import clusterfile as configfile
 from tigertunnel.cli import describe_run
-from tigertunnel.keys.keyfile import kemgen, keygen
+from tigertunnel.keys.generate import kemgen, keygen
 from tigertunnel.errors import ConfigError
 
 THREE = """

@@ -19,7 +19,7 @@ from tests.memnet import (
     psk_store,
 )
 from tigertunnel.crypto.kem import public_key_from_seed
-from tigertunnel.keys.keyfile import parse_key_text
+from tigertunnel.keys.format import parse_key_text
 from tigertunnel.net.frame_protocol import SESSION_BUFFER_LIMIT
 from tigertunnel.tools.traces import CLUSTER3, SINGLE, load_trace
 

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel import tap
-from tigertunnel.keys.keyfile import keygen
+from tigertunnel.keys.generate import keygen
 from tigertunnel.config.model import ProxyPair, parse_proxy
 from tigertunnel.errors import ConfigError
 from tigertunnel.net.sockets import socket_family

@@ -90,7 +90,7 @@ def _fail(message: str, status: int = 1) -> int:
 
 
 def _keygen(argv: List[str], kem: bool) -> int:
-    from tigertunnel.keys.keyfile import kemgen, keygen
+    from tigertunnel.keys.generate import kemgen, keygen
 
     opts = _KemgenOptions() if kem else _KeygenOptions()
     try:

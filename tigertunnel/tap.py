@@ -29,12 +29,12 @@ from tigertunnel.config.model import (
     listen_description,
     parse_proxy,
 )
-from tigertunnel.keys.keyfile import (
+from tigertunnel.keys.files import (
     load_kem_public_file,
     load_kem_secret_file,
     load_psk_file,
-    parse_int,
 )
+from tigertunnel.keys.format import parse_int
 from tigertunnel.errors import ConfigError, KeyFileError
 
 #: Default seconds a graceful shutdown (SIGTERM) may take.

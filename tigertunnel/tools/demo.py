@@ -22,13 +22,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 
 from tigertunnel.config.model import LISTEN_BACKLOG, ProxyPair, TunnelConfig, parse_address
-from tigertunnel.keys.keyfile import (
-    kemgen,
-    keygen,
+from tigertunnel.keys.files import (
     load_kem_public_file,
     load_kem_secret_file,
     load_psk_file,
 )
+from tigertunnel.keys.generate import kemgen, keygen
 from tigertunnel.tools.echo import EchoFactory
 from tigertunnel.wire.frames import FrameParser
 from tigertunnel.net.multiplexer import build_service
