@@ -225,12 +225,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _run_end(args)
     if command == "check-config":
         return _check_config(rest)
-    if command == "demo":
-        from tigertunnel.tools.demo import main as demo_main
-        return demo_main(rest)
-    if command == "bench":
-        from tigertunnel.tools.bench import main as bench_main
-        return bench_main(rest)
+    if command in ("demo", "bench"):
+        from tigertunnel.tools import bench, demo
+        tool: Any = demo if command == "demo" else bench
+        opts = demo.DemoOptions() if command == "demo" else bench.BenchOptions()
+        try:
+            opts.parseOptions(rest)
+        except usage.UsageError as e:
+            return _fail(f"{command}: {e}", 2)
+        return int(tool.run(opts))
     return _fail(f"unknown command: {command!r} (see tigertunnel --help)", 2)
 
 
