@@ -186,7 +186,7 @@ def _check_config(argv: List[str]) -> int:
             if not opts["config"]:
                 raise usage.UsageError("give server|client [options], or "
                                        "--config FILE")
-            count = len(configfile.load(opts["config"]).replicas)
+            count = len(configfile.load(opts["config"], tap.config_file_options()).replicas)
         except (usage.UsageError, ConfigError) as e:
             return _fail(str(e))
         except SystemExit as e:  # --help
