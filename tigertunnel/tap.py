@@ -456,10 +456,3 @@ def _listening_descriptors(top: "TunnelService") -> List[int]:
             raise ValueError(f"{mux.pair.name} is not listening")
         fds.append(int(listener.port.fileno()))
     return fds
-
-
-def end_options(argv: List[str]) -> Options:
-    """Parse ``server ...`` / ``client ...`` arguments (console script)."""
-    opts = Options()
-    opts.parseOptions(argv)
-    return opts
