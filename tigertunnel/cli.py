@@ -26,7 +26,8 @@ from typing import Callable, Dict, List, NoReturn, Optional
 
 from twisted.python import usage
 
-from tigertunnel import __version__, tap
+import tigertunnel
+from tigertunnel import tap
 from tigertunnel.errors import ConfigError, KeyFileError
 from tigertunnel.tap import ExampleOptions
 
@@ -128,7 +129,7 @@ The same server/client run under twistd:
 
     def opt_version(self) -> NoReturn:
         """Print the version and exit."""
-        print(f"tigertunnel {__version__}")
+        print(f"tigertunnel {tigertunnel.__version__}")
         sys.exit(0)
 
     def postOptions(self) -> None:
