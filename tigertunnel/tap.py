@@ -9,11 +9,10 @@ parsed, so a bad value stops start-up with a one-line message naming it and a
 non-zero exit status, before anything listens or daemonizes.
 """
 
-import functools
 import os
 import sys
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Union
 
 from twisted.application.service import IService
@@ -377,7 +376,7 @@ COMMAND_LINE_ONLY = ("config", "replica", "proxy", "workers", "worker-index",
                      "help", "version")
 
 
-@functools.lru_cache(maxsize=1)
+@lru_cache(maxsize=1)
 def config_file_options() -> Dict[str, clusterfile.FileOption]:
     """The ``[tunnel]`` keys of a cluster config file: the long options of
     ``server`` and ``client``, less :data:`COMMAND_LINE_ONLY`."""
