@@ -17,7 +17,7 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from tigertunnel.config.model import Address, ProxyPair, TunnelConfig, parse_address
-from tigertunnel.keys.keyfile import KeyStore, parse_key_text
+from tigertunnel.keys.format import KeyStore, parse_key_text
 from tigertunnel.wire.frames import FrameParser
 from tigertunnel.net.multiplexer import ClientMultiplexer, ServerMultiplexer
 

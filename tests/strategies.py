@@ -1,8 +1,9 @@
 """Hypothesis strategies shared by the test modules.
 
-TB frames and mux frames are built here from PROTOCOL.md (sections 6.1, 7.1,
-7.2), independently of the code under test, so tests can compare the parsers
-against these hand-made encodings.
+Mux frames are built here from PROTOCOL.md (sections 7.1, 7.2), independently
+of the code under test, so tests can compare the parsers against these
+hand-made encodings. TB frames come from the one TB-frame builder,
+:func:`tigertunnel.tools.tbframes.make_tb_frame` (re-exported here).
 """
 
 import struct
@@ -10,24 +11,13 @@ from typing import List, Optional
 
 from hypothesis import strategies as st
 
+from tigertunnel.tools.tbframes import make_tb_frame
+
 MAGIC = b"XUMZ"
 MAX_FRAME = 1 << 20
 
-
-def make_tb_frame(body: bytes, header_fill: bytes = b"", cluster: int = 0,
-                  checksum_padding: bytes = bytes(16),
-                  checksum_body_padding: bytes = bytes(16)) -> bytes:
-    """Return a TB frame with ``body``; the other header bytes come from ``header_fill``.
-
-    ``header_fill`` (padded with zeros to 256 bytes) provides the checksums,
-    ``nonce_reserved`` and everything from offset 100 on.
-    """
-    header = bytearray(header_fill[:256].ljust(256, b"\0"))
-    header[16:32] = checksum_padding
-    header[48:64] = checksum_body_padding
-    header[80:96] = cluster.to_bytes(16, "little")
-    header[96:100] = struct.pack("<I", 256 + len(body))
-    return bytes(header) + body
+__all__ = ["make_tb_frame", "tb_frames", "chunked", "mux_header", "mux_units",
+           "noisy_tb_streams", "noisy_mux_streams"]
 
 
 @st.composite

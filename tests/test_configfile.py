@@ -8,9 +8,9 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel import tap
-from tigertunnel.config import clusterfile as configfile
+from tigertunnel.config import clusterfile
 from tigertunnel.cli import describe_run
-from tigertunnel.keys.keyfile import kemgen, keygen
+from tigertunnel.keys.generate import kemgen, keygen
 from tigertunnel.errors import ConfigError
 
 THREE = """
@@ -65,7 +65,7 @@ class PairTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.files = Files(self)
-        self.cluster = configfile.load(self.files.config(THREE))
+        self.cluster = clusterfile.load(self.files.config(THREE), tap.config_file_options())
 
     def test_server_of_each_replica(self) -> None:
         """A server gets one pair: its replica's listen address to its backend."""
@@ -109,6 +109,32 @@ class PairTests(SynchronousTestCase):
         self.assertNotIn("--require-kem", client)
 
 
+class OptionTableTests(SynchronousTestCase):
+    """The [tunnel] keys, read off the server and client options."""
+
+    def test_keys_kinds_and_roles(self) -> None:
+        """Every long option of a tunnel end is a key, except those only a command line gives."""
+        table = tap.config_file_options()
+        both = frozenset({"server", "client"})
+        self.assertEqual({k: (o.flag, o.roles) for k, o in table.items()}, {
+            "key": (False, both), "cluster": (False, both), "max-sessions": (False, both),
+            "log-level": (False, both), "handshake-timeout": (False, both),
+            "metrics": (False, both), "shutdown-timeout": (False, both),
+            "plaintext": (True, both), "systemd-sockets": (True, both),
+            "kemsecret": (False, frozenset({"server"})),
+            "require-kem": (True, frozenset({"server"})),
+            "kempublic": (False, frozenset({"client"})),
+            "num-conns": (False, frozenset({"client"}))})
+
+    def test_excluded(self) -> None:
+        """Options named in the exclusion list are left out; a flag is told from a value."""
+        table = clusterfile.option_table({"server": tap.ServerOptions()}, ("workers",))
+        self.assertNotIn("workers", table)
+        self.assertIn("worker-index", table)
+        self.assertTrue(table["require-kem"].flag)
+        self.assertFalse(table["kemsecret"].flag)
+
+
 @st.composite
 def clusters(draw: st.DrawFn) -> List[int]:
     """Tunnel ports of a cluster of 1 to 16 replicas."""
@@ -128,9 +154,9 @@ class PairPropertyTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write(text)
         if base + len(ports) - 1 > 65535:
-            self.assertRaises(ConfigError, configfile.load, path)
+            self.assertRaises(ConfigError, clusterfile.load, path, tap.config_file_options())
             return
-        cluster = configfile.load(path)
+        cluster = clusterfile.load(path, tap.config_file_options())
         pairs = cluster.pairs("client", None)
         self.assertEqual([p.split(",")[1] for p in pairs],
                          [f"r{i}.example:{p}" for i, p in enumerate(ports)])
@@ -152,7 +178,7 @@ class ErrorTests(SynchronousTestCase):
         """The message of loading ``text``."""
         path = self.files.config(text)
         with self.assertRaises(ConfigError) as caught:
-            configfile.load(path)
+            clusterfile.load(path, tap.config_file_options())
         message = str(caught.exception)
         self.assertNotIn("\n", message)
         self.assertTrue(message.startswith(path + ": "), message)
@@ -205,7 +231,7 @@ class ErrorTests(SynchronousTestCase):
     def test_unreadable(self) -> None:
         """A missing file is refused naming it."""
         with self.assertRaises(ConfigError) as caught:
-            configfile.load(self.files.path("absent.ini"))
+            clusterfile.load(self.files.path("absent.ini"), tap.config_file_options())
         self.assertIn("absent.ini: cannot read", str(caught.exception))
 
 

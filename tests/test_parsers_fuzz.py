@@ -32,14 +32,9 @@ from tigertunnel.wire import handshake as hs
 from tigertunnel.crypto import kem
 from tigertunnel.crypto.aead import FrameOpener, FrameSealer
 from tigertunnel.crypto.kdf import SessionKeys
-from tigertunnel.keys.keyfile import (
-    KEM_PUBLIC_KEY_SIZE,
-    MAX_KEYS,
-    format_key_line,
-    load_kem_public_file,
-    load_kem_secret_file,
-    load_psk_file,
-)
+from tigertunnel.crypto.kem import PUBLIC_KEY_SIZE as KEM_PUBLIC_KEY_SIZE
+from tigertunnel.keys.files import load_kem_public_file, load_kem_secret_file, load_psk_file
+from tigertunnel.keys.format import MAX_KEYS, format_key_line
 from tigertunnel.errors import (
     AuthenticationError,
     FrameError,

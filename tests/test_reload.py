@@ -11,7 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.memnet import KEM_KEY_ID, KEM_SEED, TBPeer, Tunnel
 from tests.strategies import make_tb_frame
 from tigertunnel.crypto.kem import public_key_from_seed
-from tigertunnel.keys.keyfile import format_key_line, load_psk_file
+from tigertunnel.keys.files import load_psk_file
+from tigertunnel.keys.format import format_key_line
 from tigertunnel.ops.reload import (
     CHECK_INTERVAL,
     DRAIN_TIMEOUT,
@@ -107,7 +108,7 @@ class ReloadCase(SynchronousTestCase):
 
 def load_keys_from(path: str) -> Any:
     """The KEM secret key store of a file."""
-    from tigertunnel.keys.keyfile import load_kem_secret_file
+    from tigertunnel.keys.files import load_kem_secret_file
     return load_kem_secret_file(path)
 
 

@@ -17,7 +17,7 @@ from zope.interface import implementer
 from tigertunnel import logs, tap
 from tigertunnel.config.model import Address
 from tigertunnel.crypto.kem import public_key_from_seed
-from tigertunnel.keys.keyfile import keygen, kemgen
+from tigertunnel.keys.generate import kemgen, keygen
 from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol
 from tigertunnel.net.tunnel_protocol import TunnelFactory, TunnelProtocol
 from tigertunnel.net.multiplexer import ClientMultiplexer, ServerMultiplexer

@@ -1,32 +1,23 @@
-"""WorkerSupervisor with a fake process reactor; inherited sockets; worker logs; options."""
+"""WorkerSupervisor with a fake process reactor: start, restart, reload, relay, stop."""
 
 import os
-import socket
 from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IReactorCore, IReactorProcess
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, eventAsJSON, eventFromJSON, globalLogPublisher
-from twisted.python import usage
+from twisted.logger import LogLevel, eventAsJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
-from tigertunnel import tap
-from tigertunnel.keys.keyfile import keygen
-from tigertunnel.config.model import ProxyPair, parse_proxy
-from tigertunnel.errors import ConfigError
-from tigertunnel.net.sockets import socket_family
 from tigertunnel.ops.workers import (
     KILL_GRACE,
     LISTEN_FDS_ENV,
-    LOG_BUFFER_LIMIT,
     PRIVATE_ENV,
     SUPERVISOR_ENV,
     WorkerSupervisor,
     announce_ready,
-    inherited_listen_fds,
-    supervisor_alive,
-    worker_log_observer,
 )
 
 
@@ -41,8 +32,13 @@ class FakeProcess:
         self.signals.append(name)
 
 
+@implementer(IReactorProcess, IReactorCore)
 class ProcessClock(Clock):
-    """A Clock that also 'spawns' processes and keeps system event triggers."""
+    """A Clock that also 'spawns' processes and keeps system event triggers.
+
+    It provides only the parts of ``IReactorProcess`` and ``IReactorCore``
+    the supervisor uses.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,6 +67,7 @@ class ProcessClock(Clock):
 
 
 def exited(code: Optional[int] = 0, sig: Optional[int] = None) -> Failure:
+    """The reason a process ended: exit status ``code`` or signal ``sig``."""
     if code == 0 and sig is None:
         return Failure(ProcessDone(0))
     return Failure(ProcessTerminated(exitCode=code, signal=sig))
@@ -91,6 +88,7 @@ class SupervisorTests(SynchronousTestCase):
                                     publish=self.events.append, environ=env)
 
     def worker(self, index: int) -> Any:
+        """The process protocol of running worker ``index``."""
         return self.sup.workers[index]
 
     def test_start_spawns_the_other_workers(self) -> None:
@@ -160,6 +158,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.worker(1).transport.signals, ["TERM"])
 
     def test_stop_cancels_pending_restart(self) -> None:
+        """A restart that is waiting for its delay is cancelled by a stop."""
         self.sup.startService()
         self.worker(1).processEnded(exited(1))
         d = self.sup.stopService()
@@ -264,201 +263,8 @@ class SupervisorTests(SynchronousTestCase):
                          "worker 1/tigertunnel.workers#warn")
 
     def test_status(self) -> None:
+        """status() lists worker 0 and the running workers, and counts restarts."""
         self.sup.startService()
         status = self.sup.status()
         self.assertEqual(status["running"], [0, 1, 2])
         self.assertEqual(status["restarts"], 0)
-
-
-class SupervisorAliveTests(SynchronousTestCase):
-    def test_supervisor_check(self) -> None:
-        """Without the variable a process is not a supervised worker; with
-        our parent's pid its supervisor is alive; with another pid it is gone."""
-        self.assertTrue(supervisor_alive({}))
-        self.assertTrue(supervisor_alive({SUPERVISOR_ENV: str(os.getppid())}))
-        self.assertFalse(supervisor_alive({SUPERVISOR_ENV: str(os.getppid() + 1)}))
-
-
-def listening(family: int, host: str) -> socket.socket:
-    sock = socket.socket(family)
-    sock.bind((host, 0))
-    sock.listen(1)
-    return sock
-
-
-def pair_for(sock: socket.socket, index: int = 0) -> ProxyPair:
-    host, port = sock.getsockname()[:2]
-    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return parse_proxy(f"{text},127.0.0.1:9", index)
-
-
-class InheritedSocketTests(SynchronousTestCase):
-    """What a worker checks about the sockets it inherited."""
-
-    def test_listening_sockets_accepted(self) -> None:
-        socks = []
-        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-            try:
-                sock = listening(family, host)
-            except OSError:
-                continue
-            self.addCleanup(sock.close)
-            socks.append(sock)
-        fds = ",".join(str(s.fileno()) for s in socks)
-        pairs = [pair_for(s, i) for i, s in enumerate(socks)]
-        got = inherited_listen_fds(pairs, {LISTEN_FDS_ENV: fds})
-        self.assertEqual(got, {i: s.fileno() for i, s in enumerate(socks)})
-        self.assertEqual([socket_family(fd) for fd in got.values()],
-                         [s.family for s in socks])
-
-    def test_refused(self) -> None:
-        """Missing, malformed, wrong count, closed, not listening, not TCP,
-        or bound to another address than the pair's."""
-        unbound = socket.socket()
-        self.addCleanup(unbound.close)
-        sock = listening(socket.AF_INET, "127.0.0.1")
-        self.addCleanup(sock.close)
-        other = listening(socket.AF_INET, "127.0.0.1")
-        self.addCleanup(other.close)
-        unix = socket.socket(socket.AF_UNIX)
-        self.addCleanup(unix.close)
-        unix.bind(os.path.abspath(self.mktemp()))
-        unix.listen(1)
-        closed = socket.socket()
-        dead = closed.fileno()
-        closed.close()
-        one = [pair_for(sock)]
-        for env, pairs, text in (
-                ({}, one, "does not list 1 listening sockets"),
-                ({LISTEN_FDS_ENV: "x"}, one, "does not list"),
-                ({LISTEN_FDS_ENV: f"{sock.fileno()}"}, one * 2, "does not list 2"),
-                ({LISTEN_FDS_ENV: f"{dead}"}, one, f"inherited descriptor {dead}"),
-                ({LISTEN_FDS_ENV: f"{unbound.fileno()}"}, one,
-                 "is not a listening TCP socket"),
-                ({LISTEN_FDS_ENV: f"{unix.fileno()}"}, one,
-                 "is not a listening TCP socket"),
-                ({LISTEN_FDS_ENV: f"{other.fileno()}"}, one,
-                 f"is bound to ('127.0.0.1', {other.getsockname()[1]}), not to "
-                 f"pair0's 127.0.0.1:{sock.getsockname()[1]}")):
-            with self.assertRaises(ConfigError) as ctx:
-                inherited_listen_fds(pairs, env)
-            self.assertIn(text, str(ctx.exception))
-
-
-class WorkerLogTests(SynchronousTestCase):
-    """The worker's JSON log observer on a real pipe."""
-
-    def pipe(self) -> Tuple[int, int]:
-        r, w = os.pipe()
-        self.addCleanup(os.close, r)
-        self.addCleanup(os.close, w)
-        return r, w
-
-    def read_all(self, fd: int) -> bytes:
-        os.set_blocking(fd, False)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 20)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def test_failure_becomes_text(self) -> None:
-        r, w = self.pipe()
-        observer = worker_log_observer(w)
-        try:
-            1 / 0
-        except ZeroDivisionError:
-            failure = Failure()
-        observer({"log_level": LogLevel.critical, "log_namespace": "x",
-                  "log_format": "while doing it", "log_failure": failure,
-                  "log_time": 1.0})
-        event = eventFromJSON(self.read_all(r).decode().strip())
-        self.assertIn("ZeroDivisionError: division by zero", event["log_traceback"])
-        self.assertEqual(event["log_format"], "while doing it\n{log_traceback}")
-
-    def test_full_pipe_never_blocks_and_counts_drops(self) -> None:
-        """With nobody reading, lines are held up to the limit, then dropped;
-        once the pipe drains, a line tells how many were dropped."""
-        r, w = self.pipe()
-        observer = worker_log_observer(w)
-        event = {"log_level": LogLevel.info, "log_namespace": "x",
-                 "log_format": "x" * 1000, "log_time": 1.0}
-        for _ in range(5000):  # ~5 MB: more than pipe + LOG_BUFFER_LIMIT
-            observer(event)
-        self.assertGreater(observer.dropped, 0)
-        self.assertLessEqual(len(observer._pending), LOG_BUFFER_LIMIT)
-        dropped = observer.dropped
-        data, logged = b"", 5000
-        for _ in range(1000):  # the supervisor reads again
-            data += self.read_all(r)
-            if observer.dropped == 0 and not observer._pending:
-                break
-            observer(event)
-            logged += 1
-        lines = data.decode().splitlines()
-        notes = [eventFromJSON(line) for line in lines if "dropped" in line]
-        self.assertEqual([n["count"] for n in notes], [dropped])
-        self.assertEqual(len(lines), logged - dropped + 1)
-
-
-class WorkerOptionTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.key = self.mktemp()
-        keygen(self.key)
-
-    pair = "127.0.0.1:1,127.0.0.1:2"
-
-    def parse(self, *args: str) -> tap.Options:
-        opts = tap.Options()
-        opts.parseOptions(["client", "-p", self.pair, "-k", self.key, *args])
-        return opts
-
-    def test_without_options(self) -> None:
-        """Workers get the config file's values, not --config/--replica."""
-        args = ["-k", "k", "--config", "c.ini", "--replica=1", "--conf=x",
-                "--repl", "2", "--co", "y", "--cluster", "5", "--", "--config"]
-        self.assertEqual(tap.without_options(args, ("config", "replica")),
-                         ["-k", "k", "--co", "y", "--cluster", "5", "--",
-                          "--config"])
-
-    def test_default_one(self) -> None:
-        self.assertEqual(self.parse().subOptions.config.workers, 1)
-
-    def test_workers_and_raw_args(self) -> None:
-        opts = self.parse("--workers", "4", "--metrics", "tcp:0")
-        self.assertEqual(opts.subOptions.config.workers, 4)
-        self.assertEqual(opts.subOptions.raw_args[-4:],
-                         ["--workers", "4", "--metrics", "tcp:0"])
-        self.assertEqual(opts.subOptions.operations.metrics, "tcp:0")
-
-    def test_worker_has_no_metrics(self) -> None:
-        """A worker serves on the inherited socket; metrics are worker 0's."""
-        sock = listening(socket.AF_INET, "127.0.0.1")
-        self.addCleanup(sock.close)
-        self.patch(os, "environ", dict(os.environ, **{
-            LISTEN_FDS_ENV: str(sock.fileno())}))
-        self.pair = f"127.0.0.1:{sock.getsockname()[1]},127.0.0.1:2"
-        opts = self.parse("--workers", "4", "--metrics", "tcp:0",
-                          "--worker-index", "3")
-        self.assertIsNone(opts.subOptions.operations.metrics)
-        self.assertEqual(opts.subOptions.config.extra["inherited"],
-                         {0: sock.fileno()})
-
-    def test_bad_values(self) -> None:
-        for args, text in ((["--workers", "0"], "invalid workers: '0'"),
-                           (["--workers", "65"], "invalid workers: '65'"),
-                           (["--workers", "x"], "invalid workers: 'x'"),
-                           (["--worker-index", "1"], "--worker-index needs"),
-                           (["--workers", "2", "--worker-index", "2"],
-                            "invalid worker-index: '2'")):
-            with self.assertRaises(usage.UsageError) as ctx:
-                self.parse(*args)
-            self.assertIn(text, str(ctx.exception))
-
-
-

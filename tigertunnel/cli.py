@@ -10,38 +10,26 @@
   ``tigertunnel check-config --config FILE`` checks every tunnel end a
   cluster config file describes.
 * ``tigertunnel demo`` — a loopback demonstration (see :mod:`tigertunnel.tools.demo`).
+* ``tigertunnel bench`` — the benchmark (see :mod:`tigertunnel.tools.bench`).
+* ``tigertunnel --version``.
 
-Errors print one line ``tigertunnel: error: ...`` and exit with status 1
-(2 for a usage error; check-config exits 1 for any invalid configuration).
+The commands are the ``subCommands`` of :class:`Options` (which extends the
+twistd plugin's options, so ``server`` and ``client`` parse exactly as under
+twistd); :data:`COMMANDS` says how each one runs once parsed. Errors print
+one line ``tigertunnel: error: ...`` and exit with status 1 (2 for a usage
+error; check-config exits 1 for any invalid configuration).
 """
 
 import sys
-from typing import Any, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, NoReturn, Optional
 
 from twisted.python import usage
 
-from tigertunnel.errors import KeyFileError
+import tigertunnel
+from tigertunnel import tap
+from tigertunnel.errors import ConfigError, KeyFileError
 from tigertunnel.tap import ExampleOptions
-
-USAGE = """usage: tigertunnel COMMAND [options]
-
-commands:
-  keygen -o FILE [--force]      write a new PSK key file (mode 0600)
-  kemgen -o PREFIX [--force]    write PREFIX.pub and PREFIX.key (X-Wing)
-  server [options]              run a tunnel server in the foreground
-  client [options]              run a tunnel client in the foreground
-  check-config server|client [options]
-                                validate options, config file and key files
-  check-config --config FILE    validate every tunnel end of a cluster file
-  demo [--sessions N]           loopback demo with the built-in echo backend
-  bench [--sizes ...] [--json F] benchmark: tunnel vs direct, CPU per round trip
-
-'tigertunnel COMMAND --help' lists the options of a command, with examples.
-The same server/client run under twistd:
-  twistd -n tigertunnel server -p :3000,127.0.0.1:3001 -k secret.key
-  twistd --pidfile tt.pid tigertunnel client -p :4000,HOST:3000 -k secret.key
-  twistd -n tigertunnel client --config cluster.ini
-"""
 
 
 class _GenOptions(ExampleOptions):
@@ -53,25 +41,42 @@ class _GenOptions(ExampleOptions):
             raise usage.UsageError("output path (-o) is required")
 
 
-class _KeygenOptions(_GenOptions):
-    synopsis = "tigertunnel keygen -o FILE [--force]"
+class KeygenOptions(_GenOptions):
+    """``tigertunnel keygen``."""
+
+    synopsis = "-o FILE [--force]"
     longdesc = "Write a new PSK key file (one <key_id>:<64 hex> line, mode 0600)."
     examples = """Examples:
   tigertunnel keygen -o secret.key
   tigertunnel keygen -o new.key    # then see "Key rotation" in README.rst"""
 
 
-class _KemgenOptions(_GenOptions):
-    synopsis = "tigertunnel kemgen -o PREFIX [--force]"
+class KemgenOptions(_GenOptions):
+    """``tigertunnel kemgen``."""
+
+    synopsis = "-o PREFIX [--force]"
     longdesc = """Write a new X-Wing key pair: PREFIX.key (servers, mode 0600) and
 PREFIX.pub (clients)."""
     examples = """Example:
   tigertunnel kemgen -o server-kem   # server-kem.key, server-kem.pub"""
 
 
-class _CheckOptions(ExampleOptions):
-    synopsis = ("tigertunnel check-config server|client [options] | "
-                "check-config --config FILE")
+class _CommandOptions(ExampleOptions):
+    """Options with subcommands whose help shows ``... COMMAND SUBCOMMAND``."""
+
+    def getSynopsis(self) -> str:
+        if self.subCommand is None:
+            return super().getSynopsis()
+        # A subcommand's help is showing: the path to it is enough here.
+        if self.parent is None:
+            return "Usage: tigertunnel"
+        return f"{self.parent.getSynopsis()} {self.parent.subCommand}"
+
+
+class CheckOptions(_CommandOptions):
+    """``tigertunnel check-config``."""
+
+    synopsis = "server|client [options] | --config FILE"
     longdesc = """Validate a run's options, config file and key files exactly as
 start-up would, without listening or connecting; print what would run.
 With only --config FILE, check every tunnel end the cluster file describes
@@ -82,6 +87,54 @@ Exit status 0 when valid, 1 otherwise (one line naming the problem)."""
   tigertunnel check-config client --config cluster.ini --replica 2
   tigertunnel check-config --config cluster.ini"""
     optParameters = [["config", None, None, "Cluster config file to check whole."]]
+    subCommands = tap.Options.subCommands
+
+    def postOptions(self) -> None:
+        if self.subCommand is None and not self["config"]:
+            raise usage.UsageError("give server|client [options], or --config FILE")
+
+
+def _demo_options() -> usage.Options:
+    from tigertunnel.tools.demo import DemoOptions
+    return DemoOptions()
+
+
+def _bench_options() -> usage.Options:
+    from tigertunnel.tools.bench import BenchOptions
+    return BenchOptions()
+
+
+class Options(tap.Options, _CommandOptions):
+    """tigertunnel: an encrypted tunnel for TigerBeetle traffic."""
+
+    synopsis = "Usage: tigertunnel COMMAND [options]"
+    examples = """'tigertunnel COMMAND --help' lists the options of a command, with examples.
+The same server/client run under twistd:
+  twistd -n tigertunnel server -p :3000,127.0.0.1:3001 -k secret.key
+  twistd --pidfile tt.pid tigertunnel client -p :4000,HOST:3000 -k secret.key
+  twistd -n tigertunnel client --config cluster.ini
+"""
+    subCommands = [
+        ["keygen", None, KeygenOptions, "Write a new PSK key file (mode 0600)."],
+        ["kemgen", None, KemgenOptions, "Write PREFIX.pub and PREFIX.key (X-Wing)."],
+        ["server", None, tap.ServerOptions, "Run a tunnel server in the foreground."],
+        ["client", None, tap.ClientOptions, "Run a tunnel client in the foreground."],
+        ["check-config", None, CheckOptions, "Validate options, config file and key "
+         "files (of one run, or of every tunnel end of a cluster file)."],
+        ["demo", None, _demo_options, "Loopback demo with the built-in echo backend."],
+        ["bench", None, _bench_options, "Benchmark: tunnel vs direct, CPU per round trip."],
+    ]
+
+    opt_h = usage.Options.opt_help
+
+    def opt_version(self) -> NoReturn:
+        """Print the version and exit."""
+        print(f"tigertunnel {tigertunnel.__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("give a command")
 
 
 def _fail(message: str, status: int = 1) -> int:
@@ -89,43 +142,31 @@ def _fail(message: str, status: int = 1) -> int:
     return status
 
 
-def _keygen(argv: List[str], kem: bool) -> int:
-    from tigertunnel.keys.keyfile import kemgen, keygen
+def _keygen(options: Options) -> int:
+    from tigertunnel.keys.generate import kemgen, keygen
 
-    opts = _KemgenOptions() if kem else _KeygenOptions()
-    try:
-        opts.parseOptions(argv)
-    except usage.UsageError as e:
-        return _fail(str(e), 2)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    opts = options.subOptions
     path = opts["output"]
+    force = bool(opts["force"])
     try:
-        if kem:
-            key_id = kemgen(path, force=bool(opts["force"]))
+        if options.subCommand == "kemgen":
+            key_id = kemgen(path, force=force)
             sys.stderr.write(f"Generated KEM keypair {key_id} -> {path}.pub, "
                              f"{path}.key\n")
         else:
-            key_id = keygen(path, force=bool(opts["force"]))
+            key_id = keygen(path, force=force)
             sys.stderr.write(f"Generated key {key_id} -> {path}\n")
     except KeyFileError as e:
         return _fail(str(e))
     return 0
 
 
-def _run_end(argv: List[str]) -> int:
+def _run_end(options: Options) -> int:
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
 
-    from tigertunnel import tap
-
-    try:
-        options = tap.end_options(argv)
-    except usage.UsageError as e:
-        return _fail(str(e), 2)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
     worker = options.subOptions["worker-index"] is not None
+    observer: ILogObserver
     if worker:
         # A worker process of --workers: its supervisor relays the log.
         from tigertunnel.ops.workers import die_with_supervisor, worker_log_observer
@@ -143,18 +184,21 @@ def _run_end(argv: List[str]) -> int:
     try:
         service.privilegedStartService()
         service.startService()
-    except Exception as e:
+    except Exception as e:  # a start-up failure is one line, not a traceback
         return _fail(f"cannot start: {e}")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     if worker:
         from tigertunnel.ops.workers import announce_ready
         announce_ready()
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return 0
 
 
-def describe_run(options: Any) -> List[str]:
-    """What a parsed ``server``/``client`` run would do, one line per item."""
+def describe_run(options: usage.Options) -> List[str]:
+    """What a parsed ``server``/``client`` run would do, one line per item.
+
+    :param options: options whose ``subOptions`` are a parsed tunnel end.
+    """
     from tigertunnel.ops.reload import KeySet, describe
 
     sub = options.subOptions
@@ -172,66 +216,89 @@ def describe_run(options: Any) -> List[str]:
     return lines
 
 
-def _check_config(argv: List[str]) -> int:
-    from tigertunnel import tap
-    from tigertunnel.config import clusterfile as configfile
-    from tigertunnel.errors import ConfigError
+def _check_config(options: Options) -> int:
+    from tigertunnel.config import clusterfile
 
-    if argv and argv[0] in ("server", "client"):
-        runs = [argv]
-    else:
-        opts = _CheckOptions()
-        try:
-            opts.parseOptions(argv)
-            if not opts["config"]:
-                raise usage.UsageError("give server|client [options], or "
-                                       "--config FILE")
-            count = len(configfile.load(opts["config"]).replicas)
-        except (usage.UsageError, ConfigError) as e:
-            return _fail(str(e))
-        except SystemExit as e:  # --help
-            return int(e.code or 0)
-        path = opts["config"]
-        runs = [["server", "--config", path, "--replica", str(n)]
-                for n in range(count)]
-        runs.append(["client", "--config", path])
-        if count > 1:
-            runs += [["client", "--config", path, "--replica", str(n)]
-                     for n in range(count)]
+    check = options.subOptions
+    if check.subCommand is not None:
+        sys.stdout.write("ok\n")
+        sys.stdout.write("".join(line + "\n" for line in describe_run(check)))
+        return 0
+    path = check["config"]
+    try:
+        count = len(clusterfile.load(path, tap.config_file_options()).replicas)
+    except ConfigError as e:
+        return _fail(str(e))
+    runs = [["server", "--config", path, "--replica", str(n)] for n in range(count)]
+    runs.append(["client", "--config", path])
+    if count > 1:
+        runs += [["client", "--config", path, "--replica", str(n)]
+                 for n in range(count)]
     for run in runs:
+        parsed = tap.Options()
         try:
-            options = tap.end_options(run)
+            parsed.parseOptions(run)
         except usage.UsageError as e:
             return _fail(str(e))
-        except SystemExit as e:  # --help
-            return int(e.code or 0)
-        sys.stdout.write(f"ok: {' '.join(run[1:])}\n" if len(runs) > 1 else "ok\n")
-        sys.stdout.write("".join(line + "\n" for line in describe_run(options)))
+        sys.stdout.write(f"ok: {' '.join(run[1:])}\n")
+        sys.stdout.write("".join(line + "\n" for line in describe_run(parsed)))
     return 0
+
+
+def _demo(options: Options) -> int:
+    from tigertunnel.tools.demo import run
+    return run(options.subOptions)
+
+
+def _bench(options: Options) -> int:
+    from tigertunnel.tools.bench import run
+    return run(options.subOptions)
+
+
+@dataclass(frozen=True)
+class Command:
+    """How a parsed command runs.
+
+    :ivar run: runs it; returns the exit status.
+    :ivar usage_status: the exit status of a usage error.
+    :ivar usage_prefix: put before a usage error's message.
+    """
+
+    run: Callable[[Options], int]
+    usage_status: int = 2
+    usage_prefix: str = ""
+
+
+#: Every subcommand of :class:`Options`.
+COMMANDS: Dict[str, Command] = {
+    "keygen": Command(_keygen),
+    "kemgen": Command(_keygen),
+    "server": Command(_run_end),
+    "client": Command(_run_end),
+    "check-config": Command(_check_config, usage_status=1),
+    "demo": Command(_demo, usage_prefix="demo: "),
+    "bench": Command(_bench, usage_prefix="bench: "),
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the console script; returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help", "help"):
-        sys.stdout.write(USAGE)
+    options = Options()
+    if not args or args == ["help"]:
+        sys.stdout.write(str(options))
         return 0
-    command, rest = args[0], args[1:]
-    if command == "keygen":
-        return _keygen(rest, kem=False)
-    if command == "kemgen":
-        return _keygen(rest, kem=True)
-    if command in ("server", "client"):
-        return _run_end(args)
-    if command == "check-config":
-        return _check_config(rest)
-    if command == "demo":
-        from tigertunnel.tools.demo import main as demo_main
-        return demo_main(rest)
-    if command == "bench":
-        from tigertunnel.tools.bench import main as bench_main
-        return bench_main(rest)
-    return _fail(f"unknown command: {command!r} (see tigertunnel --help)", 2)
+    try:
+        options.parseOptions(args)
+    except usage.UsageError as e:
+        if options.subCommand is None:
+            return _fail(f"unknown command: {args[0]!r} (see tigertunnel --help)", 2)
+        command = COMMANDS[options.subCommand]
+        return _fail(f"{command.usage_prefix}{e}", command.usage_status)
+    except SystemExit as e:  # --help, --version
+        return int(e.code or 0)
+    assert options.subCommand is not None  # postOptions made sure
+    return COMMANDS[options.subCommand].run(options)
 
 
 if __name__ == "__main__":  # pragma: no cover

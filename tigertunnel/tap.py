@@ -9,17 +9,18 @@ parsed, so a bad value stops start-up with a one-line message naming it and a
 non-zero exit status, before anything listens or daemonizes.
 """
 
-import getopt
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Set
+from functools import lru_cache, partial
+from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Union
 
 from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorTime
 from twisted.python import usage
 
 from tigertunnel import logs
-from tigertunnel.config import clusterfile as configfile
+from tigertunnel.config import clusterfile
 from tigertunnel.config.model import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_SESSIONS,
@@ -29,13 +30,17 @@ from tigertunnel.config.model import (
     listen_description,
     parse_proxy,
 )
-from tigertunnel.keys.keyfile import (
+from tigertunnel.keys.files import (
     load_kem_public_file,
     load_kem_secret_file,
     load_psk_file,
-    parse_int,
 )
+from tigertunnel.keys.format import parse_int
 from tigertunnel.errors import ConfigError, KeyFileError
+
+if TYPE_CHECKING:
+    from tigertunnel.net.multiplexer import ListenerService
+    from tigertunnel.ops.shutdown import TunnelService
 
 #: Default seconds a graceful shutdown (SIGTERM) may take.
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
@@ -75,28 +80,6 @@ class ExampleOptions(usage.Options):
         if self.examples:
             text = text.rstrip("\n") + "\n\n" + self.examples.strip("\n") + "\n"
         return text
-
-
-def without_options(args: List[str], names: Sequence[str]) -> List[str]:
-    """``args`` without the long options ``names`` (and their values).
-
-    Unique prefixes count, as getopt accepts them (``--conf F``).
-    """
-    out: List[str] = []
-    skip = False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        if arg == "--":
-            return out + list(args[i:])
-        if arg.startswith("--") and len(arg) > 2:
-            name, eq, _ = arg[2:].partition("=")
-            if len(name) >= 3 and any(n.startswith(name) for n in names):
-                skip = not eq
-                continue
-        out.append(arg)
-    return out
 
 
 class _EndOptions(ExampleOptions):
@@ -141,59 +124,36 @@ class _EndOptions(ExampleOptions):
         self.config: Optional[TunnelConfig] = None
         self.operations = Operations()
         #: Canonical names of the options given on the command line.
-        self.given: Set[str] = set()
+        self.given: FrozenSet[str] = frozenset()
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """Parse, with ``--config FILE`` expanded in front of the arguments."""
         args = list(sys.argv[1:] if options is None else options)
-        #: The arguments as given, and where (workers are started with the
-        #: same ones, in the same directory).
-        self.raw_args = list(args)
+        #: The directory the arguments were given in (workers start there).
         self.cwd = os.getcwd()
-        try:
-            found, _ = getopt.getopt(args, self.shortOpt, self.longOpt)
-        except getopt.error:
-            found = []  # the real parse reports it
-        values = {}
-        for opt, value in found:
-            name = opt.lstrip("-")
-            name = self.synonyms.get(name, self.synonyms.get(
-                name.replace("-", "_"), name))
-            self.given.add(name)
-            values[name] = value
-        path = values.get("config")
-        if path is not None and "help" not in self.given:
-            from_file = self.config_file_args(path, values.get("replica"))
-            args = from_file + args
-            # Workers get the file's values as read now, not the file
-            # (a restarted worker must run what worker 0 runs).
-            self.raw_args = from_file + without_options(
-                self.raw_args, ("config", "replica"))
-        super().parseOptions(args)
+        expanded = clusterfile.expand_arguments(
+            self, self.role, args, config_file_options(), self.check_file_option)
+        self.given = expanded.given
+        #: The arguments workers are started with.
+        self.raw_args = expanded.worker_args
+        super().parseOptions(expanded.args)
 
-    def config_file_args(self, path: str, replica: Optional[str]) -> List[str]:
-        """The arguments ``--config`` stands for, each value checked first.
+    def check_file_option(self, key: str, value: str) -> None:
+        """Check one config-file value with the code its flag goes through.
 
-        :raises usage.UsageError: ``FILE: [section] key: reason``.
+        :raises usage.UsageError: naming the problem.
         """
-        if "proxy" in self.given:
-            raise usage.UsageError("-p and --config exclude each other (put "
-                                   "the proxy pairs in the config file)")
-        number: Optional[int] = None
-        if replica is not None:
-            if not replica.isdigit():
-                raise usage.UsageError(f"invalid --replica: {replica!r} "
-                                       f"(expected a replica number)")
-            number = int(replica)
+        loaders = {"key": load_psk_file, "kemsecret": load_kem_secret_file,
+                   "kempublic": load_kem_public_file}
         try:
-            cluster = configfile.load(path)
-            args = cluster.argv(self.role, number)
-        except ConfigError as e:
+            if key in loaders:
+                loaders[key](value)
+            elif not config_file_options()[key].flag:
+                probe = type(self)()
+                usage.Options.parseOptions(probe, ["--plaintext", "-p", _PROBE_PAIR,
+                                                   f"--{key}={value}"])
+        except KeyFileError as e:
             raise usage.UsageError(str(e)) from None
-        for key, value, where in cluster.options:
-            if self.role in configfile.option_roles(key):
-                check_option(self.role, key, value, f"{path}: {where}")
-        return args
 
     def opt_proxy(self, value: str) -> None:
         """LISTEN,TARGET proxy pair (repeat for several replicas)."""
@@ -407,44 +367,42 @@ class Options(ExampleOptions):
             raise usage.UsageError("give a mode: server or client")
 
 
+#: A proxy pair that lets a probe parse reach the option being checked.
 _PROBE_PAIR = "127.0.0.1:1,127.0.0.1:2"
+#: Long options a cluster config file cannot set: what picks the file and
+#: the replica, the proxy pairs (the file's replicas give them), the process
+#: layout, and usage's own --help and --version.
+COMMAND_LINE_ONLY = ("config", "replica", "proxy", "workers", "worker-index",
+                     "help", "version")
 
 
-def check_option(role: str, key: str, value: str, where: str) -> None:
-    """Check one config-file option with the code the flag goes through.
-
-    :raises usage.UsageError: ``<where>: <reason>``.
-    """
-    try:
-        if key == "key":
-            load_psk_file(value)
-        elif key == "kemsecret":
-            load_kem_secret_file(value)
-        elif key == "kempublic":
-            load_kem_public_file(value)
-        elif configfile.option_kind(key) == "value":
-            probe = ServerOptions() if role == "server" else ClientOptions()
-            usage.Options.parseOptions(probe, ["--plaintext", "-p", _PROBE_PAIR,
-                                               f"--{key}={value}"])
-    except (KeyFileError, usage.UsageError) as e:
-        raise usage.UsageError(f"{where}: {e}") from None
+@lru_cache(maxsize=1)
+def config_file_options() -> Dict[str, clusterfile.FileOption]:
+    """The ``[tunnel]`` keys of a cluster config file: the long options of
+    ``server`` and ``client``, less :data:`COMMAND_LINE_ONLY`."""
+    return clusterfile.option_table({"server": ServerOptions(), "client": ClientOptions()},
+                                   COMMAND_LINE_ONLY)
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: Optional[IReactorCore] = None) -> IService:
     """Build the tunnel service from parsed :class:`Options`.
 
     The multiplexers are the children of a
     :class:`~tigertunnel.ops.shutdown.TunnelService` (graceful shutdown), with
     key reload on SIGHUP, the optional metrics listener and, under systemd,
     the notifications as its operations services.
+
+    :param reactor: the global reactor by default; tests pass a
+        ``MemoryReactorClock``.
     """
     from tigertunnel.logs import limit_accept_errors
+    from tigertunnel.net.multiplexer import build_service
     from tigertunnel.ops.memory import memory_trimmer, tune_malloc
     from tigertunnel.ops.metrics import MetricsService
     from tigertunnel.ops.reload import KeyReloader, ReloadService
-    from tigertunnel.net.multiplexer import build_service
     from tigertunnel.ops.shutdown import TunnelService
     from tigertunnel.ops.systemd import Notifier, SystemdService, watchdog_interval
+    from tigertunnel.ops.workers import WorkerSupervisor, worker_command
 
     if reactor is None:
         from twisted.internet import reactor as _reactor
@@ -459,21 +417,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # trim, and one rate-limited line for accept errors.
     tune_malloc()
     limit_accept_errors()
-    top.add_operation(memory_trimmer(reactor))
+    top.add_operation(memory_trimmer(IReactorTime(reactor)))
     reloader = KeyReloader(top.multiplexers, reactor)
-    listeners = []
+    listeners: List[Union[SystemdService, WorkerSupervisor]] = []
     notifier = Notifier.from_environment()
     watchdog = watchdog_interval()
+    systemd: Optional[SystemdService] = None
     if notifier.enabled:
         systemd = SystemdService(notifier, reactor, watchdog)
         listeners.append(systemd)
     if config.workers > 1 and sub["worker-index"] is None:
-        from tigertunnel.ops.workers import WorkerSupervisor, worker_command
-
-        muxes = top.multiplexers
         supervisor = WorkerSupervisor(
-            reactor, worker_command([sub.role] + sub.raw_args), config.workers,
-            lambda: [mux.listener.port.fileno() for mux in muxes], sub.cwd,
+            IReactorProcess(reactor), worker_command([sub.role] + sub.raw_args),
+            config.workers, partial(_listening_descriptors, top), sub.cwd,
             ops.shutdown_timeout)
         listeners.append(supervisor)  # SIGHUP goes to the workers too
         top.add_operation(supervisor, stop_last=True)
@@ -481,13 +437,21 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if ops.metrics is not None:
         top.add_operation(MetricsService(ops.metrics, top.multiplexers,
                                          reloader, reactor), stop_last=True)
-    if notifier.enabled:
+    if systemd is not None:
         top.add_operation(systemd)
     return top
 
 
-def end_options(argv: List[str]) -> Options:
-    """Parse ``server ...`` / ``client ...`` arguments (console script)."""
-    opts = Options()
-    opts.parseOptions(argv)
-    return opts
+def _listening_descriptors(top: "TunnelService") -> List[int]:
+    """The listening socket of each proxy pair, in order (handed to workers).
+
+    :raises ValueError: a pair is not listening (yet).
+    """
+    fds = []
+    for mux in top.multiplexers:
+        # Every concrete multiplexer (client or server) has a listener.
+        listener: ListenerService = getattr(mux, "listener")
+        if listener.port is None:
+            raise ValueError(f"{mux.pair.name} is not listening")
+        fds.append(int(listener.port.fileno()))
+    return fds

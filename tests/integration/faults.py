@@ -36,6 +36,8 @@ from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from tigertunnel.tools.tbframes import make_tb_frame
+
 #: TB frame facts (PROTOCOL.md 6.1), independent of tigertunnel.wire.frames.
 HEADER_SIZE = 256
 SIZE_OFFSET = 96
@@ -66,11 +68,7 @@ def make_frame(body: bytes, tag: int = 0) -> bytes:
     ``nonce_reserved`` and ``cluster`` are zero, so the frame crosses an
     encrypted tunnel byte-identical.
     """
-    header = bytearray(HEADER_SIZE)
-    header[0:16] = tag.to_bytes(16, "little")
-    header[SIZE_OFFSET:SIZE_OFFSET + 4] = struct.pack("<I", HEADER_SIZE + len(body))
-    header[128:136] = tag.to_bytes(16, "little")[:8]
-    return bytes(header) + body
+    return make_tb_frame(body, tag=tag)
 
 
 def filler(size: int, seed: int) -> bytes:

@@ -5,6 +5,10 @@ and reported, a wait that does not see its event by the deadline fails the
 test with :class:`WaitTimeout`. Waits poll with ``deferLater`` on the real
 reactor, so the reactor keeps running while a test waits.
 
+What ``/proc`` says about a process (CPU time, descriptors, sockets, memory)
+comes from :mod:`tigertunnel.tools.procs`, the benchmark's probes, and is
+re-exported here.
+
 Processes are started with ``reactor.spawnProcess`` from the ``bin``
 directory of the running interpreter (the tox or development venv) and with
 the environment unchanged (``PYTHONPATH`` included). Daemons started by
@@ -24,6 +28,18 @@ from twisted.internet import defer, task
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
+
+# The /proc probes, used by the tests as procs.fd_count(pid) and so on.
+from tigertunnel.tools.procs import (  # noqa: F401
+    TcpSocket,
+    cpu_seconds,
+    fd_count,
+    pid_running,
+    rss_kib,
+    socket_inodes,
+    tcp_sockets,
+    with_children,
+)
 
 #: Seconds between two looks at a polled condition.
 POLL_INTERVAL = 0.02
@@ -219,24 +235,6 @@ def read_pidfile(path: str) -> Optional[int]:
     return int(text) if text.isdigit() else None
 
 
-def pid_running(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        return True  # no procfs: trust kill(0)
-    return state not in ("Z", "X")
-
-
 def pids_mentioning(marker: str) -> List[int]:
     """Return the running processes (not us) whose command line contains ``marker``."""
     found = []
@@ -298,82 +296,6 @@ async def stop_strays(marker: str) -> List[int]:
     for pid in strays:
         await stop_pid(pid)
     return strays
-
-
-# -- measuring a process from /proc (added for tests/integration/test_faults.py) --
-
-#: TCP states as /proc/net/tcp numbers them (include/net/tcp_states.h).
-TCP_STATES = {
-    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
-    5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT",
-    9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
-}
-
-
-@dataclass(frozen=True)
-class TcpSocket:
-    """One TCP socket held by a process, as /proc/<pid>/net/tcp shows it.
-
-    :ivar timer: the kernel's active timer (0 none, 1 retransmit, 2
-        keepalive, 3 TIME_WAIT, 4 zero-window probe).
-    """
-
-    local_port: int
-    remote_port: int
-    state: str
-    timer: int
-    inode: int
-
-
-def fd_count(pid: int) -> int:
-    """The number of open file descriptors of ``pid``."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_kib(pid: int) -> int:
-    """The resident set size (VmRSS) of ``pid`` in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def socket_inodes(pid: int) -> List[int]:
-    """The inodes of the sockets ``pid`` has open."""
-    inodes = []
-    base = f"/proc/{pid}/fd"
-    for name in os.listdir(base):
-        try:
-            target = os.readlink(os.path.join(base, name))
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.append(int(target[8:-1]))
-    return inodes
-
-
-def tcp_sockets(pid: int) -> List[TcpSocket]:
-    """The TCP sockets (IPv4 and IPv6) held by ``pid``, in its network namespace."""
-    mine = set(socket_inodes(pid))
-    found = []
-    for table in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{table}") as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            inode = int(fields[9])
-            if inode not in mine:
-                continue
-            found.append(TcpSocket(
-                local_port=int(fields[1].rsplit(":", 1)[1], 16),
-                remote_port=int(fields[2].rsplit(":", 1)[1], 16),
-                state=TCP_STATES.get(int(fields[3], 16), fields[3]),
-                timer=int(fields[5].split(":")[0], 16), inode=inode))
-    return found
 
 
 class Child:
@@ -453,7 +375,7 @@ async def wait_for_output(child: Child, text: str, timeout: float) -> None:
                              f"{child.output[-800:]!r}")
 
 
-# -- descriptor limits and CPU time (added for tests/integration/test_emfile.py) --
+# -- descriptor limits --
 
 #: Run by :func:`with_fd_limit`: set RLIMIT_NOFILE, then become the command.
 _FD_LIMIT_EXEC = ("import os, resource, sys; n = int(sys.argv[1]); "
@@ -471,11 +393,3 @@ def with_fd_limit(args: Sequence[str], limit: int) -> List[str]:
     works where ``prlimit`` is not installed.)
     """
     return [sys.executable, "-c", _FD_LIMIT_EXEC, str(limit), *args]
-
-
-def cpu_seconds(pid: int) -> float:
-    """The CPU time (user + system) ``pid`` has used so far, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    # After the command name: state is field 3, utime 14 and stime 15.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -37,7 +37,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.integration import procs
 from tests.integration.faults import TBPeer, TBPeerFactory, digest, filler, make_frame
-from tigertunnel.keys.keyfile import keygen
+from tigertunnel.keys.generate import keygen
 
 #: RLIMIT_NOFILE of the limited tunnel end. An idle end holds about a dozen
 #: descriptors, so some 50 connections fit before accept() fails.

@@ -57,7 +57,8 @@ from tests.integration.faults import (
 )
 from tigertunnel.wire import handshake as hs
 from tigertunnel.config.model import Address, ProxyPair, TunnelConfig
-from tigertunnel.keys.keyfile import keygen, load_psk_file
+from tigertunnel.keys.files import load_psk_file
+from tigertunnel.keys.generate import keygen
 from tigertunnel.net.multiplexer import ClientMultiplexer, ServerMultiplexer, build_service
 
 LONG = os.environ.get("TIGERTUNNEL_LONG") == "1"

@@ -34,7 +34,7 @@ from twisted.web.client import Agent, readBody
 from tests.integration import procs
 from tests.integration.test_sockets import Peer, PeerFactory, digest
 from tests.strategies import make_tb_frame
-from tigertunnel.keys.keyfile import format_key_line
+from tigertunnel.keys.format import format_key_line
 from tigertunnel.tools.echo import EchoFactory
 
 OLD, NEW = 1_700_000_000_000_000_001, 1_800_000_000_000_000_002

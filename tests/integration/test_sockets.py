@@ -24,13 +24,12 @@ from twisted.trial.unittest import TestCase
 
 from tests.integration import procs
 from tigertunnel.config.model import Address, ProxyPair, TunnelConfig
-from tigertunnel.keys.keyfile import (
-    kemgen,
-    keygen,
+from tigertunnel.keys.files import (
     load_kem_public_file,
     load_kem_secret_file,
     load_psk_file,
 )
+from tigertunnel.keys.generate import kemgen, keygen
 from tigertunnel.net.multiplexer import ClientMultiplexer, ServerMultiplexer, build_service
 from tigertunnel.tools.traces import CLUSTER3, SINGLE, TraceFrame, load_trace
 

@@ -30,7 +30,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.integration import procs
 from tests.integration.test_sockets import PeerFactory, digest
-from tigertunnel.keys.keyfile import kemgen, keygen
+from tigertunnel.keys.generate import kemgen, keygen
 from tigertunnel.tools.echo import EchoFactory
 from tigertunnel.tools.traces import SINGLE, load_trace
 

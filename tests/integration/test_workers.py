@@ -16,7 +16,6 @@ from twisted.protocols.policies import WrappingFactory
 from tests.integration import procs
 from tests.integration.test_sockets import PeerFactory, digest
 from tests.integration.test_twistd import _ProcessTestCase
-from tigertunnel.tools.bench import with_children
 from tigertunnel.tools.echo import EchoFactory
 from tigertunnel.tools.traces import SINGLE, load_trace
 
@@ -28,7 +27,7 @@ def _reactor() -> Any:
 
 def children(pid: int) -> List[int]:
     """The running child processes of ``pid``."""
-    return [p for p in with_children(pid)[1:] if procs.pid_running(p)]
+    return [p for p in procs.with_children(pid)[1:] if procs.pid_running(p)]
 
 
 def established_on(pid: int, port: int) -> int:

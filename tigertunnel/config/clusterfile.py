@@ -31,43 +31,82 @@ Which proxy pairs a tunnel end gets:
   its own real address and these ``local`` addresses).
 
 Other keys of ``[tunnel]`` are the long option names (``max-sessions``,
-``num-conns``, ``metrics``, ``shutdown-timeout``, ``require-kem = yes`` ...);
-options that belong to the other role are ignored. The file becomes
-command-line arguments placed *before* the real ones, so it goes through
-exactly the same validation as the flags, and flags given on the command
-line override it. Every error is one line naming the file, the section and
-the key.
+``num-conns``, ``metrics``, ``shutdown-timeout``, ``require-kem = yes`` ...):
+the table of them (:func:`option_table`) is read off the ``server`` and
+``client`` options themselves, less the few that only a command line can
+give. Options that belong to the other role are ignored.
+
+The file becomes command-line arguments placed *before* the real ones
+(:func:`expand_arguments`, the pre-pass of the options' parse), so it goes
+through exactly the same validation as the flags, and flags given on the
+command line override it. Every error is one line naming the file, the
+section and the key.
 """
 
 import configparser
+import getopt
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import (
+    Callable,
+    Collection,
+    Dict,
+    FrozenSet,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
+
+from twisted.python import usage
 
 from tigertunnel.config.model import MAX_PROXY_PAIRS, Address, listen_description, parse_address
 from tigertunnel.errors import ConfigError
 
 _REPLICA = re.compile(r"replica (\d+)\Z")
-_PATH_KEYS = {"key", "kemsecret", "kempublic"}
-#: [tunnel] keys: option name, kind, roles that use it.
-_OPTIONS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
-    "key": ("value", ("server", "client")),
-    "kemsecret": ("value", ("server",)),
-    "kempublic": ("value", ("client",)),
-    "require-kem": ("flag", ("server",)),
-    "plaintext": ("flag", ("server", "client")),
-    "cluster": ("value", ("server", "client")),
-    "num-conns": ("value", ("client",)),
-    "max-sessions": ("value", ("server", "client")),
-    "handshake-timeout": ("value", ("server", "client")),
-    "log-level": ("value", ("server", "client")),
-    "metrics": ("value", ("server", "client")),
-    "shutdown-timeout": ("value", ("server", "client")),
-    "systemd-sockets": ("flag", ("server", "client")),
-}
+#: [tunnel] keys that name files: relative paths are from the file's directory.
+PATH_OPTIONS = frozenset({"key", "kemsecret", "kempublic"})
 _LOCAL_KEYS = {"local-host", "local-port"}
 _REPLICA_KEYS = {"tunnel", "backend", "listen", "local"}
+
+
+@dataclass(frozen=True)
+class FileOption:
+    """A ``[tunnel]`` key: the long option it stands for.
+
+    :ivar flag: the option takes no value (``yes``/``no`` in the file).
+    :ivar roles: the tunnel ends (``server``, ``client``) that have it.
+    """
+
+    name: str
+    flag: bool
+    roles: FrozenSet[str]
+
+
+#: ``[tunnel]`` key to option, as :func:`option_table` makes it.
+OptionTable = Mapping[str, FileOption]
+
+
+def option_table(by_role: Mapping[str, usage.Options],
+                 excluded: Collection[str]) -> Dict[str, FileOption]:
+    """The ``[tunnel]`` keys: every long option of each role's options.
+
+    :param by_role: an instance of each role's options (``server``, ``client``).
+    :param excluded: long options a file cannot set.
+    """
+    kinds: Dict[str, bool] = {}
+    roles: Dict[str, List[str]] = {}
+    for role, options in by_role.items():
+        for long_opt in options.longOpt:
+            name = long_opt.rstrip("=")
+            if name in excluded:
+                continue
+            kinds[name] = not long_opt.endswith("=")
+            roles.setdefault(name, []).append(role)
+    return {name: FileOption(name, kinds[name], frozenset(roles[name]))
+            for name in sorted(kinds)}
 
 
 class ConfigFileError(ConfigError):
@@ -89,6 +128,7 @@ class Replica:
 class ClusterFile:
     """A parsed cluster config file.
 
+    :ivar table: the ``[tunnel]`` keys it was read with.
     :ivar options: the ``[tunnel]`` options in file order, as
         ``(key, value, "[tunnel] key")`` (paths made absolute, flags
         ``yes``/``no``).
@@ -96,6 +136,7 @@ class ClusterFile:
     """
 
     path: str
+    table: OptionTable
     options: List[Tuple[str, str, str]] = field(default_factory=list)
     replicas: List[Replica] = field(default_factory=list)
 
@@ -128,10 +169,10 @@ class ClusterFile:
         """Command-line arguments equivalent to this file for ``role``."""
         args: List[str] = []
         for key, value, _ in self.options:
-            kind, roles = _OPTIONS[key]
-            if role not in roles:
+            option = self.table[key]
+            if role not in option.roles:
                 continue
-            if kind == "flag":
+            if option.flag:
                 if value == "yes":
                     args.append(f"--{key}")
             elif key == "key":
@@ -143,29 +184,20 @@ class ClusterFile:
         return args
 
 
-def option_kind(key: str) -> str:
-    """``"flag"`` or ``"value"`` for a ``[tunnel]`` option key."""
-    return _OPTIONS[key][0]
-
-
-def option_roles(key: str) -> Tuple[str, ...]:
-    """The roles (``server``, ``client``) a ``[tunnel]`` key applies to."""
-    return _OPTIONS[key][1]
-
-
 def _address_text(address: Address) -> str:
     return str(address) if address.host else f":{address.port}"
 
 
-def load(path: str) -> ClusterFile:
+def load(path: str, table: OptionTable) -> ClusterFile:
     """Read and check the structure and addresses of a cluster config file.
 
     Values of ``[tunnel]`` are checked when the resulting arguments are
     parsed (:meth:`ClusterFile.argv`).
 
+    :param table: the ``[tunnel]`` keys (see :func:`option_table`).
     :raises ConfigFileError: naming the file, the section and the key.
     """
-    result = ClusterFile(path)
+    result = ClusterFile(path, table)
     parser = configparser.ConfigParser(interpolation=None, strict=True,
                                        inline_comment_prefixes=(";", "#"),
                                        default_section="\0none")
@@ -205,16 +237,16 @@ def load(path: str) -> ClusterFile:
                                             f"{value!r}") from None
                     local_host = value
                 continue
-            if key not in _OPTIONS:
+            if key not in table:
                 raise result._error(name, key, f"unknown key (known: "
-                                    f"{', '.join(sorted(_OPTIONS) + sorted(_LOCAL_KEYS))})")
-            if _OPTIONS[key][0] == "flag":
+                                    f"{', '.join(sorted(table) + sorted(_LOCAL_KEYS))})")
+            if table[key].flag:
                 try:
                     value = "yes" if section.getboolean(key) else "no"
                 except ValueError:
                     raise result._error(name, key, f"expected yes or no, got "
                                         f"{value!r}") from None
-            elif key in _PATH_KEYS:
+            elif key in PATH_OPTIONS:
                 value = os.path.join(base, os.path.expanduser(value))
             if not value:
                 raise result._error(name, key, "empty value")
@@ -259,3 +291,120 @@ def _replica(result: ClusterFile, index: int, section: configparser.SectionProxy
     local = values.get("local", Address(local_host, local_port + index))
     return Replica(index, values["tunnel"], values["backend"],
                    _address_text(listen), _address_text(local))
+
+
+# -- the pre-pass: --config FILE expanded in front of the arguments ---------
+
+
+@dataclass(frozen=True)
+class Expanded:
+    """The arguments of a run once ``--config FILE`` is expanded.
+
+    :ivar args: what to parse: the file's arguments, then the given ones
+        (which override them).
+    :ivar worker_args: what workers are started with: the file's values as
+        read now, then the given arguments less ``--config`` and
+        ``--replica`` (a restarted worker must run what worker 0 runs).
+    :ivar given: the canonical names of the options on the command line.
+    """
+
+    args: List[str]
+    worker_args: List[str]
+    given: FrozenSet[str]
+
+
+def given_options(options: usage.Options, args: Sequence[str]) -> Dict[str, str]:
+    """The options in ``args``, as the parse will read them.
+
+    :returns: ``{canonical name: last value}`` (``""`` for a flag); ``{}``
+        when the arguments do not parse (the parse itself reports that).
+    """
+    try:
+        found, _ = getopt.getopt(list(args), options.shortOpt, options.longOpt)
+    except getopt.error:
+        return {}
+    values: Dict[str, str] = {}
+    for opt, value in found:
+        name = opt.lstrip("-")
+        name = options.synonyms.get(name, options.synonyms.get(
+            name.replace("-", "_"), name))
+        values[name] = value
+    return values
+
+
+def without_options(args: Sequence[str], names: Sequence[str]) -> List[str]:
+    """``args`` without the long options ``names`` (and their values).
+
+    Unique prefixes count, as getopt accepts them (``--conf F``).
+    """
+    out: List[str] = []
+    skip = False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if arg == "--":
+            return out + list(args[i:])
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, _ = arg[2:].partition("=")
+            if len(name) >= 3 and any(n.startswith(name) for n in names):
+                skip = not eq
+                continue
+        out.append(arg)
+    return out
+
+
+#: Checks one ``[tunnel]`` value: ``(key, value)``; raises ``UsageError``.
+OptionCheck = Callable[[str, str], None]
+
+
+def file_arguments(path: str, role: str, replica: Optional[str],
+                   given: Collection[str], table: OptionTable,
+                   check: OptionCheck) -> List[str]:
+    """The arguments ``--config path`` stands for, each value checked first.
+
+    :param replica: the ``--replica`` value as given, if any.
+    :param given: the options on the command line (``-p`` excludes a file).
+    :raises usage.UsageError: ``FILE: [section] key: reason``.
+    """
+    if "proxy" in given:
+        raise usage.UsageError("-p and --config exclude each other (put "
+                               "the proxy pairs in the config file)")
+    number: Optional[int] = None
+    if replica is not None:
+        if not replica.isdigit():
+            raise usage.UsageError(f"invalid --replica: {replica!r} "
+                                   f"(expected a replica number)")
+        number = int(replica)
+    try:
+        cluster = load(path, table)
+        args = cluster.argv(role, number)
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    for key, value, where in cluster.options:
+        if role in table[key].roles:
+            try:
+                check(key, value)
+            except usage.UsageError as e:
+                raise usage.UsageError(f"{path}: {where}: {e}") from None
+    return args
+
+
+def expand_arguments(options: usage.Options, role: str, args: Sequence[str],
+                     table: OptionTable, check: OptionCheck) -> Expanded:
+    """The pre-pass of a tunnel end's parse: put ``--config FILE`` in front.
+
+    :param options: the role's options about to parse ``args`` (their
+        option names are read here).
+    :param check: checks one of the file's values with the code the flag
+        goes through.
+    :raises usage.UsageError: the file or one of its values is unusable.
+    """
+    values = given_options(options, args)
+    given = frozenset(values)
+    path = values.get("config")
+    if path is None or "help" in given:
+        return Expanded(list(args), list(args), given)
+    from_file = file_arguments(path, role, values.get("replica"), given, table, check)
+    return Expanded(from_file + list(args),
+                    from_file + without_options(args, ("config", "replica")), given)

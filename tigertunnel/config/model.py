@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from tigertunnel.keys.keyfile import KeyStore
+from tigertunnel.keys.format import KeyStore
 from tigertunnel.errors import ConfigError
 
 MAX_PROXY_PAIRS = 16

@@ -70,7 +70,7 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
     if not name:
         return None
     try:
-        return ctypes.CDLL(name).malloc_trim  # type: ignore[no-any-return]
+        return ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
         return None
 

@@ -48,12 +48,12 @@ from twisted.internet.interfaces import IDelayedCall
 
 from tigertunnel.config.model import TunnelConfig
 from tigertunnel.crypto import kem
-from tigertunnel.keys.keyfile import (
-    KeyStore,
+from tigertunnel.keys.files import (
     load_kem_public_file,
     load_kem_secret_file,
     load_psk_file,
 )
+from tigertunnel.keys.format import KeyStore
 from tigertunnel.errors import KEMError, KeyFileError, TunnelError
 from tigertunnel.wire.handshake import ClientHandshake, ServerHandshake
 from tigertunnel.logs import logger

@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
 
 from tigertunnel.config.model import ProxyPair
@@ -115,15 +116,17 @@ class SystemdService(Service):
     Start it after the listeners (it is the last operations service), stop
     it first (``STOPPING=1`` before the connections drain).
 
-    :param reactor: provides ``callWhenRunning`` and the watchdog's clock.
+    :param reactor: provides ``callWhenRunning``, and ``IReactorTime`` for
+        the watchdog's clock.
     :param monotonic: ``CLOCK_MONOTONIC`` in seconds (``MONOTONIC_USEC``).
     """
 
-    def __init__(self, notifier: Notifier, reactor: Any,
+    def __init__(self, notifier: Notifier, reactor: IReactorCore,
                  watchdog: Optional[float] = None,
-                 monotonic: Any = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.notifier = notifier
         self.reactor = reactor
+        self.clock = IReactorTime(reactor)
         self.watchdog = watchdog
         self.monotonic = monotonic
         self._loop: Optional[LoopingCall] = None
@@ -139,7 +142,7 @@ class SystemdService(Service):
                              f"(pid {os.getpid()})", f"MAINPID={os.getpid()}")
         if self.watchdog is not None and self._loop is None:
             self._loop = LoopingCall(self.notifier.notify, "WATCHDOG=1")
-            self._loop.clock = self.reactor
+            self._loop.clock = self.clock
             self._loop.start(self.watchdog, now=True)
 
     def stopService(self) -> None:
@@ -198,7 +201,7 @@ def inherited_fileno(index: int) -> int:
     from twisted.internet.endpoints import serverFromString
 
     endpoint = serverFromString(None, f"systemd:domain=INET:index={index}")
-    return int(endpoint.fileno)  # type: ignore[attr-defined]
+    return int(endpoint.fileno)
 
 
 def adopted_listen_descriptions(

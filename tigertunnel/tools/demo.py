@@ -14,31 +14,34 @@ import socket
 import sys
 import tempfile
 import time
-from typing import Any, List, Optional, Tuple
+from functools import partial
+from typing import List, Optional, Tuple
 
+from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from tigertunnel.config.model import LISTEN_BACKLOG, ProxyPair, TunnelConfig, parse_address
-from tigertunnel.keys.keyfile import (
-    kemgen,
-    keygen,
+from tigertunnel.keys.files import (
     load_kem_public_file,
     load_kem_secret_file,
     load_psk_file,
 )
+from tigertunnel.keys.generate import kemgen, keygen
+from tigertunnel.net.multiplexer import SessionMultiplexer, build_service
 from tigertunnel.tools.echo import EchoFactory
-from tigertunnel.wire.frames import FrameParser
-from tigertunnel.net.multiplexer import build_service
 from tigertunnel.tools.traces import SINGLE, load_trace
+from tigertunnel.wire.frames import FrameParser
 
 
 class DemoOptions(usage.Options):
     """Options of ``tigertunnel demo``."""
 
-    synopsis = "tigertunnel demo [--sessions N] [--rounds N]"
+    synopsis = "[--sessions N] [--rounds N]"
     longdesc = ("Loopback demo: fresh keys, an echo backend, a tunnel server "
                 "and client on 127.0.0.1, real TigerBeetle frames checked byte "
                 "for byte.\nExample: tigertunnel demo --sessions 32 --rounds 5")
@@ -47,6 +50,14 @@ class DemoOptions(usage.Options):
         ["sessions", "s", "8", "Concurrent TB sessions."],
         ["rounds", "r", "3", "Times each session replays the trace."],
     ]
+
+    def postOptions(self) -> None:
+        for name in ("sessions", "rounds"):
+            text = self[name]
+            if not (text.isdigit() and int(text) >= 1):
+                raise usage.UsageError(f"--{name} must be a whole number of at "
+                                       f"least 1, not {text!r}")
+            self[name] = int(text)
 
 
 class _Replayer(Protocol):
@@ -63,12 +74,13 @@ class _Replayer(Protocol):
         self.bytes = 0
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)
+        ITCPTransport(self.transport).setTcpNoDelay(True)
         self._send()
 
     def _send(self) -> None:
         self._sent_at = time.perf_counter()
-        self.transport.write(self._frames[self._index])
+        if self.transport is not None:
+            self.transport.write(self._frames[self._index])
 
     def dataReceived(self, data: bytes) -> None:
         for frame in self._parser.feed(data):
@@ -87,13 +99,14 @@ class _Replayer(Protocol):
     def _finish(self, error: Optional[Exception]) -> None:
         if self._done.called:
             return
-        self.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
         if error is None:
             self._done.callback((self._index, self.bytes, self.rtts))
         else:
             self._done.errback(error)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         if not self._done.called:
             self._done.errback(RuntimeError(
                 f"connection closed after {self._index} of "
@@ -107,14 +120,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _workload(reactor: Any, port: int, frames: List[bytes],
+async def _workload(reactor: IReactorTCP, port: int, frames: List[bytes],
                     sessions: int, rounds: int) -> Tuple[int, int, float, List[float]]:
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     waits = []
     start = time.perf_counter()
     for _ in range(sessions):
         done: defer.Deferred[Tuple[int, int, List[float]]] = defer.Deferred()
-        factory = Factory.forProtocol(lambda d=done: _Replayer(frames, rounds, d))
+        factory = Factory.forProtocol(partial(_Replayer, frames, rounds, done))
         await endpoint.connect(factory)
         waits.append(done)
     results = await defer.gatherResults(waits, consumeErrors=True)
@@ -125,15 +138,16 @@ async def _workload(reactor: Any, port: int, frames: List[bytes],
     return count, nbytes, elapsed, rtts
 
 
-async def _wait_links(reactor: Any, muxes: List[Any], need: int) -> None:
+async def _wait_links(clock: IReactorTime, service: MultiService, need: int) -> None:
+    muxes = [m for m in service if isinstance(m, SessionMultiplexer)]
     for _ in range(200):
         if all(len(m.links) >= need for m in muxes):
             return
-        await task.deferLater(reactor, 0.05, lambda: None)
+        await task.deferLater(clock, 0.05, lambda: None)
     raise RuntimeError("pool connections did not come up")
 
 
-async def run_demo(reactor: Any, sessions: int, rounds: int) -> int:
+async def run_demo(reactor: IReactorTCP, sessions: int, rounds: int) -> int:
     """Run the demo; returns the exit status."""
     frames = [f.data for f in load_trace(SINGLE) if f.dir == "up"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,7 +174,7 @@ async def run_demo(reactor: Any, sessions: int, rounds: int) -> int:
         server.startService()
         client.startService()
         try:
-            await _wait_links(reactor, list(client), client_cfg.pool_size)
+            await _wait_links(IReactorTime(reactor), client, client_cfg.pool_size)
             print(f"tigertunnel demo: echo backend 127.0.0.1:{echo_port}, "
                   f"tunnel server 127.0.0.1:{server_port} (X-Wing + PSK), "
                   f"tunnel client 127.0.0.1:{client_port} "
@@ -187,23 +201,16 @@ async def run_demo(reactor: Any, sessions: int, rounds: int) -> int:
     return 0
 
 
-def main(argv: List[str]) -> int:
-    """Entry point of ``tigertunnel demo``."""
-    opts = DemoOptions()
-    try:
-        opts.parseOptions(argv)
-        sessions = int(opts["sessions"])
-        rounds = int(opts["rounds"])
-        if sessions < 1 or rounds < 1:
-            raise ValueError
-    except (usage.UsageError, ValueError) as e:
-        sys.stderr.write(f"tigertunnel: error: demo: {e or 'bad number'}\n")
-        return 2
+def run(opts: DemoOptions) -> int:
+    """Run the demo with parsed options on the global reactor.
+
+    :returns: the exit status: 0 when every frame came back, else 1.
+    """
     status: List[int] = [1]
 
-    async def go(reactor: Any) -> None:
+    async def go(reactor: IReactorTCP) -> None:
         try:
-            status[0] = await run_demo(reactor, sessions, rounds)
+            status[0] = await run_demo(reactor, opts["sessions"], opts["rounds"])
         except Exception as e:  # report, never a traceback for the user
             sys.stderr.write(f"tigertunnel: error: demo failed: {e}\n")
             status[0] = 1

@@ -8,6 +8,7 @@ outside 256 B ... 1 MiB.
 from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 
 from tigertunnel.errors import FrameError
 from tigertunnel.wire.frames import FrameParser
@@ -25,14 +26,16 @@ class EchoProtocol(Protocol):
         tune_socket(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None, "data arrives on a connected protocol"
         try:
             frames = self._parser.feed(data)
         except FrameError:
-            self.transport.loseConnection()
+            transport.loseConnection()
             return
         if frames:
             self.frames += len(frames)
-            self.transport.writeSequence(frames)
+            transport.writeSequence(frames)
 
 
 class EchoFactory(Factory):
@@ -63,12 +66,18 @@ def main(argv: "list[str] | None" = None) -> int:
     from tigertunnel.config.model import LISTEN_BACKLOG
     from tigertunnel.ops.memory import tune_malloc
     tune_malloc()
+    status = [0]
+
+    def failed(failure: Failure) -> None:
+        sys.stderr.write(f"echo: {failure.getErrorMessage()}\n")
+        status[0] = 1
+        reactor.stop()
+
     d = TCP4ServerEndpoint(reactor, int(args[0]), backlog=LISTEN_BACKLOG,
                            interface="127.0.0.1").listen(EchoFactory())
-    d.addErrback(lambda f: (sys.stderr.write(f"echo: {f.getErrorMessage()}\n"),
-                            reactor.stop()))  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
-    return 0
+    d.addErrback(failed)
+    reactor.run()
+    return status[0]
 
 
 if __name__ == "__main__":  # pragma: no cover

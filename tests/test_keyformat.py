@@ -1,41 +1,29 @@
-"""Tests for tigertunnel.keys.keyfile: key-file parsing, loading and writing."""
+"""Tests for tigertunnel.keys.format: parsing and formatting key-file text."""
 
 from __future__ import annotations
-
-import os
-import stat
-import time
-from collections.abc import Callable
 
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tigertunnel.keys import keyfile as keys
-from tigertunnel.keys.keyfile import (
-    KEM_PUBLIC_KEY_SIZE, KEM_SEED_SIZE, MAX_KEYS, PSK_SIZE, KeyStore,
-    format_key_line, generate_key_id, kemgen, keygen, load_kem_public_file,
-    load_kem_secret_file, load_psk_file, parse_int, parse_key_text,
-    write_public_file, write_secret_file)
+from tigertunnel.crypto.kdf import PSK_SIZE
+from tigertunnel.crypto.kem import PUBLIC_KEY_SIZE, SECRET_KEY_SIZE
 from tigertunnel.errors import KeyFileError
+from tigertunnel.keys.format import (
+    MAX_KEYS,
+    U64_MAX,
+    KeyStore,
+    format_key_line,
+    parse_int,
+    parse_key_text,
+    parse_public_key_text,
+)
 from tests.helpers import load_vectors, unhex
 
 XWING = load_vectors("xwing")
-U64_MAX = (1 << 64) - 1
 HEX64 = "0123456789abcdef" * 4
 # The two key_file_parsing cases whose content is a description, not a file.
 SEVENTEEN_KEYS = "(17 distinct keys, ids 1..17)"
 PUB_WITH_COMMENT = "(KEM .pub file preceded by a '# server kem key' comment line)"
-
-
-def fixed_random(data: bytes) -> Callable[[int], bytes]:
-    """Return a random source that hands out ``data`` and checks it is used up."""
-    remaining = [data]
-
-    def random(n: int) -> bytes:
-        chunk, remaining[0] = remaining[0][:n], remaining[0][n:]
-        assert len(chunk) == n, "fixed random source exhausted"
-        return chunk
-    return random
 
 
 class VectorTests(SynchronousTestCase):
@@ -57,25 +45,12 @@ class VectorTests(SynchronousTestCase):
         """Every case's .pub and .key file parses to its key id, public key and seed."""
         for case in XWING["cases"]:
             key_id = int(case["key_id"])
-            pub = parse_key_text(case["pub_file"].encode(), "x.pub", KEM_PUBLIC_KEY_SIZE)
+            pub = parse_key_text(case["pub_file"].encode(), "x.pub", PUBLIC_KEY_SIZE)
             self.assertEqual(pub.first(), (key_id, unhex(case["public_key"])))
-            sec = parse_key_text(case["key_file"].encode(), "x.key", KEM_SEED_SIZE)
+            sec = parse_key_text(case["key_file"].encode(), "x.key", SECRET_KEY_SIZE)
             self.assertEqual(sec.first(), (key_id, unhex(case["secret_key"])))
             self.assertEqual(unhex(case["secret_key"]), unhex(case["seed"]))
             self.assertEqual((len(pub), len(sec)), (1, 1))
-
-    def test_kem_files_load(self) -> None:
-        """Every case's files, written to disk, load through the KEM file loaders."""
-        d = make_dir(self)
-        for case in XWING["cases"]:
-            prefix = os.path.join(d, case["key_id"])
-            write_public_file(prefix + ".pub", case["pub_file"])
-            write_secret_file(prefix + ".key", case["key_file"])
-            key_id = int(case["key_id"])
-            self.assertEqual(load_kem_public_file(prefix + ".pub"),
-                             (key_id, unhex(case["public_key"])))
-            self.assertEqual(load_kem_secret_file(prefix + ".key").first(),
-                             (key_id, unhex(case["seed"])))
 
     def test_kem_files_format(self) -> None:
         """Formatting each case's key id and keys gives its .pub and .key bytes exactly."""
@@ -85,17 +60,6 @@ class VectorTests(SynchronousTestCase):
                              case["pub_file"])
             self.assertEqual(format_key_line(key_id, unhex(case["seed"])),
                              case["key_file"])
-
-    def test_kemgen_reproduces_files(self) -> None:
-        """kemgen with the case's seed as randomness and its key id writes both files exactly."""
-        d = make_dir(self)
-        for case in XWING["cases"]:
-            prefix = os.path.join(d, "k" + case["key_id"])
-            got = kemgen(prefix, key_id=int(case["key_id"]),
-                         random=fixed_random(unhex(case["seed"])))
-            self.assertEqual(got, int(case["key_id"]))
-            self.assertEqual(read(prefix + ".pub"), case["pub_file"].encode())
-            self.assertEqual(read(prefix + ".key"), case["key_file"].encode())
 
     def test_parsing_cases_are_the_known_ones(self) -> None:
         """key_file_parsing holds exactly the two described (generated) cases handled below."""
@@ -130,7 +94,7 @@ class VectorTests(SynchronousTestCase):
         self.assertEqual((err.reason, err.line), (case["error"], 17))
 
     def test_pub_with_comment_accepted(self) -> None:
-        """A .pub file preceded by a comment line loads.
+        """A .pub file text preceded by a comment line parses.
 
         The reference rejects it (InvalidKeyFormat, PROTOCOL.md section 11
         item 30) although its usage text allows comments in KEM key files; our
@@ -140,9 +104,8 @@ class VectorTests(SynchronousTestCase):
         case = next(c for c in XWING["key_file_parsing"] if c["content"] == PUB_WITH_COMMENT)
         self.assertEqual(case["error"], "InvalidKeyFormat")
         kem = XWING["cases"][1]
-        path = os.path.join(make_dir(self), "server.pub")
-        write_public_file(path, "# server kem key\n" + kem["pub_file"])
-        self.assertEqual(load_kem_public_file(path),
+        text = ("# server kem key\n" + kem["pub_file"]).encode()
+        self.assertEqual(parse_public_key_text(text, "server.pub"),
                          (int(kem["key_id"]), unhex(kem["public_key"])))
 
 
@@ -307,205 +270,22 @@ class ParseKeyTextTests(SynchronousTestCase):
         self.assertEqual(list(store.items()), list(entries.items()))
 
 
-def make_dir(case: SynchronousTestCase) -> str:
-    """Create and return a fresh temporary directory for ``case``."""
-    d = case.mktemp()
-    os.makedirs(d)
-    return d
-
-
-def read(path: str) -> bytes:
-    """Return the bytes of ``path``."""
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def mode_of(path: str) -> int:
-    """Return the permission bits of ``path``."""
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
-class FileTests(SynchronousTestCase):
-    """Loading and writing key files on disk."""
-
-    def setUp(self) -> None:
-        self.dir = make_dir(self)
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
-    def set_umask(self, mask: int) -> None:
-        """Set the process umask for this test only."""
-        old = os.umask(mask)
-        self.addCleanup(os.umask, old)
-
-    def test_keygen_writes_0600_line(self) -> None:
-        """keygen creates a 0600 file (whatever the umask) holding one reference-format line."""
-        self.set_umask(0)
-        p = self.path("psk.key")
-        key_id = keygen(p, key_id=42, random=fixed_random(bytes(range(32))))
-        self.assertEqual(key_id, 42)
-        self.assertEqual(read(p), format_key_line(42, bytes(range(32))).encode())
-        self.assertEqual(mode_of(p), 0o600)
-        self.assertEqual(load_psk_file(p).first(), (42, bytes(range(32))))
-
-    def test_keygen_default_id_is_time(self) -> None:
-        """Without a key id keygen uses the current Unix time in nanoseconds."""
-        before = time.time_ns()
-        key_id = keygen(self.path("psk.key"))
-        self.assertTrue(before <= key_id <= time.time_ns())
-        self.assertEqual(load_psk_file(self.path("psk.key")).ids(), [key_id])
-
-    def test_generate_key_id_clock(self) -> None:
-        """generate_key_id returns the injected clock's nanoseconds as a u64."""
-        self.assertEqual(generate_key_id(lambda: 1732712345000000000), 1732712345000000000)
-
-    def test_no_overwrite(self) -> None:
-        """keygen refuses an existing file and leaves it untouched."""
-        p = self.path("psk.key")
-        write_secret_file(p, "old\n")
-        err = self.assertRaises(KeyFileError, keygen, p)
-        self.assertEqual((err.reason, err.detail), ("FileExists", "use --force to replace it"))
-        self.assertIn(p, str(err))
-        self.assertEqual(read(p), b"old\n")
-
-    def test_no_overwrite_symlink(self) -> None:
-        """A dangling symlink at the path is not followed: FileExists."""
-        p = self.path("link.key")
-        os.symlink(self.path("elsewhere"), p)
-        err = self.assertRaises(KeyFileError, write_secret_file, p, "x\n")
-        self.assertEqual(err.reason, "FileExists")
-        self.assertFalse(os.path.exists(self.path("elsewhere")))
-
-    def test_force_replaces(self) -> None:
-        """With force an existing 0644 file is replaced by a 0600 one and no temp file is left."""
-        p = self.path("psk.key")
-        write_public_file(p, "old\n")
-        keygen(p, force=True, key_id=1, random=fixed_random(b"\x11" * 32))
-        self.assertEqual(read(p), format_key_line(1, b"\x11" * 32).encode())
-        self.assertEqual(mode_of(p), 0o600)
-        self.assertEqual(os.listdir(self.dir), ["psk.key"])
-
-    def test_public_file_mode(self) -> None:
-        """write_public_file creates 0644 files, also when forced."""
-        self.set_umask(0o077)
-        p = self.path("k.pub")
-        write_public_file(p, "1:00\n")
-        self.assertEqual(mode_of(p), 0o644)
-        self.assertRaises(KeyFileError, write_public_file, p, "2:00\n")
-        write_public_file(p, "2:00\n", force=True)
-        self.assertEqual((read(p), mode_of(p)), (b"2:00\n", 0o644))
-
-    def test_unwritable(self) -> None:
-        """Writing into a missing directory is Unwritable with the OS reason."""
-        p = self.path("missing/psk.key")
-        for force in (False, True):
-            err = self.assertRaises(KeyFileError, write_secret_file, p, "x\n", force)
-            self.assertEqual(err.reason, "Unwritable")
-            self.assertIn("No such file", err.detail)
-
-    def test_kemgen_modes_and_pair(self) -> None:
-        """kemgen writes a 0644 .pub and a 0600 .key whose seed derives the public key."""
-        prefix = self.path("server")
-        key_id = kemgen(prefix, key_id=5, random=fixed_random(b"\x07" * 32))
-        self.assertEqual((key_id, mode_of(prefix + ".pub"), mode_of(prefix + ".key")),
-                         (5, 0o644, 0o600))
-        from tigertunnel.crypto.kem import public_key_from_seed
-        self.assertEqual(load_kem_public_file(prefix + ".pub"),
-                         (5, public_key_from_seed(b"\x07" * 32)))
-        self.assertEqual(load_kem_secret_file(prefix + ".key").first(), (5, b"\x07" * 32))
-
-    def test_kemgen_checks_both_files(self) -> None:
-        """kemgen writes nothing if either PREFIX.pub or PREFIX.key already exists."""
-        for existing, other in ((".key", ".pub"), (".pub", ".key")):
-            prefix = self.path("p" + existing[1:])
-            write_secret_file(prefix + existing, "old\n")
-            err = self.assertRaises(KeyFileError, kemgen, prefix)
-            self.assertEqual((err.reason, err.path), ("FileExists", prefix + existing))
-            self.assertFalse(os.path.exists(prefix + other))
-            self.assertEqual(read(prefix + existing), b"old\n")
-
-    def test_kemgen_force(self) -> None:
-        """kemgen with force replaces both files with the new pair."""
-        prefix = self.path("s")
-        kemgen(prefix, key_id=1, random=fixed_random(b"\x01" * 32))
-        kemgen(prefix, force=True, key_id=2, random=fixed_random(b"\x02" * 32))
-        self.assertEqual(load_kem_public_file(prefix + ".pub")[0], 2)
-        self.assertEqual(load_kem_secret_file(prefix + ".key").first(), (2, b"\x02" * 32))
-
-    def test_insecure_permissions(self) -> None:
-        """Secret files with any group or other permission are refused with the chmod hint."""
-        for loader in (load_psk_file, load_kem_secret_file):
-            for mode in (0o644, 0o640, 0o604, 0o620, 0o660):
-                p = self.path("insecure.key")
-                write_secret_file(p, format_key_line(1, bytes(32)), force=True)
-                os.chmod(p, mode)
-                err = self.assertRaises(KeyFileError, loader, p)
-                self.assertEqual((err.reason, err.detail),
-                                 ("InsecurePermissions", f"run: chmod 600 {p}"))
-                self.assertNotIn("\n", str(err))
-            os.chmod(p, 0o400)
-            self.assertEqual(loader(p).ids(), [1])
-
-    def test_public_file_may_be_world_readable(self) -> None:
-        """A 0644 .pub file loads (only secret files are permission-checked)."""
-        kem = XWING["cases"][0]
-        p = self.path("a.pub")
-        write_public_file(p, kem["pub_file"])
-        self.assertEqual(load_kem_public_file(p)[0], int(kem["key_id"]))
-
-    def test_unreadable(self) -> None:
-        """A missing file or a directory is Unreadable with the OS reason."""
-        for loader in (load_psk_file, load_kem_secret_file, load_kem_public_file):
-            err = self.assertRaises(KeyFileError, loader, self.path("nope"))
-            self.assertEqual(err.reason, "Unreadable")
-            self.assertIn("No such file or directory", str(err))
-        sub = self.path("dir")
-        os.mkdir(sub, 0o700)
-        err = self.assertRaises(KeyFileError, load_kem_public_file, sub)
-        self.assertEqual(err.reason, "Unreadable")
-
-    def test_line_number_from_file(self) -> None:
-        """A bad line in a loaded file is reported with the file name and its line number."""
-        p = self.path("psk.key")
-        write_secret_file(p, f"# a\n# b\n1:{HEX64}\n\n2:{HEX64}x\n")
-        err = self.assertRaises(KeyFileError, load_psk_file, p)
-        self.assertEqual(str(err), f"{p}:5: InvalidKeySize (expected 64 hex digits, got 65)")
-
-    def test_long_file_loads(self) -> None:
-        """A key after a 2100-character comment loads (the reference truncates at 2048 bytes)."""
-        p = self.path("psk.key")
-        write_secret_file(p, "#" + "x" * 2100 + "\n" + format_key_line(3, b"\x33" * 32))
-        self.assertGreater(os.path.getsize(p), 2048)
-        self.assertEqual(load_psk_file(p).first(), (3, b"\x33" * 32))
-        pub = self.path("k.pub")
-        kem = XWING["cases"][2]
-        write_public_file(pub, "\n# " + "y" * 3000 + "\n\n" + kem["pub_file"] + "\n")
-        self.assertEqual(load_kem_public_file(pub)[0], U64_MAX)
-
-    def test_oversized_file(self) -> None:
-        """A file larger than MAX_KEY_FILE_SIZE is refused rather than read without bound."""
-        p = self.path("big.key")
-        write_secret_file(p, format_key_line(1, bytes(32)) + "#" * keys.MAX_KEY_FILE_SIZE)
-        err = self.assertRaises(KeyFileError, load_psk_file, p)
-        self.assertEqual(err.reason, "InvalidKeyFormat")
+class ParsePublicKeyTextTests(SynchronousTestCase):
+    """The one-key .pub parser."""
 
     def test_pub_two_keys(self) -> None:
-        """A .pub file with a second key is InvalidKeyFormat at the second key's line."""
+        """A .pub text with a second key is InvalidKeyFormat at the second key's line."""
         kem = XWING["cases"]
-        p = self.path("two.pub")
-        write_public_file(p, kem[0]["pub_file"] + "# next\n" + kem[1]["pub_file"])
-        err = self.assertRaises(KeyFileError, load_kem_public_file, p)
+        text = (kem[0]["pub_file"] + "# next\n" + kem[1]["pub_file"]).encode()
+        err = self.assertRaises(KeyFileError, parse_public_key_text, text, "two.pub")
         self.assertEqual((err.reason, err.line, err.detail),
                          ("InvalidKeyFormat", 3, "a .pub file holds exactly one key"))
 
     def test_pub_empty_and_short(self) -> None:
-        """An empty .pub file is NoKeysFound; a PSK-sized key in it is InvalidKeySize."""
-        p = self.path("e.pub")
-        write_public_file(p, "# nothing\n")
-        self.assertEqual(self.assertRaises(KeyFileError, load_kem_public_file, p).reason,
-                         "NoKeysFound")
-        write_public_file(p, f"1:{HEX64}\n", force=True)
-        err = self.assertRaises(KeyFileError, load_kem_public_file, p)
+        """An empty .pub text is NoKeysFound; a PSK-sized key in it is InvalidKeySize."""
+        err = self.assertRaises(KeyFileError, parse_public_key_text, b"# nothing\n", "e.pub")
+        self.assertEqual(err.reason, "NoKeysFound")
+        err = self.assertRaises(KeyFileError, parse_public_key_text,
+                                f"1:{HEX64}\n".encode(), "e.pub")
         self.assertEqual((err.reason, err.line), ("InvalidKeySize", 1))
         self.assertIn("expected 2432 hex digits, got 64", err.detail)

@@ -1,0 +1,108 @@
+"""Tests for tigertunnel.tools.bench: its options, the load generator's loop and the report."""
+
+from typing import List
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from tigertunnel.tools.bench.load import LoadRun, Session
+from tigertunnel.tools.bench.report import Cell, format_table, kernel_line, memory_lines
+from tigertunnel.tools.bench.run import BenchOptions
+from tigertunnel.tools.tbframes import sized_tb_frame
+
+
+class OptionTests(SynchronousTestCase):
+    """bench's options, checked while parsed."""
+
+    def parse(self, *args: str) -> BenchOptions:
+        """Parse ``args`` as bench options."""
+        opts = BenchOptions()
+        opts.parseOptions(list(args))
+        return opts
+
+    def test_lists_and_numbers(self) -> None:
+        """Comma lists become lists of numbers and modes."""
+        opts = self.parse("--sizes", "256,4096", "--sessions", "1,16", "--modes", "psk")
+        self.assertEqual((opts["sizes"], opts["sessions"], opts["modes"]),
+                         ([256, 4096], [1, 16], ["psk"]))
+
+    def test_refused(self) -> None:
+        """Bad sizes, modes, counts and numbers are refused with a message naming the problem."""
+        for args, text in ((["--sizes", "100"], "frame sizes must be 256..1048576"),
+                           (["--sizes", "x"], "bad number"),
+                           (["--modes", "psk,rsa"], "modes are psk and kem"),
+                           (["--sessions", "0"], "at least 1"),
+                           (["-w", "65"], "--workers must be 1..64")):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.parse(*args)
+            self.assertIn(text, str(caught.exception))
+
+
+class LoadRunTests(SynchronousTestCase):
+    """The closed loop: one frame in flight per session, every echo checked."""
+
+    def connect(self, run: LoadRun, frame: bytes) -> "tuple[Session, StringTransport]":
+        """A session of ``run`` on a StringTransport."""
+        session = Session(run, frame)
+        transport = StringTransport()
+        session.makeConnection(transport)
+        return session, transport
+
+    def test_sends_next_frame_after_each_echo(self) -> None:
+        """Once all sessions are up each sends one frame, and the next only after its echo."""
+        run = LoadRun(MemoryReactorClock(), 1, 256, 2, seconds=60.0, max_bytes=1 << 30)
+        frames = [sized_tb_frame(256, 1), sized_tb_frame(256, 2)]
+        (a, ta), (b, tb) = (self.connect(run, f) for f in frames)
+        self.assertEqual((ta.value(), tb.value()), (frames[0], frames[1]))
+        ta.clear()
+        a.dataReceived(frames[0][:100])
+        self.assertEqual(ta.value(), b"")
+        a.dataReceived(frames[0][100:])
+        self.assertEqual(ta.value(), frames[0])
+        self.assertEqual(len(run.rtts), 1)
+
+    def test_byte_budget_ends_the_run(self) -> None:
+        """The run ends after max_bytes of round trips and reports them."""
+        run = LoadRun(MemoryReactorClock(), 1, 256, 1, seconds=60.0, max_bytes=4 * 512)
+        frame = sized_tb_frame(256, 1)
+        session, _ = self.connect(run, frame)
+        for _ in range(4):
+            session.dataReceived(frame)
+        self.assertTrue(run.done.called)
+        self.assertEqual(run.stats()["round_trips"], 4)
+
+    def test_different_echo_fails(self) -> None:
+        """An echo that differs from the frame sent ends the run with an error."""
+        run = LoadRun(MemoryReactorClock(), 1, 256, 1, seconds=60.0, max_bytes=1 << 30)
+        session, _ = self.connect(run, sized_tb_frame(256, 1))
+        session.dataReceived(sized_tb_frame(256, 2))
+        self.assertTrue(run.done.called)
+        self.assertEqual(run.error, "an echoed frame differs from the one sent")
+
+
+class ReportTests(SynchronousTestCase):
+    """The text the benchmark prints."""
+
+    def test_table_row(self) -> None:
+        """A cell gives one row with the tunnel/direct ratio and the CPU figures."""
+        tunnel = {"frames_per_s": 500.0, "mb_per_s": 1.5, "p50_ms": 0.25, "p99_ms": 1.0,
+                  "tunnel_cpu_per_1k_rt": 0.123, "tunnel_cpu_per_gb": 4.5,
+                  "echo_cpu_per_1k_rt": 0.01, "loadgen_cpu_per_1k_rt": 0.02}
+        table = format_table([Cell("psk", 4096, 16, {"frames_per_s": 1000.0}, tunnel)])
+        lines: List[str] = table.splitlines()
+        self.assertIn("CPU-s/1k RT", lines[0])
+        row = lines[2].split()
+        self.assertEqual(row[:3], ["psk", "4096", "16"])
+        self.assertIn("0.50", row)
+        self.assertIn("0.123", row)
+
+    def test_memory_and_kernel_lines(self) -> None:
+        """Memory is printed in MiB per mode, and the kernel counters in one line."""
+        memory = {"kem": {"server_peak_rss_kib": 2048, "client_peak_rss_kib": 1024,
+                          "idle": {"sessions": 10, "server_rss_kib": 512,
+                                   "client_rss_kib": 256}}}
+        self.assertEqual(memory_lines(memory), [
+            "kem: peak RSS server 2.0 MiB, client 1.0 MiB; with 10 idle sessions: "
+            "server 0.5 MiB, client 0.2 MiB"])
+        self.assertIn("3 listen queue overflows", kernel_line({"ListenOverflows": 3}))

@@ -1,0 +1,172 @@
+"""What a worker does first (inherited sockets, its supervisor) and the --workers options."""
+
+import os
+import socket
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from tigertunnel import tap
+from tigertunnel.config import clusterfile
+from tigertunnel.config.model import ProxyPair, parse_proxy
+from tigertunnel.errors import ConfigError
+from tigertunnel.keys.generate import keygen
+from tigertunnel.net.sockets import socket_family
+from tigertunnel.ops.workers.bootstrap import (
+    LISTEN_FDS_ENV,
+    SUPERVISOR_ENV,
+    inherited_listen_fds,
+    supervisor_alive,
+    worker_command,
+)
+
+
+class SupervisorAliveTests(SynchronousTestCase):
+    """Whether a worker's supervisor still runs."""
+
+    def test_supervisor_check(self) -> None:
+        """Without the variable a process is not a supervised worker; with
+        our parent's pid its supervisor is alive; with another pid it is gone."""
+        self.assertTrue(supervisor_alive({}))
+        self.assertTrue(supervisor_alive({SUPERVISOR_ENV: str(os.getppid())}))
+        self.assertFalse(supervisor_alive({SUPERVISOR_ENV: str(os.getppid() + 1)}))
+
+
+def listening(family: int, host: str) -> socket.socket:
+    """A TCP socket of ``family`` listening on ``host``, on a free port."""
+    sock = socket.socket(family)
+    sock.bind((host, 0))
+    sock.listen(1)
+    return sock
+
+
+def pair_for(sock: socket.socket, index: int = 0) -> ProxyPair:
+    """Proxy pair ``index`` whose listen address is where ``sock`` is bound."""
+    host, port = sock.getsockname()[:2]
+    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return parse_proxy(f"{text},127.0.0.1:9", index)
+
+
+class InheritedSocketTests(SynchronousTestCase):
+    """What a worker checks about the sockets it inherited."""
+
+    def test_listening_sockets_accepted(self) -> None:
+        """Listening IPv4 and IPv6 sockets bound to their pairs' addresses are taken, in pair order."""
+        socks = []
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            try:
+                sock = listening(family, host)
+            except OSError:
+                continue
+            self.addCleanup(sock.close)
+            socks.append(sock)
+        fds = ",".join(str(s.fileno()) for s in socks)
+        pairs = [pair_for(s, i) for i, s in enumerate(socks)]
+        got = inherited_listen_fds(pairs, {LISTEN_FDS_ENV: fds})
+        self.assertEqual(got, {i: s.fileno() for i, s in enumerate(socks)})
+        self.assertEqual([socket_family(fd) for fd in got.values()],
+                         [s.family for s in socks])
+
+    def test_refused(self) -> None:
+        """Missing, malformed, wrong count, closed, not listening, not TCP,
+        or bound to another address than the pair's."""
+        unbound = socket.socket()
+        self.addCleanup(unbound.close)
+        sock = listening(socket.AF_INET, "127.0.0.1")
+        self.addCleanup(sock.close)
+        other = listening(socket.AF_INET, "127.0.0.1")
+        self.addCleanup(other.close)
+        unix = socket.socket(socket.AF_UNIX)
+        self.addCleanup(unix.close)
+        unix.bind(self.mktemp())  # relative: an absolute path may pass the 108-byte limit
+        unix.listen(1)
+        closed = socket.socket()
+        dead = closed.fileno()
+        closed.close()
+        one = [pair_for(sock)]
+        for env, pairs, text in (
+                ({}, one, "does not list 1 listening sockets"),
+                ({LISTEN_FDS_ENV: "x"}, one, "does not list"),
+                ({LISTEN_FDS_ENV: f"{sock.fileno()}"}, one * 2, "does not list 2"),
+                ({LISTEN_FDS_ENV: f"{dead}"}, one, f"inherited descriptor {dead}"),
+                ({LISTEN_FDS_ENV: f"{unbound.fileno()}"}, one,
+                 "is not a listening TCP socket"),
+                ({LISTEN_FDS_ENV: f"{unix.fileno()}"}, one,
+                 "is not a listening TCP socket"),
+                ({LISTEN_FDS_ENV: f"{other.fileno()}"}, one,
+                 f"is bound to ('127.0.0.1', {other.getsockname()[1]}), not to "
+                 f"pair0's 127.0.0.1:{sock.getsockname()[1]}")):
+            with self.assertRaises(ConfigError) as ctx:
+                inherited_listen_fds(pairs, env)
+            self.assertIn(text, str(ctx.exception))
+
+
+class WorkerOptionTests(SynchronousTestCase):
+    """--workers and --worker-index as the options parse them."""
+
+    def setUp(self) -> None:
+        self.key = self.mktemp()
+        keygen(self.key)
+
+    pair = "127.0.0.1:1,127.0.0.1:2"
+
+    def parse(self, *args: str) -> tap.Options:
+        """Parse a client run with one pair, a key and ``args``."""
+        opts = tap.Options()
+        opts.parseOptions(["client", "-p", self.pair, "-k", self.key, *args])
+        return opts
+
+    def test_without_options(self) -> None:
+        """Workers get the config file's values, not --config/--replica."""
+        args = ["-k", "k", "--config", "c.ini", "--replica=1", "--conf=x",
+                "--repl", "2", "--co", "y", "--cluster", "5", "--", "--config"]
+        self.assertEqual(clusterfile.without_options(args, ("config", "replica")),
+                         ["-k", "k", "--co", "y", "--cluster", "5", "--",
+                          "--config"])
+
+    def test_default_one(self) -> None:
+        """Without --workers a tunnel end is one process."""
+        self.assertEqual(self.parse().subOptions.config.workers, 1)
+
+    def test_workers_and_raw_args(self) -> None:
+        """--workers is kept in the arguments the workers are started with."""
+        opts = self.parse("--workers", "4", "--metrics", "tcp:0")
+        self.assertEqual(opts.subOptions.config.workers, 4)
+        self.assertEqual(opts.subOptions.raw_args[-4:],
+                         ["--workers", "4", "--metrics", "tcp:0"])
+        self.assertEqual(opts.subOptions.operations.metrics, "tcp:0")
+
+    def test_worker_has_no_metrics(self) -> None:
+        """A worker serves on the inherited socket; metrics are worker 0's."""
+        sock = listening(socket.AF_INET, "127.0.0.1")
+        self.addCleanup(sock.close)
+        self.patch(os, "environ", dict(os.environ, **{
+            LISTEN_FDS_ENV: str(sock.fileno())}))
+        self.pair = f"127.0.0.1:{sock.getsockname()[1]},127.0.0.1:2"
+        opts = self.parse("--workers", "4", "--metrics", "tcp:0",
+                          "--worker-index", "3")
+        self.assertIsNone(opts.subOptions.operations.metrics)
+        self.assertEqual(opts.subOptions.config.extra["inherited"],
+                         {0: sock.fileno()})
+
+    def test_bad_values(self) -> None:
+        """Out-of-range or malformed --workers / --worker-index values are refused, naming the value."""
+        for args, text in ((["--workers", "0"], "invalid workers: '0'"),
+                           (["--workers", "65"], "invalid workers: '65'"),
+                           (["--workers", "x"], "invalid workers: 'x'"),
+                           (["--worker-index", "1"], "--worker-index needs"),
+                           (["--workers", "2", "--worker-index", "2"],
+                            "invalid worker-index: '2'")):
+            with self.assertRaises(usage.UsageError) as ctx:
+                self.parse(*args)
+            self.assertIn(text, str(ctx.exception))
+
+
+class WorkerCommandTests(SynchronousTestCase):
+    """The command a worker is started with."""
+
+    def test_same_interpreter_and_arguments(self) -> None:
+        """A worker runs ``python -m tigertunnel`` with this interpreter and the given arguments."""
+        import sys
+        self.assertEqual(worker_command(["client", "-p", "x"]),
+                         [sys.executable, "-m", "tigertunnel", "client", "-p", "x"])

@@ -1,0 +1,68 @@
+"""The benchmark's results: one :class:`Cell` per workload, and the text report."""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping
+
+
+@dataclass
+class Cell:
+    """Results of one cell (both paths)."""
+
+    mode: str
+    size: int
+    sessions: int
+    direct: Dict[str, float] = field(default_factory=dict)
+    tunnel: Dict[str, float] = field(default_factory=dict)
+
+
+def format_table(cells: List[Cell]) -> str:
+    """The human-readable result table."""
+    head = (f"{'mode':<4} {'frame':>8} {'sess':>4} | {'direct f/s':>10} {'tunnel f/s':>10} "
+            f"{'ratio':>5} | {'MB/s':>7} {'p50 ms':>7} {'p99 ms':>7} | "
+            f"{'CPU-s/1k RT':>11} {'CPU-s/GB':>8} | {'echo':>5} {'load':>5}")
+    lines = [head, "-" * len(head)]
+    for c in cells:
+        d, t = c.direct, c.tunnel
+        lines.append(
+            f"{c.mode:<4} {c.size:>8} {c.sessions:>4} | {d['frames_per_s']:>10.0f} "
+            f"{t['frames_per_s']:>10.0f} {t['frames_per_s'] / d['frames_per_s']:>5.2f} | "
+            f"{t['mb_per_s']:>7.1f} {t['p50_ms']:>7.2f} {t['p99_ms']:>7.2f} | "
+            f"{t['tunnel_cpu_per_1k_rt']:>11.3f} {t['tunnel_cpu_per_gb']:>8.2f} | "
+            f"{t['echo_cpu_per_1k_rt']:>5.2f} {t['loadgen_cpu_per_1k_rt']:>5.2f}")
+    lines.append("CPU-s/1k RT and CPU-s/GB: both tunnel processes together; echo/load: "
+                 "CPU-s per 1k round trips of the echo backend and the load generator "
+                 "(tunnel path). ratio: tunnel/direct frames per second, same run.")
+    return "\n".join(lines)
+
+
+def memory_lines(memory: Mapping[str, Mapping[str, Any]]) -> List[str]:
+    """One line per mode: peak RSS of each tunnel end, and RSS with idle sessions."""
+    lines = []
+    for mode, mem in memory.items():
+        line = (f"{mode}: peak RSS server {mem['server_peak_rss_kib'] / 1024:.1f} MiB, "
+                f"client {mem['client_peak_rss_kib'] / 1024:.1f} MiB")
+        if "idle" in mem:
+            idle = mem["idle"]
+            line += (f"; with {idle['sessions']} idle sessions: server "
+                     f"{idle['server_rss_kib'] / 1024:.1f} MiB, client "
+                     f"{idle['client_rss_kib'] / 1024:.1f} MiB")
+        lines.append(line)
+    return lines
+
+
+def kernel_line(kernel: Mapping[str, int]) -> str:
+    """The kernel's TCP trouble counters during the run, in one line."""
+    return (f"kernel, during the run: {kernel.get('ListenOverflows', 0)} listen "
+            f"queue overflows, {kernel.get('TCPSynRetrans', 0)} SYN "
+            f"retransmissions, {kernel.get('TCPTimeouts', 0)} TCP timeouts "
+            f"(machine-wide; non-zero means stalls of 1 s or more)")
+
+
+def print_report(result: Mapping[str, Any]) -> None:
+    """Print the table, the memory lines and the kernel line of a run's results."""
+    print(format_table([Cell(**c) for c in result["cells"]]))
+    for line in memory_lines(result["memory"]):
+        print(line)
+    kernel = result.get("kernel") or {}
+    if kernel:
+        print(kernel_line(kernel))

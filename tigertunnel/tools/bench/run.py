@@ -1,0 +1,301 @@
+"""The benchmark's options and orchestration: processes, cells, results.
+
+For each handshake mode, fresh processes (:class:`Processes`) are started
+and awaited (a frame must make it through the tunnel), the idle-session
+memory is measured on them, then every cell (frame size x sessions) runs
+its workload directly and through the tunnel, measuring the CPU time of the
+processes around each run. The processes are stopped before the next mode.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from typing import IO, Any, Dict, List, Optional
+
+from twisted.internet import defer, task
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python import usage
+
+from tigertunnel.ops.memory import tune_malloc
+from tigertunnel.ops.workers import MAX_WORKERS
+from tigertunnel.tools.bench.load import LoadRun, free_port, own_cpu
+from tigertunnel.tools.bench.report import Cell, print_report
+from tigertunnel.tools.procs import (
+    cpu_seconds,
+    kernel_counters,
+    memory_kib,
+    with_children,
+)
+from tigertunnel.wire.frames import MAX_FRAME_SIZE, MIN_FRAME_SIZE
+
+DEFAULT_SIZES = "256,4096,65536,1048576"
+DEFAULT_SESSIONS = "1,16,256"
+MODES = ("psk", "kem")
+
+
+class BenchOptions(usage.Options):
+    """Options of ``tigertunnel bench``."""
+
+    synopsis = "[options]"
+    longdesc = ("Tunnel vs direct on 127.0.0.1, CPU per round trip of the tunnel "
+                "processes.\nExamples:\n  tigertunnel bench\n  tigertunnel bench "
+                "--sizes 1048576 --sessions 16 --modes psk --json out.json")
+
+    optParameters = [
+        ["sizes", None, DEFAULT_SIZES, "TB frame sizes in bytes (256..1048576)."],
+        ["sessions", None, DEFAULT_SESSIONS, "Concurrent sessions per cell."],
+        ["modes", None, "psk,kem", "Handshake modes: psk, kem."],
+        ["seconds", None, "3", "Measured seconds per cell and path."],
+        ["max-bytes", None, str(2 << 30), "Stop a cell early after this many bytes echoed."],
+        ["idle", None, "1000", "Idle sessions for the idle-memory figure (0 = skip)."],
+        ["json", None, None, "Also write the results as JSON to this file."],
+        ["pool", "n", "4", "Pool connections (-n) of the tunnel client."],
+        ["workers", "w", "1", "Worker processes (--workers) of each tunnel end."],
+    ]
+    optFlags = [["quiet", "q", "No progress bar."]]
+
+    def postOptions(self) -> None:
+        try:
+            self["sizes"] = [int(x) for x in self["sizes"].split(",")]
+            self["sessions"] = [int(x) for x in self["sessions"].split(",")]
+            self["seconds"] = float(self["seconds"])
+            self["max-bytes"] = int(self["max-bytes"])
+            self["idle"] = int(self["idle"])
+            self["pool"] = int(self["pool"])
+            self["workers"] = int(self["workers"])
+        except ValueError as e:
+            raise usage.UsageError(f"bad number: {e}") from None
+        if not 1 <= self["workers"] <= MAX_WORKERS:
+            raise usage.UsageError(f"--workers must be 1..{MAX_WORKERS}")
+        if self["pool"] < 1 or any(n < 1 for n in self["sessions"]):
+            raise usage.UsageError("--pool and --sessions must be at least 1")
+        if any(not MIN_FRAME_SIZE <= s <= MAX_FRAME_SIZE for s in self["sizes"]):
+            raise usage.UsageError("frame sizes must be 256..1048576")
+        self["modes"] = self["modes"].split(",")
+        if any(m not in MODES for m in self["modes"]):
+            raise usage.UsageError("modes are psk and kem")
+
+
+class Processes:
+    """The echo backend and the tunnel server and client, as subprocesses."""
+
+    def __init__(self, tmp: str, mode: str, pool: int, workers: int = 1) -> None:
+        exe = [sys.executable, "-m", "tigertunnel"]
+        self.workers = workers
+        key = os.path.join(tmp, "secret.key")
+        kem = os.path.join(tmp, "server-kem")
+        if not os.path.exists(key):
+            subprocess.run(exe + ["keygen", "-o", key], check=True, capture_output=True)
+            subprocess.run(exe + ["kemgen", "-o", kem], check=True, capture_output=True)
+        self.echo_port, self.server_port, self.client_port = (
+            free_port(), free_port(), free_port())
+        server_kem = ["--kemsecret", kem + ".key"] if mode == "kem" else []
+        client_kem = ["--kempublic", kem + ".pub"] if mode == "kem" else []
+        self.log_path = os.path.join(tmp, f"{mode}.log")
+        self._log: IO[bytes] = open(self.log_path, "ab")
+        logs = self._log
+        self.echo = subprocess.Popen(
+            [sys.executable, "-m", "tigertunnel.tools.echo", str(self.echo_port)],
+            stdout=logs, stderr=logs)
+        self.server = subprocess.Popen(
+            exe + ["server", "-p", f"127.0.0.1:{self.server_port},127.0.0.1:{self.echo_port}",
+                   "-k", key, "--log-level", "warn", "-m", "5000",
+                   "--workers", str(workers)] + server_kem,
+            stdout=logs, stderr=logs)
+        self.client = subprocess.Popen(
+            exe + ["client", "-p", f"127.0.0.1:{self.client_port},127.0.0.1:{self.server_port}",
+                   "-k", key, "-n", str(pool), "--log-level", "warn", "-m", "5000",
+                   "--workers", str(workers)] + client_kem,
+            stdout=logs, stderr=logs)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the tunnel processes and the echo backend logged."""
+        try:
+            with open(self.log_path, "rb") as f:
+                text = f.read()[-20000:].decode("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+    @property
+    def tunnel_pids(self) -> List[int]:
+        """Every tunnel process: both ends and their workers."""
+        return with_children(self.server.pid) + with_children(self.client.pid)
+
+    def tunnel_cpu(self) -> float:
+        """CPU seconds of every tunnel process so far."""
+        total = 0.0
+        for pid in self.tunnel_pids:
+            try:
+                total += cpu_seconds(pid)
+            except OSError:
+                pass  # a worker that just exited
+        return total
+
+    def largest_kib(self, pid: int, key: str) -> int:
+        """The largest ``key`` (VmRSS, VmHWM) among a tunnel end's processes."""
+        return max(memory_kib(p, key) for p in with_children(pid))
+
+    def stop(self) -> None:
+        """Stop the three processes (SIGTERM, SIGKILL after 10 s)."""
+        for p in (self.client, self.server, self.echo):
+            p.terminate()
+        for p in (self.client, self.server, self.echo):
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self._log.close()
+
+
+async def _ready(reactor: IReactorTCP, procs: Processes) -> None:
+    """Wait until a frame makes it through the tunnel (pool up)."""
+    clock = IReactorTime(reactor)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for p in (procs.echo, procs.server, procs.client):
+            if p.poll() is not None:
+                raise RuntimeError(f"a benchmark process exited with {p.returncode}")
+        try:
+            # Enough sessions that every client worker is very likely hit.
+            run = LoadRun(reactor, procs.client_port, 256, 8 * procs.workers, 0.05,
+                          1 << 20)
+            await defer.ensureDeferred(run.go()).addTimeout(10, clock)
+            return
+        except Exception:  # not up yet (refused, reset, timed out): try again
+            await task.deferLater(clock, 0.2, lambda: None)
+    raise RuntimeError("the tunnel did not come up within 30 s")
+
+
+async def _measure(reactor: IReactorTCP, procs: Processes, port: int, size: int,
+                   sessions: int, opts: BenchOptions, tunnel: bool) -> Dict[str, float]:
+    run = LoadRun(reactor, port, size, sessions, opts["seconds"], opts["max-bytes"])
+    cpu0 = procs.tunnel_cpu()
+    echo0 = cpu_seconds(procs.echo.pid)
+    me0 = own_cpu()
+    try:
+        await run.go()
+    except RuntimeError as e:
+        raise RuntimeError(f"{'tunnel' if tunnel else 'direct'} path: {e}") from None
+    result = run.stats()
+    n = result["round_trips"]
+    gb = 2 * n * size / 1e9
+    if tunnel:
+        tcpu = procs.tunnel_cpu() - cpu0
+        result["tunnel_cpu_s"] = tcpu
+        result["tunnel_cpu_per_1k_rt"] = tcpu / n * 1000
+        result["tunnel_cpu_per_gb"] = tcpu / gb
+    result["echo_cpu_per_1k_rt"] = (cpu_seconds(procs.echo.pid) - echo0) / n * 1000
+    result["loadgen_cpu_per_1k_rt"] = (own_cpu() - me0) / n * 1000
+    return result
+
+
+async def _idle_rss(reactor: IReactorTCP, procs: Processes, count: int) -> Dict[str, int]:
+    clock = IReactorTime(reactor)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", procs.client_port)
+    protos = []
+    for _ in range(count):
+        protos.append(await endpoint.connect(Factory.forProtocol(Protocol)))
+    await task.deferLater(clock, 1.0, lambda: None)
+    rss = {"server_rss_kib": procs.largest_kib(procs.server.pid, "VmRSS"),
+           "client_rss_kib": procs.largest_kib(procs.client.pid, "VmRSS"),
+           "sessions": count}
+    for p in protos:
+        if isinstance(p, Protocol) and p.transport is not None:
+            p.transport.loseConnection()
+    await task.deferLater(clock, 0.5, lambda: None)
+    return rss
+
+
+def _progress(done: int, total: int, label: str, quiet: bool) -> None:
+    if quiet or not sys.stderr.isatty():
+        return
+    width = 30
+    filled = int(width * done / total)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<30}")
+    sys.stderr.flush()
+
+
+async def run_bench(reactor: IReactorTCP, opts: BenchOptions) -> Dict[str, Any]:
+    """Run every cell; returns the JSON-able results.
+
+    :raises RuntimeError: naming the failing cell and path, with the end of
+        the tunnel's log.
+    """
+    tune_malloc()
+    cells: List[Cell] = []
+    memory: Dict[str, Any] = {}
+    total = len(opts["modes"]) * len(opts["sizes"]) * len(opts["sessions"])
+    done = 0
+    kernel0 = kernel_counters()
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in opts["modes"]:
+            procs = Processes(tmp, mode, opts["pool"], opts["workers"])
+            cell_name = "start-up"
+            try:
+                await _ready(reactor, procs)
+                memory[mode] = {}
+                if opts["idle"]:
+                    # Fresh processes: what idle sessions cost, before any
+                    # burst of large frames has grown the heap.
+                    memory[mode]["idle"] = await _idle_rss(reactor, procs, opts["idle"])
+                for size in opts["sizes"]:
+                    for sessions in opts["sessions"]:
+                        cell_name = f"{mode} {size} B x {sessions}"
+                        _progress(done, total, cell_name, opts["quiet"])
+                        cell = Cell(mode, size, sessions)
+                        cell.direct = await _measure(reactor, procs, procs.echo_port, size,
+                                                     sessions, opts, tunnel=False)
+                        cell.tunnel = await _measure(reactor, procs, procs.client_port, size,
+                                                     sessions, opts, tunnel=True)
+                        cells.append(cell)
+                        done += 1
+                memory[mode]["server_peak_rss_kib"] = procs.largest_kib(procs.server.pid, "VmHWM")
+                memory[mode]["client_peak_rss_kib"] = procs.largest_kib(procs.client.pid, "VmHWM")
+            except Exception as e:  # any failure: name the cell, show the log
+                raise RuntimeError(f"{cell_name}: {e}; the tunnel's log ends "
+                                   f"with:\n{procs.log_tail()}") from None
+            finally:
+                procs.stop()
+    _progress(total, total, "done", opts["quiet"])
+    if not opts["quiet"] and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    kernel = {k: v - kernel0.get(k, 0) for k, v in kernel_counters().items()}
+    return {"cells": [asdict(c) for c in cells], "memory": memory, "kernel": kernel,
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+
+
+def run(opts: BenchOptions) -> int:
+    """Run the benchmark with parsed options on the global reactor; print the report.
+
+    :returns: the exit status (1 when the benchmark failed).
+    """
+    result: Dict[str, Any] = {}
+    error: List[Optional[str]] = [None]
+
+    async def go(reactor: IReactorTCP) -> None:
+        try:
+            result.update(await run_bench(reactor, opts))
+        except RuntimeError as e:
+            error[0] = str(e)
+
+    try:
+        task.react(lambda r: defer.ensureDeferred(go(r)), [])
+    except SystemExit as e:
+        if e.code:
+            sys.stderr.write("tigertunnel: error: bench failed (see above)\n")
+            return 1
+    if error[0] is not None:
+        sys.stderr.write(f"{error[0]}\ntigertunnel: error: bench failed (see above)\n")
+        return 1
+    print_report(result)
+    if opts["json"]:
+        with open(opts["json"], "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
