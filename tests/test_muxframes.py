@@ -82,7 +82,9 @@ class ConstantsTests(SynchronousTestCase):
         self.assertEqual(struct.unpack("<I", muxframes.MAGIC)[0], 0x5A4D5558)
         self.assertEqual(muxframes.CLOSE_PAYLOAD_SIZE, 256)
         self.assertEqual([(t.name, int(t)) for t in FrameType],
-                         [("DATA", 0), ("OPEN", 1), ("CLOSE", 2)])
+                         [("DATA", 0), ("OPEN", 1), ("CLOSE", 2),
+                          ("SEALED_OPEN", 3), ("PING", 4), ("PONG", 5)])
+        self.assertEqual(muxframes.CONTROL_PAYLOAD_SIZE, 256)
 
     def test_stream_open_vector(self) -> None:
         """The stream_open of stream 1 is the reference's 12 bytes."""
