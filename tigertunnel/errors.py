@@ -74,5 +74,9 @@ class KEMError(TunnelError):
     """A hybrid-KEM operation failed (bad key or ciphertext, zero X25519 secret)."""
 
 
+class KEMUnavailableError(KEMError):
+    """KEM is configured but this installation cannot run ML-KEM-768 safely."""
+
+
 class ListenError(ConfigError):
     """A listening port cannot be bound (fatal at start-up)."""
