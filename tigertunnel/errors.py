@@ -78,5 +78,9 @@ class KEMUnavailableError(KEMError):
     """KEM is configured but this installation cannot run ML-KEM-768 safely."""
 
 
+class ReplayCacheError(TunnelError):
+    """The replay cache file cannot be used (unreadable, not ours, wrong owner)."""
+
+
 class ListenError(ConfigError):
     """A listening port cannot be bound (fatal at start-up)."""
