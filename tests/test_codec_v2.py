@@ -1,6 +1,6 @@
 """Tests for the version-2 frames of :mod:`tigertunnel.wire.codec`: sealed stream_open, ping, pong."""
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -32,7 +32,7 @@ KEYS = SessionKeys(c2s_key=bytes(range(100, 116)), c2s_nonce=bytes(range(116, 13
                    s2c_key=bytes(range(132, 148)), s2c_nonce=bytes(range(148, 164)))
 
 
-def wire(chunks: List[bytes]) -> bytes:
+def wire(chunks: Sequence[Union[bytes, bytearray]]) -> bytes:
     """Join the chunks an encode_* method returned."""
     return b"".join(chunks)
 

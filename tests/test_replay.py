@@ -4,7 +4,7 @@ import hashlib
 import os
 import stat
 import struct
-from typing import List
+from typing import List, Tuple
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -184,7 +184,7 @@ class SharingTests(CacheCase):
 
     @settings(max_examples=30)
     @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 30)), max_size=60))
-    def test_three_workers_agree(self, ops: List[tuple]) -> None:
+    def test_three_workers_agree(self, ops: List[Tuple[int, int]]) -> None:
         """Across three instances each hash is accepted exactly once, whatever the interleaving."""
         path = os.path.join(self.dir, f"p{len(os.listdir(self.dir))}.replay")
         caches = [FileReplayCache(path, now=self.clock) for _ in range(3)]

@@ -4,7 +4,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import List
+from typing import Any, Dict, List
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -40,7 +40,7 @@ class SharedFileTests(SynchronousTestCase):
     """Several processes use one cache file concurrently."""
 
     def run_children(self, path: str, count: int, shared: int, own: int,
-                     max_entries: int = 65536) -> List[dict]:
+                     max_entries: int = 65536) -> List[Dict[str, Any]]:
         """Start ``count`` children, release them together, return their reports."""
         children = [subprocess.Popen(
             [sys.executable, "-c", CHILD, path, str(seed), str(shared), str(own),

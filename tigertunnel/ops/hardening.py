@@ -26,7 +26,7 @@ import os
 import resource
 import sys
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 __all__ = ["Hardening", "harden_process", "is_dumpable"]
 
@@ -49,14 +49,14 @@ class Hardening:
     problems: Tuple[str, ...] = ()
 
 
-def _prctl() -> Optional["ctypes._CFuncPtr"]:
-    """libc's ``prctl``, or ``None`` off Linux."""
+def _prctl() -> Optional[Any]:
+    """libc's ``prctl`` (a ctypes function), or ``None`` off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(None, use_errno=True)
     prctl = libc.prctl
     prctl.restype = ctypes.c_int
-    return prctl  # type: ignore[no-any-return]
+    return prctl
 
 
 def is_dumpable() -> Optional[bool]:
@@ -64,7 +64,7 @@ def is_dumpable() -> Optional[bool]:
     prctl = _prctl()
     if prctl is None:
         return None
-    value = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    value = int(prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
     if value < 0:
         return None
     return value != 0

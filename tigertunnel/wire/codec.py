@@ -215,7 +215,7 @@ class LinkCodec:
         return events
 
     def _event(self, stream_id: int, frame_type: FrameType, header: bytes,
-               payload: bytes) -> Event:
+               payload: "bytes | bytearray") -> Event:
         if frame_type == FrameType.DATA:
             if self._opener is not None:
                 return StreamData(stream_id,
@@ -232,11 +232,12 @@ class LinkCodec:
             if self.role == CLIENT and not self.encrypted:
                 raise MuxError("server sent stream_close in plaintext mode")
             if self._opener is not None:
-                plain = self._opener.open(header, payload)
+                # Non-data payloads are bytes already (bytes() returns them as is).
+                plain = self._opener.open(header, bytes(payload))
                 if not is_valid_close(plain, stream_id):
                     raise MuxError(f"malformed stream_close for stream {stream_id}")
             return StreamClosed(stream_id)
-        return self._control(stream_id, frame_type, header, payload)
+        return self._control(stream_id, frame_type, header, bytes(payload))
 
     def _control(self, stream_id: int, frame_type: FrameType, header: bytes,
                  payload: bytes) -> Event:
