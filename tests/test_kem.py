@@ -1,13 +1,17 @@
 """Tests for tigertunnel.crypto.kem: MLKEM768-X25519 (X-Wing)."""
 
 import hashlib
+import os
+from typing import Any, Dict
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import load_vectors, unhex
 from tigertunnel.crypto import kem
-from tigertunnel.errors import KEMError
+from cryptography.exceptions import UnsupportedAlgorithm
+
+from tigertunnel.errors import KEMError, KEMUnavailableError
 
 XWING = load_vectors("xwing")
 CASES = XWING["cases"]
@@ -151,3 +155,106 @@ class BehaviourTests(SynchronousTestCase):
         self.assertNotIn(SEED.hex(), text)
         self.assertNotIn(kem.expand_seed(SEED)[64:].hex(), text)
         self.assertNotIn(repr(SEED), text)
+
+
+class _UnsupportedMLKEM:
+    """Stands in for cryptography's ML-KEM classes on a backend without ML-KEM."""
+
+    @classmethod
+    def from_seed_bytes(cls, data: bytes) -> Any:
+        """Fail as cryptography documents for an unsupported backend."""
+        raise UnsupportedAlgorithm("ML-KEM-768 is not supported by this backend")
+
+    @classmethod
+    def from_public_bytes(cls, data: bytes) -> Any:
+        """Fail as cryptography documents for an unsupported backend."""
+        raise UnsupportedAlgorithm("ML-KEM-768 is not supported by this backend")
+
+
+class AvailabilityTests(SynchronousTestCase):
+    """Without native ML-KEM the KEM refuses to run, unless the test-only switch is on."""
+
+    def without_native(self, allow_kyber: bool = False) -> None:
+        """Make this test run as if cryptography had no ML-KEM."""
+        self.patch(kem, "HAVE_NATIVE_MLKEM", False)
+        environ: Dict[str, str] = {k: v for k, v in os.environ.items()
+                                   if k != kem.ALLOW_KYBER_ENV}
+        if allow_kyber:
+            environ[kem.ALLOW_KYBER_ENV] = "1"
+        self.patch(os, "environ", environ)
+
+    def test_native_here(self) -> None:
+        """This installation has native ML-KEM, so nothing needs the switch."""
+        self.assertTrue(kem.HAVE_NATIVE_MLKEM)
+        kem.check_available()
+        self.assertTrue(kem.use_native())
+
+    def test_refused_without_native(self) -> None:
+        """Key expansion, encapsulation and the start-up check raise KEMUnavailableError."""
+        self.without_native()
+        self.assertRaises(KEMUnavailableError, kem.check_available)
+        self.assertRaises(KEMUnavailableError, kem.SecretKey, SEED)
+        self.assertRaises(KEMUnavailableError, kem.public_key_from_seed, SEED)
+        self.assertRaises(KEMUnavailableError, kem.encapsulate, PUBLIC)
+        self.assertRaises(KEMUnavailableError, kem.decapsulate, SEED, CIPHERTEXT)
+
+    def test_message(self) -> None:
+        """The error is one line naming the installed cryptography version and the switch."""
+        self.without_native()
+        import cryptography
+        error = self.assertRaises(KEMUnavailableError, kem.check_available)
+        text = str(error)
+        self.assertNotIn("\n", text)
+        self.assertIn(f"cryptography {cryptography.__version__}", text)
+        self.assertIn("no native ML-KEM-768", text)
+        self.assertIn(kem.ALLOW_KYBER_ENV, text)
+        self.assertIsInstance(error, KEMError)
+
+    def test_switch_must_be_one(self) -> None:
+        """Only the value 1 turns the kyber-py fallback on."""
+        self.without_native()
+        for value in ("0", "yes", "", "true"):
+            os.environ[kem.ALLOW_KYBER_ENV] = value
+            self.assertFalse(kem.kyber_allowed())
+            self.assertRaises(KEMUnavailableError, kem.SecretKey, SEED)
+
+    def test_test_switch_uses_kyber(self) -> None:
+        """With TIGERTUNNEL_ALLOW_KYBER_PY=1 the KEM runs on kyber-py and matches the vectors."""
+        self.without_native(allow_kyber=True)
+        secret = kem.SecretKey(SEED)
+        self.assertEqual(secret.public_key, PUBLIC)
+        self.assertEqual(secret.decapsulate(CIPHERTEXT), unhex(CASES[1]["decaps_shared_secret"]))
+        ciphertext, shared = kem.encapsulate(PUBLIC)
+        self.assertEqual(secret.decapsulate(ciphertext), shared)
+
+    def test_explicit_arguments_still_work(self) -> None:
+        """Vector tests' explicit kyber-py uses (randomness=, pure_python=) need no switch."""
+        self.without_native()
+        case = CASES[1]
+        self.assertEqual(kem.encapsulate(PUBLIC, unhex(case["encaps_seed"])),
+                         (CIPHERTEXT, unhex(case["shared_secret"])))
+        self.assertEqual(kem.SecretKey(SEED, pure_python=True).public_key, PUBLIC)
+
+    def test_unsupported_algorithm_converted(self) -> None:
+        """A backend raising UnsupportedAlgorithm gives KEMUnavailableError, never the raw exception."""
+        self.patch(kem, "MLKEM768PrivateKey", _UnsupportedMLKEM)
+        self.patch(kem, "MLKEM768PublicKey", _UnsupportedMLKEM)
+        self.assertRaises(KEMUnavailableError, kem.SecretKey, SEED)
+        self.assertRaises(KEMUnavailableError, kem.encapsulate, PUBLIC)
+
+    def test_start_up_refused(self) -> None:
+        """A server or client configured with KEM keys fails to load them, naming the problem."""
+        from tigertunnel.config.model import TunnelConfig
+        from tigertunnel.keys.keyfile import kemgen, keygen
+        from tigertunnel.ops.reload import ReloadError, load_keys
+        directory = self.mktemp()
+        os.mkdir(directory)
+        psk = os.path.join(directory, "psk.key")
+        prefix = os.path.join(directory, "kem")
+        keygen(psk)
+        kemgen(prefix)
+        self.without_native()
+        for role, path in (("server", prefix + ".key"), ("client", prefix + ".pub")):
+            config = TunnelConfig(role, [], key_path=psk, kem_path=path)
+            error = self.assertRaises(ReloadError, load_keys, config)
+            self.assertIn("no native ML-KEM-768", str(error))

@@ -15,16 +15,21 @@ from tigertunnel.wire.muxframes import (
     MuxDecoder,
     MuxFrame,
     build_close_plaintext,
+    build_control_plaintext,
     encode_header,
     is_valid_close,
+    parse_control,
 )
 
 MIB = 1 << 20
 SESSIONS = [load_vectors("session_psk"), load_vectors("session_kem")]
 
 
-def model_decode(data: bytes, encrypted: bool) -> Tuple[List[bytes], Optional[int]]:
+def model_decode(data: bytes, encrypted: bool,
+                 extended: bool = False) -> Tuple[List[bytes], Optional[int]]:
     """Decode ``data`` the slow, obvious way.
+
+    ``extended``: types 3, 4 and 5 (encrypted only) carry 256 bytes.
 
     :returns: the complete units (header + payload) before any error, and the
         index of the first byte that shows the error, or ``None``.
@@ -32,11 +37,12 @@ def model_decode(data: bytes, encrypted: bool) -> Tuple[List[bytes], Optional[in
     out = []
     off = 0
     size_at = 16 if encrypted else 96
+    max_type = 5 if extended and encrypted else 2
     while off < len(data):
         for i in range(4):
             if off + i < len(data) and data[off + i] != b"XUMZ"[i]:
                 return out, off + i
-        if off + 8 < len(data) and data[off + 8] > 2:
+        if off + 8 < len(data) and data[off + 8] > max_type:
             return out, off + 8
         if len(data) - off < 12:
             break
@@ -48,7 +54,7 @@ def model_decode(data: bytes, encrypted: bool) -> Tuple[List[bytes], Optional[in
             size = int.from_bytes(data[field:field + 4], "little")
             if not 256 <= size <= MIB:
                 return out, field + 3
-        elif kind == 2 and encrypted:
+        elif kind >= 2 and encrypted:
             size = 256
         else:
             size = 0
@@ -82,7 +88,9 @@ class ConstantsTests(SynchronousTestCase):
         self.assertEqual(struct.unpack("<I", muxframes.MAGIC)[0], 0x5A4D5558)
         self.assertEqual(muxframes.CLOSE_PAYLOAD_SIZE, 256)
         self.assertEqual([(t.name, int(t)) for t in FrameType],
-                         [("DATA", 0), ("OPEN", 1), ("CLOSE", 2)])
+                         [("DATA", 0), ("OPEN", 1), ("CLOSE", 2),
+                          ("SEALED_OPEN", 3), ("PING", 4), ("PONG", 5)])
+        self.assertEqual(muxframes.CONTROL_PAYLOAD_SIZE, 256)
 
     def test_stream_open_vector(self) -> None:
         """The stream_open of stream 1 is the reference's 12 bytes."""
@@ -290,6 +298,104 @@ class DecoderTests(SynchronousTestCase):
             return
         ends = [sum(map(len, expected[:i + 1])) for i in range(len(expected))]
         self.assertEqual(units(got), [u for u, e in zip(expected, ends) if e <= start])
+
+
+@st.composite
+def extended_streams(draw: st.DrawFn) -> bytes:
+    """Reference units, version-2 control units and noise, mixed."""
+    parts = []
+    for _ in range(draw(st.integers(0, 8))):
+        kind = draw(st.sampled_from(["control", "control", "noisy"]))
+        if kind == "control":
+            parts.append(mux_header(draw(st.integers(0, 9)), draw(st.integers(3, 5)))
+                         + draw(st.binary(min_size=256, max_size=256)))
+        else:
+            parts.append(draw(noisy_mux_streams(encrypted=True)))
+    return b"".join(parts)
+
+
+class ExtendedDecoderTests(SynchronousTestCase):
+    """MuxDecoder with the version-2 types (sealed stream_open, ping, pong)."""
+
+    @given(st.data())
+    def test_arbitrary_bytes(self, data: st.DataObject) -> None:
+        """Mixed streams give the model's frames, then MuxError at the model's first bad byte."""
+        stream = data.draw(extended_streams())
+        expected, error_at = model_decode(stream, True, extended=True)
+        decoder = MuxDecoder(encrypted=True, extended=True)
+        got: List[MuxFrame] = []
+        start = 0
+        for chunk in data.draw(chunked(stream)):
+            end = start + len(chunk)
+            if error_at is not None and start <= error_at < end:
+                self.assertRaises(MuxError, decoder.feed, chunk)
+                return
+            got.extend(decoder.feed(chunk))
+            start = end
+        self.assertIsNone(error_at)
+        self.assertEqual(units(got), expected)
+
+    def test_control_payloads(self) -> None:
+        """Types 3, 4 and 5 carry 256 bytes each, fed whole or a byte at a time."""
+        payloads = [bytes([k]) * 256 for k in (3, 4, 5)]
+        stream = b"".join(mux_header(k, k) + p for k, p in zip((3, 4, 5), payloads))
+        for step in (len(stream), 1):
+            decoder = MuxDecoder(encrypted=True, extended=True)
+            got: List[MuxFrame] = []
+            for i in range(0, len(stream), step):
+                got += decoder.feed(stream[i:i + step])
+            self.assertEqual([(f.frame_type, f.payload) for f in got],
+                             list(zip([FrameType.SEALED_OPEN, FrameType.PING, FrameType.PONG],
+                                      payloads)))
+
+    @given(st.integers(6, 255))
+    def test_bad_type_immediately(self, kind: int) -> None:
+        """A type above 5 raises as soon as the type byte arrives."""
+        decoder = MuxDecoder(encrypted=True, extended=True)
+        header = mux_header(0, kind)
+        self.assertEqual(decoder.feed(header[:8]), [])
+        self.assertRaises(MuxError, decoder.feed, header[8:9])
+
+    @given(st.integers(3, 5))
+    def test_not_in_plaintext(self, kind: int) -> None:
+        """Plaintext mode never accepts the version-2 types, even when asked to."""
+        decoder = MuxDecoder(encrypted=False, extended=True)
+        self.assertRaises(MuxError, decoder.feed, mux_header(0, kind))
+
+
+class ControlPlaintextTests(SynchronousTestCase):
+    """The pseudo header of the version-2 control frames."""
+
+    @given(st.sampled_from([FrameType.SEALED_OPEN, FrameType.PING, FrameType.PONG]),
+           st.integers(0, (1 << 32) - 1), st.integers(0, (1 << 64) - 1))
+    def test_layout(self, kind: FrameType, stream_id: int, value: int) -> None:
+        """Size 256 at 96, stream id at 116, type at 120, value at 128, zeros elsewhere."""
+        expected = bytearray(256)
+        expected[96:100] = (256).to_bytes(4, "little")
+        expected[116:120] = stream_id.to_bytes(4, "little")
+        expected[120] = int(kind)
+        expected[128:136] = value.to_bytes(8, "little")
+        plain = build_control_plaintext(kind, stream_id, value)
+        self.assertEqual(plain, bytes(expected))
+        self.assertEqual(parse_control(plain, kind, stream_id), value)
+
+    @given(st.sampled_from([FrameType.SEALED_OPEN, FrameType.PING, FrameType.PONG]),
+           st.sampled_from(list(FrameType)), st.integers(0, 3), st.integers(0, 3))
+    def test_type_and_stream_must_match(self, kind: FrameType, other: FrameType,
+                                        stream: int, other_stream: int) -> None:
+        """A control payload is only valid for its own type and stream id."""
+        plain = build_control_plaintext(kind, stream, 1)
+        valid = other is kind and stream == other_stream
+        self.assertEqual(parse_control(plain, other, other_stream), 1 if valid else None)
+
+    def test_refused_fields(self) -> None:
+        """Non-control types and out-of-range fields are programming errors; short payloads are invalid."""
+        self.assertRaises(ValueError, build_control_plaintext, FrameType.CLOSE, 1)
+        self.assertRaises(ValueError, build_control_plaintext, FrameType.PING, 1 << 32)
+        self.assertRaises(ValueError, build_control_plaintext, FrameType.PING, 0, 1 << 64)
+        self.assertRaises(ValueError, build_control_plaintext, FrameType.PING, 0, -1)
+        self.assertIsNone(parse_control(build_control_plaintext(FrameType.PING, 0)[:255],
+                                        FrameType.PING, 0))
 
 
 class DripTests(SynchronousTestCase):

@@ -74,5 +74,13 @@ class KEMError(TunnelError):
     """A hybrid-KEM operation failed (bad key or ciphertext, zero X25519 secret)."""
 
 
+class KEMUnavailableError(KEMError):
+    """KEM is configured but this installation cannot run ML-KEM-768 safely."""
+
+
+class ReplayCacheError(TunnelError):
+    """The replay cache file cannot be used (unreadable, not ours, wrong owner)."""
+
+
 class ListenError(ConfigError):
     """A listening port cannot be bound (fatal at start-up)."""

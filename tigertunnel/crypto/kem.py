@@ -10,35 +10,73 @@ everything else is re-derived from it::
     ciphertext (1120)  = ct_M (1088) || ct_X (32)
     shared secret (32) = SHA3-256(ss_M || ss_X || ct_X || pk_X || "\\.//^\\")
 
-Production code uses ``cryptography``'s native, constant-time ML-KEM-768.
-kyber-py (pure Python, *not* constant time) is used only for deterministic
-encapsulation (the reference vectors fix the 64 bytes of randomness) and as a
-fallback when the installed ``cryptography`` has no ML-KEM.
+Production code uses ``cryptography``'s native, constant-time ML-KEM-768
+(``cryptography`` 47 or later, on a backend that has ML-KEM). kyber-py (pure
+Python, *not* constant time, so its timing may leak the secret key) is used
+only when asked for explicitly:
 
-Every failure (a wrong length, an invalid ML-KEM public key, an all-zero
-X25519 shared secret) raises :class:`tigertunnel.errors.KEMError`.
+* ``randomness=`` in :func:`encapsulate` (deterministic encapsulation, how
+  the reference vectors were made) and ``pure_python=True`` in
+  :class:`SecretKey` (cross-checks), both for tests;
+* the environment variable ``TIGERTUNNEL_ALLOW_KYBER_PY=1``
+  (:data:`ALLOW_KYBER_ENV`), **for tests only**: without native ML-KEM it
+  lets the KEM run on kyber-py instead of refusing.
+
+Otherwise a KEM operation without native ML-KEM raises
+:class:`tigertunnel.errors.KEMUnavailableError` (a :class:`KEMError`) with a
+message saying what to install, so a tunnel end configured with a KEM key
+refuses to start when it loads its keys. ``cryptography``'s
+``UnsupportedAlgorithm`` never escapes this module.
+
+Every other failure (a wrong length, an invalid ML-KEM public key, an
+all-zero X25519 shared secret) raises :class:`tigertunnel.errors.KEMError`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
+import cryptography
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.x25519 import (
     X25519PrivateKey,
     X25519PublicKey,
 )
 
-from tigertunnel.errors import KEMError
+from tigertunnel.errors import KEMError, KEMUnavailableError
 
 try:
     from cryptography.hazmat.primitives.asymmetric.mlkem import (
         MLKEM768PrivateKey,
         MLKEM768PublicKey,
     )
-    HAVE_NATIVE_MLKEM = True
+    _MLKEM_IMPORTED = True
 except ImportError:  # pragma: no cover - depends on the installed cryptography
-    HAVE_NATIVE_MLKEM = False
+    _MLKEM_IMPORTED = False
+
+#: Set to ``1`` to let the KEM fall back to kyber-py (tests only).
+ALLOW_KYBER_ENV = "TIGERTUNNEL_ALLOW_KYBER_PY"
+
+
+def _probe_native() -> bool:
+    """Tell whether ``cryptography`` can really run ML-KEM-768 here.
+
+    The module may import while its backend lacks the algorithm; that shows
+    as ``UnsupportedAlgorithm`` on first use.
+    """
+    if not _MLKEM_IMPORTED:
+        return False  # pragma: no cover - depends on the installed cryptography
+    try:
+        MLKEM768PrivateKey.from_seed_bytes(bytes(64))
+    except UnsupportedAlgorithm:  # pragma: no cover - depends on the backend
+        return False
+    return True
+
+
+#: ``cryptography`` offers a working native ML-KEM-768.
+HAVE_NATIVE_MLKEM = _probe_native()
 
 # Sizes from PROTOCOL.md section 1 / section 5.
 PUBLIC_KEY_SIZE = 1216
@@ -61,10 +99,46 @@ def _kyber() -> Any:
     :raises KEMError: kyber-py is not installed.
     """
     try:
-        from kyber_py.ml_kem import ML_KEM_768
+        from kyber_py.ml_kem import ML_KEM_768  # type: ignore[import-untyped]
     except ImportError as e:  # pragma: no cover - kyber-py is a dependency
         raise KEMError("kyber-py is required for this ML-KEM operation") from e
     return ML_KEM_768
+
+
+def kyber_allowed() -> bool:
+    """Tell whether the test-only kyber-py fallback is switched on (:data:`ALLOW_KYBER_ENV`)."""
+    return os.environ.get(ALLOW_KYBER_ENV) == "1"
+
+
+def _unavailable() -> KEMUnavailableError:
+    return KEMUnavailableError(
+        f"KEM is configured but the installed cryptography {cryptography.__version__} "
+        f"has no native ML-KEM-768; install cryptography 47 or later (with a "
+        f"backend that has ML-KEM), or run without --kempublic/--kemsecret "
+        f"(the pure-Python kyber-py is not constant time and is only used with "
+        f"{ALLOW_KYBER_ENV}=1, for tests)")
+
+
+def use_native() -> bool:
+    """Decide how ML-KEM runs for an operation that was not forced to kyber-py.
+
+    :returns: ``True`` for native ML-KEM, ``False`` for the test-only
+        kyber-py fallback.
+    :raises KEMUnavailableError: no native ML-KEM and no fallback allowed.
+    """
+    if HAVE_NATIVE_MLKEM:
+        return True
+    if kyber_allowed():
+        return False
+    raise _unavailable()
+
+
+def check_available() -> None:
+    """Raise unless a KEM operation could run here (call it where KEM is configured).
+
+    :raises KEMUnavailableError: no native ML-KEM and no fallback allowed.
+    """
+    use_native()
 
 
 def _check_length(name: str, value: bytes, size: int) -> None:
@@ -117,15 +191,20 @@ class SecretKey:
         :param pure_python: use kyber-py for ML-KEM even if the native
             implementation is available (for cross-checking in tests).
         :raises KEMError: the seed is not 32 bytes.
+        :raises KEMUnavailableError: no native ML-KEM (see the module
+            docstring).
         """
         expanded = expand_seed(seed)
         self._x_private = X25519PrivateKey.from_private_bytes(expanded[64:96])
         self._pk_x = self._x_private.public_key().public_bytes_raw()
         self._native: Any = None
         self._kyber_dk: bytes | None = None
-        if HAVE_NATIVE_MLKEM and not pure_python:
-            self._native = MLKEM768PrivateKey.from_seed_bytes(expanded[:64])
-            ek = self._native.public_key().public_bytes_raw()
+        if not pure_python and use_native():
+            try:
+                self._native = MLKEM768PrivateKey.from_seed_bytes(expanded[:64])
+                ek = self._native.public_key().public_bytes_raw()
+            except UnsupportedAlgorithm:
+                raise _unavailable() from None
         else:
             ek, self._kyber_dk = _kyber().key_derive(expanded[:64])
         self.public_key: bytes = ek + self._pk_x
@@ -152,6 +231,8 @@ class SecretKey:
                 ss_m = _kyber().decaps(self._kyber_dk, ct_m)
         except ValueError as e:
             raise KEMError("ML-KEM-768 decapsulation failed") from e
+        except UnsupportedAlgorithm:  # pragma: no cover - the key was made natively
+            raise _unavailable() from None
         ss_x = _x25519(self._x_private, ct_x)
         return _combine(ss_m, ss_x, ct_x, self._pk_x)
 
@@ -160,6 +241,7 @@ def public_key_from_seed(seed: bytes) -> bytes:
     """Return the 1216-byte public key of a 32-byte secret-key seed.
 
     :raises KEMError: the seed is not 32 bytes.
+    :raises KEMUnavailableError: no native ML-KEM.
     """
     return SecretKey(seed).public_key
 
@@ -176,15 +258,17 @@ def encapsulate(public_key: bytes,
     :return: ``(ciphertext, shared_secret)``, 1120 and 32 bytes.
     :raises KEMError: bad lengths, an invalid ML-KEM public key, or an
         all-zero X25519 shared secret (low-order public key).
+    :raises KEMUnavailableError: ``randomness`` is ``None`` and there is
+        no native ML-KEM (see the module docstring).
     """
     _check_length("X-Wing public key", public_key, PUBLIC_KEY_SIZE)
     pk = bytes(public_key)
     ek_m, pk_x = pk[:MLKEM_PUBLIC_KEY_SIZE], pk[MLKEM_PUBLIC_KEY_SIZE:]
     try:
         if randomness is None:
-            if HAVE_NATIVE_MLKEM:
+            if use_native():
                 ss_m, ct_m = MLKEM768PublicKey.from_public_bytes(ek_m).encapsulate()
-            else:  # pragma: no cover - depends on the installed cryptography
+            else:
                 ss_m, ct_m = _kyber().encaps(ek_m)
             ephemeral = X25519PrivateKey.generate()
         else:
@@ -194,6 +278,8 @@ def encapsulate(public_key: bytes,
             ephemeral = X25519PrivateKey.from_private_bytes(r[32:])
     except ValueError as e:
         raise KEMError("invalid ML-KEM-768 public key") from e
+    except UnsupportedAlgorithm:
+        raise _unavailable() from None
     ct_x = ephemeral.public_key().public_bytes_raw()
     ss_x = _x25519(ephemeral, pk_x)
     return ct_m + ct_x, _combine(ss_m, ss_x, ct_x, pk_x)

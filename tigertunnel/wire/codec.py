@@ -6,22 +6,40 @@ header (magic ``XUMZ``, stream id, frame type) followed by a payload.
 * ``stream_open`` (client to server): no payload, not authenticated.
 * ``data`` (both ways): one TB frame, AEGIS-128X2 encrypted with the sending
   direction's keys and the next counter; AD = the mux header.
-* ``stream_close``: client to server, a 256-byte encrypted pseudo-frame. Our
-  extension (README.rst, "Protocol extension"): a client that sent version
-  byte 2 in its ClientHello also accepts a ``stream_close`` from the server,
-  encrypted the same way with the s2c keys, meaning "the backend of this
-  stream is gone or was refused". A server never sends one to a version-1
-  (reference) client.
+* ``stream_close``: client to server, a 256-byte encrypted pseudo-frame.
+
+Version 2 (README.rst, "Protocol extension"), only between two of our ends
+and only in encrypted mode. A client that sent version byte 2 in its
+ClientHello accepts from the server:
+
+* ``stream_close``, sealed like a client's with the s2c keys, meaning "the
+  backend of this stream is gone or was refused";
+* ``ping`` (type 4) and ``pong`` (type 5): sealed control frames on stream 0
+  carrying a u64 value; a ping is answered by a pong echoing its value.
+
+A server that saw version 2 sends a ping right after its ServerHello. That
+first authenticated version-2 frame is how the client learns that the server
+is one of ours (the Zig server accepts version byte 2 but never sends
+anything but data frames): until then the client sends nothing new, after it
+(:attr:`LinkCodec.peer_confirmed`) it sends ``stream_open`` sealed (type 3,
+a control frame naming the stream, one c2s counter value) and pings the
+server too. Symmetrically the server counts the client as confirmed at the
+client's first authenticated version-2 frame (its pong, a ping or a sealed
+``stream_open``) and from then on refuses an unsealed ``stream_open`` as a
+protocol error, so a man in the middle cannot inject one. Every sealed frame
+consumes one counter value of its direction, like a data frame. A server
+never sends any of this to a version-1 (reference) client, and a client
+never sends it to a server that has not proven it is one of ours.
 
 In plaintext mode (no ``-k``) payloads are plain TB frames and a
-``stream_close`` has no payload.
+``stream_close`` has no payload; there is no version-2 frame.
 
 :class:`LinkCodec` turns received bytes into :class:`StreamOpened`,
-:class:`StreamData` and :class:`StreamClosed` events and encodes outgoing
-frames; it keeps the two AEAD counters in step with the wire. Any
-authentication or framing failure raises and leaves the codec dead: the
-caller closes the pool connection and every session on it, so nothing after
-a bad frame is ever delivered.
+:class:`StreamData`, :class:`StreamClosed`, :class:`Ping` and :class:`Pong`
+events and encodes outgoing frames; it keeps the two AEAD counters in step
+with the wire. Any authentication or framing failure raises and leaves the
+codec dead: the caller closes the pool connection and every session on it,
+so nothing after a bad frame is ever delivered.
 """
 
 from dataclasses import dataclass
@@ -34,19 +52,31 @@ from tigertunnel.wire.muxframes import (
     FrameType,
     MuxDecoder,
     build_close_plaintext,
+    build_control_plaintext,
     encode_header,
     is_valid_close,
+    parse_control,
 )
 
 CLIENT = "client"
 SERVER = "server"
 
+#: The stream id of ping and pong frames (they belong to the pool connection).
+CONTROL_STREAM_ID = 0
+_MAX_U64 = (1 << 64) - 1
+
 
 @dataclass(frozen=True)
 class StreamOpened:
-    """The client opened stream ``stream_id`` (seen by the server only)."""
+    """The client opened stream ``stream_id`` (seen by the server only).
+
+    :ivar sealed: the stream_open was sealed (version 2) and so is
+        authentic; an unsealed one is proven only by the stream's first
+        authenticated data frame.
+    """
 
     stream_id: int
+    sealed: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,32 +94,58 @@ class StreamClosed:
     stream_id: int
 
 
-Event = Union[StreamOpened, StreamData, StreamClosed]
+@dataclass(frozen=True)
+class Ping:
+    """The peer asks for a :class:`Pong` echoing ``value`` (version 2)."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    """The peer answered the ping that carried ``value`` (version 2)."""
+
+    value: int
+
+
+Event = Union[StreamOpened, StreamData, StreamClosed, Ping, Pong]
 
 
 class LinkCodec:
     """Encode and decode the mux frames of one pool connection.
 
-    :param role: ``"client"`` or ``"server"``: which end of the pool
-        connection this codec runs on.
-    :param keys: the session keys from the handshake, or ``None`` in
-        plaintext mode.
-    :param cluster_id: the cluster id written into received TB headers
-        (encrypted mode only; plaintext frames pass unchanged).
-    :param peer_extended: server side: the client announced version 2 and
-        accepts server-sent ``stream_close``. Client side: ``True`` (we
-        always announce version 2 and accept them).
+    :ivar peer_confirmed: an authenticated version-2 frame has arrived from
+        the peer (see the module docstring): a client then seals its
+        ``stream_open`` frames and may ping; a server then refuses unsealed
+        ``stream_open`` frames.
     """
 
     def __init__(self, role: str, keys: Optional[SessionKeys],
                  cluster_id: int = 0, peer_extended: bool = True) -> None:
+        """
+        :param role: ``"client"`` or ``"server"``: which end of the pool
+            connection this codec runs on.
+        :param keys: the session keys from the handshake, or ``None`` in
+            plaintext mode.
+        :param cluster_id: the cluster id written into received TB headers
+            (encrypted mode only; plaintext frames pass unchanged).
+        :param peer_extended: server side: the client announced version 2
+            (it accepts server-sent ``stream_close``, ping and pong, and may
+            send version-2 frames). Client side: whether this client
+            announced version 2 and so accepts version-2 frames (``True``
+            unless it sent version 1).
+        :raises ValueError: an unknown role.
+        """
         if role not in (CLIENT, SERVER):
             raise ValueError(f"role must be client or server, not {role!r}")
         self.role = role
         self.encrypted = keys is not None
-        self._decoder = MuxDecoder(encrypted=self.encrypted)
-        self._dead = False
         self.peer_extended = peer_extended
+        self.peer_confirmed = False
+        self._decoder = MuxDecoder(encrypted=self.encrypted,
+                                   extended=self.encrypted and peer_extended)
+        self._dead = False
+        self._ping_value = 0
         self._sealer: Optional[FrameSealer] = None
         self._opener: Optional[FrameOpener] = None
         if keys is not None:
@@ -108,6 +164,33 @@ class LinkCodec:
         if self.role == CLIENT:
             return True
         return self.encrypted and self.peer_extended
+
+    @property
+    def can_ping(self) -> bool:
+        """Whether this end may send ping and pong frames to the peer.
+
+        A server may ping a version-2 client from the start (its first ping
+        is how the client learns it talks to one of ours); a client only
+        once the server has confirmed it speaks version 2.
+        """
+        if not (self.encrypted and self.peer_extended):
+            return False
+        return self.role == SERVER or self.peer_confirmed
+
+    @property
+    def seals_open(self) -> bool:
+        """Whether :meth:`encode_open` sends a sealed ``stream_open`` (client)."""
+        return self.role == CLIENT and self.can_ping
+
+    @property
+    def receive_counter(self) -> int:
+        """The counter value the next sealed frame from the peer must use (0 in plaintext mode)."""
+        return self._opener.counter if self._opener is not None else 0
+
+    @property
+    def send_counter(self) -> int:
+        """The counter value the next sealed frame this end sends uses (0 in plaintext mode)."""
+        return self._sealer.counter if self._sealer is not None else 0
 
     # -- receiving ---------------------------------------------------------
 
@@ -132,7 +215,7 @@ class LinkCodec:
         return events
 
     def _event(self, stream_id: int, frame_type: FrameType, header: bytes,
-               payload: bytes) -> Event:
+               payload: "bytes | bytearray") -> Event:
         if frame_type == FrameType.DATA:
             if self._opener is not None:
                 return StreamData(stream_id,
@@ -141,22 +224,58 @@ class LinkCodec:
         if frame_type == FrameType.OPEN:
             if self.role == CLIENT:
                 raise MuxError("server sent stream_open")
+            if self.peer_confirmed:
+                raise MuxError(f"unsealed stream_open for stream {stream_id} "
+                               f"from a client that seals them")
             return StreamOpened(stream_id)
-        # stream_close
-        if self.role == CLIENT and not self.encrypted:
-            raise MuxError("server sent stream_close in plaintext mode")
-        if self._opener is not None:
-            plain = self._opener.open(header, payload)
-            if not is_valid_close(plain, stream_id):
-                raise MuxError(f"malformed stream_close for stream {stream_id}")
-        return StreamClosed(stream_id)
+        if frame_type == FrameType.CLOSE:
+            if self.role == CLIENT and not self.encrypted:
+                raise MuxError("server sent stream_close in plaintext mode")
+            if self._opener is not None:
+                # Non-data payloads are bytes already (bytes() returns them as is).
+                plain = self._opener.open(header, bytes(payload))
+                if not is_valid_close(plain, stream_id):
+                    raise MuxError(f"malformed stream_close for stream {stream_id}")
+            return StreamClosed(stream_id)
+        return self._control(stream_id, frame_type, header, bytes(payload))
+
+    def _control(self, stream_id: int, frame_type: FrameType, header: bytes,
+                 payload: bytes) -> Event:
+        """Open a version-2 control frame (the decoder only passes them when allowed)."""
+        if frame_type == FrameType.SEALED_OPEN and self.role == CLIENT:
+            raise MuxError("server sent stream_open")
+        if (frame_type != FrameType.SEALED_OPEN
+                and stream_id != CONTROL_STREAM_ID):
+            raise MuxError(f"{frame_type.name.lower()} on stream {stream_id}, "
+                           f"not {CONTROL_STREAM_ID}")
+        assert self._opener is not None  # control frames are encrypted only
+        plain = self._opener.open(header, payload)
+        value = parse_control(plain, frame_type, stream_id)
+        if value is None or (frame_type == FrameType.SEALED_OPEN and value):
+            raise MuxError(f"malformed {frame_type.name.lower()} frame "
+                           f"for stream {stream_id}")
+        self.peer_confirmed = True
+        if frame_type == FrameType.SEALED_OPEN:
+            return StreamOpened(stream_id, sealed=True)
+        if frame_type == FrameType.PING:
+            return Ping(value)
+        return Pong(value)
 
     # -- sending -----------------------------------------------------------
 
     def encode_open(self, stream_id: int) -> List[bytes]:
-        """Return the wire bytes of a ``stream_open`` (client only)."""
+        """Return the wire bytes of a ``stream_open`` (client only).
+
+        Sealed (type 3, one c2s counter value) once the server is confirmed
+        to speak version 2 (:attr:`seals_open`), else the bare 12-byte
+        header of the reference.
+
+        :raises MuxError: called on the server.
+        """
         if self.role != CLIENT:
             raise MuxError("only the client opens streams")
+        if self.seals_open:
+            return self._seal_control(FrameType.SEALED_OPEN, stream_id, 0)
         return [encode_header(stream_id, FrameType.OPEN)]
 
     def encode_data(self, stream_id: int, frame: bytes) -> "List[bytes | bytearray]":
@@ -182,3 +301,42 @@ class LinkCodec:
         if self._sealer is not None:
             return self._sealer.seal(header, build_close_plaintext(stream_id))
         return [header]
+
+    def encode_ping(self) -> List[bytes]:
+        """Return the wire bytes of a ping carrying the next sequence number.
+
+        The sequence numbers of a pool connection's pings run 0, 1, 2 ...;
+        :attr:`last_ping_value` is the one just sent.
+
+        :raises MuxError: the peer does not take pings (:attr:`can_ping`).
+        """
+        if not self.can_ping:
+            raise MuxError("peer does not accept ping")
+        value = self._ping_value
+        out = self._seal_control(FrameType.PING, CONTROL_STREAM_ID, value)
+        self._ping_value = value + 1
+        return out
+
+    @property
+    def last_ping_value(self) -> Optional[int]:
+        """The value of the last ping encoded, ``None`` before the first."""
+        return self._ping_value - 1 if self._ping_value else None
+
+    def encode_pong(self, value: int) -> List[bytes]:
+        """Return the wire bytes of a pong answering the ping that carried ``value``.
+
+        :raises MuxError: the peer does not take pongs (:attr:`can_ping`).
+        :raises ValueError: ``value`` is not a u64.
+        """
+        if not self.can_ping:
+            raise MuxError("peer does not accept pong")
+        if not 0 <= value <= _MAX_U64:
+            raise ValueError(f"pong value {value} is not a u64")
+        return self._seal_control(FrameType.PONG, CONTROL_STREAM_ID, value)
+
+    def _seal_control(self, frame_type: FrameType, stream_id: int,
+                      value: int) -> List[bytes]:
+        assert self._sealer is not None  # callers checked can_ping
+        return self._sealer.seal(encode_header(stream_id, frame_type),
+                                 build_control_plaintext(frame_type, stream_id,
+                                                         value))

@@ -8,7 +8,8 @@ offset length field
 ====== ====== =========================================================
 0      4      magic, u32 LE ``0x5A4D5558`` (wire bytes ``XUMZ``)
 4      4      stream_id, u32 LE
-8      1      frame_type: 0 = data, 1 = stream_open, 2 = stream_close
+8      1      frame_type: 0 = data, 1 = stream_open, 2 = stream_close;
+              version 2 only: 3 = sealed stream_open, 4 = ping, 5 = pong
 9      3      reserved: sent as zero, not checked (but part of the AD)
 ====== ====== =========================================================
 
@@ -21,19 +22,28 @@ stream_open  nothing                                     nothing
 data         encrypted TB frame; total ``size`` as u32   plain TB frame;
              LE at payload offset 16, in clear           ``size`` at 96
 stream_close 256-byte encrypted pseudo TB header         nothing
+3, 4, 5      256-byte encrypted pseudo TB header         (not allowed)
 ============ =========================================== ==================
 
 In both modes a data payload is ``size`` bytes long, with ``size`` in
-256 ... 1 MiB.  :class:`MuxDecoder` rejects a bad magic, a type above 2 or a
-bad size as soon as the offending byte has arrived, before the payload is
-buffered.  The 12 header bytes are kept exactly as received in
-:attr:`MuxFrame.header`, because they are the AEAD associated data of the
-payload (section 6.4).
+256 ... 1 MiB.  :class:`MuxDecoder` rejects a bad magic, a type it was not
+told to accept or a bad size as soon as the offending byte has arrived,
+before the payload is buffered.  The 12 header bytes are kept exactly as
+received in :attr:`MuxFrame.header`, because they are the AEAD associated
+data of the payload (section 6.4).
 
 The encrypted stream_close payload is a 256-byte all-zero TB header with
 ``size`` = 256, the stream id (u32 LE) at offset 116 and the byte 2 at
 offset 120 (:func:`build_close_plaintext`); the server honours the close only
 if it authenticates and :func:`is_valid_close` holds.
+
+The version-2 control frames (README.rst, "Protocol extension"), which only
+travel between two of our ends and never to or from the Zig implementation,
+use the same pseudo header (:func:`build_control_plaintext`): ``size`` = 256
+at offset 96, the mux header's stream id at offset 116, the frame type at
+offset 120, a u64 LE ``value`` at offset 128 (the ping sequence number,
+echoed by the pong; 0 for a sealed stream_open), every other byte zero.
+:func:`parse_control` accepts exactly that layout and nothing else.
 """
 
 from __future__ import annotations
@@ -53,8 +63,10 @@ from tigertunnel.wire.frames import (
 )
 
 __all__ = [
-    "MUX_HEADER_SIZE", "MAGIC", "CLOSE_PAYLOAD_SIZE", "FrameType", "MuxFrame",
-    "encode_header", "MuxDecoder", "build_close_plaintext", "is_valid_close",
+    "MUX_HEADER_SIZE", "MAGIC", "CLOSE_PAYLOAD_SIZE", "CONTROL_PAYLOAD_SIZE",
+    "FrameType", "CONTROL_TYPES", "MuxFrame", "encode_header", "MuxDecoder",
+    "build_close_plaintext", "is_valid_close", "build_control_plaintext",
+    "parse_control",
 ]
 
 # Wire facts, source of truth: PROTOCOL.md sections 6.2, 7.1 and 7.2.
@@ -67,8 +79,12 @@ ENCRYPTED_SIZE_OFFSET = 16
 CLOSE_STREAM_ID_OFFSET = 116
 CLOSE_MARKER_OFFSET = 120
 CLOSE_MARKER = 2
+#: Payload size of the version-2 control frames, and where their value sits.
+CONTROL_PAYLOAD_SIZE = 256
+CONTROL_VALUE_OFFSET = 128
 
 _MAX_STREAM_ID = (1 << 32) - 1
+_MAX_U64 = (1 << 64) - 1
 _HEADER = struct.Struct("<4sIB3x")
 _u32_from = struct.Struct("<I").unpack_from
 
@@ -79,9 +95,17 @@ class FrameType(enum.IntEnum):
     DATA = 0
     OPEN = 1
     CLOSE = 2
+    #: Version 2 only (README.rst, "Protocol extension").
+    SEALED_OPEN = 3
+    PING = 4
+    PONG = 5
 
 
 _TYPES = tuple(FrameType)
+#: The version-2 frame types: each carries a sealed control pseudo header.
+CONTROL_TYPES = (FrameType.SEALED_OPEN, FrameType.PING, FrameType.PONG)
+_REFERENCE_MAX_TYPE = int(FrameType.CLOSE)
+_EXTENDED_MAX_TYPE = int(FrameType.PONG)
 
 
 @dataclass(frozen=True)
@@ -100,7 +124,7 @@ class MuxFrame:
     stream_id: int
     frame_type: FrameType
     header: bytes
-    payload: bytes
+    payload: "bytes | bytearray"
 
 
 def encode_header(stream_id: int, frame_type: FrameType) -> bytes:
@@ -146,6 +170,55 @@ def is_valid_close(frame: bytes, stream_id: int) -> bool:
             and frame[CLOSE_MARKER_OFFSET] == CLOSE_MARKER)
 
 
+def build_control_plaintext(frame_type: FrameType, stream_id: int,
+                            value: int = 0) -> bytes:
+    """Return the 256-byte pseudo TB header of a version-2 control frame.
+
+    All zero except ``size`` = 256 at offset 96, ``stream_id`` (u32 LE) at
+    offset 116, ``frame_type`` at offset 120 and ``value`` (u64 LE) at offset
+    128.  Seal it with the sender's next counter and the frame's mux header
+    as AD.
+
+    :param frame_type: one of :data:`CONTROL_TYPES`.
+    :param value: the ping sequence number (echoed by the pong); 0 for a
+        sealed stream_open.
+    :raises ValueError: an unknown control type, or a field out of range.
+    """
+    if frame_type not in CONTROL_TYPES:
+        raise ValueError(f"frame type {int(frame_type)} is not a control type")
+    if not 0 <= stream_id <= _MAX_STREAM_ID:
+        raise ValueError(f"stream_id {stream_id} is not a u32")
+    if not 0 <= value <= _MAX_U64:
+        raise ValueError(f"control value {value} is not a u64")
+    out = bytearray(CONTROL_PAYLOAD_SIZE)
+    struct.pack_into("<I", out, SIZE_OFFSET, CONTROL_PAYLOAD_SIZE)
+    struct.pack_into("<I", out, CLOSE_STREAM_ID_OFFSET, stream_id)
+    out[CLOSE_MARKER_OFFSET] = int(frame_type)
+    struct.pack_into("<Q", out, CONTROL_VALUE_OFFSET, value)
+    return bytes(out)
+
+
+def parse_control(frame: "bytes | bytearray", frame_type: FrameType,
+                  stream_id: int) -> Optional[int]:
+    """Check a decrypted control payload and return its value.
+
+    :param frame: the authenticated, decrypted payload, as the receiver
+        rebuilt it (a TB header whose cluster field holds the receiver's
+        own cluster id; that field is not transmitted and not checked).
+    :returns: the u64 value if ``frame`` is exactly what
+        :func:`build_control_plaintext` makes for ``frame_type`` and
+        ``stream_id``, else ``None``.
+    """
+    if len(frame) != CONTROL_PAYLOAD_SIZE or frame_type not in CONTROL_TYPES:
+        return None
+    value = struct.unpack_from("<Q", frame, CONTROL_VALUE_OFFSET)[0]
+    expected = build_control_plaintext(frame_type, stream_id, value)
+    # Bytes 80..96 (cluster) are written by the receiver, not sent.
+    if frame[:80] != expected[:80] or frame[96:] != expected[96:]:
+        return None
+    return int(value)
+
+
 class MuxDecoder:
     """Cut a pool-connection byte stream into :class:`MuxFrame` (sans-IO).
 
@@ -156,20 +229,26 @@ class MuxDecoder:
     :meth:`feed` call are not returned.
     """
 
-    def __init__(self, encrypted: bool) -> None:
+    def __init__(self, encrypted: bool, extended: bool = False) -> None:
         """
         :param encrypted: ``True`` after a handshake (data payloads carry
             their size at offset 16, stream_close carries 256 bytes),
             ``False`` in plaintext mode (size at offset 96, empty close).
+        :param extended: also accept the version-2 frame types 3, 4 and 5
+            (encrypted mode only; ignored in plaintext mode).
         """
         self._encrypted = encrypted
+        self._max_type = (_EXTENDED_MAX_TYPE if encrypted and extended
+                          else _REFERENCE_MAX_TYPE)
+        close_size = CLOSE_PAYLOAD_SIZE if encrypted else 0
+        #: Payload size by frame type, for every type but data.
+        self._sizes = (0, 0, close_size) + (CONTROL_PAYLOAD_SIZE,) * 3
         self._size_end = MUX_HEADER_SIZE + (
             ENCRYPTED_SIZE_OFFSET + 4 if encrypted else SIZE_OFFSET + 4)
         self._size_at = self._size_end - 4
-        self._close_size = CLOSE_PAYLOAD_SIZE if encrypted else 0
         # The incomplete tail, as received; see FrameParser for why it is a
         # list of chunks rather than one growing buffer.
-        self._chunks: List["bytes | memoryview"] = []
+        self._chunks: List["bytes | bytearray | memoryview"] = []
         self._have = 0
         self._need = 0
         self._large = False  # the pending frame is a data frame of known size
@@ -188,7 +267,7 @@ class MuxDecoder:
     def feed(self, data: bytes) -> List[MuxFrame]:
         """Add ``data`` and return every mux frame it completed, in order.
 
-        :raises MuxError: on a bad magic, a frame type above 2, a data size
+        :raises MuxError: on a bad magic, a frame type not accepted, a data size
             outside 256 ... 1 MiB, or if the decoder already failed.
         """
         if self._error is not None:
@@ -230,9 +309,9 @@ class MuxDecoder:
         left = len(src) - off
         self._large = False
         if left <= 8 or src[off + 8] != FrameType.DATA:
+            # The type byte was checked by _scan or _check_partial_header.
             self._need = MUX_HEADER_SIZE + (
-                self._close_size if left > 8 and src[off + 8] == FrameType.CLOSE
-                else 0)
+                self._sizes[src[off + 8]] if left > 8 else 0)
             if left < MUX_HEADER_SIZE:
                 self._need = MUX_HEADER_SIZE
         elif left < self._size_end:
@@ -276,6 +355,7 @@ class MuxDecoder:
         """Append the complete frames of ``src`` and return where they end."""
         avail = len(src)
         view = memoryview(src)  # slices of it are not copies
+        max_type, sizes = self._max_type, self._sizes
         off = 0
         while True:
             left = avail - off
@@ -286,7 +366,7 @@ class MuxDecoder:
             if src[off:off + 4] != MAGIC:
                 raise self._fail(f"bad mux magic {bytes(src[off:off + 4]).hex()}")
             type_byte = src[off + 8]
-            if type_byte > 2:
+            if type_byte > max_type:
                 raise self._fail(f"bad mux frame type {type_byte}")
             frame_type = _TYPES[type_byte]
             if frame_type is FrameType.DATA:
@@ -296,10 +376,8 @@ class MuxDecoder:
                 if size < MIN_FRAME_SIZE or size > MAX_FRAME_SIZE:
                     raise self._fail(
                         f"data frame size {size} outside {MIN_FRAME_SIZE}..{MAX_FRAME_SIZE}")
-            elif frame_type is FrameType.CLOSE:
-                size = self._close_size
             else:
-                size = 0
+                size = sizes[type_byte]
             end = off + MUX_HEADER_SIZE + size
             if end > avail:
                 return off
@@ -318,5 +396,5 @@ class MuxDecoder:
         n = min(left, 4)
         if src[off:off + n] != MAGIC[:n]:
             raise self._fail(f"bad mux magic {bytes(src[off:off + n]).hex()}")
-        if left > 8 and src[off + 8] > 2:
+        if left > 8 and src[off + 8] > self._max_type:
             raise self._fail(f"bad mux frame type {src[off + 8]}")
