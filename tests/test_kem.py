@@ -245,7 +245,7 @@ class AvailabilityTests(SynchronousTestCase):
     def test_start_up_refused(self) -> None:
         """A server or client configured with KEM keys fails to load them, naming the problem."""
         from tigertunnel.config.model import TunnelConfig
-        from tigertunnel.keys.keyfile import kemgen, keygen
+        from tigertunnel.keys.generate import kemgen, keygen
         from tigertunnel.ops.reload import ReloadError, load_keys
         directory = self.mktemp()
         os.mkdir(directory)
