@@ -32,7 +32,6 @@ and nothing is logged here (names are in :mod:`tigertunnel.wire.tbheader`).
 
 from __future__ import annotations
 
-import struct
 from typing import Dict, List, Protocol, Tuple
 
 from tigertunnel.errors import FrameError
@@ -137,37 +136,36 @@ class TBWatch:
         :param now: the current time in seconds (any monotonic clock).
         :raises FrameError: if ``header`` is shorter than a TB header.
         """
-        # One method for the whole path: a call costs as much as the work.
-        try:
-            command = header[COMMAND_OFFSET]
-            self.frames[command * 2 + direction] += 1
-            if command == REQUEST:
-                lo, hi, request, operation = read_request(header, REQUEST_CLIENT_OFFSET)
-                self.requests[operation] += 1
-                if not (lo or hi):
-                    return  # pulse and upgrade come from no client session
-                waiting = self._waiting
-                entry = waiting.get(lo)
-                if entry is None:
-                    self.in_flight.make_room()
-                elif entry[1] == request and entry[0] == hi:
-                    return  # a resent or hedged copy: the first one counts
-                waiting[lo] = (hi, request, operation, now)
-            elif command == REPLY:
-                view, lo, hi, request, _ = read_reply(header, VIEW_OFFSET)
-                if view > self.view:
-                    old, self.view = self.view, view
-                    self.events.view_changed(old, view)
-                entry = self._waiting.get(lo)
-                if entry is not None and entry[1] == request and entry[0] == hi:
-                    del self._waiting[lo]
-                    self.events.request_done(entry[2], now - entry[3])
-            elif command == EVICTION:
-                lo, hi, reason = read_eviction(header, EVICTION_CLIENT_OFFSET)
-                self.events.evicted(lo | hi << 64, reason, header[REPLICA_OFFSET])
-        except (IndexError, struct.error):
+        if len(header) < HEADER_SIZE:
             raise FrameError(f"TB header too short ({len(header)} bytes, "
-                             f"need {HEADER_SIZE})") from None
+                             f"need {HEADER_SIZE})")
+        # One method for the whole path: a call costs as much as the work.
+        command = header[COMMAND_OFFSET]
+        self.frames[command * 2 + direction] += 1
+        if command == REQUEST:
+            lo, hi, request, operation = read_request(header, REQUEST_CLIENT_OFFSET)
+            self.requests[operation] += 1
+            if not (lo or hi):
+                return  # pulse and upgrade come from no client session
+            waiting = self._waiting
+            entry = waiting.get(lo)
+            if entry is None:
+                self.in_flight.make_room()
+            elif entry[1] == request and entry[0] == hi:
+                return  # a resent or hedged copy: the first one counts
+            waiting[lo] = (hi, request, operation, now)
+        elif command == REPLY:
+            view, lo, hi, request, _ = read_reply(header, VIEW_OFFSET)
+            if view > self.view:
+                old, self.view = self.view, view
+                self.events.view_changed(old, view)
+            entry = self._waiting.get(lo)
+            if entry is not None and entry[1] == request and entry[0] == hi:
+                del self._waiting[lo]
+                self.events.request_done(entry[2], now - entry[3])
+        elif command == EVICTION:
+            lo, hi, reason = read_eviction(header, EVICTION_CLIENT_OFFSET)
+            self.events.evicted(lo | hi << 64, reason, header[REPLICA_OFFSET])
 
     def cluster_mismatch(self, expected: int, got: int) -> None:
         """Report a frame whose cluster is not the configured one.
