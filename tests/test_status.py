@@ -7,14 +7,13 @@ Fetching over HTTP, exit statuses and unreachable tunnel ends are in
 import io
 from typing import Any, Dict
 
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests import tbdata
 from tests.memnet import Tunnel
 from tigertunnel.ops.metrics import status
 from tigertunnel.ops.tbmetrics import TBRecorder
-from tigertunnel.tools.status import main, render, status_url
+from tigertunnel.tools.status import UsageError, main, render, status_url
 from tigertunnel.wire.tbwatch import FROM_TUNNEL, TO_TUNNEL
 
 
@@ -93,13 +92,14 @@ class ArgumentTests(SynchronousTestCase):
     def test_bad_url(self) -> None:
         """A URL that is not http(s) with a host is a usage error naming it."""
         for url in ("ftp://h/status", "127.0.0.1:9101", "http:///status"):
-            error = self.assertRaises(usage.UsageError, status_url, url)
+            error = self.assertRaises(UsageError, status_url, url)
             self.assertIn(repr(url), str(error))
 
     def test_bad_options_exit_2(self) -> None:
         """A bad URL or timeout prints one line naming it and exits 2."""
         for argv, bad in ((["gopher://x"], "gopher://x"), (["--timeout", "soon"], "soon"),
-                          (["--timeout", "0"], "'0'")):
+                          (["--timeout", "0"], "'0'"), (["--color"], "--color"),
+                          (["a", "b"], "b")):
             err = io.StringIO()
             self.assertEqual(main(argv, io.StringIO(), err), 2)
             self.assertEqual(len(err.getvalue().splitlines()), 1)
@@ -114,5 +114,5 @@ class ArgumentTests(SynchronousTestCase):
             self.assertEqual(main(["--help"]), 0)
         finally:
             sys.stdout = saved
-        self.assertIn("tigertunnel status [--json]", out.getvalue())
+        self.assertIn("usage: tigertunnel status [-h] [--json]", out.getvalue())
         self.assertIn("Examples:", out.getvalue())

@@ -12,60 +12,69 @@ Exit status: 0 when the tunnel end is healthy (HTTP 200), 1 when it is not
 cannot be read (one line naming the URL), 2 for a bad option or URL.
 """
 
+import argparse
 import http.client
 import json
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, List, Mapping, Optional, TextIO, Tuple
-
-from twisted.python import usage
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, TextIO, Tuple
 
 DEFAULT_URL = "http://127.0.0.1:9101/status"
 
 
-class StatusOptions(usage.Options):
-    """Options of ``tigertunnel status``."""
+class UsageError(Exception):
+    """A bad option or URL (exit status 2)."""
 
-    synopsis = "tigertunnel status [--json] [--timeout SECONDS] [URL]"
-    longdesc = ("Show a running tunnel end's /status (its --metrics listener). "
-                "Exit status 0 when healthy, 1 when not or unreachable.")
-    optFlags = [["json", None, "Print the /status JSON as received."]]
-    optParameters = [["timeout", "t", "5", "Seconds to wait for the answer."]]
 
-    def parseArgs(self, url: str = DEFAULT_URL) -> None:
-        self["url"] = status_url(url)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
-    def postOptions(self) -> None:
-        try:
-            timeout = float(self["timeout"])
-        except ValueError:
-            timeout = -1.0
-        if not 0 < timeout <= 300:
-            raise usage.UsageError(f"--timeout must be a number of seconds in "
-                                   f"(0, 300], not {self['timeout']!r}")
-        self["timeout"] = timeout
 
-    def getUsage(self, width: Optional[int] = None) -> str:
-        text: str = super().getUsage(width)
-        return text.rstrip("\n") + """
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    """Parse and check the options of ``tigertunnel status``.
 
-Examples:
+    :raises UsageError: naming the bad option or URL.
+    """
+    parser = _Parser(
+        prog="tigertunnel status",
+        description="Show a running tunnel end's /status (its --metrics listener).\n"
+                    "Exit status 0 when healthy, 1 when not or unreachable, "
+                    "2 for a bad option.",
+        epilog="""Examples:
   tigertunnel status
   tigertunnel status http://10.0.0.5:9101
-  tigertunnel status --json | jq '.pairs[].pool'
-"""
+  tigertunnel status --json | jq '.pairs[].pool'""",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("url", nargs="?", default=DEFAULT_URL,
+                        help=f"the /status URL (default {DEFAULT_URL})")
+    parser.add_argument("--json", action="store_true",
+                        help="print the /status JSON as received")
+    parser.add_argument("-t", "--timeout", default="5",
+                        help="seconds to wait for the answer (default 5)")
+    args = parser.parse_args(argv)
+    raw = args.timeout
+    try:
+        args.timeout = float(raw)
+    except ValueError:
+        args.timeout = -1.0
+    if not 0 < args.timeout <= 300:
+        raise UsageError(f"--timeout must be a number of seconds in (0, 300], "
+                         f"not {raw!r}")
+    args.url = status_url(args.url)
+    return args
 
 
 def status_url(url: str) -> str:
     """``url`` with ``/status`` as its path when it has none.
 
-    :raises usage.UsageError: if ``url`` is not an http(s) URL with a host.
+    :raises UsageError: if ``url`` is not an http(s) URL with a host.
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise usage.UsageError(f"not an http:// URL: {url!r}")
+        raise UsageError(f"not an http:// URL: {url!r}")
     if parts.path in ("", "/"):
         parts = parts._replace(path="/status")
     return urllib.parse.urlunsplit(parts)
@@ -181,21 +190,20 @@ def render(doc: Mapping[str, Any], url: str, code: int) -> str:
 
 def main(argv: List[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Entry point of ``tigertunnel status``; returns the exit status."""
-    opts = StatusOptions()
     try:
-        opts.parseOptions(argv)
-    except usage.UsageError as e:
+        args = parse_args(argv)
+    except UsageError as e:
         err.write(f"tigertunnel: error: status: {e}\n")
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    url = opts["url"]
+    url = args.url
     try:
-        code, doc = fetch(url, opts["timeout"])
+        code, doc = fetch(url, args.timeout)
     except OSError as e:
         err.write(f"tigertunnel: error: status: cannot read {url}: {e}\n")
         return 1
-    if opts["json"]:
+    if args.json:
         out.write(json.dumps(doc, indent=1) + "\n")
     else:
         out.write(render(doc, url, code))
