@@ -208,3 +208,7 @@ def main(argv: List[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
     else:
         out.write(render(doc, url, code))
     return 0 if code == 200 and doc.get("healthy", True) is not False else 1
+
+
+if __name__ == "__main__":  # python -m tigertunnel.tools.status
+    sys.exit(main(sys.argv[1:]))
