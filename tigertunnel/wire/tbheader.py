@@ -56,6 +56,7 @@ from tigertunnel.errors import FrameError
 
 __all__ = [
     "HEADER_SIZE", "COMMAND_OFFSET", "REQUEST", "REPLY", "EVICTION",
+    "read_request", "read_reply", "read_eviction",
     "COMMANDS", "OPERATIONS", "EVICTION_REASONS",
     "COMMAND_NAMES", "OPERATION_NAMES", "EVICTION_REASON_NAMES",
     "command_name", "operation_name", "eviction_reason_name",
@@ -167,17 +168,16 @@ def _name(table: Tuple[str, ...], value: int, what: str) -> str:
 
 
 # Precompiled readers; a u128 client id comes as (low u64, high u64).
-#: view u32 @104 (the common header's).
-read_u32 = struct.Struct("<I").unpack_from
-#: From @160 of a request: client (2 x u64), session, timestamp, request, operation.
+#: From @160 of a request: client (2 x u64), session, timestamp (skipped),
+#: request, operation.
 read_request = struct.Struct("<QQ16xIB").unpack_from
-#: From @104 of a reply: view, then client @192 (2 x u64), op, commit,
-#: timestamp, request @232, operation @236.
+#: From @104 of a reply: view, then client @192 (2 x u64), op, commit and
+#: timestamp (skipped), request @232, operation @236.
 read_reply = struct.Struct("<I84xQQ24xIB").unpack_from
 #: From @128 of an eviction: client (2 x u64), reserved, reason @255.
 read_eviction = struct.Struct("<QQ111xB").unpack_from
-#: From @80: cluster (2 x u64), size, epoch, view, release, protocol,
-#: command, replica.
+#: From @80: cluster (2 x u64), size, view, command, replica (epoch,
+#: release and protocol skipped).
 _read_common = struct.Struct("<QQI4xI4x2xBB").unpack_from
 
 
