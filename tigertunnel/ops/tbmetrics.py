@@ -24,7 +24,8 @@ Families (label ``pair`` on each):
     the highest view seen in replies, absent before the first reply.
 
 The families are rendered from :meth:`TBRecorder.snapshot` documents, the
-JSON-able form that ``/status`` shows. With ``--workers N`` each worker
+JSON-able form that ``/status`` shows under each pair's ``tb`` key (and
+``tigertunnel status`` reads). With ``--workers N`` each worker
 sends its snapshots to worker 0, which adds them up with
 :func:`merge_pair_snapshots` / :func:`merge_snapshots` (counters and
 histogram buckets add, the view is the highest) and renders the sum:
