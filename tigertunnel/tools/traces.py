@@ -23,7 +23,8 @@ class TraceFrame:
     """One TB frame of a trace.
 
     :ivar link: ``client>r0``, ``r0>r1`` ...; :ivar conn: connection id;
-    :ivar dir: ``up`` (from the connecting side) or ``down``.
+    :ivar dir: ``up`` (from the connecting side) or ``down``;
+    :ivar t: seconds since the recording relay started.
     """
 
     link: str
@@ -31,6 +32,7 @@ class TraceFrame:
     dir: str
     command: str
     data: bytes
+    t: float = 0.0
 
 
 def load_trace(name: str) -> List[TraceFrame]:
@@ -43,5 +45,6 @@ def load_trace(name: str) -> List[TraceFrame]:
                 continue
             frames.append(TraceFrame(rec["link"], rec["conn"], rec["dir"],
                                      rec["command_name"],
-                                     base64.b64decode(rec["frame_b64"])))
+                                     base64.b64decode(rec["frame_b64"]),
+                                     rec["t"]))
     return frames
