@@ -12,6 +12,7 @@ from tests.memnet import Tunnel
 from tests.strategies import make_tb_frame
 from tigertunnel.errors import ListenError
 from tigertunnel.ops.metrics import MetricsService, make_site, status
+from tigertunnel.net.stats import HandshakeFailure
 from tigertunnel.ops.reload import KeyReloader
 
 Sample = Tuple[str, Dict[str, str], float]
@@ -124,8 +125,8 @@ class TrafficTests(SynchronousTestCase):
 
     def test_handshake_failures_by_reason(self) -> None:
         """Rejected handshakes are counted by reason on the server."""
-        self.t.server.stats["handshake_failures_unknown_key"] += 2
-        self.t.server.stats["handshake_failures_timeout"] += 1
+        self.t.server.stats.handshake_failures[HandshakeFailure.UNKNOWN_KEY] += 2
+        self.t.server.stats.handshake_failures[HandshakeFailure.TIMEOUT] += 1
         found = samples(get(self.server_site, b"/metrics")[2].decode())
         self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair="pair0",
                                reason="unknown_key"), 2)

@@ -272,7 +272,7 @@ class _EndOptions(ExampleOptions):
             # A worker serves on worker 0's sockets; metrics are worker 0's.
             self.operations.metrics = None
             try:
-                cfg.extra["inherited"] = inherited_listen_fds(cfg.pairs)
+                cfg.inherited_fds = inherited_listen_fds(cfg.pairs)
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
 
@@ -303,7 +303,7 @@ class _EndOptions(ExampleOptions):
 
             ops.systemd_sockets = True
             try:
-                cfg.extra["listen"] = adopted_listen_descriptions(cfg.pairs)
+                cfg.listen_overrides = adopted_listen_descriptions(cfg.pairs)
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
         return ops

@@ -40,13 +40,25 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from types import FrameType
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 from weakref import WeakSet
 
 from twisted.application.service import Service
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 
-from tigertunnel.config.model import TunnelConfig
+from tigertunnel.config.model import Role, TunnelConfig
 from tigertunnel.crypto import kem
 from tigertunnel.keys.keyfile import (
     KeyStore,
@@ -57,8 +69,8 @@ from tigertunnel.keys.keyfile import (
 from tigertunnel.errors import KEMError, KeyFileError, TunnelError
 from tigertunnel.wire.handshake import ClientHandshake, ServerHandshake
 from tigertunnel.logs import logger
-from tigertunnel.net.tunnel_protocol import TunnelProtocol
 from tigertunnel.net.multiplexer import ClientMultiplexer, SessionMultiplexer
+from tigertunnel.net.tunnel_protocol import TunnelProtocol
 
 #: Seconds a tunnel client lets a draining pool connection finish its
 #: sessions before closing it anyway.
@@ -97,7 +109,7 @@ def load_keys(config: TunnelConfig) -> KeySet:
     try:
         psk = load_psk_file(config.key_path)
         kem_public = kem_secret = None
-        if config.kem_path is not None and config.role == "server":
+        if config.kem_path is not None and config.role is Role.SERVER:
             kem_secret = load_kem_secret_file(config.kem_path)
             for seed in kem_secret.values():
                 kem.SecretKey(seed)
@@ -119,12 +131,12 @@ def load_keys(config: TunnelConfig) -> KeySet:
     return KeySet(psk, kem_public, kem_secret)
 
 
-def describe(keys: KeySet, role: str) -> str:
+def describe(keys: KeySet, role: Role) -> str:
     """A one-line summary of key ids for logs (never key material)."""
     if keys.psk is None:
         return "plaintext (no keys)"
     ids = keys.psk.ids()
-    text = (f"psk key id {ids[0]} (of {len(ids)})" if role == "client"
+    text = (f"psk key id {ids[0]} (of {len(ids)})" if role is Role.CLIENT
             else f"psk key ids {ids}")
     if keys.kem_public is not None:
         text += f", kem public key id {keys.kem_public[0]}"
@@ -142,7 +154,7 @@ class KeyReloader:
     :param now: wall-clock time, for the reported reload time.
     """
 
-    def __init__(self, muxes: Sequence[SessionMultiplexer], clock: Any,
+    def __init__(self, muxes: Sequence[SessionMultiplexer], clock: IReactorTime,
                  now: Callable[[], float] = time.time,
                  drain_timeout: float = DRAIN_TIMEOUT,
                  retire_grace: float = RETIRE_GRACE) -> None:
@@ -192,7 +204,7 @@ class KeyReloader:
             if keys.psk is None:
                 continue
             cfg.psk = keys.psk
-            if cfg.role == "server":
+            if cfg.role is Role.SERVER:
                 cfg.kem_secret = keys.kem_secret
             else:
                 cfg.kem_public = keys.kem_public
@@ -221,7 +233,7 @@ class KeyReloader:
         if isinstance(mux, ClientMultiplexer):
             if link.key_id != psk.first()[0]:
                 return True
-            used = mux.link_kem.get(link, mux.config.kem_public)
+            used = mux.handshake_kem.get(link, mux.config.kem_public)
             return used != mux.config.kem_public
         if link.key_id not in psk:
             return True
@@ -237,7 +249,7 @@ class KeyReloader:
                 continue
             wait = (self.drain_timeout if isinstance(mux, ClientMultiplexer)
                     else self.retire_grace)
-            for link in list(mux.links):
+            for link in list(mux.pool_connections):
                 if self.outdated(mux, link):
                     if link not in mux.draining:
                         mux.draining.add(link)
@@ -257,12 +269,12 @@ class KeyReloader:
             self._check_call.cancel()
         self._check_call = None
         now = self.clock.seconds()
-        live = set()
+        live: Set[TunnelProtocol] = set()
         pending = False
         for mux in self.muxes:
             for link in sorted(mux.draining, key=lambda l: len(l.streams)):
                 deadline = self._deadlines.get(link)
-                if link not in mux.links or deadline is None:
+                if link not in mux.pool_connections or deadline is None:
                     mux.draining.discard(link)
                     continue
                 live.add(link)
@@ -296,7 +308,8 @@ class KeyReloader:
         """
         if not isinstance(mux, ClientMultiplexer):
             return expired or not link.streams
-        if any(l.established and l not in mux.draining for l in mux.links):
+        if any(c.established and c not in mux.draining
+               for c in mux.pool_connections):
             return expired or not link.streams
         if expired and link not in self._stuck:
             self._stuck.add(link)
@@ -306,7 +319,7 @@ class KeyReloader:
                      "{current}", pair=mux.name, link=link.name,
                      key_id=link.key_id, current=mux.config.psk.first()[0]
                      if mux.config.psk is not None else None)
-        probing = any(l in self._closing for l in mux.draining)
+        probing = any(c in self._closing for c in mux.draining)
         return not probing and not link.streams
 
     def stop(self) -> None:
@@ -323,6 +336,21 @@ class KeyReloader:
                 "results": dict(self.results)}
 
 
+#: What ``signal.signal`` returns and takes.
+SignalHandler = Union[Callable[[int, Optional[FrameType]], Any], int,
+                      signal.Handlers, None]
+
+
+class ReloadListener(Protocol):
+    """Told around every reload (the systemd notifier)."""
+
+    def reloading(self) -> None:
+        """A reload starts."""
+
+    def reloaded(self, ok: bool) -> None:
+        """The reload ended; ``ok`` says whether the new keys are in use."""
+
+
 class ReloadService(Service):
     """Reloads the keys on SIGHUP (twistd keeps SIGUSR1 for log rotation).
 
@@ -331,16 +359,15 @@ class ReloadService(Service):
     reactor (``callFromThread``); the reload runs there.
 
     :param reactor: provides ``callFromThread``.
-    :param listeners: objects with ``reloading()`` and ``reloaded(ok)``
-        (the systemd notifier), told around every reload.
+    :param listeners: told around every reload (the systemd notifier).
     """
 
-    def __init__(self, reloader: KeyReloader, reactor: Any,
-                 listeners: Sequence[Any] = ()) -> None:
+    def __init__(self, reloader: KeyReloader, reactor: IReactorFromThreads,
+                 listeners: "Sequence[ReloadListener]" = ()) -> None:
         self.reloader = reloader
         self.reactor = reactor
         self.listeners = list(listeners)
-        self._previous: Any = None
+        self._previous: SignalHandler = None
         self._installed = False
 
     def startService(self) -> None:
@@ -357,7 +384,7 @@ class ReloadService(Service):
             self._installed = False
         self.reloader.stop()
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> bool:

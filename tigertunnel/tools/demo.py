@@ -127,7 +127,7 @@ async def _workload(reactor: Any, port: int, frames: List[bytes],
 
 async def _wait_links(reactor: Any, muxes: List[Any], need: int) -> None:
     for _ in range(200):
-        if all(len(m.links) >= need for m in muxes):
+        if all(len(m.pool_connections) >= need for m in muxes):
             return
         await task.deferLater(reactor, 0.05, lambda: None)
     raise RuntimeError("pool connections did not come up")
