@@ -18,16 +18,14 @@ and mypy checks every call across a seam:
   :class:`PoolHost` from its multiplexer and, on the tunnel server (where
   the client opens streams), :class:`BackendOpener`;
 * a pool slot needs :class:`PoolOwner`;
-* what schedules or connects gets a :class:`Reactor`.
+* the connections write to a :class:`StreamTransport`;
+* what only schedules gets a :class:`Clock`, what also connects or
+  listens a :class:`Reactor`.
 """
 
-from typing import Any, Callable, Optional, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Optional, Protocol, TypeVar
 
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 
 from tigertunnel.config.model import Role
 from tigertunnel.net.stats import HandshakeFailure, Stats
@@ -37,14 +35,8 @@ C_contra = TypeVar("C_contra", contravariant=True)
 C_co = TypeVar("C_co", covariant=True)
 
 
-class Reactor(Protocol):
-    """What a tunnel end uses of the reactor: time (``IReactorTime``) and TCP.
-
-    The endpoints built from it (``HostnameEndpoint``, ``serverFromString``
-    ...) also need ``IReactorTCP`` and, for inherited sockets,
-    ``IReactorSocket``; the real reactor and ``MemoryReactorClock`` provide
-    all of them.
-    """
+class Clock(Protocol):
+    """Time and timers (``IReactorTime``): the reactor, or a ``Clock`` in tests."""
 
     def seconds(self) -> float:
         """The current time in seconds."""
@@ -53,6 +45,16 @@ class Reactor(Protocol):
                   *args: object, **kw: object) -> IDelayedCall:
         """Call ``callable`` after ``delay`` seconds."""
 
+
+class Reactor(Clock, Protocol):
+    """What a tunnel end uses of the reactor: time and TCP (``IReactorTCP``).
+
+    The endpoints built from it (``HostnameEndpoint``, ``serverFromString``
+    ...) also use ``IReactorCore`` and, for inherited sockets,
+    ``IReactorSocket``; the real reactor and ``MemoryReactorClock`` provide
+    all of them.
+    """
+
     def connectTCP(self, host: Any, port: Any, factory: Any, timeout: Any = 30,
                    bindAddress: Any = None) -> Any:
         """Connect to a TCP address (``IReactorTCP``)."""
@@ -60,6 +62,35 @@ class Reactor(Protocol):
     def listenTCP(self, port: Any, factory: Any, backlog: Any = 50,
                   interface: Any = "") -> Any:
         """Listen on a TCP port (``IReactorTCP``)."""
+
+
+class StreamTransport(Protocol):
+    """What our protocols use of their TCP transport (Twisted's
+    ``ITCPTransport``, ``IConsumer`` and ``IPushProducer`` in one)."""
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for sending."""
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        """Queue every chunk of ``data`` for sending."""
+
+    def loseConnection(self) -> None:
+        """Close once everything queued is sent."""
+
+    def abortConnection(self) -> None:
+        """Close at once, dropping what is queued."""
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """Tell ``producer`` when the write buffer fills and drains."""
+
+    def unregisterProducer(self) -> None:
+        """Forget the registered producer."""
+
+    def pauseProducing(self) -> None:
+        """Stop reading from the socket."""
+
+    def resumeProducing(self) -> None:
+        """Read from the socket again."""
 
 
 class PoolConnection(Protocol):
@@ -121,7 +152,7 @@ class SessionHost(Protocol[S_contra]):
         """Which tunnel end this is."""
 
     @property
-    def name(self) -> str:
+    def pair_name(self) -> str:
         """The proxy pair's name in logs (``pair0``)."""
 
     @property
@@ -129,7 +160,7 @@ class SessionHost(Protocol[S_contra]):
         """The pair's target address, for logs."""
 
     @property
-    def clock(self) -> IReactorTime:
+    def clock(self) -> Clock:
         """Schedules the close timers."""
 
     @property
@@ -161,7 +192,7 @@ class PoolHost(Protocol[C_contra]):
         """Which tunnel end this is."""
 
     @property
-    def clock(self) -> IReactorTime:
+    def clock(self) -> Clock:
         """Schedules the handshake deadline and the close timer."""
 
     @property
@@ -210,15 +241,15 @@ class PoolOwner(Protocol[C_co]):
     """What a pool slot needs from its tunnel client's multiplexer."""
 
     @property
-    def name(self) -> str:
-        """The proxy pair's name in logs."""
+    def pair_name(self) -> str:
+        """The proxy pair's name in logs (``pair0``)."""
 
     @property
     def backend_name(self) -> str:
         """The tunnel server's address, for logs."""
 
     @property
-    def clock(self) -> IReactorTime:
+    def clock(self) -> Clock:
         """Schedules the reconnect attempts."""
 
     @property

@@ -141,8 +141,8 @@ def listen_description(address: Address) -> str:
     host = address.host
     if host and not _is_ip(host):
         try:
-            host = socket.getaddrinfo(host, address.port, socket.AF_UNSPEC,
-                                      socket.SOCK_STREAM)[0][4][0]
+            host = str(socket.getaddrinfo(host, address.port, socket.AF_UNSPEC,
+                                          socket.SOCK_STREAM)[0][4][0])
         except (OSError, IndexError) as e:
             raise ConfigError(f"cannot resolve listen host {address.host!r}: "
                               f"{e}") from None

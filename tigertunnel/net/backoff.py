@@ -10,7 +10,7 @@ BACKOFF_MAX = 10.0
 def backoff_policy(rand: Callable[[], float] = random.random) -> Callable[[int], float]:
     """Return a retry policy: 100 ms, doubling, capped at 10 s, ±20 % jitter."""
     def policy(attempt: int) -> float:
-        base = min(BACKOFF_INITIAL * (2 ** min(max(attempt - 1, 0), 20)),
+        base = min(BACKOFF_INITIAL * (2.0 ** min(max(attempt - 1, 0), 20)),
                    BACKOFF_MAX)
         return base * (0.8 + 0.4 * rand())
     return policy

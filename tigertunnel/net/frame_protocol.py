@@ -38,16 +38,22 @@ extension). Nothing after a frame that failed to authenticate is delivered.
 """
 
 import enum
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tigertunnel.errors import ClusterMismatchError, FrameError
-from tigertunnel.interfaces import PoolConnection, SessionHost, SessionPlacer
+from tigertunnel.interfaces import (
+    Clock,
+    PoolConnection,
+    SessionHost,
+    SessionPlacer,
+    StreamTransport,
+)
 from tigertunnel.logs import logger
 from tigertunnel.net.sockets import send_now, tune_socket
 from tigertunnel.net.states import Transitions
@@ -155,7 +161,9 @@ class FrameProtocol(Protocol):
                  check_cluster: bool,
                  placer: "Optional[SessionPlacer[FrameProtocol]]" = None) -> None:
         self.host = host
-        self.clock: IReactorTime = host.clock
+        self.clock: Clock = host.clock
+        #: The TB-side TCP transport, once connected.
+        self._tcp: Optional[StreamTransport] = None
         self._placer = placer
         self.state = SessionState.UNPLACED if placer is not None else SessionState.NEW
         self._cluster_id = cluster_id
@@ -180,25 +188,26 @@ class FrameProtocol(Protocol):
     # -- Twisted's interface -----------------------------------------------
 
     def connectionMade(self) -> None:
-        tune_socket(self.transport)
-        self.transport.registerProducer(_WriteWatcher(self), True)
         self._goto(SessionInput.CONNECT)
+        tcp = self._tcp = cast(StreamTransport, self.transport)
+        tune_socket(tcp)
+        tcp.registerProducer(_WriteWatcher(self), True)
         if self.state is SessionState.CLOSING:
-            self.transport.loseConnection()
+            tcp.loseConnection()
             return
         if self.state is SessionState.PLACING:
             # A TB client on the tunnel client: find it a pool connection.
             placer = self._placer
             if placer is None or not placer.attach(self):
                 self._goto(SessionInput.CLOSE)
-                self.transport.loseConnection()
+                tcp.loseConnection()
                 return
             if self.state is not _OPEN:
                 return  # its pool connection failed while opening the stream
         pending, self._pending = self._pending, []
         self._pending_bytes = 0
         if pending:
-            self.transport.writeSequence(pending)
+            tcp.writeSequence(pending)
         connection = self.pool_connection
         if connection is not None and connection.paused:
             self.pause_reading()
@@ -267,7 +276,7 @@ class FrameProtocol(Protocol):
             if self._pending_bytes > SESSION_BUFFER_LIMIT:
                 self._overflow()
             return
-        send_now(self.transport, frame)
+        send_now(self._tcp, frame)
         if self._slow:
             self._unread += len(frame)
             if self._unread > SESSION_BUFFER_LIMIT:
@@ -289,21 +298,21 @@ class FrameProtocol(Protocol):
             if self.connecting is not None:
                 self.connecting.cancel()
             return
-        if before is SessionState.CLOSED:
+        tcp = self._tcp
+        if before is SessionState.CLOSED or tcp is None:
             return
         if abort:
-            if self.transport is not None:
-                self.transport.abortConnection()
+            tcp.abortConnection()
             return
         if before is SessionState.CLOSING:
             return
         # Unregister our write watcher first: Twisted does not finish a
         # loseConnection whose buffer drains while a producer is paused.
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        tcp.unregisterProducer()
+        tcp.loseConnection()
         if self._close_timer is None:
-            self._close_timer = self.clock.callLater(
-                CLOSE_TIMEOUT, self.transport.abortConnection)
+            self._close_timer = self.clock.callLater(CLOSE_TIMEOUT,
+                                                     tcp.abortConnection)
 
     def connect_failed(self, reason: Failure) -> None:
         """The backend connection of this stream could not be made."""
@@ -314,7 +323,7 @@ class FrameProtocol(Protocol):
             if "Too many open files" in reason.getErrorMessage():
                 self.host.limit_log("server {pair}: out of file descriptors; "
                                     "refusing streams (raise ulimit -n or "
-                                    "lower -m)", pair=self.host.name)
+                                    "lower -m)", pair=self.host.pair_name)
             else:
                 log.warn("server session {stream}: backend {backend} refused:"
                          " {reason}", stream=self.stream_id,
@@ -326,15 +335,15 @@ class FrameProtocol(Protocol):
 
     def pause_reading(self) -> None:
         """Stop reading the TB peer (its pool connection's socket is full)."""
-        if self.transport is not None and not self._reading_paused:
+        if self._tcp is not None and not self._reading_paused:
             self._reading_paused = True
-            self.transport.pauseProducing()
+            self._tcp.pauseProducing()
 
     def resume_reading(self) -> None:
         """Read the TB peer again."""
-        if self.transport is not None and self._reading_paused:
+        if self._tcp is not None and self._reading_paused:
             self._reading_paused = False
-            self.transport.resumeProducing()
+            self._tcp.resumeProducing()
 
     def peer_slow(self, slow: bool) -> None:
         """Our socket to the TB peer filled up (``True``) or drained.

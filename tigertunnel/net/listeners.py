@@ -8,12 +8,12 @@ start-up with a one-line :class:`~tigertunnel.errors.ListenError`
 (:func:`start_listening`, also used by the metrics listener).
 """
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 
 from tigertunnel.config.model import ProxyPair, TunnelConfig, listen_description
@@ -52,6 +52,19 @@ def pair_listen_description(config: TunnelConfig, pair: ProxyPair) -> str:
     return str(override) if override else listen_description(pair.listen)
 
 
+class AcceptingPort(Protocol):
+    """What a listener uses of its listening port (Twisted's ``tcp.Port``)."""
+
+    def startReading(self) -> None:
+        """Accept connections."""
+
+    def stopReading(self) -> None:
+        """Leave connections in the accept queue."""
+
+    def fileno(self) -> int:
+        """The listening socket's descriptor (handed to worker processes)."""
+
+
 class ListenerService(StreamServerEndpointService):
     """A pair's listening service; keeps its port (``--workers`` hands the
     socket to the worker processes).
@@ -61,7 +74,8 @@ class ListenerService(StreamServerEndpointService):
         until its own pool is up).
     """
 
-    port: Optional[IListeningPort] = None
+    #: The listening port, once bound.
+    port: Optional[AcceptingPort] = None
     held = False
 
     def privilegedStartService(self) -> None:
@@ -70,9 +84,9 @@ class ListenerService(StreamServerEndpointService):
             self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:
-        self.port = port
+        self.port = cast(AcceptingPort, port)
         if self.held:
-            port.stopReading()
+            self.port.stopReading()
         return port
 
     def release(self) -> None:
@@ -80,7 +94,7 @@ class ListenerService(StreamServerEndpointService):
         if self.held:
             self.held = False
             if self.port is not None:
-                self.port.startReading()  # type: ignore[attr-defined]
+                self.port.startReading()
 
 
 def pair_listener(config: TunnelConfig, pair: ProxyPair, factory: Factory,

@@ -126,6 +126,11 @@ class SessionMultiplexer(MultiService):
         start_listening(super().startService, str(self.pair.listen))
 
     @property
+    def pair_name(self) -> str:
+        """The proxy pair's name in logs (``pair0``)."""
+        return self.pair.name
+
+    @property
     def cluster_value(self) -> int:
         """The configured cluster id, 0 when none (PROTOCOL.md section 7.6)."""
         return self.config.cluster_id or 0
@@ -294,7 +299,7 @@ class ServerMultiplexer(SessionMultiplexer):
         self.pending: "OrderedDict[TunnelProtocol, None]" = OrderedDict()
         self.evictions = 0
         self.tunnel_factory = TunnelFactory(self, self._make_handshake, self,
-                                            self.name)
+                                            self.pair_name)
         self.listener = pair_listener(config, pair, self.tunnel_factory, reactor)
         self.listener.setServiceParent(self)
 

@@ -155,7 +155,7 @@ class PoolSlot(Service):
         if before is SlotState.STOPPED:
             return  # the stop cancelled it
         log.info("client {pair}: cannot connect pool connection {slot} to "
-                 "{target}: {reason}", pair=self.owner.name, slot=self.index,
+                 "{target}: {reason}", pair=self.owner.pair_name, slot=self.index,
                  target=self.owner.backend_name,
                  reason=reason.getErrorMessage())
         self._schedule()
@@ -176,7 +176,7 @@ class PoolSlot(Service):
         self.failures += 1
         delay = self.policy(self.failures)
         log.debug("client {pair}: pool connection {slot} retry in {delay:.2f} s",
-                  pair=self.owner.name, slot=self.index, delay=delay)
+                  pair=self.owner.pair_name, slot=self.index, delay=delay)
         self._retry = self.owner.clock.callLater(delay, self._retry_now)
 
     def _retry_now(self) -> None:

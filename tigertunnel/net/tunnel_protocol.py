@@ -28,17 +28,23 @@ those the client opened (:meth:`TunnelProtocol.accept_stream`).
 """
 
 import enum
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, List, Optional, Union, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tigertunnel.config.model import Role
 from tigertunnel.errors import HandshakeError, TunnelError
-from tigertunnel.interfaces import BackendOpener, PoolHost, Session
+from tigertunnel.interfaces import (
+    BackendOpener,
+    Clock,
+    PoolHost,
+    Session,
+    StreamTransport,
+)
 from tigertunnel.logs import logger
 from tigertunnel.net.frame_protocol import CLOSE_TIMEOUT
 from tigertunnel.net.sockets import send_now, tune_socket
@@ -135,7 +141,9 @@ class TunnelProtocol(Protocol):
                  opener: "Optional[BackendOpener[TunnelProtocol]]" = None) -> None:
         self.role = Role.parse(role)
         self.host = host
-        self.clock: IReactorTime = host.clock
+        self.clock: Clock = host.clock
+        #: The TCP transport to the other tunnel end, once connected.
+        self._tcp: Optional[StreamTransport] = None
         self.name = name
         self.state = PoolState.NEW
         self._handshake = handshake
@@ -196,8 +204,9 @@ class TunnelProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self._goto(PoolInput.CONNECT)
-        tune_socket(self.transport)
-        self.transport.registerProducer(self, True)
+        tcp = self._tcp = cast(StreamTransport, self.transport)
+        tune_socket(tcp)
+        tcp.registerProducer(self, True)
         handshake = self._handshake
         if handshake is None:
             self._established(LinkCodec(self.role, None), b"")
@@ -206,7 +215,7 @@ class TunnelProtocol(Protocol):
                                            self._handshake_timed_out)
         self.host.handshake_started(self)
         if isinstance(handshake, ClientHandshake):
-            self.transport.write(handshake.start())
+            tcp.write(handshake.start())
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
@@ -302,7 +311,7 @@ class TunnelProtocol(Protocol):
                                        HandshakeFailure.rejected(result.kind),
                                        result.skew)
             if result.reply:
-                self.transport.write(result.reply)
+                self._output().write(result.reply)
             self._fail_handshake(HandshakeError(result.reason, result.status))
             return
         assert isinstance(result, Accepted)
@@ -310,7 +319,7 @@ class TunnelProtocol(Protocol):
         self.key_id = est.key_id
         self.kem_key_id = est.kem_key_id
         self.peer_version = est.peer_version
-        self.transport.write(result.reply)
+        self._output().write(result.reply)
         self._established(
             LinkCodec(SERVER, est.keys, self.host.cluster_value,
                       peer_extended=est.peer_version >= 2),
@@ -361,14 +370,27 @@ class TunnelProtocol(Protocol):
         if before is _ESTABLISHED or before is _HANDSHAKING:
             self._close_transport(timeout)
 
+    def _output(self) -> StreamTransport:
+        """The transport, which exists in every state but ``NEW``."""
+        tcp = self._tcp
+        if tcp is None:
+            raise TransitionError(f"pool connection {self.name}: no "
+                                  f"transport in state {self.state.name}")
+        return tcp
+
     def _close_transport(self, timeout: float) -> None:
+        tcp = self._output()
         # Unregister this producer first: Twisted does not finish a
         # loseConnection whose buffer drains while its producer is paused.
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        tcp.unregisterProducer()
+        tcp.loseConnection()
         if self._close_timer is None:
-            self._close_timer = self.clock.callLater(
-                timeout, self.transport.abortConnection)
+            self._close_timer = self.clock.callLater(timeout, tcp.abortConnection)
+
+    def abort(self) -> None:
+        """Close at once, dropping what is queued (a shutdown that timed out)."""
+        if self._tcp is not None:
+            self._tcp.abortConnection()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -378,7 +400,7 @@ class TunnelProtocol(Protocol):
     def evict(self) -> None:
         """Drop this connection before its handshake finished (too many pending)."""
         self._fail_handshake(HandshakeError("evicted: too many pending handshakes"))
-        self.transport.abortConnection()
+        self.abort()
 
     def _fail(self, reason: str) -> None:
         """The established connection failed: abort it and its sessions."""
@@ -392,7 +414,7 @@ class TunnelProtocol(Protocol):
         self.host.pool_connection_down(self)
         for session in streams:
             session.close_by_peer(abort=True)
-        self.transport.abortConnection()
+        self.abort()
 
     # -- streams --------------------------------------------------------------
 
@@ -404,7 +426,7 @@ class TunnelProtocol(Protocol):
                                   f"a stream in state {self.state.name}")
         stream_id = self.streams.open(session)
         session.attached(self, stream_id)
-        self.transport.writeSequence(codec.encode_open(stream_id))
+        self._output().writeSequence(codec.encode_open(stream_id))
         return stream_id
 
     def accept_stream(self, stream_id: int, session: Session) -> None:
@@ -420,16 +442,17 @@ class TunnelProtocol(Protocol):
             caller closes its session, the pool connection is unaffected.
         """
         codec = self.codec
-        if codec is None:
+        tcp = self._tcp
+        if codec is None or tcp is None:
             return
         chunks = codec.encode_data(stream_id, frame)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(data) < COALESCE_BELOW:
             # Small frames of many sessions share the pool connection: let
             # Twisted gather what this reactor turn produces into one send.
-            self.transport.write(bytes(data))
+            tcp.write(bytes(data))
         else:
-            send_now(self.transport, data)
+            send_now(tcp, data)
 
     def end_stream(self, stream_id: int, session: Session) -> None:
         """The TB side of ``stream_id`` closed: tell the peer and forget it."""
@@ -437,7 +460,7 @@ class TunnelProtocol(Protocol):
             return
         codec = self.codec
         if codec is not None and codec.can_send_close:
-            self.transport.writeSequence(codec.encode_close(stream_id))
+            self._output().writeSequence(codec.encode_close(stream_id))
 
     def _peer_opened(self, stream_id: int) -> None:
         if stream_id in self.streams:
@@ -453,7 +476,7 @@ class TunnelProtocol(Protocol):
         if opener.open_backend(self, stream_id) is None:
             codec = self.codec
             if codec is not None and codec.can_send_close:
-                self.transport.writeSequence(codec.encode_close(stream_id))
+                self._output().writeSequence(codec.encode_close(stream_id))
 
 
 class TunnelFactory(Factory):

@@ -31,6 +31,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.internet.interfaces import IReactorCore
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -271,7 +272,7 @@ def make_registry(collector: TunnelCollector,
                   process_metrics: bool = True) -> CollectorRegistry:
     """A registry of our collector (plus process, platform and GC metrics)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)  # type: ignore[arg-type]
+    registry.register(collector)
     if process_metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
@@ -343,7 +344,7 @@ class MetricsService(MultiService):
         self.description = description
         self.site = make_site(muxes, reloader)
         strports.service(description, self.site,
-                         reactor=reactor).setServiceParent(self)
+                         reactor=IReactorCore(reactor)).setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         start_listening(super().privilegedStartService,

@@ -28,7 +28,7 @@ from typing import Any, Callable, List, Optional, Protocol
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from tigertunnel.interfaces import Reactor
 from tigertunnel.logs import logger
@@ -204,7 +204,8 @@ class TunnelService(MultiService):
     async def _until(self, done: Callable[[], bool]) -> None:
         """Wait until ``done()``, or until the shutdown gives up."""
         while not done() and not self._given_up:
-            await task.deferLater(self.clock, POLL_INTERVAL, lambda: None)
+            await task.deferLater(IReactorTime(self.clock), POLL_INTERVAL,
+                                  lambda: None)
 
     @staticmethod
     def _close_server_links(muxes: List[SessionMultiplexer]) -> bool:
@@ -231,12 +232,9 @@ class TunnelService(MultiService):
                  sessions=sessions, links=links)
         for mux in muxes:
             for session in list(mux.sessions):
-                if session.transport is not None:
-                    session.transport.abortConnection()
-                else:
-                    session.close(abort=True)
+                session.close(abort=True)
             for connection in _connections(mux):
-                connection.transport.abortConnection()
+                connection.abort()
 
 
 def _connections(mux: SessionMultiplexer) -> List[TunnelProtocol]:

@@ -132,7 +132,7 @@ class LinkCodec:
         return events
 
     def _event(self, stream_id: int, frame_type: FrameType, header: bytes,
-               payload: bytes) -> Event:
+               payload: "bytes | bytearray") -> Event:
         if frame_type == FrameType.DATA:
             if self._opener is not None:
                 return StreamData(stream_id,

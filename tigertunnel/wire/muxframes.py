@@ -100,7 +100,7 @@ class MuxFrame:
     stream_id: int
     frame_type: FrameType
     header: bytes
-    payload: bytes
+    payload: "bytes | bytearray"
 
 
 def encode_header(stream_id: int, frame_type: FrameType) -> bytes:
@@ -169,7 +169,7 @@ class MuxDecoder:
         self._close_size = CLOSE_PAYLOAD_SIZE if encrypted else 0
         # The incomplete tail, as received; see FrameParser for why it is a
         # list of chunks rather than one growing buffer.
-        self._chunks: List["bytes | memoryview"] = []
+        self._chunks: List["bytes | bytearray | memoryview"] = []
         self._have = 0
         self._need = 0
         self._large = False  # the pending frame is a data frame of known size
