@@ -8,9 +8,9 @@ Two kinds of connection meet in a tunnel end:
   the byte stream into TB frames and hands each complete frame to its pool
   connection at once, and writes the frames the pool connection delivers.
   There is no request/response pairing: frames flow both ways independently.
-* :class:`~tigertunnel.net.tunnel_protocol.TunnelProtocol` (in :mod:`tigertunnel.net.tunnel_protocol`)
-  is one pool connection: handshake, then the mux codec
-  (:mod:`tigertunnel.wire.codec`). It owns the table of the streams that live on it.
+* :class:`~tigertunnel.net.tunnel_protocol.TunnelProtocol` is one pool
+  connection: handshake, then the mux codec (:mod:`tigertunnel.wire.codec`).
+  It owns the table of the streams that live on it.
 
 A session sees its pool connection and its multiplexer only through the
 protocols of :mod:`tigertunnel.interfaces`.

@@ -104,11 +104,11 @@ def _by_reason(counts: "Counter[Any]") -> Dict[str, int]:
 def pair_status(mux: SessionMultiplexer) -> Dict[str, Any]:
     """The figures of one proxy pair (the ``/status`` JSON of that pair)."""
     stats = mux.stats
-    links = [link for link in mux.pool_connections if link.established]
-    draining = [link for link in links if link in mux.draining]
+    established = [c for c in mux.pool_connections if c.established]
+    draining = [c for c in established if c in mux.draining]
     by_key: Dict[str, int] = {}
-    for link in links:
-        key = str(link.key_id) if link.key_id is not None else "none"
+    for connection in established:
+        key = str(connection.key_id) if connection.key_id is not None else "none"
         by_key[key] = by_key.get(key, 0) + 1
     client = isinstance(mux, ClientMultiplexer)
     handshaking = 0
@@ -119,7 +119,7 @@ def pair_status(mux: SessionMultiplexer) -> Dict[str, Any]:
     elif isinstance(mux, ServerMultiplexer):
         handshaking = len(mux.pending)
     pool: Dict[str, Any] = {
-        "healthy": len(links) - len(draining),
+        "healthy": len(established) - len(draining),
         "draining": len(draining),
         "handshaking": handshaking,
     }
@@ -130,12 +130,12 @@ def pair_status(mux: SessionMultiplexer) -> Dict[str, Any]:
         "listen": str(mux.pair.listen),
         "target": str(mux.pair.target),
         # A server has no pool of its own: it is healthy while it listens.
-        "healthy": bool(links) if client else not mux.stopping,
+        "healthy": bool(established) if client else not mux.stopping,
         "pool": pool,
-        "links": [{"name": link.name, "key_id": link.key_id,
-                   "sessions": len(link.streams),
-                   "state": "draining" if link in mux.draining else "healthy"}
-                  for link in links],
+        "links": [{"name": connection.name, "key_id": connection.key_id,
+                   "sessions": len(connection.streams),
+                   "state": "draining" if connection in mux.draining else "healthy"}
+                  for connection in established],
         "key_ids": by_key,
         "sessions": len(mux.sessions),
         "sessions_opened": stats.sessions_opened,

@@ -225,21 +225,21 @@ class KeyReloader:
         self._sweep_call = None
         self.sweep()
 
-    def outdated(self, mux: SessionMultiplexer, link: TunnelProtocol) -> bool:
-        """Whether ``link`` was keyed with a key that is no longer current."""
+    def outdated(self, mux: SessionMultiplexer, connection: TunnelProtocol) -> bool:
+        """Whether ``connection`` was keyed with a key that is no longer current."""
         psk = mux.config.psk
-        if psk is None or link.key_id is None:
+        if psk is None or connection.key_id is None:
             return False
         if isinstance(mux, ClientMultiplexer):
-            if link.key_id != psk.first()[0]:
+            if connection.key_id != psk.first()[0]:
                 return True
-            used = mux.handshake_kem.get(link, mux.config.kem_public)
+            used = mux.handshake_kem.get(connection, mux.config.kem_public)
             return used != mux.config.kem_public
-        if link.key_id not in psk:
+        if connection.key_id not in psk:
             return True
         kem_secret = mux.config.kem_secret
-        return (link.kem_key_id is not None
-                and (kem_secret is None or link.kem_key_id not in kem_secret))
+        return (connection.kem_key_id is not None
+                and (kem_secret is None or connection.kem_key_id not in kem_secret))
 
     def sweep(self) -> None:
         """Mark outdated pool connections as retired, un-mark current ones."""
@@ -249,18 +249,18 @@ class KeyReloader:
                 continue
             wait = (self.drain_timeout if isinstance(mux, ClientMultiplexer)
                     else self.retire_grace)
-            for link in list(mux.pool_connections):
-                if self.outdated(mux, link):
-                    if link not in mux.draining:
-                        mux.draining.add(link)
-                        self._deadlines[link] = now + wait
+            for connection in list(mux.pool_connections):
+                if self.outdated(mux, connection):
+                    if connection not in mux.draining:
+                        mux.draining.add(connection)
+                        self._deadlines[connection] = now + wait
                         log.info("{role} pool connection {link} uses retired "
                                  "key id {key_id}; closing it when idle or "
                                  "within {wait:.0f} s", role=mux.role,
-                                 link=link.name, key_id=link.key_id, wait=wait)
-                elif link in mux.draining and link not in self._closing:
-                    mux.draining.discard(link)
-                    self._deadlines.pop(link, None)
+                                 link=connection.name, key_id=connection.key_id, wait=wait)
+                elif connection in mux.draining and connection not in self._closing:
+                    mux.draining.discard(connection)
+                    self._deadlines.pop(connection, None)
         self.check()
 
     def check(self) -> None:
@@ -272,30 +272,30 @@ class KeyReloader:
         live: Set[TunnelProtocol] = set()
         pending = False
         for mux in self.muxes:
-            for link in sorted(mux.draining, key=lambda l: len(l.streams)):
-                deadline = self._deadlines.get(link)
-                if link not in mux.pool_connections or deadline is None:
-                    mux.draining.discard(link)
+            for connection in sorted(mux.draining, key=lambda l: len(l.streams)):
+                deadline = self._deadlines.get(connection)
+                if connection not in mux.pool_connections or deadline is None:
+                    mux.draining.discard(connection)
                     continue
-                live.add(link)
-                if link in self._closing:
+                live.add(connection)
+                if connection in self._closing:
                     pending = True  # stays draining until it is gone
                     continue
-                if self.may_close(mux, link, now >= deadline):
+                if self.may_close(mux, connection, now >= deadline):
                     log.info("{role} pool connection {link}: closing (retired "
                              "key id {key_id}, {count} sessions)",
-                             role=mux.role, link=link.name, key_id=link.key_id,
-                             count=len(link.streams))
-                    self._closing.add(link)
-                    link.close_gracefully()
+                             role=mux.role, link=connection.name, key_id=connection.key_id,
+                             count=len(connection.streams))
+                    self._closing.add(connection)
+                    connection.close_gracefully()
                 pending = True
-        for link in [k for k in self._deadlines if k not in live]:
-            del self._deadlines[link]
-            self._closing.discard(link)
+        for connection in [k for k in self._deadlines if k not in live]:
+            del self._deadlines[connection]
+            self._closing.discard(connection)
         if pending:
             self._check_call = self.clock.callLater(CHECK_INTERVAL, self.check)
 
-    def may_close(self, mux: SessionMultiplexer, link: TunnelProtocol,
+    def may_close(self, mux: SessionMultiplexer, connection: TunnelProtocol,
                   expired: bool) -> bool:
         """Whether a retired pool connection may be closed now.
 
@@ -307,20 +307,20 @@ class KeyReloader:
         the whole pool down.
         """
         if not isinstance(mux, ClientMultiplexer):
-            return expired or not link.streams
+            return expired or not connection.streams
         if any(c.established and c not in mux.draining
                for c in mux.pool_connections):
-            return expired or not link.streams
-        if expired and link not in self._stuck:
-            self._stuck.add(link)
+            return expired or not connection.streams
+        if expired and connection not in self._stuck:
+            self._stuck.add(connection)
             log.warn("client {pair}: no pool connection with the current key "
                      "came up; keeping {link} (retired key id {key_id}) until "
                      "one does; check that the servers accept key id "
-                     "{current}", pair=mux.name, link=link.name,
-                     key_id=link.key_id, current=mux.config.psk.first()[0]
+                     "{current}", pair=mux.name, link=connection.name,
+                     key_id=connection.key_id, current=mux.config.psk.first()[0]
                      if mux.config.psk is not None else None)
         probing = any(c in self._closing for c in mux.draining)
-        return not probing and not link.streams
+        return not probing and not connection.streams
 
     def stop(self) -> None:
         """Cancel the scheduled checks (the tunnel end is stopping)."""

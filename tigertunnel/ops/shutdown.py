@@ -171,10 +171,10 @@ class TunnelService(MultiService):
                 for session in list(mux.sessions):
                     session.close()
             await self._until(lambda: not any(m.sessions for m in muxes))
-            self._close_server_links(muxes)
+            self._close_server_connections(muxes)
             closing = [defer.maybeDeferred(mux.stopService) for mux in muxes]
             await self._wait(defer.gatherResults(closing, consumeErrors=True))
-            await self._until(lambda: not self._close_server_links(muxes))
+            await self._until(lambda: not self._close_server_connections(muxes))
         finally:
             for call in (deadline, give_up):
                 if call.active():
@@ -208,7 +208,7 @@ class TunnelService(MultiService):
                                   lambda: None)
 
     @staticmethod
-    def _close_server_links(muxes: List[SessionMultiplexer]) -> bool:
+    def _close_server_connections(muxes: List[SessionMultiplexer]) -> bool:
         """Close a server's pool connections (again: some may be new).
 
         A client's pool slots close their own when they stop.
@@ -226,10 +226,10 @@ class TunnelService(MultiService):
     def _abort(self, muxes: List[SessionMultiplexer]) -> None:
         self._aborted = True
         sessions = sum(len(m.sessions) for m in muxes)
-        links = sum(len(m.pool_connections) for m in muxes)
+        connections = sum(len(m.pool_connections) for m in muxes)
         log.warn("shutdown timeout ({timeout} s): aborting {sessions} sessions "
                  "and {links} pool connections", timeout=self.shutdown_timeout,
-                 sessions=sessions, links=links)
+                 sessions=sessions, links=connections)
         for mux in muxes:
             for session in list(mux.sessions):
                 session.close(abort=True)
