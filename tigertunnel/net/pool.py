@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from tigertunnel.interfaces import PoolOwner
 from tigertunnel.logs import logger
+from tigertunnel.net.backoff import backoff_policy
 from tigertunnel.net.frame_protocol import PrebuiltFactory
 from tigertunnel.net.states import Transitions
 from tigertunnel.net.tunnel_protocol import TunnelProtocol
@@ -82,11 +83,12 @@ class PoolSlot(Service):
 
     :param owner: the tunnel client's multiplexer of the pair.
     :param index: the slot's number in the pool (in pool connection names).
-    :param policy: seconds to wait after ``n`` consecutive failures.
+    :param policy: seconds to wait after ``n`` consecutive failures
+        (PROTOCOL.md section 7.8's backoff by default).
     """
 
     def __init__(self, owner: "PoolOwner[TunnelProtocol]", index: int,
-                 policy: Callable[[int], float]) -> None:
+                 policy: Callable[[int], float] = backoff_policy()) -> None:
         self.owner = owner
         self.index = index
         self.policy = policy
