@@ -16,7 +16,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 from zope.interface import implementer
 
-from tigertunnel.config.model import Address, ProxyPair, TunnelConfig, parse_address
+from tigertunnel.config.model import Address, ProxyPair, Role, TunnelConfig, parse_address
 from tigertunnel.keys.format import KeyStore, parse_key_text
 from tigertunnel.wire.frames import FrameParser
 from tigertunnel.net.multiplexer import ClientMultiplexer, ServerMultiplexer
@@ -210,7 +210,7 @@ class Tunnel:
         from tigertunnel.wire.handshake import ClientHandshake
         from tigertunnel.net.tunnel_protocol import TunnelProtocol
 
-        link = TunnelProtocol("client", ClientHandshake(*psk_store().first(), version=1,
+        link = TunnelProtocol(Role.CLIENT, ClientHandshake(*psk_store().first(), version=1,
                                                          now=self.clock.seconds),
                               self.client, "v1")
         self.net.dial(self.server_addr, link)

@@ -8,6 +8,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from tigertunnel.config.model import (
     Address,
     ProxyPair,
+    Role,
+    TunnelConfig,
     listen_description,
     parse_address,
     parse_proxy,
@@ -260,3 +262,27 @@ class ParseAddressPropertyTests(SynchronousTestCase):
         """A pair written as ``LISTEN,TARGET`` parses back to the same addresses."""
         self.assertEqual(parse_proxy(f"{listen},{target}", index),
                          ProxyPair(index, listen, target))
+
+
+class RoleTests(SynchronousTestCase):
+    """The role of a tunnel end is a Role, given by name or as one."""
+
+    def test_config_takes_name(self) -> None:
+        """TunnelConfig turns a role name into its Role."""
+        config = TunnelConfig("server", [])
+        self.assertIs(config.role, Role.SERVER)
+        self.assertIs(TunnelConfig(Role.CLIENT, []).role, Role.CLIENT)
+
+    def test_formats_as_name(self) -> None:
+        """A Role formats, prints and compares as its name (log fields and JSON stay the same)."""
+        self.assertEqual(f"{Role.CLIENT} end", "client end")
+        self.assertEqual(str(Role.SERVER), "server")
+        self.assertEqual("{role:>7}".format(role=Role.SERVER), " server")
+        self.assertEqual(Role.CLIENT, "client")
+
+    def test_bad_role(self) -> None:
+        """An unknown role is a ConfigError naming the value."""
+        with self.assertRaises(ConfigError) as caught:
+            TunnelConfig("relay", [])
+        self.assertEqual(str(caught.exception),
+                         "invalid role: 'relay' (expected client or server)")

@@ -55,7 +55,7 @@ class EchoTests(SynchronousTestCase):
         t = Tunnel(client_cfg={"kem_public": (KEM_KEY_ID, public_key_from_seed(KEM_SEED))},
                    server_cfg={"kem_secret": kem_secret})
         t.start()
-        self.assertEqual(len(t.client.links), 2)
+        self.assertEqual(len(t.client.pool_connections), 2)
         client, _ = t.tb_client()
         frames = [tb_frame(100, i) for i in range(3)]
         client.send(*frames)
@@ -88,7 +88,7 @@ class EchoTests(SynchronousTestCase):
             self.assertEqual(c.received, sent[i])
         backends = {tuple(p.received) for p in t.backend.peers}
         self.assertEqual(backends, {tuple(v) for v in sent.values()})
-        per_link = sorted(len(link.streams) for link in t.client.links)
+        per_link = sorted(len(link.streams) for link in t.client.pool_connections)
         self.assertEqual(per_link, [15, 15])
 
 
@@ -201,7 +201,7 @@ class ClosePathTests(SynchronousTestCase):
         client.transport.loseConnection()
         t.net.flush()
         self.assertTrue(t.backend.peers[0].lost)
-        self.assertEqual(sum(len(link.streams) for link in t.client.links), 0)
+        self.assertEqual(sum(len(link.streams) for link in t.client.pool_connections), 0)
         self.assertEqual(len(t.server.sessions), 0)
 
     def test_backend_close_closes_tb_client(self) -> None:
@@ -234,14 +234,14 @@ class ClosePathTests(SynchronousTestCase):
         client, _ = t.tb_client()
         client.send(tb_frame(1))
         t.net.flush()
-        link = t.client.links[0]
+        link = t.client.pool_connections[0]
         link.transport.loseConnection()
         t.net.flush()
         self.assertTrue(client.lost)
         self.assertTrue(t.backend.peers[0].lost)
-        self.assertEqual(t.client.links, [])
+        self.assertEqual(t.client.pool_connections, [])
         t.net.advance(0.2)
-        self.assertEqual(len(t.client.links), 1)
+        self.assertEqual(len(t.client.pool_connections), 1)
         again, _ = t.tb_client()
         again.send(tb_frame(2, 9))
         t.net.flush()
@@ -274,7 +274,7 @@ class ClosePathTests(SynchronousTestCase):
         t.start()
         stuck, _ = t.tb_client()
         other, _ = t.tb_client()
-        session = next(iter(t.client.links[0].streams.values()))
+        session = next(iter(t.client.pool_connections[0].streams))
         session.peer_slow(True)  # what the transport reports when the peer stops reading
         big = tb_frame((1 << 20) - 256, 3)
         for _ in range(SESSION_BUFFER_LIMIT // len(big) + 2):
@@ -294,7 +294,7 @@ class FailClosedTests(SynchronousTestCase):
         t = Tunnel(pool_size=1)
         t.start()
         client, _ = t.tb_client()
-        server_link = next(iter(t.server.links))
+        server_link = next(iter(t.server.pool_connections))
         client.send(tb_frame(10, 1))
         t.net.flush()
         self.assertEqual(len(t.backend.peers[0].received), 1)
@@ -322,7 +322,7 @@ class FailClosedTests(SynchronousTestCase):
         good.send(tb_frame(10, 2))
         t.net.flush()
         self.assertEqual(len(good.received), 1)
-        self.assertEqual(len(t.client.links), 1)
+        self.assertEqual(len(t.client.pool_connections), 1)
 
     def test_cluster_mismatch_closes_session(self) -> None:
         """With -c 12345 a frame of cluster 12345 passes and a frame of cluster 7 closes the session."""
@@ -351,7 +351,7 @@ class FailClosedTests(SynchronousTestCase):
         """Different -c on the two ends fails the handshake, so no pool connection comes up."""
         t = Tunnel(client_cfg={"cluster_id": 1}, server_cfg={"cluster_id": 2})
         t.start()
-        self.assertEqual(t.client.links, [])
+        self.assertEqual(t.client.pool_connections, [])
         self.assertGreater(t.client.handshake_failures, 0)
 
     def test_wrong_key_retries_with_backoff(self) -> None:
@@ -360,7 +360,7 @@ class FailClosedTests(SynchronousTestCase):
         t = Tunnel(client_cfg={})
         t.client.config.psk = other
         t.start()
-        self.assertEqual(t.client.links, [])
+        self.assertEqual(t.client.pool_connections, [])
         attempts = len(t.net.connect_attempts)
         t.net.advance(0.05)
         self.assertEqual(len(t.net.connect_attempts), attempts)
@@ -417,7 +417,7 @@ class FailClosedTests(SynchronousTestCase):
         client, _ = t.tb_client()
         client.send(tb_frame(10, 1))
         t.net.flush()
-        server_link = next(iter(t.server.links))
+        server_link = next(iter(t.server.pool_connections))
         server_link.dataReceived(encode_header(1, FrameType.OPEN))
         t.net.flush()
         self.assertTrue(client.lost)
@@ -430,8 +430,8 @@ class FailClosedTests(SynchronousTestCase):
         t = Tunnel(pool_size=1)
         t.start()
         client, _ = t.tb_client()
-        link = t.client.links[0]
-        session = next(iter(link.streams.values()))
+        link = t.client.pool_connections[0]
+        session = next(iter(link.streams))
         self.assertIsNotNone(session.transport.producer)
         session.close()
         self.assertIsNone(session.transport.producer)

@@ -416,6 +416,30 @@ class ServerRejectionTests(SynchronousTestCase):
             hs.Status.CLIENT_AUTH_FAILED)
         self.assertNotIn("requires KEM", result.reason)
 
+    def test_rejection_kinds(self) -> None:
+        """Every rejection carries the kind of its check, whatever its status byte or reason text."""
+        bad_ciphertext = fixed_encapsulate(KEM_PUBLIC)[0][:1088] + bytes(32)
+        cache = hs.ReplayCache(now=lambda: NOW)
+        make_server(replay_cache=cache).feed(connect_hello())
+        cases = [
+            (make_server(versions=(1, 2)).feed(b"\x07"), hs.RejectKind.BAD_VERSION),
+            (make_server().feed(b"\x01\x09"), hs.RejectKind.BAD_OPERATION),
+            (make_server().feed(connect_hello(key_id=8)), hs.RejectKind.UNKNOWN_KEY),
+            (make_server(hide_unknown_key=True).feed(connect_hello(key_id=8)),
+             hs.RejectKind.UNKNOWN_KEY),
+            (make_server().feed(connect_hello(psk=OTHER_PSK)), hs.RejectKind.BAD_HASH),
+            (make_server().feed(connect_hello(timestamp=NOW - 4000)), hs.RejectKind.TIMESTAMP),
+            (make_server(replay_cache=cache).feed(connect_hello()), hs.RejectKind.REPLAY),
+            (make_server(require_kem=True).feed(connect_hello()), hs.RejectKind.KEM_REQUIRED),
+            (make_server().feed(kem_hello()), hs.RejectKind.KEM),
+            (make_server({KEM_KEY_ID: KEM_SEED}).feed(kem_hello(kem_key_id=5)),
+             hs.RejectKind.KEM),
+            (make_server({KEM_KEY_ID: KEM_SEED}).feed(kem_hello(ciphertext=bad_ciphertext)),
+             hs.RejectKind.KEM),
+        ]
+        self.assertEqual([r.kind for r, _ in cases], [kind for _, kind in cases])
+        self.assertEqual({kind for _, kind in cases}, set(hs.RejectKind))
+
     def test_replay_accepted(self) -> None:
         """The same ClientHello is accepted by a second server (no replay cache)."""
         self.assertIsInstance(make_server().feed(connect_hello()), hs.Accepted)

@@ -5,8 +5,10 @@ Layers, lowest first (a module may import its own layer and lower ones):
 
 0. ``errors``, ``logs`` (shared by everything)
 1. ``wire``, ``crypto``, ``keys``, ``config`` (sans-IO)
-2. ``interfaces`` (the typed seams between the Twisted layers)
-3. ``net`` (Twisted glue: protocols, multiplexer, pool, listeners)
+2. (free)
+3. ``net`` (Twisted glue: protocols, multiplexer, pool, listeners) and
+   ``interfaces`` (its typed seams; ``tests/test_seams.py`` orders net's
+   own modules)
 4. ``ops`` (reload, shutdown, metrics, systemd, workers)
 5. ``tools`` (bench, demo, echo backend, traces, status)
 6. ``tap``, ``cli``, ``__main__`` (entry points)
@@ -27,7 +29,7 @@ PACKAGE = os.path.dirname(os.path.abspath(tigertunnel.__file__))
 RANK: Dict[str, int] = {
     "errors": 0, "logs": 0, "__init__": 0,
     "wire": 1, "crypto": 1, "keys": 1, "config": 1,
-    "interfaces": 2,
+    "interfaces": 3,
     "net": 3,
     "ops": 4,
     "tools": 5,

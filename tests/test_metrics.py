@@ -12,6 +12,7 @@ from tests.memnet import Tunnel
 from tests.strategies import make_tb_frame
 from tigertunnel.errors import ListenError
 from tigertunnel.ops.metrics import MetricsService, make_site, status
+from tigertunnel.net.stats import HandshakeFailure, Refusal
 from tigertunnel.ops.reload import KeyReloader
 
 Sample = Tuple[str, Dict[str, str], float]
@@ -124,13 +125,28 @@ class TrafficTests(SynchronousTestCase):
 
     def test_handshake_failures_by_reason(self) -> None:
         """Rejected handshakes are counted by reason on the server."""
-        self.t.server.stats["handshake_failures_unknown_key"] += 2
-        self.t.server.stats["handshake_failures_timeout"] += 1
+        self.t.server.stats.handshake_failures[HandshakeFailure.UNKNOWN_KEY] += 2
+        self.t.server.stats.handshake_failures[HandshakeFailure.TIMEOUT] += 1
         found = samples(get(self.server_site, b"/metrics")[2].decode())
         self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair="pair0",
                                reason="unknown_key"), 2)
         self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair="pair0",
                                reason="timeout"), 1)
+
+    def test_status_counters_names(self) -> None:
+        """/status lists every counter that moved under its flat name, reasons as suffixes."""
+        stats = self.t.server.stats
+        stats.pool_failures += 1
+        stats.handshake_failures[HandshakeFailure.BAD_HASH] += 3
+        stats.sessions_refused[Refusal.MAX_SESSIONS] += 2
+        doc = json.loads(get(self.server_site, b"/status")[2])
+        flat = doc["pairs"][0]["counters"]
+        self.assertEqual(list(flat), sorted(flat))
+        self.assertEqual((flat["link_failures"], flat["handshake_failures_bad_hash"],
+                          flat["sessions_refused_max_sessions"]), (1, 3, 2))
+        self.assertEqual(flat["frames_from_tunnel"], len(self.sizes))
+        self.assertNotIn("handshake_evictions", flat)
+        self.assertEqual(doc["pairs"][0]["sessions_refused"], {"max_sessions": 2})
 
     def test_unknown_path(self) -> None:
         """Paths other than /metrics and /status are not found."""

@@ -102,7 +102,7 @@ class Ends:
 
     def link(self) -> Tuple[TunnelProtocol, StringTransport, TunnelProtocol, StringTransport]:
         """Connect a new pool connection and complete its handshake."""
-        client = self.client.new_link(0)
+        client = self.client.new_pool_connection(0)
         server = self.server.tunnel_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5))
         ct, st = StringTransport(), StringTransport()
         client.makeConnection(ct)
@@ -160,7 +160,7 @@ class BackpressureTests(SynchronousTestCase):
         _, ct2, _, _ = ends.link()
         sessions = [ends.tb_client() for _ in range(4)]  # round-robin: 2 per link
         ct1.producer.pauseProducing()
-        states = sorted((s.link is first, t.producerState) for s, t in sessions)
+        states = sorted((s.pool_connection is first, t.producerState) for s, t in sessions)
         self.assertEqual(states, [(False, "producing"), (False, "producing"),
                                   (True, "paused"), (True, "paused")])
 
@@ -233,7 +233,7 @@ class SlowPeerTests(SynchronousTestCase):
         self.assertEqual(frames_in(self.other_transport), frames)
         self.assertFalse(self.other_transport.disconnecting)
         self.assertFalse(self.ct.disconnecting)
-        self.assertIn(self.client_link, self.ends.client.links)
+        self.assertIn(self.client_link, self.ends.client.pool_connections)
         self.assertEqual(self.other_transport.producerState, "producing")
 
     def test_draining_resets_count(self) -> None:
@@ -277,7 +277,7 @@ class CloseTests(SynchronousTestCase):
         ends.flush()
         self.assertTrue(transport.disconnecting)
         self.assertFalse(transport.disconnected)
-        self.assertIsNone(session.link)
+        self.assertIsNone(session.pool_connection)
 
     def test_close_timer_aborts_undrained_tb_client(self) -> None:
         """A TB connection that never finishes closing is aborted CLOSE_TIMEOUT seconds later."""
@@ -325,7 +325,7 @@ class CloseTests(SynchronousTestCase):
         server.connectionLost(Failure(ConnectionLost()))
         self.assertEqual([t.disconnected for t in transports], [True] * 3)
         self.assertEqual([t.disconnected for t in ends.backends.transports], [True] * 3)
-        self.assertEqual((ends.client.links, ends.server.links), ([], []))
+        self.assertEqual((ends.client.pool_connections, ends.server.pool_connections), ([], []))
 
     def test_frames_before_backend_connects(self) -> None:
         """Frames for a stream whose backend is still connecting are written, in order, once it connects."""
@@ -371,12 +371,12 @@ class HandshakeTests(SynchronousTestCase):
         ends.clock.advance(0.01)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(ends.server.handshake_failures, 1)
-        self.assertEqual(ends.server.links, [])
+        self.assertEqual(ends.server.pool_connections, [])
 
     def test_client_handshake_timeout(self) -> None:
         """A server that never answers makes the client's ready fail and its connection close."""
         ends = Ends()
-        link = ends.client.new_link(0)
+        link = ends.client.new_pool_connection(0)
         errors: List[Failure] = []
         link.ready.addErrback(errors.append)
         transport = StringTransport()
@@ -401,7 +401,7 @@ class HandshakeTests(SynchronousTestCase):
                                                       ClientMultiplexer]:
         """Feed ``reply`` to a client pool connection; return what its ready observer saw."""
         ends = Ends()
-        link = ends.client.new_link(0)
+        link = ends.client.new_pool_connection(0)
         errors: List[Failure] = []
         link.ready.addErrback(errors.append)
         transport = StringTransport()
@@ -417,7 +417,7 @@ class HandshakeTests(SynchronousTestCase):
             error = errors[0].trap(HandshakeError) and errors[0].value
             self.assertEqual(error.status, status)
             self.assertTrue(transport.disconnecting)
-            self.assertEqual(mux.links, [])
+            self.assertEqual(mux.pool_connections, [])
             self.assertEqual(mux.handshake_failures, 1)
 
     def test_wrong_auth_hash(self) -> None:
@@ -430,7 +430,7 @@ class HandshakeTests(SynchronousTestCase):
     def test_ready_failure_seen_later(self) -> None:
         """After a rejected handshake, ready still holds the HandshakeError for observers added later."""
         ends = Ends()
-        link = ends.client.new_link(0)
+        link = ends.client.new_pool_connection(0)
         link.makeConnection(StringTransport())
         link.dataReceived(b"\x04")
         self.failureResultOf(link.ready, HandshakeError)
@@ -440,8 +440,8 @@ class HandshakeTests(SynchronousTestCase):
         ends = Ends()
         client, _, server, _ = ends.link()
         self.assertIs(self.successResultOf(client.ready), client)
-        self.assertEqual(ends.client.links, [client])
-        self.assertEqual(ends.server.links, [server])
+        self.assertEqual(ends.client.pool_connections, [client])
+        self.assertEqual(ends.server.pool_connections, [server])
         self.assertEqual(server.peer_version, 2)
 
     def test_bad_client_hello(self) -> None:
@@ -458,7 +458,7 @@ class HandshakeTests(SynchronousTestCase):
     def test_plaintext_needs_no_handshake(self) -> None:
         """In plaintext mode a pool connection is usable at once, with no timer."""
         ends = Ends(encrypted=False)
-        link = ends.client.new_link(0)
+        link = ends.client.new_pool_connection(0)
         link.makeConnection(StringTransport())
         self.assertIs(self.successResultOf(link.ready), link)
         self.assertFalse(link.encrypted)
@@ -509,7 +509,7 @@ class TuneSocketTests(SynchronousTestCase):
         ends = Ends(encrypted=False)
         ends.link()
         for sock, make in zip(self.socket_pair(), [
-                lambda: ends.client.new_link(0),
+                lambda: ends.client.new_pool_connection(0),
                 lambda: ends.client.frame_factory.buildProtocol(None)]):
             proto = make()
             transport = tcp.Connection(sock, proto, reactor=MemoryReactorClock())

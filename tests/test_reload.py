@@ -13,6 +13,7 @@ from tests.strategies import make_tb_frame
 from tigertunnel.crypto.kem import public_key_from_seed
 from tigertunnel.keys.files import load_psk_file
 from tigertunnel.keys.format import format_key_line
+from tigertunnel.net.stats import HandshakeFailure, Refusal
 from tigertunnel.ops.reload import (
     CHECK_INTERVAL,
     DRAIN_TIMEOUT,
@@ -83,7 +84,7 @@ class ReloadCase(SynchronousTestCase):
 
     def client_key_ids(self) -> List[Optional[int]]:
         """Key ids of the client's established pool connections."""
-        return sorted(link.key_id for link in self.t.client.links)
+        return sorted(link.key_id for link in self.t.client.pool_connections)
 
     def rotate(self) -> None:
         """The README's first two steps: both keys on the server, NEW first on the client."""
@@ -103,7 +104,7 @@ class ReloadCase(SynchronousTestCase):
 
     def link_of(self, peer: TBPeer) -> Any:
         """The client pool connection carrying ``peer``'s session."""
-        return self.sessions[peer].link
+        return self.sessions[peer].pool_connection
 
 
 def load_keys_from(path: str) -> Any:
@@ -122,7 +123,7 @@ class ClientRotationTests(ReloadCase):
         self.t.net.advance(CHECK_INTERVAL + 0.5)
         self.assertEqual(self.client_key_ids(), [NEW, NEW])
         self.assertEqual(self.t.client.draining, set())
-        self.assertEqual(self.t.client.stats["pool_reconnects"], 2)
+        self.assertEqual(self.t.client.stats.pool_reconnects, 2)
         self.echo_session()
 
     def test_session_survives_and_new_sessions_avoid_draining(self) -> None:
@@ -131,7 +132,7 @@ class ClientRotationTests(ReloadCase):
         busy = self.link_of(peer)
         self.rotate()
         self.t.net.advance(CHECK_INTERVAL + 0.5)
-        self.assertIn(busy, self.t.client.links)
+        self.assertIn(busy, self.t.client.pool_connections)
         self.assertEqual(self.t.client.draining, {busy})
         peer.send(frame(2))
         self.t.net.flush()
@@ -148,7 +149,7 @@ class ClientRotationTests(ReloadCase):
         self.t.net.advance(CHECK_INTERVAL + 0.5)
         peer.transport.loseConnection()
         self.t.net.advance(CHECK_INTERVAL + 0.5)
-        self.assertNotIn(busy, self.t.client.links)
+        self.assertNotIn(busy, self.t.client.pool_connections)
         self.assertEqual(self.client_key_ids(), [NEW, NEW])
 
     def test_draining_deadline(self) -> None:
@@ -164,12 +165,12 @@ class ClientRotationTests(ReloadCase):
     def test_all_draining_still_places_sessions(self) -> None:
         """When every pool connection is draining, new sessions still get one."""
         peers = [self.echo_session(), self.echo_session()]
-        self.assertEqual({self.link_of(p) for p in peers}, set(self.t.client.links))
+        self.assertEqual({self.link_of(p) for p in peers}, set(self.t.client.pool_connections))
         self.rotate()
-        self.assertEqual(self.t.client.draining, set(self.t.client.links))
+        self.assertEqual(self.t.client.draining, set(self.t.client.pool_connections))
         peer, pump = self.t.tb_client()
-        self.assertIn(pump.server.link, self.t.client.draining)
-        self.assertEqual(self.t.client.stats["sessions_refused_no_pool"], 0)
+        self.assertIn(pump.server.pool_connection, self.t.client.draining)
+        self.assertEqual(self.t.client.stats.sessions_refused[Refusal.NO_POOL], 0)
 
     def test_revert_undrains(self) -> None:
         """Reloading the old order again takes a busy pool connection out of draining."""
@@ -185,11 +186,11 @@ class ClientRotationTests(ReloadCase):
     def test_in_flight_handshake_swept_later(self) -> None:
         """A handshake started with the old key before the reload is retired by the late sweep."""
         t = self.t
-        for link in list(t.client.links):
+        for link in list(t.client.pool_connections):
             link.transport.loseConnection()
         t.net.flush()
         t.clock.advance(0.2)  # the slots reconnect; their hellos are not delivered yet
-        self.assertEqual(t.client.links, [])
+        self.assertEqual(t.client.pool_connections, [])
         self.rotate()
         t.net.flush()
         self.assertEqual(self.client_key_ids(), [OLD, OLD])
@@ -208,7 +209,7 @@ class ClientRotationTests(ReloadCase):
         peer.send(frame(3))
         self.t.net.flush()
         self.assertEqual(peer.received[-1], frame(3))
-        self.assertGreater(self.t.server.stats["handshake_failures_unknown_key"], 0)
+        self.assertGreater(self.t.server.stats.handshake_failures[HandshakeFailure.UNKNOWN_KEY], 0)
         warned = [e for e in events if e.get("log_level") is not None
                   and e["log_level"].name == "warn" and "current" in e]
         self.assertEqual([e["current"] for e in warned], [NEW])
@@ -232,11 +233,11 @@ class ServerRetireTests(ReloadCase):
 
     def test_added_key_changes_nothing(self) -> None:
         """Adding a key on the server leaves every pool connection up."""
-        links = list(self.t.server.links)
+        links = list(self.t.server.pool_connections)
         self.keys.psk("server.key", OLD, NEW)
         self.assertTrue(self.server.reload())
         self.t.net.advance(RETIRE_GRACE + 1)
-        self.assertEqual(self.t.server.links, links)
+        self.assertEqual(self.t.server.pool_connections, links)
 
     def test_removed_key_idle_and_busy(self) -> None:
         """Idle pool connections with a removed key close at once, busy ones after the grace period."""
@@ -244,15 +245,15 @@ class ServerRetireTests(ReloadCase):
         self.keys.psk("server.key", NEW)
         self.assertTrue(self.server.reload())
         self.t.net.flush()
-        self.assertEqual(len(self.t.server.links), 1)
+        self.assertEqual(len(self.t.server.pool_connections), 1)
         self.assertEqual(len(self.t.server.draining), 1)
         self.t.net.advance(RETIRE_GRACE - 2)
         self.assertFalse(peer.lost)
         self.t.net.advance(3)
         self.assertTrue(peer.lost)
-        self.assertEqual(self.t.server.links, [])
+        self.assertEqual(self.t.server.pool_connections, [])
         # The client still uses OLD: the server now refuses it.
-        self.assertGreater(self.t.server.stats["handshake_failures_unknown_key"], 0)
+        self.assertGreater(self.t.server.stats.handshake_failures[HandshakeFailure.UNKNOWN_KEY], 0)
 
     def test_full_rotation_keeps_sessions(self) -> None:
         """The README procedure (add, switch clients, remove) never closes a session after the drain."""
@@ -263,7 +264,7 @@ class ServerRetireTests(ReloadCase):
         self.assertTrue(self.server.reload())
         self.t.net.advance(RETIRE_GRACE + 1)
         self.assertFalse(peer.lost)
-        self.assertEqual(sorted(l.key_id for l in self.t.server.links), [NEW, NEW])
+        self.assertEqual(sorted(l.key_id for l in self.t.server.pool_connections), [NEW, NEW])
 
 
 class BrokenFileTests(ReloadCase):
@@ -273,10 +274,10 @@ class BrokenFileTests(ReloadCase):
         """The reload failed with ``expected`` in its reason and changed nothing."""
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         before = (config.psk, config.kem_public, config.kem_secret)
-        links = list(self.t.client.links)
+        links = list(self.t.client.pool_connections)
         self.assertFalse(reloader.reload())
         self.assertEqual((config.psk, config.kem_public, config.kem_secret), before)
-        self.assertEqual(self.t.client.links, links)
+        self.assertEqual(self.t.client.pool_connections, links)
         self.assertFalse(reloader.status()["ok"])
         self.assertIn(expected, reloader.status()["error"])
         logged = [e for e in events if e.get("log_namespace") == "tigertunnel.reload"]
@@ -316,18 +317,18 @@ class KemReloadTests(ReloadCase):
         self.assertEqual(len(self.t.client.draining), 2)
         self.t.net.advance(CHECK_INTERVAL + 0.5)
         self.assertEqual(self.t.client.draining, set())
-        self.assertEqual(len(self.t.client.links), 2)
-        self.assertEqual({self.t.client.link_kem[l] for l in self.t.client.links},
+        self.assertEqual(len(self.t.client.pool_connections), 2)
+        self.assertEqual({self.t.client.handshake_kem[l] for l in self.t.client.pool_connections},
                          {(99, new_pub)})
         self.echo_session()
 
     def test_server_retires_removed_kem_key(self) -> None:
         """Removing a KEM secret key on the server retires the pool connections made with it."""
-        self.assertEqual({l.kem_key_id for l in self.t.server.links}, {KEM_KEY_ID})
+        self.assertEqual({l.kem_key_id for l in self.t.server.pool_connections}, {KEM_KEY_ID})
         self.keys.write("kem.key", format_key_line(99, OTHER_SEED))
         self.assertTrue(self.server.reload())
         self.t.net.flush()
-        self.assertEqual(self.t.server.links, [])
+        self.assertEqual(self.t.server.pool_connections, [])
 
     def test_invalid_public_key_refused(self) -> None:
         """A KEM public key that is not a valid ML-KEM key is refused; the old one stays."""

@@ -139,12 +139,12 @@ class PoolSlotTests(NearTestCase):
         t.net.refusing.discard(t.server_addr)
         t.clock.advance(0.8)  # attempt 5 succeeds
         t.net.flush()
-        self.assertEqual(len(t.client.links), 1)
+        self.assertEqual(len(t.client.pool_connections), 1)
         self.assertEqual(t.client.pool[0].failures, 0)
-        link = t.client.links[0]
+        link = t.client.pool_connections[0]
         link.transport.loseConnection()
         t.net.flush()
-        self.assertEqual(t.client.links, [])
+        self.assertEqual(t.client.pool_connections, [])
         lost_at = t.clock.seconds()
         t.clock.advance(0.099)
         self.assertEqual(len(attempts.times), 5)
@@ -152,7 +152,7 @@ class PoolSlotTests(NearTestCase):
         self.assertEqual(len(attempts.times), 6)
         self.assert_near(attempts.times[-1] - lost_at, 0.1, 0.002)
         t.net.flush()
-        self.assertEqual(len(t.client.links), 1)
+        self.assertEqual(len(t.client.pool_connections), 1)
 
     def test_rejected_handshake_backs_off(self) -> None:
         """A handshake the server rejects counts as a failure: the delays keep growing."""
@@ -165,20 +165,20 @@ class PoolSlotTests(NearTestCase):
         for got, want in zip(gaps, [0.1, 0.2, 0.4, 0.8, 1.6, 3.2]):
             self.assert_near(got, want, 1e-9)
         self.assertEqual(t.client.handshake_failures, 7)
-        self.assertEqual(t.client.links, [])
+        self.assertEqual(t.client.pool_connections, [])
 
     def test_slots_independent(self) -> None:
         """Each slot of the pool keeps its own connection; losing one leaves the others up."""
         t = Tunnel(pool_size=3)
         t.start()
-        self.assertEqual(len(t.client.links), 3)
-        self.assertEqual(sorted(s.link is not None for s in t.client.pool), [True] * 3)
-        t.client.pool[1].link.transport.loseConnection()
+        self.assertEqual(len(t.client.pool_connections), 3)
+        self.assertEqual(sorted(s.connection is not None for s in t.client.pool), [True] * 3)
+        t.client.pool[1].connection.transport.loseConnection()
         t.net.flush()
-        self.assertEqual(len(t.client.links), 2)
-        self.assertIsNone(t.client.pool[1].link)
+        self.assertEqual(len(t.client.pool_connections), 2)
+        self.assertIsNone(t.client.pool[1].connection)
         t.net.advance(0.2)
-        self.assertEqual(len(t.client.links), 3)
+        self.assertEqual(len(t.client.pool_connections), 3)
 
     def test_stop_while_refused(self) -> None:
         """stopService of the client cancels the pending retry: no further attempts."""
@@ -201,16 +201,16 @@ class PoolSlotTests(NearTestCase):
         t = Tunnel(pool_size=2)
         attempts = AttemptClock(t)
         t.start()
-        self.assertEqual(len(t.client.links), 2)
+        self.assertEqual(len(t.client.pool_connections), 2)
         d = t.client.stopService()
         self.assertNoResult(d)
         t.net.flush()
         self.successResultOf(d)
-        self.assertEqual(t.client.links, [])
+        self.assertEqual(t.client.pool_connections, [])
         count = len(attempts.times)
         t.net.advance(30)
         self.assertEqual(len(attempts.times), count)
-        self.assertEqual(t.server.links, [])
+        self.assertEqual(t.server.pool_connections, [])
 
 
 class PlacementTests(SynchronousTestCase):
@@ -220,7 +220,7 @@ class PlacementTests(SynchronousTestCase):
         """Six TB connections over three pool connections land two on each, in turn."""
         t = Tunnel(pool_size=3)
         t.start()
-        links = list(t.client.links)
+        links = list(t.client.pool_connections)
         for i in range(6):
             peer, _ = t.tb_client()
             self.assertFalse(peer.lost)
@@ -231,7 +231,7 @@ class PlacementTests(SynchronousTestCase):
         """While one pool connection is down, new TB connections go only to the others."""
         t = Tunnel(pool_size=3)
         t.start()
-        links = list(t.client.links)
+        links = list(t.client.pool_connections)
         links[1].transport.loseConnection()
         t.net.flush()
         for _ in range(4):
@@ -246,12 +246,12 @@ class PlacementTests(SynchronousTestCase):
         t.start()
         peer, _ = t.tb_client()
         session = next(iter(t.client.sessions))
-        link = session.link
+        link = session.pool_connection
         for tag in range(5):
             peer.send(tb_frame(tag))
             t.net.flush()
             t.tb_client()  # other sessions come and go around it
-            self.assertIs(session.link, link)
+            self.assertIs(session.pool_connection, link)
         self.assertEqual(peer.received, [tb_frame(tag) for tag in range(5)])
 
     def test_no_healthy_pool_connection(self) -> None:
@@ -316,7 +316,7 @@ class ServerLimitTests(SynchronousTestCase):
         t.net.flush()
         self.assertEqual([p.lost for p in silent], [True] + [False] * MAX_PENDING_HANDSHAKES)
         self.assertEqual(t.server.evictions, 1)
-        self.assertEqual(len(t.server.links), 2)  # the client's own pool is untouched
+        self.assertEqual(len(t.server.pool_connections), 2)  # the client's own pool is untouched
         client, _ = t.tb_client()
         client.send(tb_frame(5))
         t.net.flush()

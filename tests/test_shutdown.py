@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.memnet import BackendFactory, TBPeer, Tunnel
 from tests.strategies import make_tb_frame
+from tigertunnel.net.stats import Refusal
 from tigertunnel.ops.shutdown import ABORT_GRACE, TunnelService
 
 
@@ -76,7 +77,7 @@ class ClientStopTests(DrainCase):
         self.assertEqual(backend.received, [frame(0), frame(1)])
         self.assertTrue(backend.lost)
         self.assertTrue(peer.lost)
-        self.assertEqual(self.t.client.links, [])
+        self.assertEqual(self.t.client.pool_connections, [])
         self.assertEqual(self.t.client.sessions, set())
         # The server saw the stream close before the pool connections went.
         lost = [e for e in events if e.get("role") == "server" and "count" in e]
@@ -87,7 +88,7 @@ class ClientStopTests(DrainCase):
         self.t.client.stopping = True
         peer, _ = self.t.tb_client()
         self.assertTrue(peer.lost)
-        self.assertEqual(self.t.client.stats["sessions_refused_stopping"], 1)
+        self.assertEqual(self.t.client.stats.sessions_refused[Refusal.STOPPING], 1)
 
     def test_idle_stop_is_immediate(self) -> None:
         """A client without sessions stops as soon as its pool connections are closed."""
@@ -112,7 +113,7 @@ class ServerStopTests(DrainCase):
         self.assertEqual(peer.received, [frame(2)])
         self.assertTrue(peer.lost)
         self.assertTrue(backend.lost)
-        self.assertEqual(self.t.server.links, [])
+        self.assertEqual(self.t.server.pool_connections, [])
 
     def test_no_new_streams_while_stopping(self) -> None:
         """A stream opened during the drain is refused."""
@@ -120,7 +121,7 @@ class ServerStopTests(DrainCase):
         peer, _ = self.t.tb_client()
         self.t.net.flush()
         self.assertTrue(peer.lost)
-        self.assertEqual(self.t.server.stats["sessions_refused_stopping"], 1)
+        self.assertEqual(self.t.server.stats.sessions_refused[Refusal.STOPPING], 1)
 
 
 class TimeoutTests(DrainCase):

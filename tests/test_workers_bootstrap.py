@@ -146,7 +146,7 @@ class WorkerOptionTests(SynchronousTestCase):
         opts = self.parse("--workers", "4", "--metrics", "tcp:0",
                           "--worker-index", "3")
         self.assertIsNone(opts.subOptions.operations.metrics)
-        self.assertEqual(opts.subOptions.config.extra["inherited"],
+        self.assertEqual(opts.subOptions.config.inherited_fds,
                          {0: sock.fileno()})
 
     def test_bad_values(self) -> None:

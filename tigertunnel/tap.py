@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Union, cast
 
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorTime
@@ -26,6 +26,7 @@ from tigertunnel.config.model import (
     DEFAULT_MAX_SESSIONS,
     DEFAULT_POOL_SIZE,
     MAX_PROXY_PAIRS,
+    Role,
     TunnelConfig,
     listen_description,
     parse_proxy,
@@ -39,8 +40,7 @@ from tigertunnel.keys.format import parse_int
 from tigertunnel.errors import ConfigError, KeyFileError
 
 if TYPE_CHECKING:
-    from tigertunnel.net.multiplexer import ListenerService
-    from tigertunnel.ops.shutdown import TunnelService
+    from tigertunnel.ops.shutdown import ProcessReactor, TunnelService
 
 #: Default seconds a graceful shutdown (SIGTERM) may take.
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
@@ -182,7 +182,7 @@ class _EndOptions(ExampleOptions):
                 listen_description(pair.listen)  # resolves a listen host name
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
-        cfg = TunnelConfig(role=self.role, pairs=list(self["proxies"]))
+        cfg = TunnelConfig(role=Role.parse(self.role), pairs=list(self["proxies"]))
         cfg.max_sessions = _positive_int("max-sessions",
                                          self["max-sessions"])
         try:
@@ -232,7 +232,7 @@ class _EndOptions(ExampleOptions):
             # A worker serves on worker 0's sockets; metrics are worker 0's.
             self.operations.metrics = None
             try:
-                cfg.extra["inherited"] = inherited_listen_fds(cfg.pairs)
+                cfg.inherited_fds = inherited_listen_fds(cfg.pairs)
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
 
@@ -263,7 +263,7 @@ class _EndOptions(ExampleOptions):
 
             ops.systemd_sockets = True
             try:
-                cfg.extra["listen"] = adopted_listen_descriptions(cfg.pairs)
+                cfg.listen_overrides = adopted_listen_descriptions(cfg.pairs)
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
         return ops
@@ -384,7 +384,7 @@ def config_file_options() -> Dict[str, clusterfile.FileOption]:
                                    COMMAND_LINE_ONLY)
 
 
-def makeService(options: Options, reactor: Optional[IReactorCore] = None) -> IService:
+def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) -> IService:
     """Build the tunnel service from parsed :class:`Options`.
 
     The multiplexers are the children of a
@@ -406,7 +406,7 @@ def makeService(options: Options, reactor: Optional[IReactorCore] = None) -> ISe
 
     if reactor is None:
         from twisted.internet import reactor as _reactor
-        reactor = _reactor
+        reactor = cast("ProcessReactor", _reactor)
     sub = options.subOptions
     config: TunnelConfig = sub.config
     ops: Operations = sub.operations
@@ -424,7 +424,7 @@ def makeService(options: Options, reactor: Optional[IReactorCore] = None) -> ISe
     watchdog = watchdog_interval()
     systemd: Optional[SystemdService] = None
     if notifier.enabled:
-        systemd = SystemdService(notifier, reactor, watchdog)
+        systemd = SystemdService(notifier, IReactorCore(reactor), watchdog)
         listeners.append(systemd)
     if config.workers > 1 and sub["worker-index"] is None:
         supervisor = WorkerSupervisor(
@@ -449,8 +449,7 @@ def _listening_descriptors(top: "TunnelService") -> List[int]:
     """
     fds = []
     for mux in top.multiplexers:
-        # Every concrete multiplexer (client or server) has a listener.
-        listener: ListenerService = getattr(mux, "listener")
+        listener = mux.listener
         if listener.port is None:
             raise ValueError(f"{mux.pair.name} is not listening")
         fds.append(int(listener.port.fileno()))

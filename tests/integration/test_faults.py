@@ -246,7 +246,7 @@ class InProcessTunnel:
         """Wait until every pool connection of the client is established."""
         mux = self.client_mux
         await procs.wait_until(
-            lambda: sum(link.established for link in mux.links) == self.pool_size,
+            lambda: sum(link.established for link in mux.pool_connections) == self.pool_size,
             timeout, f"{self.pool_size} pool connections up")
 
     async def tb_client(self) -> TBPeer:
@@ -289,7 +289,7 @@ class InProcessTunnel:
             await self.proxy.stop()
         if self.server is not None:
             mux = self.server_mux
-            await procs.wait_until(lambda: not mux.links and not mux.pending, DEADLINE,
+            await procs.wait_until(lambda: not mux.pool_connections and not mux.pending, DEADLINE,
                                    "the server to drop its pool connections")
             await defer.maybeDeferred(self.server.stopService).addTimeout(10, reactor)
         await procs.wait_until(lambda: not self.backend.open_connections, DEADLINE,
@@ -568,7 +568,7 @@ class HandshakeGateTests(TestCase):
         self.live.send(frame)
         await self.live.wait_frames(len(self.live.digests) + 1, DEADLINE)
         rtt = await t.round_trip(100)
-        self.assertEqual(len(t.server_mux.links), 1, "the real pool connection was dropped")
+        self.assertEqual(len(t.server_mux.pool_connections), 1, "the real pool connection was dropped")
         record(case, f"{what}: closed after {ms(elapsed)}, reply "
                      f"{bytes(peer.received).hex() or 'none'}, backend connections "
                      f"{len(t.backend.connections) - before - 1} (excluding the check "
@@ -1233,7 +1233,7 @@ class IsolationTests(TestCase):
         stopped, stopped_backend = await t.session()
         stopped.transport.pauseProducing()  # never reads again
         slow, _ = await t.session()
-        self.assertEqual(len(t.client_mux.links), 1)
+        self.assertEqual(len(t.client_mux.pool_connections), 1)
         stopped.send(control_frame(FLOOD, count=32, size=1 << 20, tag=500))
         slow.send(*[control_frame(SLOW, delay=2.0, tag=600 + i) for i in range(3)])
         slow_sent = time.monotonic()

@@ -268,7 +268,7 @@ class Harness:
         mux = self.client_mux
         assert mux is not None
         await procs.wait_until(
-            lambda: sum(link.established for link in mux.links) == self.pool_size,
+            lambda: sum(link.established for link in mux.pool_connections) == self.pool_size,
             timeout, f"{self.pool_size} pool connections up")
 
     async def tb_client(self) -> Peer:
@@ -297,7 +297,7 @@ class Harness:
         mux = self.server_mux
         if mux is not None:
             await procs.wait_until(
-                lambda: not mux.links and not mux.sessions and not mux.pending,
+                lambda: not mux.pool_connections and not mux.sessions and not mux.pending,
                 5, "the server to drop its pool connections and sessions")
         await procs.wait_until(
             lambda: all(p.is_lost for p in self.replicas.peers), 5,
@@ -330,7 +330,7 @@ class TraceReplayTests(TestCase):
             replay.check(self)
         assert harness.client_mux is not None
         self.streams_per_link = sorted(
-            len(link.streams) for link in harness.client_mux.links)
+            len(link.streams) for link in harness.client_mux.pool_connections)
         return replays
 
     async def test_single_trace_psk(self) -> None:

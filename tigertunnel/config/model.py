@@ -11,10 +11,11 @@ Addresses are converted here, once, into Twisted endpoint descriptions; any
 bad value raises :class:`~tigertunnel.errors.ConfigError` naming it.
 """
 
+import enum
 import ipaddress
 import socket
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple, Union
 
 from tigertunnel.keys.format import KeyStore
 from tigertunnel.errors import ConfigError
@@ -23,6 +24,35 @@ MAX_PROXY_PAIRS = 16
 DEFAULT_POOL_SIZE = 4
 DEFAULT_MAX_SESSIONS = 1000
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+class Role(str, enum.Enum):
+    """Which end of the tunnel a process is: the tunnel client or server.
+
+    A ``str`` enum: it formats as its value (``client``, ``server``) in logs
+    and JSON, and compares equal to it.
+    """
+
+    CLIENT = "client"
+    SERVER = "server"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def parse(cls, value: Union[str, "Role"]) -> "Role":
+        """The role named ``value``.
+
+        :raises ConfigError: ``value`` is neither ``client`` nor ``server``.
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"invalid role: {value!r} (expected client or "
+                              f"server)") from None
 
 
 @dataclass(frozen=True)
@@ -111,8 +141,8 @@ def listen_description(address: Address) -> str:
     host = address.host
     if host and not _is_ip(host):
         try:
-            host = socket.getaddrinfo(host, address.port, socket.AF_UNSPEC,
-                                      socket.SOCK_STREAM)[0][4][0]
+            host = str(socket.getaddrinfo(host, address.port, socket.AF_UNSPEC,
+                                          socket.SOCK_STREAM)[0][4][0])
         except (OSError, IndexError) as e:
             raise ConfigError(f"cannot resolve listen host {address.host!r}: "
                               f"{e}") from None
@@ -162,10 +192,11 @@ def parse_proxy(text: str, index: int) -> ProxyPair:
 class TunnelConfig:
     """Everything one tunnel end (client or server) needs to run.
 
-    ``psk`` is ``None`` only in explicit plaintext mode.
+    ``psk`` is ``None`` only in explicit plaintext mode. ``role`` may be
+    given as its name (``"client"``); it is a :class:`Role` afterwards.
     """
 
-    role: str
+    role: Role
     pairs: List[ProxyPair]
     psk: Optional[KeyStore] = None
     kem_public: Optional[Tuple[int, bytes]] = None
@@ -179,4 +210,12 @@ class TunnelConfig:
     kem_path: Optional[str] = None
     #: Processes serving this tunnel end (``--workers``).
     workers: int = 1
-    extra: dict = field(default_factory=dict)
+    #: Listen endpoint descriptions replacing a pair's own, by pair index
+    #: (``systemd:`` sockets handed over by socket activation).
+    listen_overrides: Mapping[int, str] = field(default_factory=dict)
+    #: Inherited listening sockets by pair index (a ``--workers`` worker
+    #: accepts on worker 0's sockets).
+    inherited_fds: Mapping[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.role = Role.parse(self.role)

@@ -267,7 +267,7 @@ class FrameOpener:
                       + self._cluster + size.to_bytes(4, "little"))
         return out
 
-    def open(self, mux_header: bytes, payload: bytes) -> bytes:
+    def open(self, mux_header: bytes, payload: "bytes | bytearray") -> bytes:
         """Like :meth:`open_buffer`, but return ``bytes`` and never touch ``payload``."""
         if type(payload) is not bytes:
             payload = bytes(payload)

@@ -99,7 +99,7 @@ def _kyber() -> Any:
     :raises KEMError: kyber-py is not installed.
     """
     try:
-        from kyber_py.ml_kem import ML_KEM_768  # type: ignore[import-untyped]
+        from kyber_py.ml_kem import ML_KEM_768
     except ImportError as e:  # pragma: no cover - kyber-py is a dependency
         raise KEMError("kyber-py is required for this ML-KEM operation") from e
     return ML_KEM_768

@@ -74,7 +74,8 @@ def send_now(transport: Any, data: "bytes | bytearray") -> None:
         if isinstance(sent, int) and sent >= 0:
             if sent == len(data):
                 return
-            data = memoryview(data)[sent:]
+            transport.write(bytes(memoryview(data)[sent:]))
+            return
     transport.write(bytes(data))
 
 

@@ -13,9 +13,22 @@ Anything that fails to authenticate or parse closes the pool connection and
 every session on it at once; nothing after the bad bytes is delivered. When
 this socket's write buffer fills, every session on it stops reading its TB
 peer until it drains (:meth:`TunnelProtocol.pauseProducing`).
+
+Lifecycle (:data:`POOL_TRANSITIONS`): ``NEW`` until connected, then
+``HANDSHAKING`` (in plaintext mode only for an instant), ``ESTABLISHED``
+once streams may use it, ``CLOSING`` while an established connection is
+closed gracefully (its streams still flow until it is gone), ``DEAD`` when
+the handshake failed or the connection failed or was closed before it was
+established (nothing it receives is used any more), and ``CLOSED`` once
+the connection is lost.
+
+The streams on a pool connection live in its :class:`StreamTable`: the
+client opens them (:meth:`TunnelProtocol.open_stream`), the server accepts
+those the client opened (:meth:`TunnelProtocol.accept_stream`).
 """
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
+import enum
+from typing import Any, Callable, List, Optional, Union, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
@@ -23,15 +36,21 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tigertunnel.config.model import Role
 from tigertunnel.errors import HandshakeError, TunnelError
-from tigertunnel.wire.handshake import (
-    Accepted,
-    ClientHandshake,
-    Rejected,
-    ServerHandshake,
-    Status,
+from tigertunnel.interfaces import (
+    BackendOpener,
+    Clock,
+    PoolHost,
+    Session,
+    StreamTransport,
 )
 from tigertunnel.logs import logger
+from tigertunnel.net.frame_protocol import CLOSE_TIMEOUT
+from tigertunnel.net.sockets import send_now, tune_socket
+from tigertunnel.net.states import TransitionError, Transitions
+from tigertunnel.net.stats import HandshakeFailure
+from tigertunnel.net.streams import StreamTable
 from tigertunnel.wire.codec import (
     CLIENT,
     SERVER,
@@ -40,11 +59,12 @@ from tigertunnel.wire.codec import (
     StreamData,
     StreamOpened,
 )
-from tigertunnel.net.frame_protocol import CLOSE_TIMEOUT, FrameProtocol
-from tigertunnel.net.sockets import send_now, tune_socket
-
-if TYPE_CHECKING:  # pragma: no cover
-    from tigertunnel.net.multiplexer import SessionMultiplexer
+from tigertunnel.wire.handshake import (
+    Accepted,
+    ClientHandshake,
+    Rejected,
+    ServerHandshake,
+)
 
 #: Pool-connection writes smaller than this go through Twisted's buffer, so
 #: that the frames of many sessions leave in one send per reactor turn;
@@ -53,64 +73,104 @@ COALESCE_BELOW = 64 * 1024
 
 log = logger("tigertunnel.tunnel")
 
-
-def _failure_kind(status: Optional[int]) -> str:
-    """Metric label of a handshake failure seen by the client."""
-    if status is None:
-        return "server_auth"
-    try:
-        return f"rejected_{Status(status).name.lower()}"
-    except ValueError:
-        return "invalid_status"
+Handshake = Union[ClientHandshake, ServerHandshake]
 
 
-def _rejection_kind(result: Rejected) -> str:
-    """Metric label of a ClientHello the server rejected."""
-    reason = result.reason
-    for word, kind in (("unknown operation", "bad_operation"),
-                       ("unknown version", "bad_version"),
-                       ("unknown key id", "unknown_key"),
-                       ("hash mismatch", "bad_hash"),
-                       ("timestamp", "timestamp"),
-                       ("replayed", "replay"),
-                       ("requires KEM", "kem_required"),
-                       ("KEM", "kem")):
-        if word in reason:
-            return kind
-    return "other"
+class PoolState(enum.Enum):
+    """Where a pool connection is in its life (see the module docstring)."""
+
+    NEW = "new"
+    HANDSHAKING = "handshaking"
+    ESTABLISHED = "established"
+    CLOSING = "closing"
+    DEAD = "dead"
+    CLOSED = "closed"
+
+
+class PoolInput(enum.Enum):
+    """What happens to a pool connection."""
+
+    #: The TCP connection was made (connectionMade).
+    CONNECT = "connect"
+    #: The handshake completed (at once in plaintext mode).
+    ESTABLISH = "establish"
+    #: The handshake failed, timed out or was evicted; or the established
+    #: connection failed (bad bytes): it is closed or aborted.
+    FAIL = "fail"
+    #: Close gracefully (key reload, shutdown, a pool slot stopping).
+    CLOSE = "close"
+    #: The connection is gone (connectionLost).
+    LOSE = "lose"
+
+
+_S, _I = PoolState, PoolInput
+
+#: Every move a pool connection may make; anything else is a TransitionError.
+POOL_TRANSITIONS: Transitions[PoolState, PoolInput] = Transitions("pool connection", {
+    _S.NEW: {_I.CONNECT: _S.HANDSHAKING},
+    _S.HANDSHAKING: {_I.ESTABLISH: _S.ESTABLISHED, _I.FAIL: _S.DEAD,
+                     _I.CLOSE: _S.DEAD, _I.LOSE: _S.CLOSED},
+    _S.ESTABLISHED: {_I.CLOSE: _S.CLOSING, _I.FAIL: _S.DEAD, _I.LOSE: _S.CLOSED},
+    _S.CLOSING: {_I.CLOSE: _S.CLOSING, _I.FAIL: _S.DEAD, _I.LOSE: _S.CLOSED},
+    # A dead connection may still be evicted (aborted) or closed again.
+    _S.DEAD: {_I.CLOSE: _S.DEAD, _I.FAIL: _S.DEAD, _I.LOSE: _S.CLOSED},
+    # Closing what is already gone (a late sweep or shutdown) does nothing.
+    _S.CLOSED: {_I.CLOSE: _S.CLOSED},
+})
+
+# Module-level names for the per-event checks.
+_ESTABLISHED = PoolState.ESTABLISHED
+_CLOSING = PoolState.CLOSING
+_HANDSHAKING = PoolState.HANDSHAKING
 
 
 @implementer(IPushProducer)
 class TunnelProtocol(Protocol):
     """One pool connection, at either end.
 
-    :param role: ``"client"`` or ``"server"``.
+    :param role: which tunnel end this is.
     :param handshake: the handshake machine, or ``None`` in plaintext mode.
-    :param mux: the proxy pair's :class:`SessionMultiplexer`.
+    :param host: the proxy pair's multiplexer.
+    :param name: names the pool connection in logs.
+    :param opener: tunnel server: opens the backend of each stream the
+        client opens.
     """
 
-    def __init__(self, role: str,
-                 handshake: Union[ClientHandshake, ServerHandshake, None],
-                 mux: "SessionMultiplexer", name: str) -> None:
-        self.role = role
-        self.mux = mux
-        self.clock = mux.clock
+    def __init__(self, role: Role, handshake: Optional[Handshake],
+                 host: "PoolHost[TunnelProtocol]", name: str,
+                 opener: "Optional[BackendOpener[TunnelProtocol]]" = None) -> None:
+        self.role = Role.parse(role)
+        self.host = host
+        self.clock: Clock = host.clock
+        #: The TCP transport to the other tunnel end, once connected.
+        self._tcp: Optional[StreamTransport] = None
         self.name = name
+        self.state = PoolState.NEW
         self._handshake = handshake
+        self._opener = opener
         self.codec: Optional[LinkCodec] = None
-        self.streams: Dict[int, FrameProtocol] = {}
+        #: Whether this pool connection encrypts (a key was configured).
+        self.encrypted = False
+        #: The streams on this pool connection.
+        self.streams = StreamTable()
+        #: Whether our socket to the peer is full (sessions stop reading).
         self.paused = False
         self._outcome: Union["TunnelProtocol", Failure, None] = None
         self._waiters: List[Deferred["TunnelProtocol"]] = []
         self._timer: Optional[IDelayedCall] = None
-        self._next_id = 1
         self.key_id: Optional[int] = None
         #: The KEM key id of a kemconnect handshake (server side), else None.
         self.kem_key_id: Optional[int] = None
         self.peer_version: Optional[int] = None
-        self._alive = False
+        #: Called once the connection is lost (a pool slot reconnects).
         self.on_lost: Optional[Callable[["TunnelProtocol"], None]] = None
         self._close_timer: Optional[IDelayedCall] = None
+
+    def _goto(self, event: PoolInput) -> PoolState:
+        """Make the move ``event`` and return the state it leaves."""
+        before = self.state
+        self.state = POOL_TRANSITIONS(before, event)
+        return before
 
     @property
     def ready(self) -> "Deferred[TunnelProtocol]":
@@ -134,70 +194,75 @@ class TunnelProtocol(Protocol):
                 d.callback(outcome)
 
     @property
-    def encrypted(self) -> bool:
-        """Whether this pool connection encrypts (a key was configured)."""
-        return self.codec is not None and self.codec.encrypted
-
-    @property
     def established(self) -> bool:
-        """Whether the handshake is done and streams may use this link."""
-        return self.codec is not None and self._alive
+        """Whether the handshake is done and streams may use this pool
+        connection (also while it closes gracefully)."""
+        state = self.state
+        return state is _ESTABLISHED or state is _CLOSING
 
     # -- Twisted's interface -----------------------------------------------
 
     def connectionMade(self) -> None:
-        self._alive = True
-        tune_socket(self.transport)
-        self.transport.registerProducer(self, True)
-        if self._handshake is None:
+        self._goto(PoolInput.CONNECT)
+        tcp = self._tcp = cast(StreamTransport, self.transport)
+        tune_socket(tcp)
+        tcp.registerProducer(self, True)
+        handshake = self._handshake
+        if handshake is None:
             self._established(LinkCodec(self.role, None), b"")
             return
-        self._timer = self.clock.callLater(self.mux.handshake_timeout,
+        self._timer = self.clock.callLater(self.host.handshake_timeout,
                                            self._handshake_timed_out)
-        self.mux.handshake_started(self)
-        if isinstance(self._handshake, ClientHandshake):
-            self.transport.write(self._handshake.start())
+        self.host.handshake_started(self)
+        if isinstance(handshake, ClientHandshake):
+            tcp.write(handshake.start())
 
     def dataReceived(self, data: bytes) -> None:
-        if self.codec is None:
+        state = self.state
+        if state is _HANDSHAKING:
             self._handshake_data(data)
             return
+        codec = self.codec
+        if codec is None or (state is not _ESTABLISHED and state is not _CLOSING):
+            return  # dead: nothing after a failure is used
         try:
-            events = self.codec.feed(data)
+            events = codec.feed(data)
         except TunnelError as e:
             self._fail(f"{type(e).__name__}: {e}")
             return
+        lookup = self.streams.lookup
         for event in events:
             if isinstance(event, StreamData):
-                session = self.streams.get(event.stream_id)
+                session = lookup(event.stream_id)
                 if session is not None:
                     session.deliver(event.frame)
             elif isinstance(event, StreamOpened):
                 self._peer_opened(event.stream_id)
             elif isinstance(event, StreamClosed):
-                session = self.streams.pop(event.stream_id, None)
-                if session is not None:
-                    session.close_by_peer()
-            if not self._alive:
+                closed = self.streams.remove(event.stream_id)
+                if closed is not None:
+                    closed.close_by_peer()
+            state = self.state
+            if state is not _ESTABLISHED and state is not _CLOSING:
                 return
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._alive = False
+        before = self._goto(PoolInput.LOSE)
         self._cancel_timer()
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
-        self.mux.handshake_ended(self)
-        streams, self.streams = self.streams, {}
-        if self.codec is not None:
+        self.host.handshake_ended(self)
+        streams = self.streams.drain()
+        if before is _ESTABLISHED or before is _CLOSING:
             self.codec = None
             log.info("{role} pool connection {link} lost ({reason}); closing "
                      "{count} sessions", role=self.role, link=self.name,
                      reason=reason.getErrorMessage(), count=len(streams))
-            self.mux.link_down(self)
+            self.host.pool_connection_down(self)
         elif self._outcome is None:
             self._settle(Failure(HandshakeError(
                 f"connection lost during handshake: {reason.getErrorMessage()}")))
-        for session in streams.values():
+        for session in streams:
             session.close_by_peer(abort=True)
         if self.on_lost is not None:
             self.on_lost(self)
@@ -206,12 +271,12 @@ class TunnelProtocol(Protocol):
 
     def pauseProducing(self) -> None:
         self.paused = True
-        for session in self.streams.values():
+        for session in self.streams:
             session.pause_reading()
 
     def resumeProducing(self) -> None:
         self.paused = False
-        for session in list(self.streams.values()):
+        for session in self.streams:
             session.resume_reading()
 
     def stopProducing(self) -> None:
@@ -228,22 +293,25 @@ class TunnelProtocol(Protocol):
                     return
                 self.key_id = est.key_id
                 self._established(
-                    LinkCodec(CLIENT, est.keys, self.mux.cluster_value),
+                    LinkCodec(CLIENT, est.keys, self.host.cluster_value),
                     est.leftover)
                 return
-            assert isinstance(hs, ServerHandshake)
+            if hs is None:
+                return
             result = hs.feed(data)
         except HandshakeError as e:
-            self.mux.handshake_failed(self, str(e), kind=_failure_kind(e.status))
+            self.host.handshake_failed(self, str(e),
+                                       HandshakeFailure.refused(e.status))
             self._fail_handshake(e)
             return
         if result is None:
             return
         if isinstance(result, Rejected):
-            self.mux.handshake_failed(self, result.reason, result.skew,
-                                      kind=_rejection_kind(result))
+            self.host.handshake_failed(self, result.reason,
+                                       HandshakeFailure.rejected(result.kind),
+                                       result.skew)
             if result.reply:
-                self.transport.write(result.reply)
+                self._output().write(result.reply)
             self._fail_handshake(HandshakeError(result.reason, result.status))
             return
         assert isinstance(result, Accepted)
@@ -251,51 +319,78 @@ class TunnelProtocol(Protocol):
         self.key_id = est.key_id
         self.kem_key_id = est.kem_key_id
         self.peer_version = est.peer_version
-        self.transport.write(result.reply)
+        self._output().write(result.reply)
         self._established(
-            LinkCodec(SERVER, est.keys, self.mux.cluster_value,
+            LinkCodec(SERVER, est.keys, self.host.cluster_value,
                       peer_extended=est.peer_version >= 2),
             est.leftover)
 
     def _established(self, codec: LinkCodec, leftover: bytes) -> None:
+        self._goto(PoolInput.ESTABLISH)
         self._cancel_timer()
-        self.mux.handshake_ended(self)
+        self.host.handshake_ended(self)
         self._handshake = None
         self.codec = codec
-        self.mux.link_up(self)
+        self.encrypted = codec.encrypted
+        self.host.pool_connection_up(self)
         if self._outcome is None:
             self._settle(self)
-        if leftover and self._alive:
+        if leftover and self.established:
             self.dataReceived(leftover)
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
-        self.mux.handshake_failed(self, "handshake timed out", kind="timeout")
+        self.host.handshake_failed(self, "handshake timed out",
+                                   HandshakeFailure.TIMEOUT)
         self._fail_handshake(HandshakeError("handshake timed out"))
 
     def _fail_handshake(self, error: HandshakeError) -> None:
+        """The handshake failed: settle ``ready`` and close (gracefully, so
+        that a rejection's status byte is still sent)."""
+        before = self._goto(PoolInput.FAIL)
         self._cancel_timer()
         self._handshake = None
         if self._outcome is None:
             self._settle(Failure(error))
-        self._alive = False
-        self.close_gracefully()
+        if before is _HANDSHAKING:
+            self._close_transport(CLOSE_TIMEOUT)
 
     def close_gracefully(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Close this pool connection after what is queued has been sent.
 
-        Unregisters this protocol as the transport's producer first (Twisted
-        does not finish a ``loseConnection`` whose buffer drains while its
-        producer is paused), and aborts the connection if the peer has not
-        taken the queued bytes within ``timeout`` seconds.
+        An established connection keeps carrying its streams until it is
+        gone; one still in its handshake is dropped. Aborts the connection
+        if the peer has not taken the queued bytes within ``timeout``
+        seconds.
         """
-        if not self._alive and self._close_timer is not None:
-            return
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        before = self._goto(PoolInput.CLOSE)
+        if before is _HANDSHAKING:
+            self._cancel_timer()
+            self._handshake = None
+        if before is _ESTABLISHED or before is _HANDSHAKING:
+            self._close_transport(timeout)
+
+    def _output(self) -> StreamTransport:
+        """The transport, which exists in every state but ``NEW``."""
+        tcp = self._tcp
+        if tcp is None:
+            raise TransitionError(f"pool connection {self.name}: no "
+                                  f"transport in state {self.state.name}")
+        return tcp
+
+    def _close_transport(self, timeout: float) -> None:
+        tcp = self._output()
+        # Unregister this producer first: Twisted does not finish a
+        # loseConnection whose buffer drains while its producer is paused.
+        tcp.unregisterProducer()
+        tcp.loseConnection()
         if self._close_timer is None:
-            self._close_timer = self.clock.callLater(
-                timeout, self.transport.abortConnection)
+            self._close_timer = self.clock.callLater(timeout, tcp.abortConnection)
+
+    def abort(self) -> None:
+        """Close at once, dropping what is queued (a shutdown that timed out)."""
+        if self._tcp is not None:
+            self._tcp.abortConnection()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -305,35 +400,40 @@ class TunnelProtocol(Protocol):
     def evict(self) -> None:
         """Drop this connection before its handshake finished (too many pending)."""
         self._fail_handshake(HandshakeError("evicted: too many pending handshakes"))
-        self.transport.abortConnection()
+        self.abort()
 
     def _fail(self, reason: str) -> None:
+        """The established connection failed: abort it and its sessions."""
         log.error("{role} pool connection {link} failed: {reason}; closing it "
                   "and its {count} sessions", role=self.role, link=self.name,
                   reason=reason, count=len(self.streams))
-        self.mux.stats["link_failures"] += 1
-        self._alive = False
-        codec, self.codec = self.codec, None
-        streams, self.streams = self.streams, {}
-        if codec is not None:
-            self.mux.link_down(self)
-        for session in streams.values():
+        self.host.stats.pool_failures += 1
+        self._goto(PoolInput.FAIL)
+        self.codec = None
+        streams = self.streams.drain()
+        self.host.pool_connection_down(self)
+        for session in streams:
             session.close_by_peer(abort=True)
-        self.transport.abortConnection()
+        self.abort()
 
     # -- streams --------------------------------------------------------------
 
-    def open_stream(self, session: FrameProtocol) -> int:
+    def open_stream(self, session: Session) -> int:
         """Open a new stream for ``session`` (tunnel client) and return its id."""
-        assert self.codec is not None
-        stream_id = self._next_id
-        while stream_id in self.streams or stream_id == 0:
-            stream_id = (stream_id + 1) & 0xFFFFFFFF
-        self._next_id = (stream_id + 1) & 0xFFFFFFFF
-        self.streams[stream_id] = session
+        codec = self.codec
+        if codec is None:
+            raise TransitionError(f"pool connection {self.name}: cannot open "
+                                  f"a stream in state {self.state.name}")
+        stream_id = self.streams.open(session)
         session.attached(self, stream_id)
-        self.transport.writeSequence(self.codec.encode_open(stream_id))
+        self._output().writeSequence(codec.encode_open(stream_id))
         return stream_id
+
+    def accept_stream(self, stream_id: int, session: Session) -> None:
+        """Record ``session`` for the stream ``stream_id`` the client opened
+        (tunnel server)."""
+        self.streams.attach(stream_id, session)
+        session.attached(self, stream_id)
 
     def send_data(self, stream_id: int, frame: bytes) -> None:
         """Send one TB frame of ``stream_id`` to the peer.
@@ -341,24 +441,26 @@ class TunnelProtocol(Protocol):
         :raises FrameError: the frame cannot be encrypted (padding); the
             caller closes its session, the pool connection is unaffected.
         """
-        if self.codec is None:
+        codec = self.codec
+        tcp = self._tcp
+        if codec is None or tcp is None:
             return
-        chunks = self.codec.encode_data(stream_id, frame)
+        chunks = codec.encode_data(stream_id, frame)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(data) < COALESCE_BELOW:
             # Small frames of many sessions share the pool connection: let
             # Twisted gather what this reactor turn produces into one send.
-            self.transport.write(bytes(data))
+            tcp.write(bytes(data))
         else:
-            send_now(self.transport, data)
+            send_now(tcp, data)
 
-    def end_stream(self, stream_id: int, session: FrameProtocol) -> None:
+    def end_stream(self, stream_id: int, session: Session) -> None:
         """The TB side of ``stream_id`` closed: tell the peer and forget it."""
-        if self.streams.get(stream_id) is not session:
+        if self.streams.remove(stream_id, session) is None:
             return
-        del self.streams[stream_id]
-        if self.codec is not None and self._alive and self.codec.can_send_close:
-            self.transport.writeSequence(self.codec.encode_close(stream_id))
+        codec = self.codec
+        if codec is not None and codec.can_send_close:
+            self._output().writeSequence(codec.encode_close(stream_id))
 
     def _peer_opened(self, stream_id: int) -> None:
         if stream_id in self.streams:
@@ -366,27 +468,42 @@ class TunnelProtocol(Protocol):
             # authenticated, so this is tampering or a broken peer.
             self._fail(f"stream_open for stream {stream_id}, which is open")
             return
-        if self.mux.open_backend(self, stream_id) is None:
-            if self.codec is not None and self.codec.can_send_close:
-                self.transport.writeSequence(self.codec.encode_close(stream_id))
+        opener = self._opener
+        if opener is None:
+            self._fail(f"stream_open for stream {stream_id} on a pool "
+                       f"connection that opens no backends")
+            return
+        if opener.open_backend(self, stream_id) is None:
+            codec = self.codec
+            if codec is not None and codec.can_send_close:
+                self._output().writeSequence(codec.encode_close(stream_id))
 
 
 class TunnelFactory(Factory):
-    """Builds :class:`TunnelProtocol` pool connections for a proxy pair."""
+    """Builds the server's :class:`TunnelProtocol` pool connections of a pair.
+
+    :param host: the pair's multiplexer.
+    :param make_handshake: a new handshake machine per connection (``None``
+        in plaintext mode).
+    :param opener: opens the backends of the streams.
+    :param pair_name: prefixes the connections' names in logs.
+    """
 
     noisy = False
 
-    def __init__(self, mux: "SessionMultiplexer",
-                 make_handshake: Callable[[], Union[ClientHandshake,
-                                                    ServerHandshake, None]]) -> None:
-        self.mux = mux
+    def __init__(self, host: "PoolHost[TunnelProtocol]",
+                 make_handshake: Callable[[], Optional[Handshake]],
+                 opener: "BackendOpener[TunnelProtocol]", pair_name: str) -> None:
+        self.host = host
         self.make_handshake = make_handshake
+        self.opener = opener
+        self.pair_name = pair_name
         self._count = 0
 
     def buildProtocol(self, addr: Any) -> TunnelProtocol:
         self._count += 1
         host = getattr(addr, "host", "?")
         port = getattr(addr, "port", "?")
-        name = f"{self.mux.name}/{self._count}@{host}:{port}"
-        return TunnelProtocol(self.mux.role, self.make_handshake(), self.mux,
-                              name)
+        name = f"{self.pair_name}/{self._count}@{host}:{port}"
+        return TunnelProtocol(self.host.role, self.make_handshake(), self.host,
+                              name, self.opener)

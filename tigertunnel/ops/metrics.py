@@ -20,6 +20,7 @@ collection in a thread pool, which would race with the reactor).
 """
 
 import json
+from collections import Counter
 from typing import Any, Dict, Iterator, List, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -30,21 +31,28 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorCore
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from tigertunnel.errors import ListenError
+from tigertunnel.config.model import Role
+from tigertunnel.interfaces import Reactor
+from tigertunnel.net.listeners import start_listening
+from tigertunnel.net.multiplexer import (
+    ClientMultiplexer,
+    ServerMultiplexer,
+    SessionMultiplexer,
+)
+from tigertunnel.net.stats import Stats
 from tigertunnel.ops.reload import KeyReloader
-from tigertunnel.net.multiplexer import ClientMultiplexer, SessionMultiplexer
 
 #: Directions of traffic, as named in the counters: ``to_tunnel`` = read from
 #: the TB side and sent into the tunnel, ``from_tunnel`` = the reverse.
 DIRECTIONS = ("to_tunnel", "from_tunnel")
 
 _SIMPLE_COUNTERS = (
-    # (stats key, metric name, help)
+    # (Stats attribute, metric name, help)
     ("sessions_opened", "sessions_opened", "Sessions (streams) opened."),
     ("sessions_overflowed", "sessions_overflowed",
      "Sessions closed because their TB peer stopped reading."),
@@ -53,7 +61,7 @@ _SIMPLE_COUNTERS = (
     ("pool_reconnects", "pool_reconnects",
      "Pool connections re-established by a pool slot that was up before."),
     ("pool_losses", "pool_losses", "Established pool connections lost."),
-    ("link_failures", "pool_failures",
+    ("pool_failures", "pool_failures",
      "Pool connections closed for a protocol or authentication error."),
     ("handshake_evictions", "handshake_evictions",
      "Pending handshakes dropped because too many were pending."),
@@ -62,28 +70,56 @@ _SIMPLE_COUNTERS = (
 )
 
 
-def _by_prefix(stats: Any, prefix: str) -> Dict[str, int]:
-    return {k[len(prefix):]: v for k, v in sorted(stats.items())
-            if k.startswith(prefix)}
+#: Names of the /status ``counters`` entries that differ from the Stats
+#: attribute.
+_COUNTER_NAMES = {"pool_failures": "link_failures"}
+
+
+def counters(stats: Stats) -> Dict[str, int]:
+    """Every counter that moved, by name, sorted (the /status ``counters``):
+    the plain counters, ``handshake_failures_<reason>`` and
+    ``sessions_refused_<reason>``."""
+    flat: Dict[str, int] = {}
+    for attribute in ("frames_to_tunnel", "bytes_to_tunnel",
+                      "frames_from_tunnel", "bytes_from_tunnel",
+                      *(key for key, _, _ in _SIMPLE_COUNTERS)):
+        value = getattr(stats, attribute)
+        if value:
+            flat[_COUNTER_NAMES.get(attribute, attribute)] = value
+    for reason, count in stats.handshake_failures.items():
+        if count:
+            flat[f"handshake_failures_{reason.value}"] = count
+    for why, count in stats.sessions_refused.items():
+        if count:
+            flat[f"sessions_refused_{why.value}"] = count
+    return dict(sorted(flat.items()))
+
+
+def _by_reason(counts: "Counter[Any]") -> Dict[str, int]:
+    """``{label: count}`` of the reasons that occurred, sorted by label."""
+    return {reason.value: count for reason, count
+            in sorted(counts.items(), key=lambda item: item[0].value) if count}
 
 
 def pair_status(mux: SessionMultiplexer) -> Dict[str, Any]:
     """The figures of one proxy pair (the ``/status`` JSON of that pair)."""
     stats = mux.stats
-    links = [link for link in mux.links if link.established]
-    draining = [link for link in links if link in mux.draining]
+    established = [c for c in mux.pool_connections if c.established]
+    draining = [c for c in established if c in mux.draining]
     by_key: Dict[str, int] = {}
-    for link in links:
-        key = str(link.key_id) if link.key_id is not None else "none"
+    for connection in established:
+        key = str(connection.key_id) if connection.key_id is not None else "none"
         by_key[key] = by_key.get(key, 0) + 1
     client = isinstance(mux, ClientMultiplexer)
+    handshaking = 0
     if isinstance(mux, ClientMultiplexer):
         handshaking = sum(1 for slot in mux.pool
-                          if slot.link is not None and not slot.link.established)
-    else:
-        handshaking = len(getattr(mux, "pending", ()))
+                          if slot.connection is not None
+                          and not slot.connection.established)
+    elif isinstance(mux, ServerMultiplexer):
+        handshaking = len(mux.pending)
     pool: Dict[str, Any] = {
-        "healthy": len(links) - len(draining),
+        "healthy": len(established) - len(draining),
         "draining": len(draining),
         "handshaking": handshaking,
     }
@@ -94,33 +130,35 @@ def pair_status(mux: SessionMultiplexer) -> Dict[str, Any]:
         "listen": str(mux.pair.listen),
         "target": str(mux.pair.target),
         # A server has no pool of its own: it is healthy while it listens.
-        "healthy": bool(links) if client else not mux.stopping,
+        "healthy": bool(established) if client else not mux.stopping,
         "pool": pool,
-        "links": [{"name": link.name, "key_id": link.key_id,
-                   "sessions": len(link.streams),
-                   "state": "draining" if link in mux.draining else "healthy"}
-                  for link in links],
+        "links": [{"name": connection.name, "key_id": connection.key_id,
+                   "sessions": len(connection.streams),
+                   "state": "draining" if connection in mux.draining else "healthy"}
+                  for connection in established],
         "key_ids": by_key,
         "sessions": len(mux.sessions),
-        "sessions_opened": stats["sessions_opened"],
-        "frames": {d: stats[f"frames_{d}"] for d in DIRECTIONS},
-        "bytes": {d: stats[f"bytes_{d}"] for d in DIRECTIONS},
-        "handshake_failures": _by_prefix(stats, "handshake_failures_"),
-        "sessions_refused": _by_prefix(stats, "sessions_refused_"),
-        "reconnects": stats["pool_reconnects"],
-        "counters": dict(sorted(stats.items())),
+        "sessions_opened": stats.sessions_opened,
+        "frames": {"to_tunnel": stats.frames_to_tunnel,
+                   "from_tunnel": stats.frames_from_tunnel},
+        "bytes": {"to_tunnel": stats.bytes_to_tunnel,
+                  "from_tunnel": stats.bytes_from_tunnel},
+        "handshake_failures": _by_reason(stats.handshake_failures),
+        "sessions_refused": _by_reason(stats.sessions_refused),
+        "reconnects": stats.pool_reconnects,
+        "counters": counters(stats),
     }
 
 
 def status(muxes: List[SessionMultiplexer],
            reloader: Optional[KeyReloader]) -> Dict[str, Any]:
     """The whole ``/status`` document (JSON-serialisable)."""
-    role = muxes[0].role if muxes else ""
+    role = muxes[0].role.value if muxes else ""
     config = muxes[0].config if muxes else None
     keys: Dict[str, Any] = {"psk": None, "kem": None}
     if config is not None and config.psk is not None:
         ids = config.psk.ids()
-        keys["psk"] = ids[:1] if role == "client" else ids
+        keys["psk"] = ids[:1] if config.role is Role.CLIENT else ids
         if config.kem_public is not None:
             keys["kem"] = [config.kem_public[0]]
         elif config.kem_secret is not None:
@@ -183,7 +221,7 @@ class TunnelCollector:
                   for _, name, text in _SIMPLE_COUNTERS}
         for mux, p in zip(self.muxes, doc["pairs"]):
             name = p["name"]
-            info.add_metric([name, mux.role, p["listen"], p["target"]], 1)
+            info.add_metric([name, mux.role.value, p["listen"], p["target"]], 1)
             healthy.add_metric([name], 1 if p["healthy"] else 0)
             if "size" in p["pool"]:
                 pool_size.add_metric([name], p["pool"]["size"])
@@ -200,7 +238,7 @@ class TunnelCollector:
             for reason, count in p["sessions_refused"].items():
                 refused.add_metric([name, reason], count)
             for key, metric, _ in _SIMPLE_COUNTERS:
-                simple[metric].add_metric([name], mux.stats[key])
+                simple[metric].add_metric([name], getattr(mux.stats, key))
         yield from (info, healthy, pool_size, pool, by_key, sessions, frames,
                     octets, failures, refused, *simple.values())
         yield from self._keys_and_reloads(doc)
@@ -234,7 +272,7 @@ def make_registry(collector: TunnelCollector,
                   process_metrics: bool = True) -> CollectorRegistry:
     """A registry of our collector (plus process, platform and GC metrics)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)  # type: ignore[arg-type]
+    registry.register(collector)
     if process_metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
@@ -301,27 +339,17 @@ class MetricsService(MultiService):
     """
 
     def __init__(self, description: str, muxes: List[SessionMultiplexer],
-                 reloader: Optional[KeyReloader], reactor: Any) -> None:
+                 reloader: Optional[KeyReloader], reactor: Reactor) -> None:
         super().__init__()
         self.description = description
         self.site = make_site(muxes, reloader)
         strports.service(description, self.site,
-                         reactor=reactor).setServiceParent(self)
-
-    def _fatal(self, error: CannotListenError) -> ListenError:
-        reason = error.socketError
-        text = getattr(reason, "strerror", None) or str(reason)
-        return ListenError(f"cannot listen on metrics endpoint "
-                           f"{self.description}: {text}")
+                         reactor=IReactorCore(reactor)).setServiceParent(self)
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            raise self._fatal(e) from None
+        start_listening(super().privilegedStartService,
+                        f"metrics endpoint {self.description}")
 
     def startService(self) -> None:
-        try:
-            super().startService()
-        except CannotListenError as e:
-            raise self._fatal(e) from None
+        start_listening(super().startService,
+                        f"metrics endpoint {self.description}")

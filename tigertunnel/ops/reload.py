@@ -40,13 +40,25 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from types import FrameType
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 from weakref import WeakSet
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall
 
-from tigertunnel.config.model import TunnelConfig
+from tigertunnel.config.model import Role, TunnelConfig
 from tigertunnel.crypto import kem
 from tigertunnel.keys.files import (
     load_kem_public_file,
@@ -55,10 +67,11 @@ from tigertunnel.keys.files import (
 )
 from tigertunnel.keys.format import KeyStore
 from tigertunnel.errors import KEMError, KeyFileError, TunnelError
+from tigertunnel.interfaces import Clock
 from tigertunnel.wire.handshake import ClientHandshake, ServerHandshake
 from tigertunnel.logs import logger
-from tigertunnel.net.tunnel_protocol import TunnelProtocol
 from tigertunnel.net.multiplexer import ClientMultiplexer, SessionMultiplexer
+from tigertunnel.net.tunnel_protocol import TunnelProtocol
 
 #: Seconds a tunnel client lets a draining pool connection finish its
 #: sessions before closing it anyway.
@@ -68,6 +81,15 @@ DRAIN_TIMEOUT = 60.0
 RETIRE_GRACE = 60.0
 #: Seconds between two looks at the retired pool connections.
 CHECK_INTERVAL = 1.0
+
+
+class ThreadHop(Protocol):
+    """The reactor call a signal handler uses to get back to the reactor thread."""
+
+    def callFromThread(self, callable: Callable[..., Any], *args: Any,
+                       **kw: Any) -> None:
+        """Call ``callable`` in the reactor thread."""
+
 
 log = logger("tigertunnel.reload")
 
@@ -97,7 +119,7 @@ def load_keys(config: TunnelConfig) -> KeySet:
     try:
         psk = load_psk_file(config.key_path)
         kem_public = kem_secret = None
-        if config.kem_path is not None and config.role == "server":
+        if config.kem_path is not None and config.role is Role.SERVER:
             kem_secret = load_kem_secret_file(config.kem_path)
             for seed in kem_secret.values():
                 kem.SecretKey(seed)
@@ -119,12 +141,12 @@ def load_keys(config: TunnelConfig) -> KeySet:
     return KeySet(psk, kem_public, kem_secret)
 
 
-def describe(keys: KeySet, role: str) -> str:
+def describe(keys: KeySet, role: Role) -> str:
     """A one-line summary of key ids for logs (never key material)."""
     if keys.psk is None:
         return "plaintext (no keys)"
     ids = keys.psk.ids()
-    text = (f"psk key id {ids[0]} (of {len(ids)})" if role == "client"
+    text = (f"psk key id {ids[0]} (of {len(ids)})" if role is Role.CLIENT
             else f"psk key ids {ids}")
     if keys.kem_public is not None:
         text += f", kem public key id {keys.kem_public[0]}"
@@ -142,7 +164,7 @@ class KeyReloader:
     :param now: wall-clock time, for the reported reload time.
     """
 
-    def __init__(self, muxes: Sequence[SessionMultiplexer], clock: Any,
+    def __init__(self, muxes: Sequence[SessionMultiplexer], clock: Clock,
                  now: Callable[[], float] = time.time,
                  drain_timeout: float = DRAIN_TIMEOUT,
                  retire_grace: float = RETIRE_GRACE) -> None:
@@ -192,7 +214,7 @@ class KeyReloader:
             if keys.psk is None:
                 continue
             cfg.psk = keys.psk
-            if cfg.role == "server":
+            if cfg.role is Role.SERVER:
                 cfg.kem_secret = keys.kem_secret
             else:
                 cfg.kem_public = keys.kem_public
@@ -213,21 +235,21 @@ class KeyReloader:
         self._sweep_call = None
         self.sweep()
 
-    def outdated(self, mux: SessionMultiplexer, link: TunnelProtocol) -> bool:
-        """Whether ``link`` was keyed with a key that is no longer current."""
+    def outdated(self, mux: SessionMultiplexer, connection: TunnelProtocol) -> bool:
+        """Whether ``connection`` was keyed with a key that is no longer current."""
         psk = mux.config.psk
-        if psk is None or link.key_id is None:
+        if psk is None or connection.key_id is None:
             return False
         if isinstance(mux, ClientMultiplexer):
-            if link.key_id != psk.first()[0]:
+            if connection.key_id != psk.first()[0]:
                 return True
-            used = mux.link_kem.get(link, mux.config.kem_public)
+            used = mux.handshake_kem.get(connection, mux.config.kem_public)
             return used != mux.config.kem_public
-        if link.key_id not in psk:
+        if connection.key_id not in psk:
             return True
         kem_secret = mux.config.kem_secret
-        return (link.kem_key_id is not None
-                and (kem_secret is None or link.kem_key_id not in kem_secret))
+        return (connection.kem_key_id is not None
+                and (kem_secret is None or connection.kem_key_id not in kem_secret))
 
     def sweep(self) -> None:
         """Mark outdated pool connections as retired, un-mark current ones."""
@@ -237,18 +259,18 @@ class KeyReloader:
                 continue
             wait = (self.drain_timeout if isinstance(mux, ClientMultiplexer)
                     else self.retire_grace)
-            for link in list(mux.links):
-                if self.outdated(mux, link):
-                    if link not in mux.draining:
-                        mux.draining.add(link)
-                        self._deadlines[link] = now + wait
+            for connection in list(mux.pool_connections):
+                if self.outdated(mux, connection):
+                    if connection not in mux.draining:
+                        mux.draining.add(connection)
+                        self._deadlines[connection] = now + wait
                         log.info("{role} pool connection {link} uses retired "
                                  "key id {key_id}; closing it when idle or "
                                  "within {wait:.0f} s", role=mux.role,
-                                 link=link.name, key_id=link.key_id, wait=wait)
-                elif link in mux.draining and link not in self._closing:
-                    mux.draining.discard(link)
-                    self._deadlines.pop(link, None)
+                                 link=connection.name, key_id=connection.key_id, wait=wait)
+                elif connection in mux.draining and connection not in self._closing:
+                    mux.draining.discard(connection)
+                    self._deadlines.pop(connection, None)
         self.check()
 
     def check(self) -> None:
@@ -257,33 +279,33 @@ class KeyReloader:
             self._check_call.cancel()
         self._check_call = None
         now = self.clock.seconds()
-        live = set()
+        live: Set[TunnelProtocol] = set()
         pending = False
         for mux in self.muxes:
-            for link in sorted(mux.draining, key=lambda l: len(l.streams)):
-                deadline = self._deadlines.get(link)
-                if link not in mux.links or deadline is None:
-                    mux.draining.discard(link)
+            for connection in sorted(mux.draining, key=lambda l: len(l.streams)):
+                deadline = self._deadlines.get(connection)
+                if connection not in mux.pool_connections or deadline is None:
+                    mux.draining.discard(connection)
                     continue
-                live.add(link)
-                if link in self._closing:
+                live.add(connection)
+                if connection in self._closing:
                     pending = True  # stays draining until it is gone
                     continue
-                if self.may_close(mux, link, now >= deadline):
+                if self.may_close(mux, connection, now >= deadline):
                     log.info("{role} pool connection {link}: closing (retired "
                              "key id {key_id}, {count} sessions)",
-                             role=mux.role, link=link.name, key_id=link.key_id,
-                             count=len(link.streams))
-                    self._closing.add(link)
-                    link.close_gracefully()
+                             role=mux.role, link=connection.name, key_id=connection.key_id,
+                             count=len(connection.streams))
+                    self._closing.add(connection)
+                    connection.close_gracefully()
                 pending = True
-        for link in [k for k in self._deadlines if k not in live]:
-            del self._deadlines[link]
-            self._closing.discard(link)
+        for connection in [k for k in self._deadlines if k not in live]:
+            del self._deadlines[connection]
+            self._closing.discard(connection)
         if pending:
             self._check_call = self.clock.callLater(CHECK_INTERVAL, self.check)
 
-    def may_close(self, mux: SessionMultiplexer, link: TunnelProtocol,
+    def may_close(self, mux: SessionMultiplexer, connection: TunnelProtocol,
                   expired: bool) -> bool:
         """Whether a retired pool connection may be closed now.
 
@@ -295,19 +317,20 @@ class KeyReloader:
         the whole pool down.
         """
         if not isinstance(mux, ClientMultiplexer):
-            return expired or not link.streams
-        if any(l.established and l not in mux.draining for l in mux.links):
-            return expired or not link.streams
-        if expired and link not in self._stuck:
-            self._stuck.add(link)
+            return expired or not connection.streams
+        if any(c.established and c not in mux.draining
+               for c in mux.pool_connections):
+            return expired or not connection.streams
+        if expired and connection not in self._stuck:
+            self._stuck.add(connection)
             log.warn("client {pair}: no pool connection with the current key "
                      "came up; keeping {link} (retired key id {key_id}) until "
                      "one does; check that the servers accept key id "
-                     "{current}", pair=mux.name, link=link.name,
-                     key_id=link.key_id, current=mux.config.psk.first()[0]
+                     "{current}", pair=mux.name, link=connection.name,
+                     key_id=connection.key_id, current=mux.config.psk.first()[0]
                      if mux.config.psk is not None else None)
-        probing = any(l in self._closing for l in mux.draining)
-        return not probing and not link.streams
+        probing = any(c in self._closing for c in mux.draining)
+        return not probing and not connection.streams
 
     def stop(self) -> None:
         """Cancel the scheduled checks (the tunnel end is stopping)."""
@@ -323,6 +346,21 @@ class KeyReloader:
                 "results": dict(self.results)}
 
 
+#: What ``signal.signal`` returns and takes.
+SignalHandler = Union[Callable[[int, Optional[FrameType]], Any], int,
+                      signal.Handlers, None]
+
+
+class ReloadListener(Protocol):
+    """Told around every reload (the systemd notifier)."""
+
+    def reloading(self) -> None:
+        """A reload starts."""
+
+    def reloaded(self, ok: bool) -> None:
+        """The reload ended; ``ok`` says whether the new keys are in use."""
+
+
 class ReloadService(Service):
     """Reloads the keys on SIGHUP (twistd keeps SIGUSR1 for log rotation).
 
@@ -331,16 +369,15 @@ class ReloadService(Service):
     reactor (``callFromThread``); the reload runs there.
 
     :param reactor: provides ``callFromThread``.
-    :param listeners: objects with ``reloading()`` and ``reloaded(ok)``
-        (the systemd notifier), told around every reload.
+    :param listeners: told around every reload (the systemd notifier).
     """
 
-    def __init__(self, reloader: KeyReloader, reactor: Any,
-                 listeners: Sequence[Any] = ()) -> None:
+    def __init__(self, reloader: KeyReloader, reactor: ThreadHop,
+                 listeners: "Sequence[ReloadListener]" = ()) -> None:
         self.reloader = reloader
         self.reactor = reactor
         self.listeners = list(listeners)
-        self._previous: Any = None
+        self._previous: SignalHandler = None
         self._installed = False
 
     def startService(self) -> None:
@@ -357,7 +394,7 @@ class ReloadService(Service):
             self._installed = False
         self.reloader.stop()
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> bool:

@@ -23,14 +23,19 @@ status 0 (and remove its pidfile) after a graceful shutdown.
 
 import signal
 import threading
-from typing import Any, Callable, List
+from types import FrameType
+from typing import Any, Callable, List, Optional, Protocol
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from tigertunnel.interfaces import Reactor
 from tigertunnel.logs import logger
-from tigertunnel.net.multiplexer import ClientMultiplexer, PoolSlot, SessionMultiplexer
+from tigertunnel.net.multiplexer import ServerMultiplexer, SessionMultiplexer
+from tigertunnel.net.pool import PoolSlot
+from tigertunnel.net.tunnel_protocol import TunnelProtocol
+from tigertunnel.ops.reload import SignalHandler
 
 #: Default seconds a graceful shutdown may take before connections are aborted.
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
@@ -40,6 +45,22 @@ POLL_INTERVAL = 0.02
 ABORT_GRACE = 1.0
 
 log = logger("tigertunnel.shutdown")
+
+
+class ProcessReactor(Reactor, Protocol):
+    """The reactor calls of a graceful shutdown: time, start-up hooks,
+    signal hops and stopping the reactor."""
+
+    def callWhenRunning(self, callable: Callable[..., Any], *args: Any,
+                        **kw: Any) -> Any:
+        """Call ``callable`` once the reactor runs."""
+
+    def callFromThread(self, callable: Callable[..., Any], *args: Any,
+                       **kw: Any) -> None:
+        """Call ``callable`` in the reactor thread (safe from a signal)."""
+
+    def stop(self) -> None:
+        """Stop the reactor."""
 
 
 class TunnelService(MultiService):
@@ -53,14 +74,14 @@ class TunnelService(MultiService):
     :param shutdown_timeout: seconds the graceful stop may take.
     """
 
-    def __init__(self, clock: Any,
+    def __init__(self, clock: ProcessReactor,
                  shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
                  handle_sigterm: bool = False) -> None:
         super().__init__()
         self.clock = clock
         self.shutdown_timeout = shutdown_timeout
         self.handle_sigterm = handle_sigterm
-        self._previous_sigterm: Any = None
+        self._previous_sigterm: SignalHandler = None
         self._sigterm_installed = False
         self.early: List[IService] = []
         self.late: List[IService] = []
@@ -95,7 +116,7 @@ class TunnelService(MultiService):
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._sigterm_installed = True
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
+    def _on_sigterm(self, signum: int, frame: Optional[FrameType]) -> None:
         self.clock.callFromThread(self._stop_reactor)
 
     def _stop_reactor(self) -> None:
@@ -136,7 +157,7 @@ class TunnelService(MultiService):
         give_up: IDelayedCall = self.clock.callLater(
             self.shutdown_timeout + ABORT_GRACE, self._give_up)
         try:
-            stops = []
+            stops: "List[defer.Deferred[Any]]" = []
             for mux in muxes:
                 mux.stopping = True
                 for child in mux:
@@ -150,10 +171,10 @@ class TunnelService(MultiService):
                 for session in list(mux.sessions):
                     session.close()
             await self._until(lambda: not any(m.sessions for m in muxes))
-            self._close_server_links(muxes)
+            self._close_server_connections(muxes)
             closing = [defer.maybeDeferred(mux.stopService) for mux in muxes]
             await self._wait(defer.gatherResults(closing, consumeErrors=True))
-            await self._until(lambda: not self._close_server_links(muxes))
+            await self._until(lambda: not self._close_server_connections(muxes))
         finally:
             for call in (deadline, give_up):
                 if call.active():
@@ -183,10 +204,11 @@ class TunnelService(MultiService):
     async def _until(self, done: Callable[[], bool]) -> None:
         """Wait until ``done()``, or until the shutdown gives up."""
         while not done() and not self._given_up:
-            await task.deferLater(self.clock, POLL_INTERVAL, lambda: None)
+            await task.deferLater(IReactorTime(self.clock), POLL_INTERVAL,
+                                  lambda: None)
 
     @staticmethod
-    def _close_server_links(muxes: List[SessionMultiplexer]) -> bool:
+    def _close_server_connections(muxes: List[SessionMultiplexer]) -> bool:
         """Close a server's pool connections (again: some may be new).
 
         A client's pool slots close their own when they stop.
@@ -195,24 +217,30 @@ class TunnelService(MultiService):
         """
         left = False
         for mux in muxes:
-            if not isinstance(mux, ClientMultiplexer):
-                for link in list(mux.links) + list(getattr(mux, "pending", ())):
-                    link.close_gracefully()
-            left = left or bool(mux.links)
+            if isinstance(mux, ServerMultiplexer):
+                for connection in _connections(mux):
+                    connection.close_gracefully()
+            left = left or bool(mux.pool_connections)
         return left
 
     def _abort(self, muxes: List[SessionMultiplexer]) -> None:
         self._aborted = True
         sessions = sum(len(m.sessions) for m in muxes)
-        links = sum(len(m.links) for m in muxes)
+        connections = sum(len(m.pool_connections) for m in muxes)
         log.warn("shutdown timeout ({timeout} s): aborting {sessions} sessions "
                  "and {links} pool connections", timeout=self.shutdown_timeout,
-                 sessions=sessions, links=links)
+                 sessions=sessions, links=connections)
         for mux in muxes:
             for session in list(mux.sessions):
-                if session.transport is not None:
-                    session.transport.abortConnection()
-                else:
-                    session.close(abort=True)
-            for link in list(mux.links) + list(getattr(mux, "pending", ())):
-                link.transport.abortConnection()
+                session.close(abort=True)
+            for connection in _connections(mux):
+                connection.abort()
+
+
+def _connections(mux: SessionMultiplexer) -> List[TunnelProtocol]:
+    """The established pool connections of ``mux`` and (tunnel server)
+    those still in their handshake."""
+    connections = list(mux.pool_connections)
+    if isinstance(mux, ServerMultiplexer):
+        connections += list(mux.pending)
+    return connections

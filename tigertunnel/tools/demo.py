@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from functools import partial
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, cast
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
@@ -25,12 +25,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from tigertunnel.config.model import LISTEN_BACKLOG, ProxyPair, TunnelConfig, parse_address
+from tigertunnel.config.model import LISTEN_BACKLOG, ProxyPair, Role, TunnelConfig, parse_address
 from tigertunnel.keys.files import (
     load_kem_public_file,
     load_kem_secret_file,
     load_psk_file,
 )
+from tigertunnel.interfaces import Reactor
 from tigertunnel.keys.generate import kemgen, keygen
 from tigertunnel.net.multiplexer import SessionMultiplexer, build_service
 from tigertunnel.tools.echo import EchoFactory
@@ -141,7 +142,7 @@ async def _workload(reactor: IReactorTCP, port: int, frames: List[bytes],
 async def _wait_links(clock: IReactorTime, service: MultiService, need: int) -> None:
     muxes = [m for m in service if isinstance(m, SessionMultiplexer)]
     for _ in range(200):
-        if all(len(m.links) >= need for m in muxes):
+        if all(len(m.pool_connections) >= need for m in muxes):
             return
         await task.deferLater(clock, 0.05, lambda: None)
     raise RuntimeError("pool connections did not come up")
@@ -162,15 +163,15 @@ async def run_demo(reactor: IReactorTCP, sessions: int, rounds: int) -> int:
         echo = await TCP4ServerEndpoint(reactor, echo_port, backlog=LISTEN_BACKLOG,
                                         interface="127.0.0.1").listen(EchoFactory())
         server_cfg = TunnelConfig(
-            "server", [ProxyPair(0, parse_address(f"127.0.0.1:{server_port}", ""),
+            Role.SERVER, [ProxyPair(0, parse_address(f"127.0.0.1:{server_port}", ""),
                                  parse_address(f"127.0.0.1:{echo_port}", ""))],
             psk=psk, kem_secret=load_kem_secret_file(kem + ".key"))
         client_cfg = TunnelConfig(
-            "client", [ProxyPair(0, parse_address(f"127.0.0.1:{client_port}", ""),
+            Role.CLIENT, [ProxyPair(0, parse_address(f"127.0.0.1:{client_port}", ""),
                                  parse_address(f"127.0.0.1:{server_port}", ""))],
             psk=psk, kem_public=load_kem_public_file(kem + ".pub"))
-        server = build_service(server_cfg, reactor)
-        client = build_service(client_cfg, reactor)
+        server = build_service(server_cfg, cast(Reactor, reactor))
+        client = build_service(client_cfg, cast(Reactor, reactor))
         server.startService()
         client.startService()
         try:

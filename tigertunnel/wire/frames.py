@@ -154,7 +154,7 @@ class FrameParser:
         # The incomplete tail: chunks as received, joined once when the
         # frame they start is complete (a 1 MiB frame arrives in many reads;
         # growing one bytearray per read costs far more than one join).
-        self._chunks: List["bytes | memoryview"] = []
+        self._chunks: List["bytes | bytearray | memoryview"] = []
         self._have = 0
         self._need = 0
         self._error: Optional[FrameError] = None

@@ -132,12 +132,31 @@ class Accepted:
     established: Established
 
 
+class RejectKind(enum.Enum):
+    """Why the server rejected a ClientHello, as a value (metric label).
+
+    The status byte cannot tell these apart (several share status 4, and
+    some send no reply at all); :attr:`Rejected.reason` says the same for
+    people.
+    """
+
+    BAD_VERSION = "bad_version"
+    BAD_OPERATION = "bad_operation"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_HASH = "bad_hash"
+    TIMESTAMP = "timestamp"
+    REPLAY = "replay"
+    KEM_REQUIRED = "kem_required"
+    KEM = "kem"
+
+
 @dataclass(frozen=True)
 class Rejected:
     """Server side: send ``reply`` (one status byte, or nothing), then close.
 
     :ivar status: the status sent, ``None`` when no reply is sent.
     :ivar reason: a human-readable reason for the log.
+    :ivar kind: why, as a value.
     :ivar skew: for timestamp rejections, client timestamp minus server time
         in seconds.
     """
@@ -145,6 +164,7 @@ class Rejected:
     reply: bytes
     status: Status | None
     reason: str
+    kind: RejectKind
     skew: int | None = None
 
 
@@ -447,7 +467,8 @@ class ServerHandshake:
         buffer += data
         if (self._versions is not None and buffer
                 and buffer[0] not in self._versions):
-            return self._reject(None, f"unknown version byte {buffer[0]}")
+            return self._reject(None, f"unknown version byte {buffer[0]}",
+                                RejectKind.BAD_VERSION)
         if len(buffer) < 2:
             return None
         operation = buffer[1]
@@ -456,7 +477,8 @@ class ServerHandshake:
         elif operation == OP_KEMCONNECT:
             size = KEMCONNECT_HELLO_SIZE
         else:
-            return self._reject(None, f"unknown operation byte {operation}")
+            return self._reject(None, f"unknown operation byte {operation}",
+                                RejectKind.BAD_OPERATION)
         if len(buffer) < size:
             return None
         hello = bytes(buffer[:size])
@@ -464,12 +486,13 @@ class ServerHandshake:
         self._buffer = bytearray()
         return self._check(hello, leftover)
 
-    def _reject(self, status: Status | None, reason: str,
+    def _reject(self, status: Status | None, reason: str, kind: RejectKind,
                 skew: int | None = None) -> Rejected:
         self._state = _State.FAILED
         self._buffer = bytearray()
         reply = b"" if status is None else bytes((status,))
-        return Rejected(reply=reply, status=status, reason=reason, skew=skew)
+        return Rejected(reply=reply, status=status, reason=reason, kind=kind,
+                        skew=skew)
 
     def _check(self, hello: bytes, leftover: bytes) -> Accepted | Rejected:
         version, operation = hello[0], hello[1]
@@ -488,7 +511,8 @@ class ServerHandshake:
         if psk is None:
             status = (Status.CLIENT_AUTH_FAILED if self._hide_unknown_key
                       else Status.UNKNOWN_KEY)
-            return self._reject(status, f"unknown key id {key_id}")
+            return self._reject(status, f"unknown key id {key_id}",
+                                RejectKind.UNKNOWN_KEY)
         if kem_key_id is None:
             expected = kdf.connect_hello_hash(version, operation, key_id,
                                               client_random, timestamp, psk)
@@ -497,36 +521,42 @@ class ServerHandshake:
                                                  client_random, timestamp, psk)
         if not hmac.compare_digest(expected, digest):
             return self._reject(Status.CLIENT_AUTH_FAILED,
-                                f"ClientHello hash mismatch for key id {key_id}")
+                                f"ClientHello hash mismatch for key id {key_id}",
+                                RejectKind.BAD_HASH)
         skew = timestamp - int(self._now())
         if abs(skew) > TIMESTAMP_TOLERANCE:
             return self._reject(
                 Status.TIMESTAMP_INVALID,
                 f"ClientHello timestamp is {skew:+d} s off the server clock "
-                f"(tolerance {TIMESTAMP_TOLERANCE} s)", skew=skew)
+                f"(tolerance {TIMESTAMP_TOLERANCE} s)", RejectKind.TIMESTAMP,
+                skew=skew)
         if (self._replay_cache is not None
                 and not self._replay_cache.check_and_add(digest, timestamp)):
             return self._reject(Status.CLIENT_AUTH_FAILED,
-                                f"replayed ClientHello for key id {key_id}")
+                                f"replayed ClientHello for key id {key_id}",
+                                RejectKind.REPLAY)
 
         kem_secret: bytes | None = None
         if kem_key_id is None:
             if self._require_kem:
                 return self._reject(Status.CLIENT_AUTH_FAILED,
-                                    "PSK-only handshake refused (server requires KEM)")
+                                    "PSK-only handshake refused (server requires KEM)",
+                                    RejectKind.KEM_REQUIRED)
         else:
             if not self._kem_keys:
-                return self._reject(Status.UNKNOWN_KEM_KEY, "no KEM secret keys configured")
+                return self._reject(Status.UNKNOWN_KEM_KEY, "no KEM secret keys configured",
+                                    RejectKind.KEM)
             secret = self._kem_keys.get(kem_key_id)
             if secret is None:
                 return self._reject(Status.UNKNOWN_KEM_KEY,
-                                    f"unknown KEM key id {kem_key_id}")
+                                    f"unknown KEM key id {kem_key_id}", RejectKind.KEM)
             try:
                 if not isinstance(secret, kem.SecretKey):
                     secret = _expand_kem_seed(bytes(secret))
                 kem_secret = secret.decapsulate(hello[_KEM_CIPHERTEXT_OFFSET:])
             except KEMError as e:
-                return self._reject(Status.SERVER_ERROR, f"KEM decapsulation failed: {e}")
+                return self._reject(Status.SERVER_ERROR, f"KEM decapsulation failed: {e}",
+                                    RejectKind.KEM)
 
         server_random = _random(self._random)
         reply = build_server_hello(psk, client_random, server_random, self._cluster_id)

@@ -1,0 +1,94 @@
+"""The import structure of net/ and its seams (:mod:`tigertunnel.interfaces`), read from the source."""
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+from twisted.trial.unittest import SynchronousTestCase
+
+PACKAGE = Path(__file__).resolve().parent.parent / "tigertunnel"
+
+#: The order of the modules of net/: each may import only modules of a
+#: lower rank (and interfaces.py, which imports only net.stats from net/).
+NET_RANKS: Dict[str, int] = {
+    "admission": 0, "backoff": 0, "sockets": 0, "states": 0, "stats": 0,
+    "streams": 1,
+    "frame_protocol": 2, "listeners": 2,
+    "tunnel_protocol": 3,
+    "pool": 4,
+    "multiplexer": 5,
+}
+
+
+def imports(path: Path) -> Set[str]:
+    """Every module ``path`` imports, at any depth of its code."""
+    found: Set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def mentions_type_checking(path: Path) -> bool:
+    """Whether ``path`` uses ``typing.TYPE_CHECKING``."""
+    return any(isinstance(node, ast.Name) and node.id == "TYPE_CHECKING"
+               for node in ast.walk(ast.parse(path.read_text(), str(path))))
+
+
+class NetImportTests(SynchronousTestCase):
+    """Inside net/, imports point one way and no sibling is imported for typing only."""
+
+    def test_every_module_ranked(self) -> None:
+        """Every module of net/ has a rank (a new module must be placed)."""
+        modules = {p.stem for p in (PACKAGE / "net").glob("*.py") if p.stem != "__init__"}
+        self.assertEqual(modules, set(NET_RANKS))
+
+    def test_no_type_checking_imports(self) -> None:
+        """No module of net/, nor interfaces.py, hides an import behind TYPE_CHECKING."""
+        paths = sorted((PACKAGE / "net").glob("*.py")) + [PACKAGE / "interfaces.py"]
+        self.assertEqual([p.name for p in paths if mentions_type_checking(p)], [])
+
+    def test_imports_point_down(self) -> None:
+        """A net/ module imports only net/ modules of a lower rank."""
+        wrong: List[str] = []
+        for name, rank in NET_RANKS.items():
+            for module in imports(PACKAGE / "net" / f"{name}.py"):
+                parts = module.split(".")
+                if parts[:2] == ["tigertunnel", "net"] and len(parts) > 2:
+                    other = parts[2]
+                    if other in NET_RANKS and NET_RANKS[other] >= rank:
+                        wrong.append(f"{name} imports {other}")
+        self.assertEqual(wrong, [])
+
+    def test_interfaces_import_no_classes_of_net(self) -> None:
+        """interfaces.py names no protocol or multiplexer class: of net/ it imports only the counters."""
+        net = {m for m in imports(PACKAGE / "interfaces.py") if m.startswith("tigertunnel.net")}
+        self.assertEqual({m.split(".")[2] for m in net}, {"stats"})
+
+    def test_net_imports_no_higher_layer(self) -> None:
+        """net/ never imports ops/, tools/, tap or cli."""
+        wrong = []
+        for path in (PACKAGE / "net").glob("*.py"):
+            for module in imports(path):
+                if module.split(".")[:2] in (["tigertunnel", "ops"], ["tigertunnel", "tools"],
+                                             ["tigertunnel", "tap"], ["tigertunnel", "cli"]):
+                    wrong.append(f"{path.stem} imports {module}")
+        self.assertEqual(wrong, [])
+
+
+class SansIOTests(SynchronousTestCase):
+    """The sans-IO packages never reach the reactor or the layers above them."""
+
+    def test_no_twisted_internet(self) -> None:
+        """wire/, crypto/ and config/ import nothing from twisted.internet, net/ or ops/."""
+        wrong = []
+        for package in ("wire", "crypto", "config"):
+            for path in (PACKAGE / package).glob("*.py"):
+                for module in imports(path):
+                    if module.startswith(("twisted.internet", "tigertunnel.net",
+                                          "tigertunnel.ops", "tigertunnel.tools")):
+                        wrong.append(f"{package}/{path.name} imports {module}")
+        self.assertEqual(wrong, [])

@@ -1,0 +1,117 @@
+"""The listeners of a tunnel end: where TB clients or pool connections arrive.
+
+Each proxy pair listens on its ``-p`` address (TB clients on a tunnel
+client, pool connections on a tunnel server), on a ``systemd:`` socket
+handed over by socket activation, or, in a ``--workers`` worker, on the
+socket inherited from worker 0. A port that cannot be bound is fatal at
+start-up with a one-line :class:`~tigertunnel.errors.ListenError`
+(:func:`start_listening`, also used by the metrics listener).
+"""
+
+from typing import Any, Callable, Optional, Protocol, cast
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+
+from tigertunnel.config.model import ProxyPair, TunnelConfig, listen_description
+from tigertunnel.errors import ListenError
+from tigertunnel.interfaces import Reactor
+from tigertunnel.net.sockets import socket_family
+
+
+def listen_error(where: str, error: CannotListenError) -> ListenError:
+    """The fatal error of a port that cannot be bound, in one line:
+    ``cannot listen on WHERE: REASON`` (the system's words for the reason)."""
+    reason = error.socketError
+    text = getattr(reason, "strerror", None) or str(reason)
+    return ListenError(f"cannot listen on {where}: {text}")
+
+
+def start_listening(start: Callable[[], None], where: str) -> None:
+    """Call ``start`` (a service's start-up), turning a port that cannot be
+    bound into :func:`listen_error`'s one-line error.
+
+    :raises ListenError: naming ``where`` and the reason.
+    """
+    try:
+        start()
+    except CannotListenError as e:
+        raise listen_error(where, e) from None
+
+
+def pair_listen_description(config: TunnelConfig, pair: ProxyPair) -> str:
+    """The server endpoint description a pair listens on.
+
+    ``config.listen_overrides`` may give another description for the pair
+    (a ``systemd:`` socket handed over by socket activation).
+    """
+    override = config.listen_overrides.get(pair.index)
+    return str(override) if override else listen_description(pair.listen)
+
+
+class AcceptingPort(Protocol):
+    """What a listener uses of its listening port (Twisted's ``tcp.Port``)."""
+
+    def startReading(self) -> None:
+        """Accept connections."""
+
+    def stopReading(self) -> None:
+        """Leave connections in the accept queue."""
+
+    def fileno(self) -> int:
+        """The listening socket's descriptor (handed to worker processes)."""
+
+
+class ListenerService(StreamServerEndpointService):
+    """A pair's listening service; keeps its port (``--workers`` hands the
+    socket to the worker processes).
+
+    :ivar held: accept nothing until :meth:`release` (a client worker
+        leaves the connections on the shared socket to the other workers
+        until its own pool is up).
+    """
+
+    #: The listening port, once bound.
+    port: Optional[AcceptingPort] = None
+    held = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self._waitingForPort is not None:
+            self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        self.port = cast(AcceptingPort, port)
+        if self.held:
+            self.port.stopReading()
+        return port
+
+    def release(self) -> None:
+        """Start accepting (once)."""
+        if self.held:
+            self.held = False
+            if self.port is not None:
+                self.port.startReading()
+
+
+def pair_listener(config: TunnelConfig, pair: ProxyPair, factory: Factory,
+                  reactor: Reactor) -> ListenerService:
+    """The listening service of a pair.
+
+    A worker process (``--workers``) accepts on the socket it inherited from
+    worker 0; otherwise the pair's address (or its systemd socket) is used.
+    """
+    inherited = config.inherited_fds.get(pair.index)
+    endpoint: IStreamServerEndpoint
+    if inherited is not None:
+        endpoint = AdoptedStreamServerEndpoint(reactor, inherited,
+                                               socket_family(inherited))
+    else:
+        endpoint = serverFromString(reactor,
+                                    pair_listen_description(config, pair))
+    service = ListenerService(endpoint, factory)
+    service._raiseSynchronously = True  # as strports.service does
+    return service
