@@ -6,23 +6,16 @@ import stat
 import sys
 from typing import List, Tuple
 
-from twisted.trial.unittest import SynchronousTestCase
+
+from tests.keydir import KeyDirCase
 
 from tigertunnel import __version__, cli
 from tigertunnel.keys.files import load_kem_public_file, load_psk_file
 from tigertunnel.keys.generate import keygen
 
 
-class MainTests(SynchronousTestCase):
+class MainTests(KeyDirCase):
     """``tigertunnel ARGS`` run in this process, its output captured."""
-
-    def setUp(self) -> None:
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-
-    def path(self, name: str) -> str:
-        """A path in this test's directory."""
-        return os.path.join(self.dir, name)
 
     def run_main(self, *args: str) -> Tuple[int, str, str]:
         """Run the console script; return its status, stdout and stderr."""

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import stat
 
-from twisted.trial.unittest import SynchronousTestCase
+from tests.keydir import KeyDirCase, mode_of, read
 
 from tigertunnel.errors import KeyFileError
 from tigertunnel.keys.files import (
@@ -23,35 +22,7 @@ XWING = load_vectors("xwing")
 HEX64 = "0123456789abcdef" * 4
 
 
-def read(path: str) -> bytes:
-    """Return the bytes of ``path``."""
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def mode_of(path: str) -> int:
-    """Return the permission bits of ``path``."""
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
-class _DirCase(SynchronousTestCase):
-    """A fresh directory per test, and a umask set for one test only."""
-
-    def setUp(self) -> None:
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-
-    def path(self, name: str) -> str:
-        """A path in this test's directory."""
-        return os.path.join(self.dir, name)
-
-    def set_umask(self, mask: int) -> None:
-        """Set the process umask for this test only."""
-        old = os.umask(mask)
-        self.addCleanup(os.umask, old)
-
-
-class LoadTests(_DirCase):
+class LoadTests(KeyDirCase):
     """Loading key files from disk."""
 
     def test_kem_files_load(self) -> None:
@@ -125,7 +96,7 @@ class LoadTests(_DirCase):
         self.assertEqual(err.reason, "InvalidKeyFormat")
 
 
-class WriteTests(_DirCase):
+class WriteTests(KeyDirCase):
     """Writing key files: exact modes, no silent overwrite, atomic replacement."""
 
     def test_secret_file_0600_whatever_the_umask(self) -> None:

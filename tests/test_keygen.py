@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import stat
 import time
 from collections.abc import Callable
 
-from twisted.trial.unittest import SynchronousTestCase
+from tests.keydir import KeyDirCase, mode_of, read
 
 from tigertunnel.crypto.kem import public_key_from_seed
 from tigertunnel.errors import KeyFileError
@@ -36,35 +35,7 @@ def fixed_random(data: bytes) -> Callable[[int], bytes]:
     return random
 
 
-def read(path: str) -> bytes:
-    """Return the bytes of ``path``."""
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def mode_of(path: str) -> int:
-    """Return the permission bits of ``path``."""
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
-class _DirCase(SynchronousTestCase):
-    """A fresh directory per test, and a umask set for one test only."""
-
-    def setUp(self) -> None:
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-
-    def path(self, name: str) -> str:
-        """A path in this test's directory."""
-        return os.path.join(self.dir, name)
-
-    def set_umask(self, mask: int) -> None:
-        """Set the process umask for this test only."""
-        old = os.umask(mask)
-        self.addCleanup(os.umask, old)
-
-
-class KeygenTests(_DirCase):
+class KeygenTests(KeyDirCase):
     """tigertunnel keygen: one PSK in a new 0600 file."""
 
     def test_keygen_writes_0600_line(self) -> None:
@@ -111,7 +82,7 @@ class KeygenTests(_DirCase):
         self.assertFalse(os.path.exists(p))
 
 
-class KemgenTests(_DirCase):
+class KemgenTests(KeyDirCase):
     """tigertunnel kemgen: an X-Wing pair in PREFIX.pub (0644) and PREFIX.key (0600)."""
 
     def test_kemgen_reproduces_files(self) -> None:
