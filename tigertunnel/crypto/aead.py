@@ -41,6 +41,7 @@ from typing import List
 import pyaegis
 
 from tigertunnel.errors import AuthenticationError, FrameError, TunnelError
+from tigertunnel.wire.compiled import hotpath as _hotpath
 from tigertunnel.wire.frames import (
     CHECKSUM_BODY_PADDING,
     CHECKSUM_PADDING,
@@ -51,7 +52,7 @@ from tigertunnel.wire.frames import (
 )
 
 __all__ = ["KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "FrameSealer", "FrameOpener",
-           "frame_nonce"]
+           "PyFrameSealer", "PyFrameOpener", "compiled", "frame_nonce"]
 
 # Wire facts, source of truth: PROTOCOL.md sections 1 and 6.
 KEY_SIZE = 16
@@ -272,3 +273,33 @@ class FrameOpener:
         if type(payload) is not bytes:
             payload = bytes(payload)
         return bytes(self.open_buffer(mux_header, payload))
+
+
+#: The pure-Python classes, whichever pair is selected below.
+PyFrameSealer = FrameSealer
+PyFrameOpener = FrameOpener
+
+
+def _bind_libaegis() -> bool:
+    """Give the compiled data path the libaegis functions pyaegis loaded.
+
+    :returns: whether the compiled sealer and opener can be used (the
+        installed pyaegis exposes its cffi module as expected).
+    """
+    if _hotpath is None:
+        return False
+    try:
+        from pyaegis._aegis_ffi import ffi, lib  # type: ignore[import-not-found]
+        encrypt = int(ffi.cast("uintptr_t", lib.aegis128x2_encrypt_detached))
+        decrypt = int(ffi.cast("uintptr_t", lib.aegis128x2_decrypt_detached))
+    except (ImportError, AttributeError):
+        return False
+    _hotpath.bind_aegis(encrypt, decrypt)
+    return True
+
+
+#: Whether :class:`FrameSealer` and :class:`FrameOpener` are the compiled twins.
+compiled = _bind_libaegis()
+if compiled and _hotpath is not None:
+    FrameSealer = _hotpath.FrameSealer  # type: ignore[misc]
+    FrameOpener = _hotpath.FrameOpener  # type: ignore[misc]

@@ -28,12 +28,13 @@ import struct
 from typing import List, Optional
 
 from tigertunnel.errors import ClusterMismatchError, FrameError
+from tigertunnel.wire.compiled import hotpath as _hotpath
 
 __all__ = [
     "HEADER_SIZE", "MIN_FRAME_SIZE", "MAX_FRAME_SIZE", "SIZE_OFFSET",
     "CLUSTER_OFFSET", "CHECKSUM_PADDING", "CHECKSUM_BODY_PADDING",
     "frame_size", "frame_cluster", "check_padding", "check_frame",
-    "FrameParser",
+    "FrameParser", "PyFrameParser",
 ]
 
 # Wire facts, source of truth: PROTOCOL.md section 6.1 (TB header layout).
@@ -217,3 +218,11 @@ class FrameParser:
             frames.append(bytes(src[off:off + size]))
             off += size
         return off
+
+
+#: The pure-Python parser, whichever :class:`FrameParser` is selected below.
+PyFrameParser = FrameParser
+
+if _hotpath is not None:
+    # The compiled twin: same API, same frames, same errors.
+    FrameParser = _hotpath.FrameParser  # type: ignore[misc]

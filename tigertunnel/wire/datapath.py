@@ -1,0 +1,206 @@
+"""The data path of a pool connection, one call per read (sans-IO).
+
+Forwarding a TB frame is the tunnel's whole job, and a small frame's cost is
+mostly per-call overhead, so the data path has two objects that take a
+whole read at a time:
+
+* :class:`FrameEncoder`, one per session: the bytes read from the session's
+  TB peer in, the bytes to write on its pool connection out. It cuts them
+  into TB frames (PROTOCOL.md 6.1), applies the tunnel's frame checks,
+  puts a data mux header before each frame (7.1) and seals it with the pool
+  connection's sender (6.2, 6.3); in plaintext mode it only adds the
+  headers.
+* :class:`MuxReceiver`, one per pool connection: the bytes read from the
+  pool connection in, ``(stream_id, frame_type, payload)`` triples out, in
+  wire order. Data payloads come out as rebuilt TB frames (6.5), an
+  encrypted stream_close's payload opened; a stream_open has an empty
+  payload. What a frame type means (who may send it, what a close must
+  contain) is the caller's business (:mod:`tigertunnel.wire.codec`).
+
+Errors. Every frame of a read is checked before any is sealed, and every
+mux header of a read before anything is opened. A read that holds a bad
+frame therefore sends nothing and costs no counter value; the encoder (or
+receiver) then stays dead and its session (or pool connection) is closed
+by the caller. A frame that fails to authenticate leaves the receive
+counter where it was.
+
+Each class has a compiled twin in :mod:`tigertunnel.wire._hotpath` with the
+same API and results; the names :class:`FrameEncoder` and
+:class:`MuxReceiver` are the compiled ones when the extension is built and
+usable (:mod:`tigertunnel.wire.compiled`), the pure ones are always
+:class:`PyFrameEncoder` and :class:`PyMuxReceiver`. An encoder needs the
+sealer of its own implementation, a receiver the opener of its own:
+:data:`ACTIVE` bundles a matching set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple, Union
+
+from tigertunnel.crypto import aead
+from tigertunnel.crypto.aead import PyFrameOpener, PyFrameSealer
+from tigertunnel.errors import FrameError, MuxError, TunnelError
+from tigertunnel.wire.compiled import hotpath as _hotpath
+from tigertunnel.wire.frames import (
+    CHECKSUM_BODY_PADDING,
+    CHECKSUM_PADDING,
+    PyFrameParser,
+    check_frame,
+)
+from tigertunnel.wire.muxframes import FrameType, MuxDecoder, encode_header
+
+__all__ = ["FrameEncoder", "MuxReceiver", "PyFrameEncoder", "PyMuxReceiver",
+           "Implementation", "PURE", "COMPILED", "ACTIVE"]
+
+_ZERO16 = bytes(16)
+_COUNTER_LIMIT = 1 << 64
+
+#: One item :meth:`MuxReceiver.feed` returns: stream id, frame type, payload.
+Item = Tuple[int, int, Union[bytes, bytearray]]
+
+
+class FrameEncoder:
+    """Turn the bytes a session's TB peer sent into pool-connection wire bytes.
+
+    :param stream_id: the session's stream id (a u32).
+    :param sealer: the pool connection's sending :class:`FrameSealer`, or
+        ``None`` in plaintext mode.
+    :param check: apply :func:`~tigertunnel.wire.frames.check_frame` to
+        every frame (padding, ``nonce_reserved``, cluster); the tunnel does
+        whenever it encrypts or a cluster id is configured. Without it an
+        encrypting encoder still refuses non-zero padding, as the sealer
+        does.
+    :param cluster_id: the cluster a checked frame must carry (``None``:
+        0, no ``-c`` configured).
+    :raises ValueError: ``stream_id`` is not a u32 or ``cluster_id`` not a
+        u128.
+    """
+
+    def __init__(self, stream_id: int, sealer: Optional[PyFrameSealer], check: bool,
+                 cluster_id: Optional[int] = None) -> None:
+        self._header = encode_header(stream_id, FrameType.DATA)
+        if cluster_id is not None and not 0 <= cluster_id < 1 << 128:
+            raise ValueError(f"cluster id {cluster_id} is not a u128")
+        self._sealer = sealer
+        self._check = bool(check)
+        self._cluster_id = cluster_id
+        self._parser = PyFrameParser()
+        self._error: Optional[TunnelError] = None
+
+    def buffered(self) -> int:
+        """Return how many bytes of an incomplete TB frame are held."""
+        return self._parser.buffered()
+
+    def encode(self, data: bytes) -> "bytes | bytearray":
+        """Return the wire bytes of every TB frame ``data`` completed (maybe none).
+
+        :raises FrameError: a TB frame's size is outside 256 ... 1 MiB, or
+            (checked) a padding field or ``nonce_reserved`` is not zero, or
+            the encoder already failed.
+        :raises ClusterMismatchError: (checked) a frame's cluster is not the
+            configured one.
+        :raises TunnelError: the sender's u64 counter would run out.
+        """
+        if self._error is not None:
+            raise FrameError(f"frame encoder already failed: {self._error}")
+        try:
+            return self._encode(data)
+        except TunnelError as e:
+            self._error = e
+            raise
+
+    def _encode(self, data: bytes) -> "bytes | bytearray":
+        complete = self._parser.feed(data)
+        if not complete:
+            return b""
+        if self._check:
+            for frame in complete:
+                check_frame(frame, self._cluster_id)
+        header, sealer = self._header, self._sealer
+        if sealer is None:
+            return b"".join([part for frame in complete for part in (header, frame)])
+        for frame in complete:
+            if frame[CHECKSUM_PADDING] != _ZERO16 or frame[CHECKSUM_BODY_PADDING] != _ZERO16:
+                raise FrameError("InvalidPadding: a checksum padding field is not zero")
+        if sealer.counter + len(complete) > _COUNTER_LIMIT:
+            raise TunnelError("frame counter exhausted: the pool connection needs new keys")
+        if len(complete) == 1:
+            return sealer.seal_buffer(header, complete[0])
+        return b"".join([sealer.seal_buffer(header, frame) for frame in complete])
+
+
+class MuxReceiver:
+    """Turn the bytes read from a pool connection into opened mux frames.
+
+    :param opener: the pool connection's receiving :class:`FrameOpener`,
+        or ``None`` in plaintext mode.
+    """
+
+    def __init__(self, opener: Optional[PyFrameOpener]) -> None:
+        self._decoder = MuxDecoder(encrypted=opener is not None)
+        self._opener = opener
+        self._error: Optional[TunnelError] = None
+
+    def buffered(self) -> int:
+        """Return how many bytes of an incomplete mux frame are held."""
+        return self._decoder.buffered()
+
+    def feed(self, data: bytes) -> List[Item]:
+        """Return ``(stream_id, frame_type, payload)`` for every mux frame ``data`` completed.
+
+        ``payload`` is the rebuilt TB frame of a data frame, the opened
+        pseudo header of an encrypted stream_close, the plain payload in
+        plaintext mode, and empty for a stream_open.
+
+        :raises MuxError: bad magic, frame type or data size, or the
+            receiver already failed.
+        :raises AuthenticationError: a sealed payload failed to
+            authenticate (the counter stays).
+        :raises FrameError: a sealed payload's clear size field is wrong,
+            or an authenticated one has non-zero padding.
+        """
+        if self._error is not None:
+            raise MuxError(f"mux receiver already failed: {self._error}")
+        try:
+            items: List[Item] = []
+            opener = self._opener
+            for frame in self._decoder.feed(data):
+                payload: "bytes | bytearray" = frame.payload
+                if opener is not None and payload:
+                    payload = opener.open_buffer(frame.header, payload)
+                items.append((frame.stream_id, int(frame.frame_type), payload))
+        except TunnelError as e:
+            self._error = e
+            raise
+        return items
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """A matching set of data-path classes: all compiled or all pure Python."""
+
+    name: str
+    FrameParser: Any
+    FrameSealer: Any
+    FrameOpener: Any
+    FrameEncoder: Any
+    MuxReceiver: Any
+
+
+#: The pure-Python classes, whichever set is selected below.
+PyFrameEncoder = FrameEncoder
+PyMuxReceiver = MuxReceiver
+
+PURE = Implementation("python", PyFrameParser, PyFrameSealer, PyFrameOpener,
+                      PyFrameEncoder, PyMuxReceiver)
+#: The compiled set, or ``None`` (see :mod:`tigertunnel.wire.compiled`).
+COMPILED: Optional[Implementation] = None
+if _hotpath is not None and aead.compiled:
+    COMPILED = Implementation("c", _hotpath.FrameParser, _hotpath.FrameSealer,
+                              _hotpath.FrameOpener, _hotpath.FrameEncoder,
+                              _hotpath.MuxReceiver)
+#: The set the program uses.
+ACTIVE = COMPILED if COMPILED is not None else PURE
+FrameEncoder = ACTIVE.FrameEncoder  # type: ignore[misc]
+MuxReceiver = ACTIVE.MuxReceiver  # type: ignore[misc]
