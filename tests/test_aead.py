@@ -1,15 +1,15 @@
 """Tests for :mod:`tigertunnel.crypto.aead` (frame encryption, PROTOCOL.md section 6)."""
 
 import struct
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import pyaegis
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import load_trace, load_vectors, unhex
+from tests.helpers import Implementation, ImplementationMixin, load_trace, load_vectors, on_both, unhex
 from tests.strategies import make_tb_frame, tb_frames
-from tigertunnel.crypto.aead import FrameOpener, FrameSealer, frame_nonce
+from tigertunnel.crypto.aead import FrameSealer, frame_nonce
 from tigertunnel.errors import AuthenticationError, FrameError, TunnelError
 from tigertunnel.wire.frames import frame_cluster
 from tigertunnel.wire.muxframes import (
@@ -49,8 +49,10 @@ def seal_one(sealer: FrameSealer, header: bytes, frame: bytes) -> bytes:
     return wire
 
 
-class FrameVectorTests(SynchronousTestCase):
+class FrameVectorTests(ImplementationMixin):
     """frames.json, produced by the reference."""
+
+    impl: Implementation
 
     def test_sequences(self) -> None:
         """Sealing gives the reference wire bytes and opening the reference frames."""
@@ -61,8 +63,8 @@ class FrameVectorTests(SynchronousTestCase):
             key, base = unhex(seq["key"]), unhex(seq["base_nonce"])
             start = int(seq["start_counter"])
             cluster = int(seq["receiver_cluster_id"])
-            sealer = FrameSealer(key, base, start)
-            opener = FrameOpener(key, base, cluster, start)
+            sealer = self.impl.FrameSealer(key, base, start)
+            opener = self.impl.FrameOpener(key, base, cluster, start)
             for f in seq["frames"]:
                 plain = unhex(f["plaintext_frame"])
                 self.assertEqual(len(plain), f["frame_size"])
@@ -94,7 +96,7 @@ class FrameVectorTests(SynchronousTestCase):
         vector = FRAMES["nonzero_checksum_padding"]
         self.assertEqual(vector["result"], "InvalidPadding")
         seq = FRAMES["sequences"][0]
-        sealer = FrameSealer(unhex(seq["key"]), unhex(seq["base_nonce"]))
+        sealer = self.impl.FrameSealer(unhex(seq["key"]), unhex(seq["base_nonce"]))
         frame = bytearray(unhex(seq["frames"][0]["plaintext_frame"]))
         frame[20] = 1
         self.assertRaises(FrameError, sealer.seal, encode_header(1, FrameType.DATA),
@@ -106,10 +108,12 @@ class FrameVectorTests(SynchronousTestCase):
                          unhex(seq["frames"][0]["wire"]))
 
 
-class SessionVectorTests(SynchronousTestCase):
+class SessionVectorTests(ImplementationMixin):
     """Complete sessions captured between the reference client and server."""
 
-    def keys(self, session: dict) -> Tuple[bytes, bytes, bytes, bytes]:
+    impl: Implementation
+
+    def keys(self, session: Any) -> Tuple[bytes, bytes, bytes, bytes]:
         k = session["derived_keys_client_side"]
         return (unhex(k["c2s_key"]), unhex(k["c2s_nonce"]),
                 unhex(k["s2c_key"]), unhex(k["s2c_nonce"]))
@@ -126,7 +130,7 @@ class SessionVectorTests(SynchronousTestCase):
             self.assertEqual([f.frame_type for f in frames],
                              [FrameType.OPEN] + [FrameType.DATA] * 3 + [FrameType.CLOSE])
             self.assertEqual({f.stream_id for f in frames}, {1})
-            opener = FrameOpener(c2s_key, c2s_nonce, cluster)
+            opener = self.impl.FrameOpener(c2s_key, c2s_nonce, cluster)
             got = [opener.open(f.header, f.payload) for f in frames[1:4]]
             self.assertEqual(got, [receiver_view(unhex(t["sent_by_tb_client"]), cluster)
                                    for t in session["tb_frames"]])
@@ -143,7 +147,7 @@ class SessionVectorTests(SynchronousTestCase):
             self.assertEqual(len(stream), session["s2c_length"])
             frames = MuxDecoder(encrypted=True).feed(stream[49:])
             self.assertEqual([f.frame_type for f in frames], [FrameType.DATA] * 3)
-            opener = FrameOpener(s2c_key, s2c_nonce, int(session["cluster_id"]))
+            opener = self.impl.FrameOpener(s2c_key, s2c_nonce, int(session["cluster_id"]))
             self.assertEqual([opener.open(f.header, f.payload) for f in frames],
                              [unhex(t["received_by_tb_client"]) for t in session["tb_frames"]])
             self.assertEqual(opener.counter, int(session["client_s2c_counter_after"]))
@@ -155,7 +159,7 @@ class SessionVectorTests(SynchronousTestCase):
             segs = session["client_to_server_segments"]
             self.assertEqual(unhex(segs[1]["bytes"]), encode_header(1, FrameType.OPEN))
             after_open = sum(len(unhex(s["bytes"])) for s in segs[:2])
-            sealer = FrameSealer(c2s_key, c2s_nonce)
+            sealer = self.impl.FrameSealer(c2s_key, c2s_nonce)
             wire = b"".join(seal_one(sealer, encode_header(1, FrameType.DATA),
                                      unhex(t["sent_by_tb_client"]))
                             for t in session["tb_frames"])
@@ -163,7 +167,7 @@ class SessionVectorTests(SynchronousTestCase):
                              build_close_plaintext(1))
             self.assertEqual(wire, unhex(session["client_to_server"])[after_open:])
             self.assertEqual(sealer.counter, int(session["client_c2s_counter_after"]))
-            sealer = FrameSealer(s2c_key, s2c_nonce)
+            sealer = self.impl.FrameSealer(s2c_key, s2c_nonce)
             wire = b"".join(seal_one(sealer, encode_header(1, FrameType.DATA),
                                      unhex(t["received_by_tb_client"]))
                             for t in session["tb_frames"])
@@ -171,20 +175,22 @@ class SessionVectorTests(SynchronousTestCase):
             self.assertEqual(sealer.counter, int(session["client_s2c_counter_after"]))
 
 
-class TraceTests(SynchronousTestCase):
+class TraceTests(ImplementationMixin):
     """Real TigerBeetle frames, up to exactly 1 MiB."""
+
+    impl: Implementation
 
     def test_round_trip(self) -> None:
         """Every traced frame seals to the spec's bytes and opens back unchanged."""
         frames = [f.data for name in ("tb-0.17.8-single", "tb-0.17.8-cluster3")
                   for f in load_trace(name)]
         self.assertEqual(max(map(len, frames)), MIB)
-        sealer = FrameSealer(KEY, NONCE)
+        sealer = self.impl.FrameSealer(KEY, NONCE)
         for i, frame in enumerate(frames):
             header = encode_header(i, FrameType.DATA)
             wire = seal_one(sealer, header, frame)
             self.assertEqual(wire, seal_by_spec(KEY, frame_nonce(NONCE, i), header, frame))
-            opener = FrameOpener(KEY, NONCE, frame_cluster(frame), i)
+            opener = self.impl.FrameOpener(KEY, NONCE, frame_cluster(frame), i)
             self.assertEqual(opener.open(wire[:12], wire[12:]), frame)
             self.assertEqual(opener.counter, i + 1)
 
@@ -192,22 +198,24 @@ class TraceTests(SynchronousTestCase):
         """A 1 MiB frame with its last ciphertext bit flipped fails; the counter stays."""
         frame = make_tb_frame(bytes(range(256)) * ((MIB - 256) // 256))
         header = encode_header(1, FrameType.DATA)
-        wire = bytearray(seal_one(FrameSealer(KEY, NONCE, 9), header, frame))
+        wire = bytearray(seal_one(self.impl.FrameSealer(KEY, NONCE, 9), header, frame))
         wire[-1] ^= 0x80
-        opener = FrameOpener(KEY, NONCE, 0, 9)
+        opener = self.impl.FrameOpener(KEY, NONCE, 0, 9)
         self.assertRaises(AuthenticationError, opener.open, header, bytes(wire[12:]))
         self.assertEqual(opener.counter, 9)
 
 
-class SealOpenTests(SynchronousTestCase):
+class SealOpenTests(ImplementationMixin):
     """Properties of sealing and opening."""
+
+    impl: Implementation
 
     @given(st.lists(tb_frames(max_body=800), min_size=1, max_size=4),
            st.integers(0, (1 << 64) - 5), st.integers(0, (1 << 128) - 1))
     def test_round_trip(self, frames: List[bytes], start: int, cluster: int) -> None:
         """Opening sealed frames in order gives them back as the receiver rebuilds them."""
-        sealer = FrameSealer(KEY, NONCE, start)
-        opener = FrameOpener(KEY, NONCE, cluster, start)
+        sealer = self.impl.FrameSealer(KEY, NONCE, start)
+        opener = self.impl.FrameOpener(KEY, NONCE, cluster, start)
         for i, frame in enumerate(frames):
             header = encode_header(i, FrameType.DATA)
             wire = seal_one(sealer, header, frame)
@@ -224,12 +232,12 @@ class SealOpenTests(SynchronousTestCase):
         frame = data.draw(tb_frames(max_body=300))
         counter = data.draw(st.integers(0, 1000))
         header = encode_header(data.draw(st.integers(0, 9)), FrameType.DATA)
-        wire = seal_one(FrameSealer(KEY, NONCE, counter), header, frame)
+        wire = seal_one(self.impl.FrameSealer(KEY, NONCE, counter), header, frame)
         region = data.draw(st.sampled_from([(0, 12), (12, 28), (28, 32), (32, len(wire))]))
         bit = data.draw(st.integers(region[0] * 8, region[1] * 8 - 1))
         bad = bytearray(wire)
         bad[bit // 8] ^= 1 << (bit % 8)
-        opener = FrameOpener(KEY, NONCE, 0, counter)
+        opener = self.impl.FrameOpener(KEY, NONCE, 0, counter)
         self.assertRaises((AuthenticationError, FrameError),
                           opener.open, bytes(bad[:12]), bytes(bad[12:]))
         self.assertEqual(opener.counter, counter)
@@ -238,9 +246,9 @@ class SealOpenTests(SynchronousTestCase):
 
     def test_wrong_counter(self) -> None:
         """A frame sealed with another counter fails to authenticate."""
-        wire = seal_one(FrameSealer(KEY, NONCE, 5), encode_header(1, FrameType.DATA),
+        wire = seal_one(self.impl.FrameSealer(KEY, NONCE, 5), encode_header(1, FrameType.DATA),
                         make_tb_frame(b"x"))
-        opener = FrameOpener(KEY, NONCE, 0, 4)
+        opener = self.impl.FrameOpener(KEY, NONCE, 0, 4)
         self.assertRaises(AuthenticationError, opener.open, wire[:12], wire[12:])
         self.assertEqual(opener.counter, 4)
 
@@ -250,7 +258,7 @@ class SealOpenTests(SynchronousTestCase):
         """Any non-zero padding byte is refused and consumes no counter value."""
         frame = bytearray(make_tb_frame(b"body"))
         frame[index] = value
-        sealer = FrameSealer(KEY, NONCE, 3)
+        sealer = self.impl.FrameSealer(KEY, NONCE, 3)
         self.assertRaises(FrameError, sealer.seal, encode_header(1, FrameType.DATA),
                           bytes(frame))
         self.assertEqual(sealer.counter, 3)
@@ -263,13 +271,13 @@ class SealOpenTests(SynchronousTestCase):
         frame[index] = value
         header = encode_header(1, FrameType.DATA)
         wire = seal_by_spec(KEY, frame_nonce(NONCE, 7), header, bytes(frame))
-        opener = FrameOpener(KEY, NONCE, 0, 7)
+        opener = self.impl.FrameOpener(KEY, NONCE, 0, 7)
         self.assertRaises(FrameError, opener.open, wire[:12], wire[12:])
         self.assertEqual(opener.counter, 8)
 
     def test_seal_bad_frames(self) -> None:
         """Frames with a wrong length or size field are refused without using a counter."""
-        sealer = FrameSealer(KEY, NONCE)
+        sealer = self.impl.FrameSealer(KEY, NONCE)
         header = encode_header(1, FrameType.DATA)
         good = make_tb_frame(b"abc")
         for frame in (good[:-1], good + b"x", bytes(255), make_tb_frame(bytes(MIB - 255))):
@@ -279,9 +287,9 @@ class SealOpenTests(SynchronousTestCase):
 
     def test_open_bad_size(self) -> None:
         """A payload whose clear size differs from its length is refused; counter unchanged."""
-        wire = seal_one(FrameSealer(KEY, NONCE), encode_header(1, FrameType.DATA),
+        wire = seal_one(self.impl.FrameSealer(KEY, NONCE), encode_header(1, FrameType.DATA),
                         make_tb_frame(bytes(10)))
-        opener = FrameOpener(KEY, NONCE)
+        opener = self.impl.FrameOpener(KEY, NONCE)
         for payload in (wire[12:] + b"\0", wire[12:-1], wire[12:12 + 255]):
             self.assertRaises(FrameError, opener.open, wire[:12], payload)
         self.assertEqual(opener.counter, 0)
@@ -295,32 +303,38 @@ class SealOpenTests(SynchronousTestCase):
         header = encode_header(2, FrameType.DATA)
         ct, tag = pyaegis.Aegis128X2(tag_size=16).encrypt_detached(
             KEY, NONCE, bytes(p), header)
-        opened = FrameOpener(KEY, NONCE).open(header, tag + frame[96:100] + ct)
+        opened = self.impl.FrameOpener(KEY, NONCE).open(header, tag + frame[96:100] + ct)
         self.assertEqual(opened, receiver_view(frame, 0))
 
     def test_counter_limits(self) -> None:
         """Counters are u64: the last value works, then sealing and opening stop."""
         header = encode_header(1, FrameType.DATA)
         frame = make_tb_frame(b"")
-        sealer = FrameSealer(KEY, NONCE, (1 << 64) - 1)
+        sealer = self.impl.FrameSealer(KEY, NONCE, (1 << 64) - 1)
         wire = seal_one(sealer, header, frame)
         self.assertRaises(TunnelError, sealer.seal, header, frame)
-        opener = FrameOpener(KEY, NONCE, 0, (1 << 64) - 1)
+        opener = self.impl.FrameOpener(KEY, NONCE, 0, (1 << 64) - 1)
         self.assertEqual(opener.open(header, wire[12:]), frame)
         self.assertRaises(AuthenticationError, opener.open, header, wire[12:])
-        self.assertRaises(ValueError, FrameSealer, KEY, NONCE, 1 << 64)
-        self.assertRaises(ValueError, FrameOpener, KEY, NONCE, 0, -1)
+        self.assertRaises(ValueError, self.impl.FrameSealer, KEY, NONCE, 1 << 64)
+        self.assertRaises(ValueError, self.impl.FrameOpener, KEY, NONCE, 0, -1)
 
     def test_bad_keys(self) -> None:
         """Keys and base nonces must be 16 bytes, cluster ids u128."""
-        self.assertRaises(ValueError, FrameSealer, KEY[:15], NONCE)
-        self.assertRaises(ValueError, FrameSealer, KEY, NONCE + b"x")
-        self.assertRaises(ValueError, FrameOpener, KEY + b"x", NONCE)
-        self.assertRaises(ValueError, FrameOpener, KEY, NONCE, 1 << 128)
+        self.assertRaises(ValueError, self.impl.FrameSealer, KEY[:15], NONCE)
+        self.assertRaises(ValueError, self.impl.FrameSealer, KEY, NONCE + b"x")
+        self.assertRaises(ValueError, self.impl.FrameOpener, KEY + b"x", NONCE)
+        self.assertRaises(ValueError, self.impl.FrameOpener, KEY, NONCE, 1 << 128)
 
     def test_tag_is_16_bytes(self) -> None:
         """The tag is 16 bytes: the wire adds nothing to the frame size."""
         frame = make_tb_frame(bytes(1000))
-        chunks = FrameSealer(KEY, NONCE).seal(encode_header(1, FrameType.DATA), frame)
+        chunks = self.impl.FrameSealer(KEY, NONCE).seal(encode_header(1, FrameType.DATA), frame)
         self.assertEqual(sum(map(len, chunks)), 12 + len(frame))
         self.assertEqual(struct.unpack("<I", b"".join(chunks)[28:32])[0], len(frame))
+
+
+PureFrameVectorTests, CompiledFrameVectorTests = on_both(FrameVectorTests)
+PureSessionVectorTests, CompiledSessionVectorTests = on_both(SessionVectorTests)
+PureTraceTests, CompiledTraceTests = on_both(TraceTests)
+PureSealOpenTests, CompiledSealOpenTests = on_both(SealOpenTests)

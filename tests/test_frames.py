@@ -7,11 +7,11 @@ from typing import Dict, List, Optional, Tuple
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import load_trace
+from tests.helpers import Implementation, ImplementationMixin, load_trace, on_both
 from tests.strategies import chunked, make_tb_frame, noisy_tb_streams, tb_frames
 from tigertunnel.wire import frames
 from tigertunnel.errors import ClusterMismatchError, FrameError
-from tigertunnel.wire.frames import FrameParser, check_frame, frame_cluster, frame_size
+from tigertunnel.wire.frames import check_frame, frame_cluster, frame_size
 
 MIB = 1 << 20
 
@@ -34,7 +34,7 @@ def model_parse(data: bytes, max_size: int = MIB) -> Tuple[List[bytes], Optional
     :returns: the complete frames before any error, and the index of the byte
         that makes a bad size readable (the last size byte), or ``None``.
     """
-    out = []
+    out: List[bytes] = []
     off = 0
     while len(data) - off >= 100:
         size = int.from_bytes(data[off + 96:off + 100], "little")
@@ -77,15 +77,17 @@ class FieldTests(SynchronousTestCase):
         self.assertRaises(FrameError, frame_cluster, bytes(95))
 
 
-class ParserTraceTests(SynchronousTestCase):
+class ParserTraceTests(ImplementationMixin):
     """FrameParser on the recorded TigerBeetle traffic."""
+
+    impl: Implementation
 
     def test_whole_streams(self) -> None:
         """Each direction of each traced connection, fed at once, yields its frames."""
         self.assertEqual(len(TRACE_STREAMS), 14)
         self.assertIn(MIB, [len(f) for _, fs in TRACE_STREAMS for f in fs])
         for data, expected in TRACE_STREAMS:
-            parser = FrameParser()
+            parser = self.impl.FrameParser()
             got = parser.feed(data)
             self.assertEqual(got, expected)
             self.assertTrue(all(type(f) is bytes for f in got))
@@ -95,7 +97,7 @@ class ParserTraceTests(SynchronousTestCase):
     def test_trace_chunking(self, data: st.DataObject) -> None:
         """Any chunking of a traced stream yields exactly the traced frames."""
         stream, expected = data.draw(st.sampled_from(TRACE_STREAMS))
-        parser = FrameParser()
+        parser = self.impl.FrameParser()
         got = []
         for chunk in data.draw(chunked(stream, max_cuts=80)):
             got.extend(parser.feed(chunk))
@@ -103,14 +105,16 @@ class ParserTraceTests(SynchronousTestCase):
         self.assertEqual(parser.buffered(), 0)
 
 
-class ParserTests(SynchronousTestCase):
+class ParserTests(ImplementationMixin):
     """FrameParser on generated input."""
+
+    impl: Implementation
 
     @given(st.lists(tb_frames(), max_size=5), st.data())
     def test_chunking_invariance(self, expected: List[bytes], data: st.DataObject) -> None:
         """Any split of a stream of valid frames yields the same frames, all bytes."""
         stream = b"".join(expected)
-        parser = FrameParser()
+        parser = self.impl.FrameParser()
         got = []
         for chunk in data.draw(chunked(stream)):
             got.extend(parser.feed(chunk))
@@ -122,7 +126,7 @@ class ParserTests(SynchronousTestCase):
         expected = [make_tb_frame(b""), make_tb_frame(b"x"), make_tb_frame(bytes(700))]
         stream = b"".join(expected)
         ends = {sum(map(len, expected[:i + 1])) for i in range(len(expected))}
-        parser = FrameParser()
+        parser = self.impl.FrameParser()
         got = []
         for i in range(len(stream)):
             out = parser.feed(stream[i:i + 1])
@@ -135,14 +139,14 @@ class ParserTests(SynchronousTestCase):
         """Non-bytes input still yields frames of type bytes."""
         frame = make_tb_frame(b"abc")
         for wrap in (bytearray, memoryview):
-            got = FrameParser().feed(wrap(frame + frame[:5]))
+            got = self.impl.FrameParser().feed(wrap(frame + frame[:5]))
             self.assertEqual(got, [frame])
             self.assertIs(type(got[0]), bytes)
 
     def test_partial_tail_kept(self) -> None:
         """The bytes after the last complete frame are kept and completed later."""
         frame = make_tb_frame(bytes(300))
-        parser = FrameParser()
+        parser = self.impl.FrameParser()
         self.assertEqual(parser.feed(frame + frame[:400]), [frame])
         self.assertEqual(parser.buffered(), 400)
         self.assertEqual(parser.feed(frame[400:] + frame[:10]), [frame])
@@ -151,13 +155,13 @@ class ParserTests(SynchronousTestCase):
     def test_extreme_sizes_accepted(self) -> None:
         """Frames of exactly 256 bytes and exactly 1 MiB are accepted."""
         small, big = make_tb_frame(b""), make_tb_frame(bytes(MIB - 256))
-        self.assertEqual(FrameParser().feed(small + big), [small, big])
+        self.assertEqual(self.impl.FrameParser().feed(small + big), [small, big])
 
     @given(st.one_of(st.integers(0, 255), st.integers(MIB + 1, (1 << 32) - 1)),
            st.binary(min_size=96, max_size=96))
     def test_bad_size_rejected_before_body(self, size: int, prefix: bytes) -> None:
         """A size outside 256..1 MiB raises when the size bytes arrive, not later."""
-        parser = FrameParser()
+        parser = self.impl.FrameParser()
         head = prefix + struct.pack("<I", size)
         self.assertEqual(parser.feed(head[:99]), [])
         self.assertRaises(FrameError, parser.feed, head[99:])
@@ -165,14 +169,14 @@ class ParserTests(SynchronousTestCase):
     def test_max_size_parameter(self) -> None:
         """A custom max_size accepts frames up to it and rejects one byte more."""
         ok, too_big = make_tb_frame(bytes(744)), make_tb_frame(bytes(745))
-        self.assertEqual(FrameParser(max_size=1000).feed(ok), [ok])
-        self.assertRaises(FrameError, FrameParser(max_size=1000).feed, too_big[:100])
-        self.assertRaises(ValueError, FrameParser, max_size=MIB + 1)
-        self.assertRaises(ValueError, FrameParser, max_size=255)
+        self.assertEqual(self.impl.FrameParser(max_size=1000).feed(ok), [ok])
+        self.assertRaises(FrameError, self.impl.FrameParser(max_size=1000).feed, too_big[:100])
+        self.assertRaises(ValueError, self.impl.FrameParser, max_size=MIB + 1)
+        self.assertRaises(ValueError, self.impl.FrameParser, max_size=255)
 
     def test_dead_after_error(self) -> None:
         """After an error every feed raises, even with valid data."""
-        parser = FrameParser()
+        parser = self.impl.FrameParser()
         self.assertRaises(FrameError, parser.feed, bytes(100))
         self.assertRaises(FrameError, parser.feed, make_tb_frame(b""))
         self.assertRaises(FrameError, parser.feed, b"")
@@ -182,7 +186,7 @@ class ParserTests(SynchronousTestCase):
     def test_arbitrary_bytes(self, stream: bytes, data: st.DataObject) -> None:
         """Arbitrary bytes give a prefix of the frames, then FrameError at the bad size byte."""
         expected, error_at = model_parse(stream)
-        parser = FrameParser()
+        parser = self.impl.FrameParser()
         got: List[bytes] = []
         start = 0
         for chunk in data.draw(chunked(stream)):
@@ -255,14 +259,16 @@ class CheckFrameTests(SynchronousTestCase):
                 check_frame(f, frame_cluster(f))
 
 
-class DripTests(SynchronousTestCase):
+class DripTests(ImplementationMixin):
     """A frame dripped one byte per read costs memory in proportion to its size."""
+
+    impl: Implementation
 
     def test_one_byte_reads_bounded_memory(self) -> None:
         """Feeding a 256 KiB frame one byte at a time peaks below four times its size."""
         import tracemalloc
         frame = make_tb_frame(bytes(256 * 1024 - 256), cluster=0)
-        parser = FrameParser()
+        parser = self.impl.FrameParser()
         tracemalloc.start()
         try:
             got = []
@@ -273,3 +279,8 @@ class DripTests(SynchronousTestCase):
             tracemalloc.stop()
         self.assertEqual(got, [frame])
         self.assertLess(peak, 4 * len(frame))
+
+
+PureParserTraceTests, CompiledParserTraceTests = on_both(ParserTraceTests)
+PureParserTests, CompiledParserTests = on_both(ParserTests)
+PureDripTests, CompiledDripTests = on_both(DripTests)

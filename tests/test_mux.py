@@ -9,6 +9,7 @@ import pyaegis
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.helpers import on_other_implementation
 from tests.strategies import chunked, make_tb_frame, mux_header, noisy_mux_streams, tb_frames
 from tigertunnel.crypto.aead import FrameSealer
 from tigertunnel.crypto.kdf import SessionKeys
@@ -429,3 +430,11 @@ class GarbageCollectionTests(SynchronousTestCase):
                                     os.path.abspath(__file__))))
         self.assertEqual((result.returncode, result.stdout.strip()), (0, b"collected"),
                          result.stderr.decode(errors="replace")[-2000:])
+
+
+# The codec tests above use the sealer and opener selected at import; these
+# run them once more on the other implementation.
+OtherRoleTests = on_other_implementation(RoleTests)
+OtherEncryptedTests = on_other_implementation(EncryptedTests)
+OtherTamperTests = on_other_implementation(TamperTests)
+OtherChunkingTests = on_other_implementation(ChunkingTests)

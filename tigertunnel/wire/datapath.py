@@ -89,8 +89,8 @@ class FrameEncoder:
         self._error: Optional[TunnelError] = None
 
     def buffered(self) -> int:
-        """Return how many bytes of an incomplete TB frame are held."""
-        return self._parser.buffered()
+        """Return how many bytes of an incomplete TB frame are held (none once failed)."""
+        return 0 if self._error is not None else self._parser.buffered()
 
     def encode(self, data: bytes) -> "bytes | bytearray":
         """Return the wire bytes of every TB frame ``data`` completed (maybe none).
@@ -108,6 +108,7 @@ class FrameEncoder:
             return self._encode(data)
         except TunnelError as e:
             self._error = e
+            self._parser = PyFrameParser()  # what it held is never used
             raise
 
     def _encode(self, data: bytes) -> "bytes | bytearray":
@@ -143,8 +144,8 @@ class MuxReceiver:
         self._error: Optional[TunnelError] = None
 
     def buffered(self) -> int:
-        """Return how many bytes of an incomplete mux frame are held."""
-        return self._decoder.buffered()
+        """Return how many bytes of an incomplete mux frame are held (none once failed)."""
+        return 0 if self._error is not None else self._decoder.buffered()
 
     def feed(self, data: bytes) -> List[Item]:
         """Return ``(stream_id, frame_type, payload)`` for every mux frame ``data`` completed.
@@ -172,6 +173,7 @@ class MuxReceiver:
                 items.append((frame.stream_id, int(frame.frame_type), payload))
         except TunnelError as e:
             self._error = e
+            self._decoder = MuxDecoder(encrypted=self._opener is not None)  # never used again
             raise
         return items
 
