@@ -289,7 +289,7 @@ def _bind_libaegis() -> bool:
     if _hotpath is None:
         return False
     try:
-        from pyaegis._aegis_ffi import ffi, lib  # type: ignore[import-not-found]
+        from pyaegis._aegis_ffi import ffi, lib
         encrypt = int(ffi.cast("uintptr_t", lib.aegis128x2_encrypt_detached))
         decrypt = int(ffi.cast("uintptr_t", lib.aegis128x2_decrypt_detached))
     except (ImportError, AttributeError):
