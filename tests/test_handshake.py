@@ -372,6 +372,20 @@ class ServerRejectionTests(SynchronousTestCase):
         server = make_server(now=NOW - 3600 + 0.9)
         self.assertIsInstance(server.feed(connect_hello(timestamp=NOW)), hs.Accepted)
 
+    def test_timestamp_window_with_fractional_clock(self) -> None:
+        """With the server clock at T+0.999, timestamps T±3600 are accepted and T±3601 refused with skew ±3601."""
+        for skew, accepted in ((3600, True), (-3600, True), (3601, False), (-3601, False)):
+            hello = hs.build_connect_hello(2, KEY_ID, PSK, CR, NOW + skew)
+            server = make_server(now=NOW + 0.999, replay_cache=hs.ReplayCache(now=lambda: NOW))
+            result = server.feed(hello)
+            if accepted:
+                self.assertIsInstance(result, hs.Accepted, skew)
+            else:
+                self.assertIsInstance(result, hs.Rejected, skew)
+                assert isinstance(result, hs.Rejected)
+                self.assertEqual((result.status, result.skew),
+                                 (hs.Status.TIMESTAMP_INVALID, skew))
+
     def test_no_kem_keys(self) -> None:
         """A kemconnect hello to a server without KEM keys gets status 3."""
         for keys in (None, {}):

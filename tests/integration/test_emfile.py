@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from typing import Any, List, Sequence
 
 from twisted.internet import defer, task
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
 
 from tests.integration import procs
-from tests.integration.faults import TBPeer, TBPeerFactory, digest, filler, make_frame
+from tests.integration.tbpeers import TBPeer, digest, filler, make_frame, tb_connect
 from tigertunnel.keys.generate import keygen
 
 #: RLIMIT_NOFILE of the limited tunnel end. An idle end holds about a dozen
@@ -91,18 +90,11 @@ def established(pid: int, port: int) -> int:
                if s.state == "ESTABLISHED" and s.local_port == port)
 
 
-async def connect(port: int) -> TBPeer:
-    """Connect a :class:`TBPeer` to 127.0.0.1:``port`` (TCP connect only)."""
-    endpoint = TCP4ClientEndpoint(_reactor(), "127.0.0.1", port, timeout=DEADLINE)
-    peer: TBPeer = await endpoint.connect(TBPeerFactory())
-    return peer
-
-
 async def connect_many(port: int, count: int) -> List[TBPeer]:
     """Open ``count`` connections to ``port``, :data:`BATCH` at a time."""
     peers: List[TBPeer] = []
     while len(peers) < count:
-        batch = [defer.ensureDeferred(connect(port))
+        batch = [defer.ensureDeferred(tb_connect(port, DEADLINE))
                  for _ in range(min(BATCH, count - len(peers)))]
         peers += await defer.gatherResults(batch, consumeErrors=True)
     return peers
@@ -184,7 +176,7 @@ class Ends:
 
     async def tb_client(self) -> TBPeer:
         """Connect a TB client to the tunnel client (closed in the cleanup)."""
-        peer = await connect(self.client_port)
+        peer = await tb_connect(self.client_port, DEADLINE)
         self.peers.append(peer)
         return peer
 
