@@ -27,7 +27,7 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual((opts["sizes"], opts["sessions"], opts["modes"]),
                          ([256, 4096], [1, 16], ["psk"]))
 
-    def test_refused(self) -> None:
+    def test_bad_options_refused(self) -> None:
         """Bad sizes, modes, counts and numbers are refused with a message naming the problem."""
         for args, text in ((["--sizes", "100"], "frame sizes must be 256..1048576"),
                            (["--sizes", "x"], "bad number"),

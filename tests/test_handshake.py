@@ -529,7 +529,7 @@ class ClientFailureTests(SynchronousTestCase):
             self.assertIsNone(client.feed(reply[i:i + 1]))
         self.assertIsInstance(client.feed(reply[48:]), hs.Established)
 
-    def test_misuse(self) -> None:
+    def test_calls_out_of_order_raise(self) -> None:
         """feed before start, start twice and feed after success raise HandshakeError."""
         client = make_client()
         self.assertRaises(HandshakeError, client.feed, b"\x00")
@@ -595,7 +595,7 @@ class PropertyTests(SynchronousTestCase):
 
 
 class HardeningTests(SynchronousTestCase):
-    """Replay refusal and the uniform failure status (issue: reliability)."""
+    """Replay refusal and the uniform failure status."""
 
     def test_replayed_hello_refused(self) -> None:
         """A byte-identical ClientHello presented twice is refused the second time with status 4."""

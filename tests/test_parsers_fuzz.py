@@ -1,9 +1,8 @@
 """Fuzzing every parser with hypothesis: only our documented errors, bounded buffers.
 
-Case 12 of the "Reliability" issue. The per-module tests
-(``test_frames``, ``test_muxframes``, ``test_mux``, ``test_keys``,
-``test_handshake``, ``test_aead``) already feed arbitrary bytes to the
-parsers; this module covers what they leave out:
+The per-module tests (``test_frames``, ``test_muxframes``, ``test_mux``,
+``test_keyformat``, ``test_handshake``, ``test_aead``) already feed arbitrary
+bytes to the parsers; this module covers what they leave out:
 
 * key files through the loaders (PSK, KEM secret, KEM public) and
   ``.pub``-shaped text;

@@ -210,7 +210,7 @@ class SlowPeerTests(SynchronousTestCase):
         self.assertIsNotNone(self.slow_transport.producer)
         self.assertTrue(self.slow_transport.streaming)
 
-    def test_limit(self) -> None:
+    def test_session_lost_past_the_buffer_limit(self) -> None:
         """A slow TB peer keeps its session up to SESSION_BUFFER_LIMIT queued bytes and loses it beyond."""
         self.assertEqual(SESSION_BUFFER_LIMIT, 8 * MIB)
         self.slow_transport.producer.pauseProducing()  # the peer stopped reading

@@ -285,7 +285,7 @@ class BrokenFileTests(ReloadCase):
         self.assertIn(expected, logged[0]["reason"])
         self.assertEqual(reloader.results, {"ok": 0, "error": 1})
 
-    def test_garbage(self) -> None:
+    def test_file_without_key_line_refused(self) -> None:
         """A key file without a key line is refused, naming file, line and reason."""
         path = self.keys.write("client.key", "# rotated\nnot a key\n")
         self.check_refused(self.client, self.t.client.config, f"{path}:2: InvalidKeyFormat")
@@ -389,7 +389,7 @@ class Recorder:
 class ReloadServiceTests(ReloadCase):
     """SIGHUP triggers a reload in the reactor thread."""
 
-    def test_sighup(self) -> None:
+    def test_real_sighup_reloads(self) -> None:
         """A real SIGHUP reloads (via callFromThread); stopping restores the previous handler."""
         previous = signal.getsignal(signal.SIGHUP)
         reactor, recorder = FakeReactor(), Recorder()

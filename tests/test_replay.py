@@ -58,7 +58,7 @@ class CacheCase(SynchronousTestCase):
         return [data[i:i + 32] for i in range(replay.HEADER_SIZE, len(data), replay.RECORD_SIZE)]
 
 
-class BasicTests(CacheCase):
+class SingleInstanceTests(CacheCase):
     """One instance behaves like the in-memory ReplayCache."""
 
     def test_second_sight_refused(self) -> None:
@@ -132,7 +132,7 @@ class SharingTests(CacheCase):
         self.assertFalse(a.check_and_add(digest(2), NOW))
         self.assertEqual(self.records(), [digest(1), digest(2)])
 
-    def test_restart(self) -> None:
+    def test_replay_refused_after_restart(self) -> None:
         """After the process is gone, a new instance loads the file and refuses the replay."""
         a = self.cache()
         for n in range(10):
@@ -172,7 +172,7 @@ class SharingTests(CacheCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
         self.assertEqual([n for n in os.listdir(self.dir) if n.endswith(".tmp")], [])
 
-    def test_bounded(self) -> None:
+    def test_file_bounded_by_max_entries(self) -> None:
         """Past max_entries the oldest entries are dropped and the file stays bounded."""
         a = self.cache(max_entries=100)
         for n in range(5000):

@@ -147,7 +147,7 @@ class TimeoutTests(DrainCase):
 class OperationsOrderTests(SynchronousTestCase):
     """Operations services start after the tunnel and stop around the drain."""
 
-    def test_order(self) -> None:
+    def test_operations_stop_around_the_drain(self) -> None:
         """Early operations stop before the drain, late ones after; both start after the multiplexers."""
         t = Tunnel()
         events: List[str] = []

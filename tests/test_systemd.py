@@ -124,7 +124,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn("old keys kept", messages[1][1])
         self.assertEqual(messages[2][0], "STOPPING=1")
 
-    def test_watchdog(self) -> None:
+    def test_watchdog_notified_every_interval(self) -> None:
         """With a watchdog interval WATCHDOG=1 goes out at once and then every interval, until stopped."""
         service = SystemdService(self.notifier, self.reactor, watchdog=0.5)
         service.startService()

@@ -12,7 +12,7 @@ from tigertunnel.tools.traces import SINGLE
 class CostTests(SynchronousTestCase):
     """The measurement runs the real accounting over a trace and reports per frame."""
 
-    def test_measure(self) -> None:
+    def test_single_trace_frames_and_costs_reported(self) -> None:
         """One pass over the single trace reports its 16 frames and positive costs."""
         got = measure(SINGLE, number=1, repeat=1)
         self.assertEqual(got["frames"], 16)

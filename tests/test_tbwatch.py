@@ -67,7 +67,7 @@ class SingleTraceTests(SynchronousTestCase):
         self.assertEqual(len(self.events.done), stated["command"][("reply",)])
         self.assertEqual(len(self.watch.in_flight), 0)
 
-    def test_operations(self) -> None:
+    def test_requests_per_operation_match_the_summary(self) -> None:
         """Completed requests per operation equal the summary's replies per operation."""
         stated = {op: n for (command, op), n in tbdata.summary(SINGLE)["command/operation"].items()
                   if command == "reply"}

@@ -262,7 +262,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.events[0]["log_system"],
                          "worker 1/tigertunnel.workers#warn")
 
-    def test_status(self) -> None:
+    def test_status_lists_workers_and_restarts(self) -> None:
         """status() lists worker 0 and the running workers, and counts restarts."""
         self.sup.startService()
         status = self.sup.status()

@@ -67,7 +67,7 @@ class InheritedSocketTests(SynchronousTestCase):
         self.assertEqual([socket_family(fd) for fd in got.values()],
                          [s.family for s in socks])
 
-    def test_refused(self) -> None:
+    def test_unusable_sockets_refused(self) -> None:
         """Missing, malformed, wrong count, closed, not listening, not TCP,
         or bound to another address than the pair's."""
         unbound = socket.socket()

@@ -28,7 +28,7 @@ class ChurnTests(TestCase):
 
     timeout = 600 if LONG else 120
 
-    async def test_churn(self) -> None:
+    async def test_short_sessions_leave_nothing_behind(self) -> None:
         """After thousands of short sessions both tunnel processes hold the same descriptors and sessions as before."""
         total = 10_000 if LONG else 2_000
         workers = 32

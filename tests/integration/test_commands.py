@@ -18,7 +18,7 @@ class CommandTests(TestCase):
 
     timeout = 120
 
-    async def test_demo(self) -> None:
+    async def test_demo_round_trips_frames_through_a_kem_tunnel(self) -> None:
         """tigertunnel demo echoes real TB frames through a KEM tunnel and says every byte came back."""
         result = await procs.run([procs.executable("tigertunnel"), "demo",
                                   "--sessions", "2", "--rounds", "1"], timeout=90)
@@ -27,7 +27,7 @@ class CommandTests(TestCase):
         self.assertIn("OK: every frame came back byte-identical and in order", result.stdout)
         self.assertRegex(result.stdout, r"tunnel: 16 frames echoed byte-identical")
 
-    async def test_bench(self) -> None:
+    async def test_bench_prints_the_table_and_writes_json(self) -> None:
         """tigertunnel bench measures one cell direct and through the tunnel, prints the table and writes JSON."""
         out = os.path.abspath(self.mktemp())
         result = await procs.run([procs.executable("tigertunnel"), "bench", "-q",

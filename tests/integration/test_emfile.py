@@ -1,4 +1,4 @@
-"""Reliability: file-descriptor exhaustion (EMFILE on accept) is survived.
+"""File-descriptor exhaustion (EMFILE on accept) is survived.
 
 Real processes on 127.0.0.1: an echo backend (``python -m tigertunnel.tools.echo``),
 a tunnel server and a tunnel client (the ``tigertunnel server|client``
@@ -7,7 +7,7 @@ console script, logging to stderr), one of the two ends started with a low
 established TB connections (the *veterans*), then opens more connections to
 the limited end's listener than its descriptors allow: TB connections to the
 client's listener, raw TCP connections (that never send a hello) to the
-server's. It then checks what the issue requires:
+server's. It then checks:
 
 1. the process keeps running and does not spin: its CPU time over a second
    in which more excess connections arrive, read from ``/proc/<pid>/stat``,

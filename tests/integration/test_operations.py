@@ -1,4 +1,4 @@
-"""Real processes for the "Operations" issue: reload, metrics, systemd, shutdown, check-config.
+"""Operations on real processes: reload, metrics, systemd, shutdown, check-config.
 
 * SIGHUP with new key files: the session open during the rotation keeps
   working, new pool connections use the new key; SIGHUP with a broken key
