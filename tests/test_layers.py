@@ -93,6 +93,22 @@ def imported(path: str, module: str) -> List[Tuple[int, str]]:
             if name == "tigertunnel" or name.startswith("tigertunnel.")]
 
 
+def imported_anything(path: str) -> List[Tuple[int, str]]:
+    """Every absolute module name ``path`` imports (at any depth), with line numbers.
+
+    ``from a import b`` yields both ``a`` and ``a.b`` (``b`` may be a module).
+    """
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    found: List[Tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.append((node.lineno, node.module))
+            found += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return found
+
+
 class ImportDirectionTests(SynchronousTestCase):
     """Imports between tigertunnel's layers point downwards only."""
 
@@ -129,9 +145,14 @@ class SansIOTests(SynchronousTestCase):
     """The sans-IO packages run without the reactor."""
 
     def test_no_twisted_internet(self) -> None:
-        """Importing every module of wire/, crypto/, keys/ and config/ imports no twisted.internet."""
-        modules = sorted(m for m, _ in _modules() if layer_of(m) in SANS_IO)
+        """No module of wire/, crypto/, keys/ or config/ imports twisted.internet, at import time or inside a function."""
+        sources = sorted((m, p) for m, p in _modules() if layer_of(m) in SANS_IO)
+        modules = [m for m, _ in sources]
         self.assertGreater(len(modules), 8)
+        named = [f"{module}:{line} imports {name}" for module, path in sources
+                 for line, name in imported_anything(path)
+                 if name == "twisted.internet" or name.startswith("twisted.internet.")]
+        self.assertEqual(named, [])
         code = ("import importlib, sys\n"
                 f"for m in {modules!r}: importlib.import_module(m)\n"
                 "bad = sorted(n for n in sys.modules if n.startswith('twisted.internet'))\n"
@@ -139,3 +160,11 @@ class SansIOTests(SynchronousTestCase):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                              text=True, check=True).stdout.strip()
         self.assertEqual(out, "")
+
+    def test_checker_sees_a_function_level_reactor_import(self) -> None:
+        """The static part of the check flags ``from twisted.internet import reactor`` inside a function."""
+        tmp = self.mktemp()
+        with open(tmp, "w") as f:
+            f.write("def later():\n    from twisted.internet import reactor\n    return reactor\n")
+        self.assertEqual(imported_anything(tmp), [(2, "twisted.internet"),
+                                                  (2, "twisted.internet.reactor")])

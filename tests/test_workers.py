@@ -174,9 +174,7 @@ class SupervisorTests(SynchronousTestCase):
         self.worker(index).childDataReceived(1, b"".join(lines))
 
     def test_reload_forwards_sighup_to_workers_that_are_up(self) -> None:
-        """SIGHUP goes to workers that are ready (their handlers are set up),
-        not to one still starting (SIGHUP would end it); that one gets it
-        once ready. The ready event itself is not logged."""
+        """SIGHUP goes to ready workers at once and to a starting one (which SIGHUP would end) only once it is ready, without logging the ready event."""
         self.sup.startService()
         self.log_line(1)
         self.sup.reloading()
