@@ -9,12 +9,13 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from tests.integration import procs
-from tests.integration.tbpeers import Script, ScriptedBackend, filler, make_frame, tb_connect
+from tests.integration.tbpeers import Script, filler, make_frame, tb_connect
 from tests.integration.tunnels import (
     DEADLINE,
     LONG,
     Daemons,
     close_wait,
+    listening_backend,
     ms,
     random_size,
     record,
@@ -32,12 +33,9 @@ class ChurnTests(TestCase):
         """After thousands of short sessions both tunnel processes hold the same descriptors and sessions as before."""
         total = 10_000 if LONG else 2_000
         workers = 32
-        backend = ScriptedBackend(Script())
-        port = backend.listen()
-        self.addCleanup(backend.refuse)
-        d = await Daemons(self, port, pool_size=4).start()
-        assert d.server_pid is not None and d.client_pid is not None
-        pids = {"client": d.client_pid, "server": d.server_pid}
+        backend = listening_backend(self, Script())
+        d = await Daemons(self, backend.port_number, pool_size=4).start()
+        pids = d.pids
         failures: List[str] = []
 
         async def worker(first: int, count: int) -> None:

@@ -22,6 +22,7 @@ from tests.integration.tunnels import (
     echo_rtt,
     established,
     fd_listing,
+    listening_backend,
     ms,
     open_sessions,
     record,
@@ -97,10 +98,8 @@ class DeadPeerTests(TestCase):
 
     async def started(self, sessions: int) -> Tuple[Daemons, ScriptedBackend, List[TBPeer]]:
         """Daemons with an in-process echo backend and ``sessions`` open sessions."""
-        backend = ScriptedBackend()
-        port = backend.listen()
-        self.addCleanup(backend.refuse)
-        d = await Daemons(self, port).start()
+        backend = listening_backend(self)
+        d = await Daemons(self, backend.port_number).start()
         peers = await open_sessions(d, backend, sessions)
         return d, backend, peers
 
@@ -141,10 +140,8 @@ class DeadPeerTests(TestCase):
 
     async def test_client_killed(self) -> None:
         """When the tunnel client is killed with SIGKILL, the server closes every backend connection and pool socket of it."""
-        backend = ScriptedBackend()
-        port = backend.listen()
-        self.addCleanup(backend.refuse)
-        d = Daemons(self, port)
+        backend = listening_backend(self)
+        d = Daemons(self, backend.port_number)
         self.addCleanup(d.stop)
         await d.start_server()
         assert d.server_pid is not None

@@ -10,8 +10,8 @@ from twisted.internet import defer, task
 from twisted.trial.unittest import TestCase
 
 from tests.integration import procs
-from tests.integration.tbpeers import Script, ScriptedBackend, TBPeer, make_frame
-from tests.integration.tunnels import LONG, Daemons, random_size, record
+from tests.integration.tbpeers import Script, TBPeer, make_frame
+from tests.integration.tunnels import LONG, Daemons, listening_backend, random_size, record
 
 
 class LoadTests(TestCase):
@@ -23,12 +23,9 @@ class LoadTests(TestCase):
         """Hundreds of concurrent sessions over 4 pool connections echo random-size frames byte-identical, with zero errors and stable memory."""
         count = 1000 if LONG else 200
         duration = 30.0 if LONG else 5.0
-        backend = ScriptedBackend(Script())
-        port = backend.listen()
-        self.addCleanup(backend.refuse)
-        d = await Daemons(self, port, pool_size=4).start()
-        assert d.server_pid is not None and d.client_pid is not None
-        pids = {"client": d.client_pid, "server": d.server_pid}
+        backend = listening_backend(self, Script())
+        d = await Daemons(self, backend.port_number, pool_size=4).start()
+        pids = d.pids
         material = os.urandom(2 << 20)
         peers: List[TBPeer] = []
         for first in range(0, count, 50):

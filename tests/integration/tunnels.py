@@ -122,6 +122,14 @@ async def closed_within(peer: RawPeer, timeout: float, what: str) -> float:
                              ) from None
 
 
+def listening_backend(case: TestCase, script: Optional[Script] = None) -> ScriptedBackend:
+    """A :class:`ScriptedBackend` listening on 127.0.0.1 until ``case`` ends."""
+    backend = ScriptedBackend(script)
+    backend.listen()
+    case.addCleanup(backend.refuse)
+    return backend
+
+
 def psk_file(directory: str) -> str:
     """Write a fresh PSK key file in ``directory`` and return its path."""
     path = os.path.join(directory, "psk.key")
@@ -293,6 +301,12 @@ class Daemons:
         self.links_up = 0
         self.server_starts = 0
         self.tb_clients: List[TBPeer] = []
+
+    @property
+    def pids(self) -> Dict[str, int]:
+        """The pid of each running daemon, by role (``client``, ``server``)."""
+        return {role: pid for role, pid in (("client", self.client_pid),
+                                            ("server", self.server_pid)) if pid is not None}
 
     def path(self, name: str) -> str:
         """A path in this harness's directory."""
