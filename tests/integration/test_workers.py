@@ -8,7 +8,7 @@ a killed supervisor.
 
 import os
 import signal
-from typing import Any, List
+from typing import Any, Dict, List
 
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.protocols.policies import WrappingFactory
@@ -105,8 +105,20 @@ class WorkerTests(_ProcessTestCase):
         await self.start_ends()
         await self.sessions_echo(16)
         client_worker = children(self.client_pid)[0]
-        served = {pid: established_on(pid, self.client_port)
-                  for pid in (self.client_pid, client_worker)}
+
+        def served_now() -> Dict[int, int]:
+            return {pid: established_on(pid, self.client_port)
+                    for pid in (self.client_pid, client_worker)}
+
+        # Under load the /proc count once showed 19 (16 sessions + 3 more
+        # connections on the port, not explained yet); give the kernel's
+        # table a few seconds to settle before requiring exactly 16.
+        try:
+            await procs.wait_until(lambda: sum(served_now().values()) == 16,
+                                   5, "16 established TB connections")
+        except procs.WaitTimeout:
+            pass
+        served = served_now()
         self.assertEqual(sum(served.values()), 16, served)
         self.assertTrue(all(served.values()),
                         f"one client worker took no session: {served}")
