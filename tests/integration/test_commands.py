@@ -7,6 +7,7 @@ that).
 
 import json
 import os
+import sys
 
 from twisted.trial.unittest import TestCase
 
@@ -46,3 +47,29 @@ class CommandTests(TestCase):
         idle = data["memory"]["psk"]["idle"]
         self.assertEqual(idle["sessions"], 20)
         self.assertGreater(idle["server_rss_kib"], 0)
+
+    async def test_bench_against_another_command(self) -> None:
+        """tigertunnel bench --against CMD runs each cell through CMD too and prints the ratio table."""
+        out = os.path.abspath(self.mktemp())
+        other = f"{sys.executable} -m tigertunnel"
+        result = await procs.run([procs.executable("tigertunnel"), "bench", "-q",
+                                  "--sizes", "256", "--sessions", "1", "--modes", "psk",
+                                  "--seconds", "0.3", "--idle", "0", "--json", out,
+                                  "--against", other], timeout=90)
+        self.assertEqual(result.status, 0, result.describe())
+        self.assertIn(f"this tunnel / {other}", result.stdout)
+        with open(out) as f:
+            data = json.load(f)
+        self.assertEqual(data["against"], other)
+        (cell,) = data["cells"]
+        self.assertGreater(cell["against"]["round_trips"], 0)
+        self.assertGreater(cell["against"]["tunnel_cpu_per_1k_rt"], 0)
+
+    async def test_bench_against_a_command_that_fails(self) -> None:
+        """A --against command that cannot start makes bench fail, naming the other tunnel."""
+        result = await procs.run([procs.executable("tigertunnel"), "bench", "-q",
+                                  "--sizes", "256", "--sessions", "1", "--modes", "psk",
+                                  "--seconds", "0.3", "--idle", "0",
+                                  "--against", "/bin/false"], timeout=90)
+        self.assertEqual(result.status, 1, result.describe())
+        self.assertIn("the --against tunnel's log", result.stderr)

@@ -13,6 +13,8 @@ class Cell:
     sessions: int
     direct: Dict[str, float] = field(default_factory=dict)
     tunnel: Dict[str, float] = field(default_factory=dict)
+    #: The same workload through ``--against CMD`` (empty without it).
+    against: Dict[str, float] = field(default_factory=dict)
 
 
 def format_table(cells: List[Cell]) -> str:
@@ -32,6 +34,35 @@ def format_table(cells: List[Cell]) -> str:
     lines.append("CPU-s/1k RT and CPU-s/GB: both tunnel processes together; echo/load: "
                  "CPU-s per 1k round trips of the echo backend and the load generator "
                  "(tunnel path). ratio: tunnel/direct frames per second, same run.")
+    return "\n".join(lines)
+
+
+def _ratio(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.2f}" if theirs else "-"
+
+
+def format_against(cells: List[Cell], command: str) -> str:
+    """This tunnel vs ``--against CMD``, cell by cell: each figure and its ratio."""
+    head = (f"{'mode':<4} {'frame':>8} {'sess':>4} | {'CPU-s/1k RT':>17} {'x':>5} | "
+            f"{'p50 ms':>13} {'x':>5} | {'frames/s':>15} {'x':>5} | "
+            f"{'CPU-s/GB':>15} {'x':>5}")
+    lines = [f"this tunnel / {command} (same cells, same run; x = ours/theirs)",
+             f"{'':<18} | {'ours / theirs':>23} | {'ours / theirs':>19} | "
+             f"{'ours / theirs':>21} | {'ours / theirs':>21}",
+             head, "-" * len(head)]
+    for c in cells:
+        t, a = c.tunnel, c.against
+        if not a:
+            continue
+        lines.append(
+            f"{c.mode:<4} {c.size:>8} {c.sessions:>4} | "
+            f"{t['tunnel_cpu_per_1k_rt']:>8.3f} {a['tunnel_cpu_per_1k_rt']:>8.3f} "
+            f"{_ratio(t['tunnel_cpu_per_1k_rt'], a['tunnel_cpu_per_1k_rt']):>5} | "
+            f"{t['p50_ms']:>6.3f} {a['p50_ms']:>6.3f} {_ratio(t['p50_ms'], a['p50_ms']):>5} | "
+            f"{t['frames_per_s']:>7.0f} {a['frames_per_s']:>7.0f} "
+            f"{_ratio(t['frames_per_s'], a['frames_per_s']):>5} | "
+            f"{t['tunnel_cpu_per_gb']:>7.2f} {a['tunnel_cpu_per_gb']:>7.2f} "
+            f"{_ratio(t['tunnel_cpu_per_gb'], a['tunnel_cpu_per_gb']):>5}")
     return "\n".join(lines)
 
 
@@ -60,7 +91,11 @@ def kernel_line(kernel: Mapping[str, int]) -> str:
 
 def print_report(result: Mapping[str, Any]) -> None:
     """Print the table, the memory lines and the kernel line of a run's results."""
-    print(format_table([Cell(**c) for c in result["cells"]]))
+    cells = [Cell(**c) for c in result["cells"]]
+    print(format_table(cells))
+    if result.get("against"):
+        print()
+        print(format_against(cells, result["against"]))
     for line in memory_lines(result["memory"]):
         print(line)
     kernel = result.get("kernel") or {}

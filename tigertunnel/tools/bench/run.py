@@ -9,6 +9,7 @@ processes around each run. The processes are stopped before the next mode.
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,10 @@ class BenchOptions(usage.Options):
         ["json", None, None, "Also write the results as JSON to this file."],
         ["pool", "n", "4", "Pool connections (-n) of the tunnel client."],
         ["workers", "w", "1", "Worker processes (--workers) of each tunnel end."],
+        ["against", None, None,
+         "Also run every cell through another implementation of the same "
+         "command line (CMD keygen/server/client, e.g. the Zig tigertunnel "
+         "binary) in the same run, and show the ratios."],
     ]
     optFlags = [["quiet", "q", "No progress bar."]]
 
@@ -80,24 +85,42 @@ class BenchOptions(usage.Options):
         self["modes"] = self["modes"].split(",")
         if any(m not in MODES for m in self["modes"]):
             raise usage.UsageError("modes are psk and kem")
+        if self["against"] is not None:
+            command = shlex.split(self["against"])
+            if not command:
+                raise usage.UsageError("--against needs a command")
+            self["against"] = command
+
+
+#: This tunnel's own command line (the console script, as in production).
+OURS = [sys.executable, "-m", "tigertunnel"]
 
 
 class Processes:
-    """The echo backend and the tunnel server and client, as subprocesses."""
+    """The echo backend and the tunnel server and client, as subprocesses.
 
-    def __init__(self, tmp: str, mode: str, pool: int, workers: int = 1) -> None:
-        exe = [sys.executable, "-m", "tigertunnel"]
-        self.workers = workers
+    :param command: the tunnel's command line prefix (``CMD`` of
+        ``CMD server ...``); this tunnel's console script by default.
+        ``--workers`` is passed to this tunnel only.
+    """
+
+    def __init__(self, tmp: str, mode: str, pool: int, workers: int = 1,
+                 command: Optional[List[str]] = None) -> None:
+        exe = list(command) if command is not None else OURS
+        self.workers = workers if command is None else 1
         key = os.path.join(tmp, "secret.key")
         kem = os.path.join(tmp, "server-kem")
         if not os.path.exists(key):
-            subprocess.run(exe + ["keygen", "-o", key], check=True, capture_output=True)
-            subprocess.run(exe + ["kemgen", "-o", kem], check=True, capture_output=True)
+            # The key files are the same format for every implementation.
+            subprocess.run(OURS + ["keygen", "-o", key], check=True, capture_output=True)
+            subprocess.run(OURS + ["kemgen", "-o", kem], check=True, capture_output=True)
         self.echo_port, self.server_port, self.client_port = (
             free_port(), free_port(), free_port())
         server_kem = ["--kemsecret", kem + ".key"] if mode == "kem" else []
         client_kem = ["--kempublic", kem + ".pub"] if mode == "kem" else []
-        self.log_path = os.path.join(tmp, f"{mode}.log")
+        workers_args = ["--workers", str(workers)] if command is None else []
+        name = "against" if command is not None else "tunnel"
+        self.log_path = os.path.join(tmp, f"{mode}-{name}.log")
         self._log: IO[bytes] = open(self.log_path, "ab")
         logs = self._log
         self.echo = subprocess.Popen(
@@ -105,13 +128,13 @@ class Processes:
             stdout=logs, stderr=logs)
         self.server = subprocess.Popen(
             exe + ["server", "-p", f"127.0.0.1:{self.server_port},127.0.0.1:{self.echo_port}",
-                   "-k", key, "--log-level", "warn", "-m", "5000",
-                   "--workers", str(workers)] + server_kem,
+                   "-k", key, "--log-level", "warn", "-m", "5000"]
+            + workers_args + server_kem,
             stdout=logs, stderr=logs)
         self.client = subprocess.Popen(
             exe + ["client", "-p", f"127.0.0.1:{self.client_port},127.0.0.1:{self.server_port}",
-                   "-k", key, "-n", str(pool), "--log-level", "warn", "-m", "5000",
-                   "--workers", str(workers)] + client_kem,
+                   "-k", key, "-n", str(pool), "--log-level", "warn", "-m", "5000"]
+            + workers_args + client_kem,
             stdout=logs, stderr=logs)
 
     def log_tail(self, lines: int = 20) -> str:
@@ -237,9 +260,16 @@ async def run_bench(reactor: IReactorTCP, opts: BenchOptions) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for mode in opts["modes"]:
             procs = Processes(tmp, mode, opts["pool"], opts["workers"])
+            other: Optional[Processes] = None
+            failing = procs
             cell_name = "start-up"
             try:
                 await _ready(reactor, procs)
+                if opts["against"] is not None:
+                    other = failing = Processes(tmp, mode, opts["pool"],
+                                                command=opts["against"])
+                    await _ready(reactor, other)
+                    failing = procs
                 memory[mode] = {}
                 if opts["idle"]:
                     # Fresh processes: what idle sessions cost, before any
@@ -250,25 +280,35 @@ async def run_bench(reactor: IReactorTCP, opts: BenchOptions) -> Dict[str, Any]:
                         cell_name = f"{mode} {size} B x {sessions}"
                         _progress(done, total, cell_name, opts["quiet"])
                         cell = Cell(mode, size, sessions)
+                        failing = procs
                         cell.direct = await _measure(reactor, procs, procs.echo_port, size,
                                                      sessions, opts, tunnel=False)
                         cell.tunnel = await _measure(reactor, procs, procs.client_port, size,
                                                      sessions, opts, tunnel=True)
+                        if other is not None:
+                            failing = other
+                            cell.against = await _measure(
+                                reactor, other, other.client_port, size, sessions,
+                                opts, tunnel=True)
                         cells.append(cell)
                         done += 1
                 memory[mode]["server_peak_rss_kib"] = procs.largest_kib(procs.server.pid, "VmHWM")
                 memory[mode]["client_peak_rss_kib"] = procs.largest_kib(procs.client.pid, "VmHWM")
             except Exception as e:  # any failure: name the cell, show the log
-                raise RuntimeError(f"{cell_name}: {e}; the tunnel's log ends "
-                                   f"with:\n{procs.log_tail()}") from None
+                which = "the --against tunnel" if failing is other else "the tunnel"
+                raise RuntimeError(f"{cell_name}: {e}; {which}'s log ends "
+                                   f"with:\n{failing.log_tail()}") from None
             finally:
                 procs.stop()
+                if other is not None:
+                    other.stop()
     _progress(total, total, "done", opts["quiet"])
     if not opts["quiet"] and sys.stderr.isatty():
         sys.stderr.write("\n")
     kernel = {k: v - kernel0.get(k, 0) for k, v in kernel_counters().items()}
     return {"cells": [asdict(c) for c in cells], "memory": memory, "kernel": kernel,
-            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "against": " ".join(opts["against"]) if opts["against"] else None}
 
 
 def run(opts: BenchOptions) -> int:
