@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 
 from tigertunnel.config.model import Role
 from tigertunnel.net.stats import HandshakeFailure, Stats
+from tigertunnel.wire.tbwatch import TBWatch
 
 S_contra = TypeVar("S_contra", contravariant=True)
 C_contra = TypeVar("C_contra", contravariant=True)
@@ -166,6 +167,10 @@ class SessionHost(Protocol[S_contra]):
     @property
     def stats(self) -> Stats:
         """The pair's counters."""
+
+    @property
+    def tb_watch(self) -> "Optional[TBWatch]":
+        """What the pair sees of TigerBeetle, fed every forwarded frame, or ``None``."""
 
     def session_ended(self, session: S_contra) -> None:
         """The session's TB-side connection is gone (or never came)."""

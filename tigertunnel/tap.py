@@ -399,6 +399,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     from tigertunnel.net.multiplexer import build_service
     from tigertunnel.ops.memory import memory_trimmer, tune_malloc
     from tigertunnel.ops.metrics import MetricsService
+    from tigertunnel.ops.tbmetrics import watch_pairs
     from tigertunnel.ops.reload import KeyReloader, ReloadService
     from tigertunnel.ops.shutdown import TunnelService
     from tigertunnel.ops.systemd import Notifier, SystemdService, watchdog_interval
@@ -418,6 +419,9 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     tune_malloc()
     limit_accept_errors()
     top.add_operation(memory_trimmer(IReactorTime(reactor)))
+    # What each pair sees of TigerBeetle: logged (evictions, view changes)
+    # and, with --metrics, served.
+    recorders = watch_pairs(top.multiplexers, reactor.seconds)
     reloader = KeyReloader(top.multiplexers, reactor)
     listeners: List[Union[SystemdService, WorkerSupervisor]] = []
     notifier = Notifier.from_environment()
@@ -436,7 +440,8 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     top.add_operation(ReloadService(reloader, reactor, listeners))
     if ops.metrics is not None:
         top.add_operation(MetricsService(ops.metrics, top.multiplexers,
-                                         reloader, reactor), stop_last=True)
+                                         reloader, reactor, recorders),
+                          stop_last=True)
     if systemd is not None:
         top.add_operation(systemd)
     return top

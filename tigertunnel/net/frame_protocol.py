@@ -55,6 +55,7 @@ from tigertunnel.interfaces import (
     StreamTransport,
 )
 from tigertunnel.logs import logger
+from tigertunnel.wire.tbwatch import FROM_TUNNEL, TO_TUNNEL
 from tigertunnel.net.sockets import send_now, tune_socket
 from tigertunnel.net.states import Transitions
 from tigertunnel.wire.frames import FrameParser, check_frame
@@ -220,6 +221,8 @@ class FrameProtocol(Protocol):
             frames = self._parser.feed(data)
             check = self._check_cluster or connection.encrypted
             stats = self.stats
+            watch = self.host.tb_watch
+            now = self.clock.seconds() if watch is not None and frames else 0.0
             for frame in frames:
                 if check:
                     check_frame(frame, self._cluster_id)
@@ -227,8 +230,13 @@ class FrameProtocol(Protocol):
                     return
                 stats.frames_to_tunnel += 1
                 stats.bytes_to_tunnel += len(frame)
+                if watch is not None:
+                    watch.frame(TO_TUNNEL, frame, now)
                 connection.send_data(self.stream_id, frame)
         except ClusterMismatchError as e:
+            watch = self.host.tb_watch
+            if watch is not None:
+                watch.cluster_mismatch(e.expected, e.got)
             if self._cluster_id is None:
                 log.warn("{side} session {stream} on {link} closed: frame has "
                          "cluster {got} but no -c is configured; start both "
@@ -270,6 +278,9 @@ class FrameProtocol(Protocol):
         stats = self.stats
         stats.frames_from_tunnel += 1
         stats.bytes_from_tunnel += len(frame)
+        watch = self.host.tb_watch
+        if watch is not None:
+            watch.frame(FROM_TUNNEL, frame, self.clock.seconds())
         if state is _CONNECTING:
             self._pending.append(bytes(frame))
             self._pending_bytes += len(frame)

@@ -38,6 +38,7 @@ from tigertunnel.net.backoff import backoff_policy
 from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol, PrebuiltFactory
 from tigertunnel.net.listeners import ListenerService, pair_listener, start_listening
 from tigertunnel.net.pool import PoolSlot
+from tigertunnel.wire.tbwatch import TBWatch
 from tigertunnel.net.stats import HandshakeFailure, Refusal, Stats
 from tigertunnel.net.tunnel_protocol import TunnelFactory, TunnelProtocol
 from tigertunnel.wire.handshake import (
@@ -97,6 +98,9 @@ class SessionMultiplexer(MultiService):
         self.sessions: Set[FrameProtocol] = set()
         #: Monotonic counters for metrics.
         self.stats = Stats()
+        #: What this pair sees of TigerBeetle (set by the tunnel end's
+        #: operations layer, :func:`tigertunnel.ops.tbmetrics.watch_pairs`).
+        self.tb_watch: Optional[TBWatch] = None
         #: Established pool connections keyed with a retired key
         #: (:mod:`tigertunnel.ops.reload`): no new sessions go to them.
         self.draining: Set[TunnelProtocol] = set()

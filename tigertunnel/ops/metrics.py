@@ -21,7 +21,7 @@ collection in a thread pool, which would race with the reactor).
 
 import json
 from collections import Counter
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -46,6 +46,7 @@ from tigertunnel.net.multiplexer import (
 )
 from tigertunnel.net.stats import Stats
 from tigertunnel.ops.reload import KeyReloader
+from tigertunnel.ops.tbmetrics import Snapshot, TBCollector, TBRecorder
 
 #: Directions of traffic, as named in the counters: ``to_tunnel`` = read from
 #: the TB side and sent into the tunnel, ``from_tunnel`` = the reverse.
@@ -151,8 +152,13 @@ def pair_status(mux: SessionMultiplexer) -> Dict[str, Any]:
 
 
 def status(muxes: List[SessionMultiplexer],
-           reloader: Optional[KeyReloader]) -> Dict[str, Any]:
-    """The whole ``/status`` document (JSON-serialisable)."""
+           reloader: Optional[KeyReloader],
+           tb: Optional[Mapping[str, Snapshot]] = None) -> Dict[str, Any]:
+    """The whole ``/status`` document (JSON-serialisable).
+
+    :param tb: the TB figures of each pair by pair name (``"tb"`` of that
+        pair's entry), when the tunnel end records them.
+    """
     role = muxes[0].role.value if muxes else ""
     config = muxes[0].config if muxes else None
     keys: Dict[str, Any] = {"psk": None, "kem": None}
@@ -164,6 +170,10 @@ def status(muxes: List[SessionMultiplexer],
         elif config.kem_secret is not None:
             keys["kem"] = config.kem_secret.ids()
     pairs = [pair_status(mux) for mux in muxes]
+    if tb is not None:
+        for pair in pairs:
+            if pair["name"] in tb:
+                pair["tb"] = tb[pair["name"]]
     stopping = any(mux.stopping for mux in muxes)
     return {
         "role": role,
@@ -176,12 +186,26 @@ def status(muxes: List[SessionMultiplexer],
 
 
 class TunnelCollector:
-    """A prometheus_client collector over the multiplexers' counters."""
+    """A prometheus_client collector over the multiplexers' counters.
+
+    :param recorders: the pairs' TB figures (:func:`~tigertunnel.ops.tbmetrics.watch_pairs`).
+    """
 
     def __init__(self, muxes: List[SessionMultiplexer],
-                 reloader: Optional[KeyReloader]) -> None:
+                 reloader: Optional[KeyReloader],
+                 recorders: Sequence[TBRecorder] = ()) -> None:
         self.muxes = muxes
         self.reloader = reloader
+        self.recorders = list(recorders)
+
+    def tb_snapshots(self) -> Dict[str, Snapshot]:
+        """The TB figures of every recorded pair, by pair name, read now."""
+        return {r.pair: r.snapshot() for r in self.recorders}
+
+    def status(self) -> Dict[str, Any]:
+        """The ``/status`` document, read now."""
+        return status(self.muxes, self.reloader,
+                      self.tb_snapshots() if self.recorders else None)
 
     def collect(self) -> Iterator[Metric]:
         """Yield every metric family, read now."""
@@ -273,6 +297,8 @@ def make_registry(collector: TunnelCollector,
     """A registry of our collector (plus process, platform and GC metrics)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    if collector.recorders:
+        registry.register(TBCollector(collector.tb_snapshots))
     if process_metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
@@ -306,7 +332,7 @@ class StatusPage(Resource):
         self.collector = collector
 
     def render_GET(self, request: Request) -> bytes:
-        doc = status(self.collector.muxes, self.collector.reloader)
+        doc = self.collector.status()
         request.setResponseCode(200 if doc["healthy"] else 503)
         request.setHeader("Content-Type", "application/json")
         return json.dumps(doc, indent=1).encode() + b"\n"
@@ -322,9 +348,10 @@ class MetricsSite(Site):
 
 
 def make_site(muxes: List[SessionMultiplexer],
-              reloader: Optional[KeyReloader]) -> Site:
+              reloader: Optional[KeyReloader],
+              recorders: Sequence[TBRecorder] = ()) -> Site:
     """The HTTP site serving ``/metrics`` and ``/status``."""
-    collector = TunnelCollector(muxes, reloader)
+    collector = TunnelCollector(muxes, reloader, recorders)
     root = Resource()
     root.putChild(b"metrics", MetricsPage(make_registry(collector)))
     root.putChild(b"status", StatusPage(collector))
@@ -339,10 +366,11 @@ class MetricsService(MultiService):
     """
 
     def __init__(self, description: str, muxes: List[SessionMultiplexer],
-                 reloader: Optional[KeyReloader], reactor: Reactor) -> None:
+                 reloader: Optional[KeyReloader], reactor: Reactor,
+                 recorders: Sequence[TBRecorder] = ()) -> None:
         super().__init__()
         self.description = description
-        self.site = make_site(muxes, reloader)
+        self.site = make_site(muxes, reloader, recorders)
         strports.service(description, self.site,
                          reactor=IReactorCore(reactor)).setServiceParent(self)
 

@@ -35,14 +35,15 @@ p50 and p99 are recomputed from the summed buckets, never averaged.
 from __future__ import annotations
 
 import bisect
+import time
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping,
-                    Optional, Sequence, Tuple)
+                    Optional, Protocol, Sequence, Tuple)
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.utils import floatToGoString
-from twisted.logger import Logger
 
+from tigertunnel.logs import logger
 from tigertunnel.wire.tbheader import (COMMAND_NAMES, EVICTION_REASON_NAMES,
                                        OPERATION_NAMES)
 from tigertunnel.wire.tbwatch import DIRECTIONS, InFlight, TBWatch
@@ -96,21 +97,31 @@ def quantile(q: float, bounds: Sequence[float], counts: Sequence[int]) -> Option
     return bounds[-1]  # not reached: rank <= total
 
 
+log = logger("tigertunnel.tb")
+
+#: Minimum seconds between two eviction warnings of one pair; the next one
+#: says how many evictions were not logged in between.
+EVICTION_LOG_INTERVAL = 10.0
+
+
 class TBRecorder:
     """The TB-aware figures of one proxy pair (the events of its :class:`TBWatch`).
 
     Feed it frames with ``recorder.watch.frame(direction, header, now)``.
     """
 
-    log = Logger()
-
-    def __init__(self, pair: str, in_flight: "InFlight | None" = None) -> None:
+    def __init__(self, pair: str, in_flight: "InFlight | None" = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """
         :param pair: the proxy pair's name (label ``pair``).
         :param in_flight: the waiting-request table shared by the pairs of
             this tunnel end (a private one if ``None``).
+        :param clock: seconds, for the eviction warnings' rate limit.
         """
         self.pair = pair
+        self._clock = clock
+        self._last_eviction_log = -EVICTION_LOG_INTERVAL
+        self._unlogged_evictions = 0
         self.watch = TBWatch(self, in_flight)
         #: Completed requests per operation number: bucket counts
         #: (``len(BUCKETS) + 1``, not cumulative) and the sum of durations.
@@ -135,14 +146,22 @@ class TBRecorder:
     def evicted(self, client: int, reason: int, replica: int) -> None:
         """Count an eviction and log it: the evicted client's requests now fail."""
         self.evictions[reason] = self.evictions.get(reason, 0) + 1
-        self.log.warn("pair {pair}: TB replica {replica} evicted client {client}: "
-                      "{reason}", pair=self.pair, replica=replica, client=client,
-                      reason=EVICTION_REASON_NAMES[reason])
+        now = self._clock()
+        if now - self._last_eviction_log < EVICTION_LOG_INTERVAL:
+            self._unlogged_evictions += 1
+            return
+        self._last_eviction_log = now
+        unlogged, self._unlogged_evictions = self._unlogged_evictions, 0
+        log.warn("pair {pair}: TB replica {replica} evicted client {client}: "
+                      "{reason}{more}", pair=self.pair, replica=replica,
+                      client=client, reason=EVICTION_REASON_NAMES[reason],
+                      more=f" ({unlogged} more evictions since the last line)"
+                      if unlogged else "")
 
     def view_changed(self, old: int, new: int) -> None:
         """Log a rise of the view seen in replies (not the first view seen)."""
         if old >= 0:
-            self.log.info("pair {pair}: TB view {old} -> {new} in replies "
+            log.info("pair {pair}: TB view {old} -> {new} in replies "
                           "(a new primary)", pair=self.pair, old=old, new=new)
 
     def cluster_mismatch(self, expected: int, got: int) -> None:
@@ -332,3 +351,31 @@ class TBCollector:
         """Yield every TB metric family, read now."""
         return tb_families(self.source())
 
+
+class PairWatched(Protocol):
+    """A proxy pair the TB figures can be attached to (a multiplexer)."""
+
+    @property
+    def pair_name(self) -> str:
+        """The proxy pair's name (label ``pair``)."""
+
+    tb_watch: "TBWatch | None"
+
+
+def watch_pairs(muxes: Iterable[PairWatched],
+                clock: Callable[[], float] = time.monotonic) -> List[TBRecorder]:
+    """Give every proxy pair of a tunnel end a recorder, sharing one request table.
+
+    A TB client talks to every replica of its cluster, so a request sent
+    through one pair may be answered through another: one waiting-request
+    table for the whole tunnel end pairs it once.
+
+    :returns: the recorders, in the order of ``muxes``.
+    """
+    in_flight = InFlight()
+    recorders = []
+    for mux in muxes:
+        recorder = TBRecorder(mux.pair_name, in_flight, clock)
+        mux.tb_watch = recorder.watch
+        recorders.append(recorder)
+    return recorders
