@@ -11,6 +11,8 @@
   cluster config file describes.
 * ``tigertunnel demo`` — a loopback demonstration (see :mod:`tigertunnel.tools.demo`).
 * ``tigertunnel bench`` — the benchmark (see :mod:`tigertunnel.tools.bench`).
+* ``tigertunnel status [URL]`` — a running tunnel end's /status in a terminal
+  (see :mod:`tigertunnel.tools.status`).
 * ``tigertunnel --version``.
 
 The commands are the ``subCommands`` of :class:`Options` (which extends the
@@ -104,6 +106,27 @@ def _bench_options() -> usage.Options:
     return BenchOptions()
 
 
+class StatusOptions(usage.Options):
+    """Options of ``tigertunnel status`` (checked by :mod:`tigertunnel.tools.status`)."""
+
+    synopsis = "[options] [URL]"
+    longdesc = ("Show a running tunnel end's /status (its --metrics listener): pairs, "
+                "pool connections, sessions, TB request p50/p99 per operation.\n"
+                "Exit status 0 when healthy, 1 when not or unreachable, 2 for a bad option.\n"
+                "Examples:\n  tigertunnel status\n  tigertunnel status http://10.0.0.5:9101\n"
+                "  tigertunnel status --json | jq '.pairs[].pool'")
+    optFlags = [["json", None, "Print the /status JSON as received."]]
+    optParameters = [["timeout", "t", "5", "Seconds to wait for the answer."]]
+
+    def parseArgs(self, url: Optional[str] = None) -> None:
+        self["url"] = url
+
+    def argv(self) -> List[str]:
+        """The arguments for :func:`tigertunnel.tools.status.main`."""
+        return ([self["url"]] if self["url"] else []) + (
+            ["--json"] if self["json"] else []) + ["--timeout", self["timeout"]]
+
+
 class Options(tap.Options, _CommandOptions):
     """tigertunnel: an encrypted tunnel for TigerBeetle traffic."""
 
@@ -123,6 +146,8 @@ The same server/client run under twistd:
          "files (of one run, or of every tunnel end of a cluster file)."],
         ["demo", None, _demo_options, "Loopback demo with the built-in echo backend."],
         ["bench", None, _bench_options, "Benchmark: tunnel vs direct, CPU per round trip."],
+        ["status", None, StatusOptions, "Show a running tunnel end's health and "
+         "figures (its /status); exit 0 when healthy."],
     ]
 
     opt_h = usage.Options.opt_help
@@ -255,6 +280,13 @@ def _bench(options: Options) -> int:
     return run(options.subOptions)
 
 
+def _status(options: Options) -> int:
+    from tigertunnel.tools.status import main as status_main
+    sub = options.subOptions
+    assert isinstance(sub, StatusOptions)
+    return status_main(sub.argv())
+
+
 @dataclass(frozen=True)
 class Command:
     """How a parsed command runs.
@@ -278,6 +310,7 @@ COMMANDS: Dict[str, Command] = {
     "check-config": Command(_check_config, usage_status=1),
     "demo": Command(_demo, usage_prefix="demo: "),
     "bench": Command(_bench, usage_prefix="bench: "),
+    "status": Command(_status, usage_prefix="status: "),
 }
 
 

@@ -399,7 +399,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     from tigertunnel.net.multiplexer import build_service
     from tigertunnel.ops.memory import memory_trimmer, tune_malloc
     from tigertunnel.ops.metrics import MetricsService
-    from tigertunnel.ops.tbmetrics import watch_pairs
+    from tigertunnel.ops.tbmetrics import figures_reporter, watch_pairs
     from tigertunnel.ops.reload import KeyReloader, ReloadService
     from tigertunnel.ops.shutdown import TunnelService
     from tigertunnel.ops.systemd import Notifier, SystemdService, watchdog_interval
@@ -430,6 +430,10 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     if notifier.enabled:
         systemd = SystemdService(notifier, IReactorCore(reactor), watchdog)
         listeners.append(systemd)
+    supervisor: Optional[WorkerSupervisor] = None
+    if config.workers > 1 and sub["worker-index"] is not None:
+        # A worker: its TB figures go to worker 0, which serves the sum.
+        top.add_operation(figures_reporter(recorders, IReactorTime(reactor)))
     if config.workers > 1 and sub["worker-index"] is None:
         supervisor = WorkerSupervisor(
             IReactorProcess(reactor), worker_command([sub.role] + sub.raw_args),
@@ -439,8 +443,9 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
         top.add_operation(supervisor, stop_last=True)
     top.add_operation(ReloadService(reloader, reactor, listeners))
     if ops.metrics is not None:
+        others = (lambda: list(supervisor.figures.values())) if supervisor else tuple
         top.add_operation(MetricsService(ops.metrics, top.multiplexers,
-                                         reloader, reactor, recorders),
+                                         reloader, reactor, recorders, others),
                           stop_last=True)
     if systemd is not None:
         top.add_operation(systemd)

@@ -21,7 +21,7 @@ collection in a thread pool, which would race with the reactor).
 
 import json
 from collections import Counter
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -46,7 +46,7 @@ from tigertunnel.net.multiplexer import (
 )
 from tigertunnel.net.stats import Stats
 from tigertunnel.ops.reload import KeyReloader
-from tigertunnel.ops.tbmetrics import Snapshot, TBCollector, TBRecorder
+from tigertunnel.ops.tbmetrics import Snapshot, TBCollector, TBRecorder, merge_pair_snapshots
 
 #: Directions of traffic, as named in the counters: ``to_tunnel`` = read from
 #: the TB side and sent into the tunnel, ``from_tunnel`` = the reverse.
@@ -193,14 +193,20 @@ class TunnelCollector:
 
     def __init__(self, muxes: List[SessionMultiplexer],
                  reloader: Optional[KeyReloader],
-                 recorders: Sequence[TBRecorder] = ()) -> None:
+                 recorders: Sequence[TBRecorder] = (),
+                 other_workers: Callable[[], Iterable[Mapping[str, Snapshot]]] = tuple
+                 ) -> None:
         self.muxes = muxes
         self.reloader = reloader
         self.recorders = list(recorders)
+        self.other_workers = other_workers
 
     def tb_snapshots(self) -> Dict[str, Snapshot]:
-        """The TB figures of every recorded pair, by pair name, read now."""
-        return {r.pair: r.snapshot() for r in self.recorders}
+        """The TB figures of every recorded pair, by pair name, read now:
+        this process's, summed with the last ones the other workers reported."""
+        own = {r.pair: r.snapshot() for r in self.recorders}
+        others = list(self.other_workers())
+        return merge_pair_snapshots([own] + others) if others else own
 
     def status(self) -> Dict[str, Any]:
         """The ``/status`` document, read now."""
@@ -349,9 +355,15 @@ class MetricsSite(Site):
 
 def make_site(muxes: List[SessionMultiplexer],
               reloader: Optional[KeyReloader],
-              recorders: Sequence[TBRecorder] = ()) -> Site:
-    """The HTTP site serving ``/metrics`` and ``/status``."""
-    collector = TunnelCollector(muxes, reloader, recorders)
+              recorders: Sequence[TBRecorder] = (),
+              other_workers: Callable[[], Iterable[Mapping[str, Snapshot]]] = tuple
+              ) -> Site:
+    """The HTTP site serving ``/metrics`` and ``/status``.
+
+    :param other_workers: the TB figures the other worker processes of
+        ``--workers N`` reported last (summed with this process's).
+    """
+    collector = TunnelCollector(muxes, reloader, recorders, other_workers)
     root = Resource()
     root.putChild(b"metrics", MetricsPage(make_registry(collector)))
     root.putChild(b"status", StatusPage(collector))
@@ -367,10 +379,12 @@ class MetricsService(MultiService):
 
     def __init__(self, description: str, muxes: List[SessionMultiplexer],
                  reloader: Optional[KeyReloader], reactor: Reactor,
-                 recorders: Sequence[TBRecorder] = ()) -> None:
+                 recorders: Sequence[TBRecorder] = (),
+                 other_workers: Callable[[], Iterable[Mapping[str, Snapshot]]] = tuple
+                 ) -> None:
         super().__init__()
         self.description = description
-        self.site = make_site(muxes, reloader, recorders)
+        self.site = make_site(muxes, reloader, recorders, other_workers)
         strports.service(description, self.site,
                          reactor=IReactorCore(reactor)).setServiceParent(self)
 

@@ -43,6 +43,9 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.utils import floatToGoString
 
+from twisted.application.internet import TimerService
+from twisted.internet.interfaces import IReactorTime
+
 from tigertunnel.logs import logger
 from tigertunnel.wire.tbheader import (COMMAND_NAMES, EVICTION_REASON_NAMES,
                                        OPERATION_NAMES)
@@ -379,3 +382,26 @@ def watch_pairs(muxes: Iterable[PairWatched],
         mux.tb_watch = recorder.watch
         recorders.append(recorder)
     return recorders
+
+
+#: Seconds between two reports of a worker's TB figures to worker 0 (so
+#: worker 0's /metrics and /status lag the other workers by at most this).
+FIGURES_INTERVAL = 2.0
+
+
+def figures_reporter(recorders: Sequence[TBRecorder], clock: IReactorTime,
+                     report: "Callable[[Dict[str, Any]], None] | None" = None
+                     ) -> TimerService:
+    """In a worker of ``--workers N``: a service sending its TB figures to
+    worker 0 every :data:`FIGURES_INTERVAL` seconds (over its log pipe)."""
+    if report is None:
+        from tigertunnel.ops.workers.logpipe import report_figures
+        report = report_figures
+    send = report
+
+    def tick() -> None:
+        send({r.pair: r.snapshot() for r in recorders})
+
+    service = TimerService(FIGURES_INTERVAL, tick)
+    service.clock = clock
+    return service

@@ -50,6 +50,7 @@ from tigertunnel.ops.workers.bootstrap import (
 from tigertunnel.ops.workers.logpipe import (
     LOG_BUFFER_LIMIT,
     announce_ready,
+    report_figures,
     worker_log_observer,
 )
 from tigertunnel.ops.workers.supervisor import KILL_GRACE, WorkerSupervisor
@@ -57,6 +58,7 @@ from tigertunnel.ops.workers.supervisor import KILL_GRACE, WorkerSupervisor
 __all__ = [
     "KILL_GRACE", "LISTEN_FDS_ENV", "LOG_BUFFER_LIMIT", "MAX_WORKERS",
     "PRIVATE_ENV", "SUPERVISOR_ENV", "WorkerSupervisor", "announce_ready",
+    "report_figures",
     "die_with_supervisor", "inherited_listen_fds", "supervisor_alive",
     "worker_command", "worker_log_observer",
 ]

@@ -32,6 +32,8 @@ from zope.interface import implementer
 
 #: The field of the event a worker publishes once it serves.
 READY_FIELD = "tigertunnel_worker_ready"
+#: The field of the event with a worker's TB figures (:func:`report_figures`).
+FIGURES_FIELD = "tigertunnel_worker_figures"
 #: Longest line kept from a worker's output.
 MAX_LINE = 64 * 1024
 #: Log bytes a worker holds while its supervisor does not read; past that,
@@ -114,6 +116,24 @@ def announce_ready(publish: Callable[[LogEvent], None] = globalLogPublisher) -> 
     publish({READY_FIELD: True, "log_level": LogLevel.info,
              "log_namespace": NAMESPACE, "log_format": "ready",
              "log_time": 0.0})
+
+
+def report_figures(figures: Dict[str, Any],
+                   publish: Callable[[LogEvent], None] = globalLogPublisher) -> None:
+    """In a worker: send its TB figures (``{pair: snapshot}``) to the supervisor.
+
+    Like the ready event it bypasses the log level, and the supervisor keeps
+    it instead of logging it.
+    """
+    publish({FIGURES_FIELD: figures, "log_level": LogLevel.info,
+             "log_namespace": NAMESPACE, "log_format": "figures",
+             "log_time": 0.0})
+
+
+def figures_of(event: LogEvent) -> Optional[Dict[str, Any]]:
+    """The TB figures a worker's event carries, or ``None`` for any other event."""
+    figures = event.get(FIGURES_FIELD)
+    return figures if isinstance(figures, dict) else None
 
 
 class LineBuffer:

@@ -42,6 +42,7 @@ from tigertunnel.ops.workers.bootstrap import (
 from tigertunnel.ops.workers.logpipe import (
     LineBuffer,
     decode_line,
+    figures_of,
     is_ready,
     worker_system,
 )
@@ -135,6 +136,8 @@ class WorkerSupervisor(Service):
             env.pop(key, None)
         self.env = env
         self.workers: Dict[int, _WorkerProtocol] = {}
+        #: The last TB figures each running worker reported (``{pair: snapshot}``).
+        self.figures: Dict[int, Dict[str, Any]] = {}
         self.restarts = 0
         #: SIGHUP reloads so far (a worker that was starting gets one more).
         self.reloads = 0
@@ -248,6 +251,7 @@ class WorkerSupervisor(Service):
         """Forget an ended worker and, unless stopping, start it again later."""
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+            self.figures.pop(worker.index, None)
         status = _exit_text(reason)
         if self._stopping is not None or not self.running:
             log.info("worker {index} exited ({status})", index=worker.index,
@@ -290,6 +294,10 @@ class WorkerSupervisor(Service):
         event = decode_line(fd, line, self.clock.seconds())
         if is_ready(event):
             self._ready(worker)
+            return
+        figures = figures_of(event)
+        if figures is not None:
+            self.figures[worker.index] = figures
             return
         event["log_system"] = worker_system(worker.index, event)
         try:
