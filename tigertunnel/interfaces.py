@@ -267,3 +267,6 @@ class PoolOwner(Protocol[C_co]):
     def pool_endpoint(self) -> IStreamClientEndpoint:
         """The endpoint that reaches the tunnel server."""
 
+    def pool_connect_failed(self, slot: int, reason: str, next_retry: float) -> None:
+        """A slot's TCP connect failed; it tries again in ``next_retry`` seconds."""
+

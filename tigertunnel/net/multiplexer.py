@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from tigertunnel.config.model import ProxyPair, Role, TunnelConfig
 from tigertunnel.interfaces import Reactor, SessionPlacer
 from tigertunnel.logs import logger
+from tigertunnel.net.outage import SUMMARY_INTERVAL, PoolOutage
 from tigertunnel.net.backoff import backoff_policy
 from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol, PrebuiltFactory
 from tigertunnel.net.listeners import ListenerService, pair_listener, start_listening
@@ -225,6 +226,8 @@ class ClientMultiplexer(SessionMultiplexer):
         self.listener.held = pair.index in config.inherited_fds
         self.listener.setServiceParent(self)
         self._connection_count = 0
+        #: Failed pool connects since the pool was last up (for the logs).
+        self.outage = PoolOutage()
         #: The KEM public key each pool connection's handshake was built
         #: with (key reload retires those built with a replaced one).
         self.handshake_kem: "WeakKeyDictionary[TunnelProtocol, Optional[Tuple[int, bytes]]]"
@@ -234,6 +237,35 @@ class ClientMultiplexer(SessionMultiplexer):
             slot = PoolSlot(self, index, backoff_policy(rand))
             slot.setServiceParent(self)
             self.pool.append(slot)
+
+    def pool_connect_failed(self, slot: int, reason: str, next_retry: float) -> None:
+        """Log a failed pool connect: the first of an outage, then a summary at
+        most every 30 s (:mod:`tigertunnel.net.outage`)."""
+        report = self.outage.failed(self.clock.seconds(), reason, next_retry)
+        if report is None:
+            return
+        if report.kind == "first":
+            log.info("client {pair}: cannot connect pool connection {slot} to "
+                     "{target}: {reason}; retrying (a summary at most every "
+                     "{interval:.0f} s)", pair=self.name, slot=slot,
+                     target=self.backend_name, reason=reason,
+                     interval=SUMMARY_INTERVAL)
+        else:
+            log.info("client {pair}: still cannot connect to {target}: {attempts} "
+                     "failed attempts in {seconds:.0f} s, last: {reason}; next "
+                     "retry in {delay:.1f} s", pair=self.name, target=self.backend_name,
+                     attempts=report.attempts, seconds=report.seconds,
+                     reason=reason, delay=next_retry)
+
+    def pool_connection_up(self, connection: TunnelProtocol) -> None:
+        """A pool connection finished its handshake (ends an outage)."""
+        super().pool_connection_up(connection)
+        report = self.outage.recovered(self.clock.seconds())
+        if report is not None:
+            log.info("client {pair}: pool connection to {target} up again after "
+                     "{attempts} failed connects in {seconds:.0f} s", pair=self.name,
+                     target=self.backend_name, attempts=report.attempts,
+                     seconds=report.seconds)
 
     def pool_endpoint(self) -> IStreamClientEndpoint:
         """The endpoint that reaches the tunnel server."""

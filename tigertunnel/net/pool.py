@@ -156,11 +156,8 @@ class PoolSlot(Service):
         self._connecting = None
         if before is SlotState.STOPPED:
             return  # the stop cancelled it
-        log.info("client {pair}: cannot connect pool connection {slot} to "
-                 "{target}: {reason}", pair=self.owner.pair_name, slot=self.index,
-                 target=self.owner.backend_name,
-                 reason=reason.getErrorMessage())
-        self._schedule()
+        delay = self._schedule()
+        self.owner.pool_connect_failed(self.index, reason.getErrorMessage(), delay)
 
     def _lost(self, connection: TunnelProtocol) -> None:
         if connection is not self.connection:
@@ -174,12 +171,14 @@ class PoolSlot(Service):
             return
         self._schedule()
 
-    def _schedule(self) -> None:
+    def _schedule(self) -> float:
+        """Arm the next attempt; returns its delay in seconds."""
         self.failures += 1
         delay = self.policy(self.failures)
         log.debug("client {pair}: pool connection {slot} retry in {delay:.2f} s",
                   pair=self.owner.pair_name, slot=self.index, delay=delay)
         self._retry = self.owner.clock.callLater(delay, self._retry_now)
+        return delay
 
     def _retry_now(self) -> None:
         self._goto(SlotInput.RETRY)
