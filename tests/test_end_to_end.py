@@ -381,12 +381,13 @@ class FailClosedTests(SynchronousTestCase):
 
     def test_reference_client_never_gets_stream_close(self) -> None:
         """A version-1 (reference) client is never sent stream_close, even when its backend closes."""
-        t = Tunnel()
+        t = Tunnel(backend=BackendFactory())
         t.start()
         link, received = t.reference_client_link()
         self.assertTrue(link.established)
         session = t.client.new_session()
-        link.open_stream(session)
+        stream_id = link.open_stream(session)
+        link.send_data(stream_id, tb_frame(10, 1))  # proves the bare stream_open
         t.net.flush()
         t.backend.peers[0].transport.loseConnection()
         t.net.flush()

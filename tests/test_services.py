@@ -9,7 +9,8 @@ from tests.memnet import BackendFactory, TBPeer, Tunnel
 from tests.strategies import make_tb_frame
 from tigertunnel.config.model import Address, ProxyPair
 from tigertunnel.net.backoff import BACKOFF_INITIAL, BACKOFF_MAX, backoff_policy
-from tigertunnel.net.multiplexer import MAX_PENDING_HANDSHAKES, target_host
+from tigertunnel.net.admission import DEFAULT_PER_SOURCE
+from tigertunnel.net.multiplexer import target_host
 
 
 def tb_frame(tag: int) -> bytes:
@@ -307,15 +308,17 @@ class ServerLimitTests(SynchronousTestCase):
         self.assertEqual(len(t.backend.peers), 2)
 
     def test_pending_handshakes_bounded(self) -> None:
-        """Past MAX_PENDING_HANDSHAKES silent pool connections the oldest is dropped, the others kept."""
+        """Past the per-source cap, each new silent pool connection from that source drops the source's oldest silent one."""
         t = Tunnel()
         t.start()
-        silent = [TBPeer() for _ in range(MAX_PENDING_HANDSHAKES + 1)]
+        silent = [TBPeer() for _ in range(DEFAULT_PER_SOURCE + 3)]
         for peer in silent:
             t.net.dial(t.server_addr, peer)
         t.net.flush()
-        self.assertEqual([p.lost for p in silent], [True] + [False] * MAX_PENDING_HANDSHAKES)
-        self.assertEqual(t.server.evictions, 1)
+        self.assertEqual([p.lost for p in silent],
+                         [True] * 3 + [False] * DEFAULT_PER_SOURCE)
+        self.assertEqual(t.server.evictions, 3)
+        self.assertEqual(len(t.server.pending), DEFAULT_PER_SOURCE)
         self.assertEqual(len(t.server.pool_connections), 2)  # the client's own pool is untouched
         client, _ = t.tb_client()
         client.send(tb_frame(5))
@@ -329,8 +332,8 @@ class ServerLimitTests(SynchronousTestCase):
         link, received = t.reference_client_link()
         self.assertTrue(link.established)
         first, second = t.client.new_session(), t.client.new_session()
-        link.open_stream(first)
-        link.open_stream(second)
+        for session in (first, second):
+            link.send_data(link.open_stream(session), tb_frame(session.stream_id))
         t.net.flush()
         self.assertEqual(len(t.backend.peers), 1)
         self.assertEqual(received, [])

@@ -7,7 +7,7 @@ own) and in the foreground console script. Log events carry named fields
 (``pair``, ``link``, ``stream``, ``peer``); never keys, nonces or payloads.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -52,6 +52,36 @@ def set_level(name: str) -> None:
 def logger(namespace: str) -> Logger:
     """Return a logger for ``namespace`` that honours ``--log-level``."""
     return Logger(namespace=namespace, observer=_filtered)
+
+
+class LogRateLimit:
+    """Lets one log line of a kind through per interval and counts the rest.
+
+    For events an attacker can repeat at will (failed handshakes): the first
+    one of an interval is logged in full, the others only counted, and the
+    next line logged says how many were left out.
+
+    :param interval: minimum seconds between two lines.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: Optional[float] = None
+        self._held = 0
+
+    def allow(self, now: float) -> Optional[int]:
+        """Whether to log an event happening at ``now``.
+
+        :returns: ``None`` to leave it out (it is counted), else the number
+            of events left out since the last line logged.
+        """
+        last = self._last
+        if last is not None and now - last < self.interval:
+            self._held += 1
+            return None
+        self._last = now
+        held, self._held = self._held, 0
+        return held
 
 
 #: Minimum seconds between two reports of connections closed for lack of

@@ -141,3 +141,22 @@ def server_auth_hash(psk: bytes, client_random: bytes, server_random: bytes,
     return hashlib.sha256(
         bytes(psk) + client_random + server_random + _le("cluster_id", cluster_id, 16)
     ).digest()
+
+
+#: Context of :func:`key_fingerprint` (ours; never on the wire).
+FINGERPRINT_CONTEXT = b"tigertunnel-key-fingerprint-v1"
+FINGERPRINT_SIZE = 16
+
+
+def key_fingerprint(psk: bytes) -> bytes:
+    """Return a 16-byte fingerprint of a PSK: which key bytes a pool
+    connection was made with, without keeping a copy of them.
+
+    SHA-256 of a fixed context and the key, truncated; it reveals nothing
+    usable about a 256-bit random key. Compare fingerprints with
+    :func:`hmac.compare_digest`.
+
+    :raises ValueError: the PSK has the wrong length.
+    """
+    _check_size("psk", psk, PSK_SIZE)
+    return hashlib.sha256(FINGERPRINT_CONTEXT + bytes(psk)).digest()[:FINGERPRINT_SIZE]

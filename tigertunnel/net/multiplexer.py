@@ -10,7 +10,16 @@ One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
   connection, or ``-m`` sessions already open, the TB connection is closed at
   once (TB reconnects by itself).
 * :class:`ServerMultiplexer` (tunnel server) accepts pool connections and
-  opens one backend connection per stream (``-m`` streams per pair at most).
+  opens one backend connection per stream (``-m`` streams per pair at most)
+  once the stream has proven itself (see
+  :mod:`~tigertunnel.net.tunnel_protocol`). Pending handshakes are admitted
+  fairly (:mod:`~tigertunnel.net.admission`: per source address, silent
+  connections evicted first, from the source holding most), and every
+  pool connection of the tunnel end checks hellos against one replay cache.
+
+Failed handshakes are counted one by one in the metrics but logged at most
+once per :data:`HANDSHAKE_LOG_INTERVAL` per pair (a flood must not flood the
+log); the line logged says how many were left out.
 
 The sessions and pool connections it builds see it only through the
 protocols of :mod:`tigertunnel.interfaces` (``SessionHost``,
@@ -19,8 +28,7 @@ protocols of :mod:`tigertunnel.interfaces` (``SessionHost``,
 
 import ipaddress
 import random
-from collections import OrderedDict
-from typing import Any, Callable, List, Optional, Set, Tuple, Type, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
 from weakref import WeakKeyDictionary
 
 from twisted.application.service import MultiService
@@ -33,7 +41,8 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 
 from tigertunnel.config.model import ProxyPair, Role, TunnelConfig
 from tigertunnel.interfaces import Reactor, SessionPlacer
-from tigertunnel.logs import logger
+from tigertunnel.logs import LogRateLimit, logger
+from tigertunnel.net.admission import Admission
 from tigertunnel.net.outage import SUMMARY_INTERVAL, PoolOutage
 from tigertunnel.net.backoff import backoff_policy
 from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol, PrebuiltFactory
@@ -46,18 +55,17 @@ from tigertunnel.wire.handshake import (
     EXTENDED_VERSION,
     PROTOCOL_VERSION,
     ClientHandshake,
+    HelloReplayCache,
     ReplayCache,
     ServerHandshake,
 )
 
 #: Seconds allowed for a TCP connect (pool connection or backend).
 CONNECT_TIMEOUT = 10.0
-#: Pool connections of one server pair allowed to be in their handshake at
-#: once; past that the oldest is dropped, so a flood of silent connections
-#: cannot lock out a real client (whose handshake takes milliseconds).
-MAX_PENDING_HANDSHAKES = 64
 #: Minimum seconds between two "limit reached" log lines of one pair.
 LIMIT_LOG_INTERVAL = 10.0
+#: Minimum seconds between two "handshake failed" log lines of one pair.
+HANDSHAKE_LOG_INTERVAL = 10.0
 
 log = logger("tigertunnel.services")
 
@@ -108,6 +116,7 @@ class SessionMultiplexer(MultiService):
         #: Set by a graceful shutdown: no new sessions or streams.
         self.stopping = False
         self._last_limit_log = -1e9
+        self._failure_log = LogRateLimit(HANDSHAKE_LOG_INTERVAL)
 
     def _tcp_endpoint(self, pair: ProxyPair) -> IStreamClientEndpoint:
         host = target_host(pair)
@@ -175,6 +184,9 @@ class SessionMultiplexer(MultiService):
     def handshake_started(self, connection: TunnelProtocol) -> None:
         """A pool connection started its handshake."""
 
+    def handshake_progress(self, connection: TunnelProtocol) -> None:
+        """A pool connection received its first handshake bytes."""
+
     def handshake_ended(self, connection: TunnelProtocol) -> None:
         """A pool connection's handshake finished, failed or was cut."""
 
@@ -186,16 +198,22 @@ class SessionMultiplexer(MultiService):
     def handshake_failed(self, connection: TunnelProtocol, reason: str,
                          kind: HandshakeFailure,
                          skew: Optional[int] = None) -> None:
-        """Count and log a failed handshake."""
+        """Count a failed handshake; log it unless one was logged lately."""
         self.stats.handshake_failures[kind] += 1
+        held = self._failure_log.allow(self.clock.seconds())
+        if held is None:
+            return
+        more = (f" ({held} more handshake failures in the last "
+                f"{HANDSHAKE_LOG_INTERVAL:.0f} s not logged)" if held else "")
         if skew is not None:
             log.warn("{role} pool connection {link}: handshake failed: "
-                     "{reason} (clock skew {skew} s)", role=self.role,
-                     link=connection.name, reason=reason, skew=skew)
+                     "{reason} (clock skew {skew} s){more}", role=self.role,
+                     link=connection.name, reason=reason, skew=skew, more=more,
+                     held=held)
         else:
             log.warn("{role} pool connection {link}: handshake failed: "
-                     "{reason}", role=self.role, link=connection.name,
-                     reason=reason)
+                     "{reason}{more}", role=self.role, link=connection.name,
+                     reason=reason, more=more, held=held)
 
     def refuse(self, why: Refusal) -> None:
         """Count a session or stream refused for ``why``."""
@@ -328,11 +346,22 @@ class ServerMultiplexer(SessionMultiplexer):
     role = Role.SERVER
 
     def __init__(self, config: TunnelConfig, pair: ProxyPair, reactor: Reactor,
-                 endpoint_for: Optional[EndpointFor] = None) -> None:
+                 endpoint_for: Optional[EndpointFor] = None,
+                 replay_cache: Optional[HelloReplayCache] = None,
+                 admission: "Optional[Admission[TunnelProtocol]]" = None) -> None:
+        """
+        :param replay_cache: the tunnel end's replay cache, shared by its
+            pairs (a new in-memory one by default).
+        :param admission: decides which pending handshakes to evict
+            (:class:`Admission` with its default limits by default).
+        """
         super().__init__(config, pair, reactor, endpoint_for)
-        self.replay_cache = ReplayCache(now=reactor.seconds)
+        self.replay_cache: HelloReplayCache = (
+            replay_cache if replay_cache is not None
+            else ReplayCache(now=reactor.seconds))
+        self.admission: "Admission[TunnelProtocol]" = admission or Admission()
         #: Pool connections in their handshake, oldest first.
-        self.pending: "OrderedDict[TunnelProtocol, None]" = OrderedDict()
+        self.pending: Dict[TunnelProtocol, None] = {}
         self.evictions = 0
         self.tunnel_factory = TunnelFactory(self, self._make_handshake, self,
                                             self.pair_name)
@@ -351,21 +380,31 @@ class ServerMultiplexer(SessionMultiplexer):
                                versions=(PROTOCOL_VERSION, EXTENDED_VERSION))
 
     def handshake_started(self, connection: TunnelProtocol) -> None:
-        """Track a pending handshake; evict the oldest past the limit."""
+        """Track a pending handshake; past a limit, evict a silent one
+        (the admission policy picks it, possibly ``connection`` itself)."""
         self.pending[connection] = None
-        while len(self.pending) > MAX_PENDING_HANDSHAKES:
-            oldest, _ = self.pending.popitem(last=False)
+        admission = self.admission
+        for victim in admission.connection_made(connection, connection.peer_host):
+            self.pending.pop(victim, None)
             self.evictions += 1
             self.stats.handshake_evictions += 1
-            self.limit_log("server {pair}: more than {max} pending handshakes;"
-                           " dropping the oldest ({count} so far)",
-                           pair=self.name, max=MAX_PENDING_HANDSHAKES,
-                           count=self.evictions)
-            oldest.evict()
+            self.limit_log("server {pair}: too many pending handshakes ({max} "
+                           "in all, {per_source} per source address); "
+                           "dropping silent ones from the busiest source, "
+                           "such as {peer} ({count} so far)", pair=self.name,
+                           max=admission.max_pending,
+                           per_source=admission.per_source,
+                           peer=victim.peer_host, count=self.evictions)
+            victim.evict()
+
+    def handshake_progress(self, connection: TunnelProtocol) -> None:
+        """A pending connection sent bytes: it is no longer evicted first."""
+        self.admission.data_received(connection)
 
     def handshake_ended(self, connection: TunnelProtocol) -> None:
         """Forget a handshake that is no longer pending."""
         self.pending.pop(connection, None)
+        self.admission.connection_done(connection)
 
     def open_backend(self, connection: TunnelProtocol,
                      stream_id: int) -> Optional[FrameProtocol]:
@@ -400,21 +439,29 @@ class ServerMultiplexer(SessionMultiplexer):
 
 def build_service(config: TunnelConfig, reactor: Optional[Reactor] = None,
                   endpoint_for: Optional[EndpointFor] = None,
-                  top: Optional[MultiService] = None) -> MultiService:
+                  top: Optional[MultiService] = None,
+                  replay_cache: Optional[HelloReplayCache] = None) -> MultiService:
     """Build the service tree of a tunnel end: one multiplexer per pair.
 
     :param endpoint_for: returns the client endpoint that reaches a pair's
         target (tests pass in-memory endpoints); TCP by default.
     :param top: the parent to add the multiplexers to (a new
         ``MultiService`` by default); returned.
+    :param replay_cache: tunnel server: the replay cache every pair
+        shares (one in memory by default).
     """
     if reactor is None:
         from twisted.internet import reactor as _reactor
         reactor = cast(Reactor, _reactor)
     if top is None:
         top = MultiService()
-    cls: Union[Type[ClientMultiplexer], Type[ServerMultiplexer]]
-    cls = ClientMultiplexer if config.role is Role.CLIENT else ServerMultiplexer
+    if config.role is Role.CLIENT:
+        for pair in config.pairs:
+            ClientMultiplexer(config, pair, reactor, endpoint_for).setServiceParent(top)
+        return top
+    if replay_cache is None:
+        replay_cache = ReplayCache(now=reactor.seconds)
     for pair in config.pairs:
-        cls(config, pair, reactor, endpoint_for).setServiceParent(top)
+        ServerMultiplexer(config, pair, reactor, endpoint_for,
+                          replay_cache).setServiceParent(top)
     return top

@@ -90,6 +90,8 @@ class Stats:
     pool_losses: int = 0
     #: Pool connections closed for a protocol or authentication error.
     pool_failures: int = 0
+    #: Pool connections closed because the peer fell silent (heartbeat).
+    pool_timeouts: int = 0
     #: Pending handshakes dropped because too many were pending.
     handshake_evictions: int = 0
     #: Backend (replica) connections that could not be made.

@@ -5,9 +5,25 @@ the ClientHello, wait for the ServerHello; server: the reverse), under the
 handshake deadline. Once established, received bytes go through the
 :class:`~tigertunnel.wire.codec.LinkCodec` and become stream events:
 
-* ``stream_open`` (server): the multiplexer opens a backend connection;
+* ``stream_open`` (server): a sealed one (version 2) opens the stream's
+  backend connection at once; a bare one (the reference's, not
+  authenticated) only records the stream id as *unproven*: the backend
+  connection, the session and its ``-m`` slot are made when the stream's
+  first data frame authenticates, and that frame is queued until the
+  backend is connected. At most :data:`MAX_UNPROVEN_STREAMS` ids wait per
+  pool connection; one more closes the pool connection. A stream_close for
+  an unproven stream forgets it. (A TB peer always sends first on a new
+  connection, so TB never notices the later connect; in plaintext mode
+  nothing is authenticated and the backend is opened at once.)
 * ``data``: the TB frame goes to the stream's :class:`FrameProtocol`;
-* ``stream_close``: that session is closed.
+* ``stream_close``: that session is closed;
+* ``ping`` (version 2): answered with a ``pong``.
+
+Between version-2 ends a :class:`~tigertunnel.net.heartbeat.Heartbeat`
+watches the pool connection: a server sends its first ping with the
+ServerHello and expects an answer within 5 s; a client starts watching at
+the server's first ping. Silence is answered with pings, and 15 s without
+an authenticated frame closes the pool connection and its sessions.
 
 Anything that fails to authenticate or parse closes the pool connection and
 every session on it at once; nothing after the bad bytes is delivered. When
@@ -28,7 +44,7 @@ those the client opened (:meth:`TunnelProtocol.accept_stream`).
 """
 
 import enum
-from typing import Any, Callable, List, Optional, Union, cast
+from typing import Any, Callable, List, Optional, Set, Union, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
@@ -47,6 +63,7 @@ from tigertunnel.interfaces import (
 )
 from tigertunnel.logs import logger
 from tigertunnel.net.frame_protocol import CLOSE_TIMEOUT
+from tigertunnel.net.heartbeat import Heartbeat
 from tigertunnel.net.sockets import send_now, tune_socket
 from tigertunnel.net.states import TransitionError, Transitions
 from tigertunnel.net.stats import HandshakeFailure
@@ -55,6 +72,7 @@ from tigertunnel.wire.codec import (
     CLIENT,
     SERVER,
     LinkCodec,
+    Ping,
     StreamClosed,
     StreamData,
     StreamOpened,
@@ -65,11 +83,19 @@ from tigertunnel.wire.handshake import (
     Rejected,
     ServerHandshake,
 )
+from tigertunnel.wire.liveness import FIRST_FRAME_WITHIN
 
 #: Pool-connection writes smaller than this go through Twisted's buffer, so
 #: that the frames of many sessions leave in one send per reactor turn;
 #: larger ones are sent at once (see send_now), saving Twisted's copy.
 COALESCE_BELOW = 64 * 1024
+#: Bare (unauthenticated) stream_opens a server holds per pool connection
+#: until their first data frame; one more closes the pool connection. A
+#: real client has a stream unproven only between a TB connect and the TB
+#: peer's first frame (microseconds), so this covers a burst of TB
+#: connects; closing (rather than dropping one silently) makes TB
+#: reconnect instead of waiting on a stream that would never open.
+MAX_UNPROVEN_STREAMS = 64
 
 log = logger("tigertunnel.tunnel")
 
@@ -162,6 +188,16 @@ class TunnelProtocol(Protocol):
         #: The KEM key id of a kemconnect handshake (server side), else None.
         self.kem_key_id: Optional[int] = None
         self.peer_version: Optional[int] = None
+        #: A fingerprint of the PSK the handshake used (key reload compares it).
+        self.key_fingerprint: Optional[bytes] = None
+        #: The peer's address (tunnel server: fair admission by source).
+        self.peer_host: Optional[str] = None
+        #: Tunnel server: stream ids opened by a bare stream_open whose first
+        #: authenticated frame has not arrived yet.
+        self.unproven: Set[int] = set()
+        #: Version 2: the liveness timer, while it runs.
+        self.heartbeat: Optional[Heartbeat] = None
+        self._spoke = False
         #: Called once the connection is lost (a pool slot reconnects).
         self.on_lost: Optional[Callable[["TunnelProtocol"], None]] = None
         self._close_timer: Optional[IDelayedCall] = None
@@ -236,12 +272,20 @@ class TunnelProtocol(Protocol):
                 session = lookup(event.stream_id)
                 if session is not None:
                     session.deliver(event.frame)
+                elif self.unproven:
+                    self._stream_proven(event.stream_id, event.frame)
             elif isinstance(event, StreamOpened):
-                self._peer_opened(event.stream_id)
+                self._peer_opened(event.stream_id, event.sealed)
             elif isinstance(event, StreamClosed):
                 closed = self.streams.remove(event.stream_id)
                 if closed is not None:
                     closed.close_by_peer()
+                else:
+                    self.unproven.discard(event.stream_id)
+            elif isinstance(event, Ping):
+                self._ping_received(event.value)
+            elif self.heartbeat is None:
+                self._start_heartbeat(None)  # a pong: the peer speaks version 2
             state = self.state
             if state is not _ESTABLISHED and state is not _CLOSING:
                 return
@@ -249,6 +293,8 @@ class TunnelProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         before = self._goto(PoolInput.LOSE)
         self._cancel_timer()
+        self._stop_heartbeat()
+        self.unproven.clear()
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
         self.host.handshake_ended(self)
@@ -285,6 +331,9 @@ class TunnelProtocol(Protocol):
     # -- handshake ----------------------------------------------------------
 
     def _handshake_data(self, data: bytes) -> None:
+        if not self._spoke:
+            self._spoke = True
+            self.host.handshake_progress(self)
         hs = self._handshake
         try:
             if isinstance(hs, ClientHandshake):
@@ -292,6 +341,7 @@ class TunnelProtocol(Protocol):
                 if est is None:
                     return
                 self.key_id = est.key_id
+                self.key_fingerprint = est.key_fingerprint
                 self._established(
                     LinkCodec(CLIENT, est.keys, self.host.cluster_value),
                     est.leftover)
@@ -317,13 +367,18 @@ class TunnelProtocol(Protocol):
         assert isinstance(result, Accepted)
         est = result.established
         self.key_id = est.key_id
+        self.key_fingerprint = est.key_fingerprint
         self.kem_key_id = est.kem_key_id
         self.peer_version = est.peer_version
-        self._output().write(result.reply)
-        self._established(
-            LinkCodec(SERVER, est.keys, self.host.cluster_value,
-                      peer_extended=est.peer_version >= 2),
-            est.leftover)
+        codec = LinkCodec(SERVER, est.keys, self.host.cluster_value,
+                          peer_extended=est.peer_version >= 2)
+        reply = result.reply
+        if codec.can_ping:
+            # Version 2: the first ping goes in the same write as the
+            # ServerHello; the client's answer proves it holds the keys.
+            reply += b"".join(codec.encode_ping())
+        self._output().write(reply)
+        self._established(codec, est.leftover)
 
     def _established(self, codec: LinkCodec, leftover: bytes) -> None:
         self._goto(PoolInput.ESTABLISH)
@@ -333,6 +388,8 @@ class TunnelProtocol(Protocol):
         self.codec = codec
         self.encrypted = codec.encrypted
         self.host.pool_connection_up(self)
+        if self.role is Role.SERVER and codec.can_ping and self.established:
+            self._start_heartbeat(FIRST_FRAME_WITHIN)
         if self._outcome is None:
             self._settle(self)
         if leftover and self.established:
@@ -408,8 +465,14 @@ class TunnelProtocol(Protocol):
                   "and its {count} sessions", role=self.role, link=self.name,
                   reason=reason, count=len(self.streams))
         self.host.stats.pool_failures += 1
+        self._drop()
+
+    def _drop(self) -> None:
+        """Abort the established connection and every session on it."""
         self._goto(PoolInput.FAIL)
         self.codec = None
+        self._stop_heartbeat()
+        self.unproven.clear()
         streams = self.streams.drain()
         self.host.pool_connection_down(self)
         for session in streams:
@@ -462,21 +525,85 @@ class TunnelProtocol(Protocol):
         if codec is not None and codec.can_send_close:
             self._output().writeSequence(codec.encode_close(stream_id))
 
-    def _peer_opened(self, stream_id: int) -> None:
-        if stream_id in self.streams:
-            # Our client never reuses an open id; stream_open is not
+    def _peer_opened(self, stream_id: int, sealed: bool) -> None:
+        if stream_id in self.streams or stream_id in self.unproven:
+            # Our client never reuses an open id; a bare stream_open is not
             # authenticated, so this is tampering or a broken peer.
             self._fail(f"stream_open for stream {stream_id}, which is open")
             return
-        opener = self._opener
-        if opener is None:
+        if self._opener is None:
             self._fail(f"stream_open for stream {stream_id} on a pool "
                        f"connection that opens no backends")
             return
-        if opener.open_backend(self, stream_id) is None:
+        if sealed or not self.encrypted:
+            self._open_backend(stream_id)
+            return
+        # A bare stream_open proves nothing: wait for the stream's first
+        # authenticated frame before spending a backend connection on it.
+        if len(self.unproven) >= MAX_UNPROVEN_STREAMS:
+            self._fail(f"more than {MAX_UNPROVEN_STREAMS} streams opened "
+                       f"without a data frame")
+            return
+        self.unproven.add(stream_id)
+
+    def _stream_proven(self, stream_id: int, frame: "bytes | bytearray") -> None:
+        """An authenticated data frame arrived for a stream that is not open."""
+        unproven = self.unproven
+        if stream_id not in unproven:
+            return  # a stream closed or refused since: dropped, as before
+        unproven.discard(stream_id)
+        session = self._open_backend(stream_id)
+        if session is not None:
+            session.deliver(frame)  # queued until the backend is connected
+
+    def _open_backend(self, stream_id: int) -> Optional[Session]:
+        """Open the backend of ``stream_id``; tell a version-2 client if refused."""
+        assert self._opener is not None  # checked by _peer_opened
+        session = self._opener.open_backend(self, stream_id)
+        if session is None:
             codec = self.codec
             if codec is not None and codec.can_send_close:
                 self._output().writeSequence(codec.encode_close(stream_id))
+        return session
+
+    # -- heartbeat (version 2) -------------------------------------------------
+
+    def _ping_received(self, value: int) -> None:
+        codec = self.codec
+        if codec is None:
+            return
+        if self.heartbeat is None:
+            self._start_heartbeat(None)  # a client hears its server's first ping
+        self._output().writeSequence(codec.encode_pong(value))
+
+    def _start_heartbeat(self, first_frame_within: Optional[float]) -> None:
+        codec = self.codec
+        if codec is None or not codec.can_ping:
+            return
+        self.heartbeat = Heartbeat(self.clock, lambda: codec.receive_counter,
+                                   self._send_ping, self._peer_silent,
+                                   first_frame_within)
+        if first_frame_within is not None:
+            self.heartbeat.ping_sent()
+
+    def _stop_heartbeat(self) -> None:
+        heartbeat, self.heartbeat = self.heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop()
+
+    def _send_ping(self) -> None:
+        codec, tcp = self.codec, self._tcp
+        if codec is not None and tcp is not None:
+            tcp.writeSequence(codec.encode_ping())
+
+    def _peer_silent(self, silence: float) -> None:
+        """No authenticated frame for too long: the peer is frozen or gone."""
+        log.warn("{role} pool connection {link}: no frame from the peer for "
+                 "{silence:.0f} s (heartbeat); closing it and its {count} "
+                 "sessions", role=self.role, link=self.name, silence=silence,
+                 count=len(self.streams))
+        self.host.stats.pool_timeouts += 1
+        self._drop()
 
 
 class TunnelFactory(Factory):
@@ -505,5 +632,7 @@ class TunnelFactory(Factory):
         host = getattr(addr, "host", "?")
         port = getattr(addr, "port", "?")
         name = f"{self.pair_name}/{self._count}@{host}:{port}"
-        return TunnelProtocol(self.host.role, self.make_handshake(), self.host,
-                              name, self.opener)
+        connection = TunnelProtocol(self.host.role, self.make_handshake(),
+                                    self.host, name, self.opener)
+        connection.peer_host = host if isinstance(host, str) else None
+        return connection

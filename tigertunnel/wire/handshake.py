@@ -72,7 +72,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, Mapping, Tuple
+from typing import Callable, Deque, Dict, Mapping, Protocol, Tuple
 
 from tigertunnel.crypto import kdf, kem
 from tigertunnel.crypto.kdf import SessionKeys
@@ -114,6 +114,9 @@ class Established:
     :ivar kem_key_id: the KEM key id in ``kemconnect`` mode, else ``None``.
     :ivar leftover: bytes that arrived after the hello, to feed to the mux
         decoder.
+    :ivar key_fingerprint: :func:`~tigertunnel.crypto.kdf.key_fingerprint`
+        of the PSK used (a key reload retires connections made with key
+        bytes since replaced under the same key id).
     """
 
     keys: SessionKeys
@@ -122,6 +125,7 @@ class Established:
     key_id: int
     kem_key_id: int | None
     leftover: bytes
+    key_fingerprint: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -356,7 +360,16 @@ class ClientHandshake:
             mode="connect" if self._kem_public is None else "kemconnect",
             peer_version=self._version, key_id=self._key_id,
             kem_key_id=None if self._kem_public is None else self._kem_public[0],
-            leftover=leftover)
+            leftover=leftover, key_fingerprint=kdf.key_fingerprint(self._psk))
+
+
+class HelloReplayCache(Protocol):
+    """What :class:`ServerHandshake` needs of a replay cache: this
+    in-memory :class:`ReplayCache`, or the file shared by the processes of a
+    tunnel end (:class:`tigertunnel.ops.replay.FileReplayCache`)."""
+
+    def check_and_add(self, digest: bytes, timestamp: int) -> bool:
+        """Record a hello by its hash; return ``False`` if it was seen before."""
 
 
 class ReplayCache:
@@ -413,7 +426,7 @@ class ServerHandshake:
                  random: Callable[[int], bytes] = os.urandom,
                  now: Callable[[], float] = time.time,
                  require_kem: bool = False,
-                 replay_cache: ReplayCache | None = None,
+                 replay_cache: HelloReplayCache | None = None,
                  hide_unknown_key: bool = False,
                  versions: "tuple[int, ...] | None" = None) -> None:
         """
@@ -424,7 +437,7 @@ class ServerHandshake:
         :param cluster_id: the server's ``-c`` value, 0 when unset.
         :param require_kem: refuse ``connect`` (PSK-only) hellos.
         :param replay_cache: refuse hellos seen before (shared by every
-            pool connection of a listener).
+            pool connection of a tunnel end).
         :param hide_unknown_key: answer an unknown key id with status 4,
             like a bad hash (the reason still says which it was).
         :param versions: the version bytes accepted (``None``: any, as the
@@ -565,4 +578,4 @@ class ServerHandshake:
         return Accepted(reply=reply, established=Established(
             keys=keys, mode="connect" if kem_key_id is None else "kemconnect",
             peer_version=version, key_id=key_id, kem_key_id=kem_key_id,
-            leftover=leftover))
+            leftover=leftover, key_fingerprint=kdf.key_fingerprint(psk)))
