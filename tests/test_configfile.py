@@ -121,7 +121,9 @@ class OptionTableTests(SynchronousTestCase):
             "log-level": (False, both), "handshake-timeout": (False, both),
             "metrics": (False, both), "shutdown-timeout": (False, both),
             "plaintext": (True, both), "systemd-sockets": (True, both),
+            "metrics-public": (True, both),
             "kemsecret": (False, frozenset({"server"})),
+            "replay-file": (False, frozenset({"server"})),
             "require-kem": (True, frozenset({"server"})),
             "kempublic": (False, frozenset({"client"})),
             "num-conns": (False, frozenset({"client"}))})

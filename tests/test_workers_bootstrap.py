@@ -16,6 +16,7 @@ from tigertunnel.ops.workers.bootstrap import (
     LISTEN_FDS_ENV,
     SUPERVISOR_ENV,
     inherited_listen_fds,
+    safe_path_flag,
     supervisor_alive,
     worker_command,
 )
@@ -130,11 +131,11 @@ class WorkerOptionTests(SynchronousTestCase):
 
     def test_workers_and_raw_args(self) -> None:
         """--workers is kept in the arguments the workers are started with."""
-        opts = self.parse("--workers", "4", "--metrics", "tcp:0")
+        opts = self.parse("--workers", "4", "--metrics", "tcp:0:interface=127.0.0.1")
         self.assertEqual(opts.subOptions.config.workers, 4)
         self.assertEqual(opts.subOptions.raw_args[-4:],
-                         ["--workers", "4", "--metrics", "tcp:0"])
-        self.assertEqual(opts.subOptions.operations.metrics, "tcp:0")
+                         ["--workers", "4", "--metrics", "tcp:0:interface=127.0.0.1"])
+        self.assertEqual(opts.subOptions.operations.metrics, "tcp:0:interface=127.0.0.1")
 
     def test_worker_has_no_metrics(self) -> None:
         """A worker serves on the inherited socket; metrics are worker 0's."""
@@ -143,7 +144,7 @@ class WorkerOptionTests(SynchronousTestCase):
         self.patch(os, "environ", dict(os.environ, **{
             LISTEN_FDS_ENV: str(sock.fileno())}))
         self.pair = f"127.0.0.1:{sock.getsockname()[1]},127.0.0.1:2"
-        opts = self.parse("--workers", "4", "--metrics", "tcp:0",
+        opts = self.parse("--workers", "4", "--metrics", "tcp:0:interface=127.0.0.1",
                           "--worker-index", "3")
         self.assertIsNone(opts.subOptions.operations.metrics)
         self.assertEqual(opts.subOptions.config.inherited_fds,
@@ -166,7 +167,14 @@ class WorkerCommandTests(SynchronousTestCase):
     """The command a worker is started with."""
 
     def test_same_interpreter_and_arguments(self) -> None:
-        """A worker runs ``python -m tigertunnel`` with this interpreter and the given arguments."""
+        """A worker runs ``python -P -m tigertunnel`` with this interpreter and the given arguments."""
         import sys
         self.assertEqual(worker_command(["client", "-p", "x"]),
-                         [sys.executable, "-m", "tigertunnel", "client", "-p", "x"])
+                         [sys.executable, safe_path_flag(), "-m", "tigertunnel",
+                          "client", "-p", "x"])
+
+    def test_safe_path_flag(self) -> None:
+        """Python 3.11 and later get ``-P``; older versions get isolated mode ``-I``."""
+        self.assertEqual(safe_path_flag((3, 11, 0)), "-P")
+        self.assertEqual(safe_path_flag((3, 13, 1, "final", 0)), "-P")
+        self.assertEqual(safe_path_flag((3, 10, 12)), "-I")

@@ -315,7 +315,17 @@ COMMANDS: Dict[str, Command] = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the console script; returns the exit status."""
+    """Run the console script; returns the exit status.
+
+    Run on the process's own command line (``argv`` not given), it first
+    hardens the process (not dumpable, no core files:
+    :func:`~tigertunnel.ops.hardening.harden_once`), before the options are
+    parsed, since parsing reads the key files. Tests that pass ``argv``
+    leave their runner as it is.
+    """
+    if argv is None:
+        from tigertunnel.ops.hardening import harden_once
+        harden_once()
     args = sys.argv[1:] if argv is None else argv
     options = Options()
     if not args or args == ["help"]:

@@ -7,6 +7,11 @@
 Every option, address and key file is validated while the options are
 parsed, so a bad value stops start-up with a one-line message naming it and a
 non-zero exit status, before anything listens or daemonizes.
+
+Under twistd the process is hardened (not dumpable, no core files:
+:mod:`tigertunnel.ops.hardening`) as soon as twistd hands the arguments to
+:class:`Options`, before any key file is read; the console script does the
+same in :func:`tigertunnel.cli.main`.
 """
 
 import os
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Union, cast
 
+from twisted.application import app
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorTime
 from twisted.python import usage
@@ -35,6 +41,7 @@ from tigertunnel.keys.files import (
     load_kem_public_file,
     load_kem_secret_file,
     load_psk_file,
+    trusted_owners,
 )
 from tigertunnel.keys.format import parse_int
 from tigertunnel.errors import ConfigError, KeyFileError
@@ -53,6 +60,8 @@ class Operations:
     metrics: Optional[str] = None
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     systemd_sockets: bool = False
+    #: The ``--replay-file`` value as given (``None``: not given).
+    replay_file: Optional[str] = None
 
 
 def _positive_int(name: str, text: str, limit: int = 2 ** 32 - 1) -> int:
@@ -91,6 +100,8 @@ class _EndOptions(ExampleOptions):
          "testing on a trusted network: nothing is authenticated."],
         ["systemd-sockets", None, "Listen on the sockets systemd passes "
          "(socket activation): one ListenStream= per -p, in order."],
+        ["metrics-public", None, "Allow --metrics on an address other hosts "
+         "can reach (the endpoint has no authentication)."],
     ]
     optParameters = [
         ["key", "k", None, "PSK key file (tigertunnel keygen)."],
@@ -102,7 +113,8 @@ class _EndOptions(ExampleOptions):
         ["handshake-timeout", None, str(DEFAULT_HANDSHAKE_TIMEOUT),
          "Seconds allowed for a pool connection's handshake."],
         ["metrics", None, None, "Serve /metrics (Prometheus) and /status "
-         "(JSON) over HTTP on this endpoint, e.g. tcp:9101:interface=127.0.0.1."],
+         "(JSON) over HTTP on this endpoint, e.g. tcp:9101:interface=127.0.0.1 "
+         "(loopback or a UNIX socket unless --metrics-public)."],
         ["shutdown-timeout", None, str(DEFAULT_SHUTDOWN_TIMEOUT),
          "Seconds a graceful shutdown (SIGTERM) may take before connections "
          "are aborted."],
@@ -143,7 +155,9 @@ class _EndOptions(ExampleOptions):
 
         :raises usage.UsageError: naming the problem.
         """
-        loaders = {"key": load_psk_file, "kemsecret": load_kem_secret_file,
+        owners = self.key_owners()
+        loaders = {"key": lambda path: load_psk_file(path, owners),
+                   "kemsecret": lambda path: load_kem_secret_file(path, owners),
                    "kempublic": load_kem_public_file}
         try:
             if key in loaders:
@@ -154,6 +168,14 @@ class _EndOptions(ExampleOptions):
                                                    f"--{key}={value}"])
         except KeyFileError as e:
             raise usage.UsageError(str(e)) from None
+
+    def key_owners(self) -> FrozenSet[int]:
+        """The users a secret key file may belong to: this user, root and,
+        under ``twistd -u``, the user twistd will switch to (which must be
+        able to read the files again on a reload)."""
+        twistd = _twistd_options(self.parent)
+        uid = twistd.get("uid") if twistd is not None else None
+        return trusted_owners(() if uid is None else (int(uid),))
 
     def opt_proxy(self, value: str) -> None:
         """LISTEN,TARGET proxy pair (repeat for several replicas)."""
@@ -208,7 +230,7 @@ class _EndOptions(ExampleOptions):
             raise usage.UsageError("-k and --plaintext exclude each other")
         try:
             if key is not None:
-                cfg.psk = load_psk_file(key)
+                cfg.psk = load_psk_file(key, self.key_owners())
                 cfg.key_path = key
             self.load_role_keys(cfg)
         except KeyFileError as e:
@@ -240,16 +262,22 @@ class _EndOptions(ExampleOptions):
         """Check --metrics, --shutdown-timeout and --systemd-sockets."""
         ops = Operations(metrics=self["metrics"])
         if ops.metrics is not None:
-            from twisted.internet.endpoints import serverFromString
+            from tigertunnel.net.listeners import endpoint_is_local
 
             try:
-                serverFromString(None, ops.metrics)
+                local = endpoint_is_local(ops.metrics)
             except (ValueError, KeyError, IndexError, TypeError,
                     AttributeError) as e:
                 raise usage.UsageError(f"invalid --metrics endpoint "
                                        f"{ops.metrics!r}: {e or type(e).__name__}"
                                        f" (example: tcp:9101:interface="
                                        f"127.0.0.1)") from None
+            if not local and not self["metrics-public"]:
+                raise usage.UsageError(
+                    f"--metrics {ops.metrics!r} can be reached from other "
+                    f"hosts and has no authentication: give "
+                    f"interface=127.0.0.1 (or a unix: socket), or add "
+                    f"--metrics-public to serve it there on purpose")
         try:
             ops.shutdown_timeout = float(self["shutdown-timeout"])
             if not 0 < ops.shutdown_timeout <= 3600:
@@ -294,7 +322,16 @@ SIGHUP reloads the key files; SIGTERM drains and exits."""
     optParameters = [
         ["kemsecret", None, None, "X-Wing secret key file (PREFIX.key from "
          "tigertunnel kemgen)."],
+        ["replay-file", None, None, "File of recently accepted ClientHellos, "
+         "shared by the pairs and workers of this server and kept across "
+         "restarts (default: PIDFILE.replay under twistd; 'memory' keeps "
+         "them in this process only)."],
     ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        self.check_replay_file()
+        self.operations.replay_file = self["replay-file"]
 
     def load_role_keys(self, cfg: TunnelConfig) -> None:
         cfg.require_kem = bool(self["require-kem"])
@@ -306,8 +343,23 @@ SIGHUP reloads the key files; SIGTERM drains and exits."""
         if cfg.psk is None:
             raise usage.UsageError("--kemsecret requires -k (KEM mode "
                                    "requires encryption)")
-        cfg.kem_secret = load_kem_secret_file(path)
+        cfg.kem_secret = load_kem_secret_file(path, self.key_owners())
         cfg.kem_path = path
+
+    def check_replay_file(self) -> None:
+        """Check that ``--replay-file`` names a file in an existing directory."""
+        from tigertunnel.ops.replay import IN_MEMORY
+
+        value = self["replay-file"]
+        if value is None or value in IN_MEMORY:
+            return
+        folder = os.path.dirname(os.path.abspath(value))
+        if not os.path.isdir(folder):
+            raise usage.UsageError(f"invalid --replay-file {value!r}: directory "
+                                   f"{folder!r} does not exist")
+        if os.path.isdir(value):
+            raise usage.UsageError(f"invalid --replay-file {value!r}: it is a "
+                                   f"directory (give a file name)")
 
 
 class ClientOptions(_EndOptions):
@@ -362,9 +414,26 @@ class Options(ExampleOptions):
          "clients or a replica)."],
     ]
 
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """Parse; under twistd, harden the process first (keys are read
+        while the sub-options are parsed)."""
+        if _twistd_options(self.parent) is not None:
+            from tigertunnel.ops.hardening import harden_once
+            harden_once()
+        super().parseOptions(options)
+
     def postOptions(self) -> None:
         if self.subCommand is None:
             raise usage.UsageError("give a mode: server or client")
+
+
+def _twistd_options(options: Optional[usage.Options]) -> Optional[usage.Options]:
+    """twistd's own options, if ``options`` (or one of its parents) are them."""
+    while options is not None:
+        if isinstance(options, app.ServerOptions):
+            return options
+        options = options.parent
+    return None
 
 
 #: A proxy pair that lets a probe parse reach the option being checked.
@@ -395,12 +464,14 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     :param reactor: the global reactor by default; tests pass a
         ``MemoryReactorClock``.
     """
-    from tigertunnel.logs import limit_accept_errors
+    from tigertunnel.logs import limit_accept_errors, logger
     from tigertunnel.net.multiplexer import build_service
+    from tigertunnel.ops import hardening
     from tigertunnel.ops.memory import memory_trimmer, tune_malloc
     from tigertunnel.ops.metrics import MetricsService
     from tigertunnel.ops.tbmetrics import figures_reporter, watch_pairs
     from tigertunnel.ops.reload import KeyReloader, ReloadService
+    from tigertunnel.ops.replay import ReplayCacheService, replay_path
     from tigertunnel.ops.shutdown import TunnelService
     from tigertunnel.ops.systemd import Notifier, SystemdService, watchdog_interval
     from tigertunnel.ops.workers import WorkerSupervisor, worker_command
@@ -412,8 +483,24 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     config: TunnelConfig = sub.config
     ops: Operations = sub.operations
     logs.set_level(sub["log-level"])
+    hardened = hardening.applied()
+    if hardened is not None:
+        for problem in hardened.problems:
+            logger("tigertunnel.hardening").warn(
+                "process hardening incomplete: {problem}", problem=problem)
     top = TunnelService(reactor, ops.shutdown_timeout, handle_sigterm=True)
-    build_service(config, reactor, top=top)
+    replay: Optional[ReplayCacheService] = None
+    worker_args = [sub.role] + sub.raw_args
+    if config.role is Role.SERVER:
+        twistd = _twistd_options(options)
+        path = replay_path(ops.replay_file,
+                           twistd.get("pidfile") if twistd is not None else None)
+        replay = ReplayCacheService(path)
+        # Workers have no pidfile of their own: they open worker 0's file.
+        worker_args.append(f"--replay-file={path or 'memory'}")
+    build_service(config, reactor, top=top, replay_cache=replay)
+    if replay is not None:
+        top.add_operation(replay, stop_last=True)
     # Process-wide, once: malloc settings for 1 MiB frames, a periodic heap
     # trim, and one rate-limited line for accept errors.
     tune_malloc()
@@ -436,7 +523,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
         top.add_operation(figures_reporter(recorders, IReactorTime(reactor)))
     if config.workers > 1 and sub["worker-index"] is None:
         supervisor = WorkerSupervisor(
-            IReactorProcess(reactor), worker_command([sub.role] + sub.raw_args),
+            IReactorProcess(reactor), worker_command(worker_args),
             config.workers, partial(_listening_descriptors, top), sub.cwd,
             ops.shutdown_timeout)
         listeners.append(supervisor)  # SIGHUP goes to the workers too

@@ -3,8 +3,9 @@
 Deliberate differences from the reference (PROTOCOL.md section 11, items 9
 and 29): the whole file is read (the reference silently truncates at 2048,
 1376 or 2454 bytes); secret files are created with mode 0600 and refused when
-group or others have any access to them; existing files are never
-overwritten without ``force``.
+group or others have any access to them, or when they belong to a user
+other than the one reading them or root (that user could replace the key);
+existing files are never overwritten without ``force``.
 
 The content is parsed by :mod:`tigertunnel.keys.format`. Every failure is a
 :class:`~tigertunnel.errors.KeyFileError` naming the file and the reference's
@@ -15,9 +16,11 @@ error name (``Unreadable``, ``InsecurePermissions``, ``FileExists``,
 from __future__ import annotations
 
 import os
+import pwd
 import shlex
 import stat
 import tempfile
+from typing import Iterable
 
 from tigertunnel.crypto.kdf import PSK_SIZE
 from tigertunnel.crypto.kem import SECRET_KEY_SIZE
@@ -31,22 +34,47 @@ MAX_KEY_FILE_SIZE = 1 << 20
 _INSECURE_BITS = stat.S_IRWXG | stat.S_IRWXO
 
 
-def read_key_file(path: str, secret: bool) -> bytes:
+def trusted_owners(extra: Iterable[int] = ()) -> frozenset[int]:
+    """The users a secret key file may belong to: this process's effective
+    user, root, and ``extra`` (the user ``twistd -u`` will switch to)."""
+    return frozenset({os.geteuid(), 0, *extra})
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "no such user"
+
+
+def read_key_file(path: str, secret: bool,
+                  owners: "Iterable[int] | None" = None) -> bytes:
     """Return the whole content of a key file.
 
     :param secret: refuse the file if group or others have any access to it
         (like ssh, stricter than "can read": a group-writable secret key
-        could be swapped by someone else).
-    :raises KeyFileError: ``Unreadable``, ``InsecurePermissions``, or
-        ``InvalidKeyFormat`` for a file over :data:`MAX_KEY_FILE_SIZE` bytes.
+        could be swapped by someone else), or if it belongs to a user not
+        in ``owners``.
+    :param owners: the users a secret file may belong to
+        (:func:`trusted_owners` by default).
+    :raises KeyFileError: ``Unreadable``, ``InsecurePermissions``,
+        ``InsecureOwner``, or ``InvalidKeyFormat`` for a file over
+        :data:`MAX_KEY_FILE_SIZE` bytes.
     """
     try:
         with open(path, "rb") as f:
             if secret and os.name == "posix":
-                mode = os.fstat(f.fileno()).st_mode
-                if mode & _INSECURE_BITS:
+                st = os.fstat(f.fileno())
+                if st.st_mode & _INSECURE_BITS:
                     raise KeyFileError(path, "InsecurePermissions", None,
                                        f"run: chmod 600 {shlex.quote(path)}")
+                allowed = trusted_owners() if owners is None else frozenset(owners)
+                if st.st_uid not in allowed:
+                    raise KeyFileError(
+                        path, "InsecureOwner", None,
+                        f"owned by uid {st.st_uid} ({_user_name(st.st_uid)}), "
+                        f"not by this user (uid {os.geteuid()}) or root; chown "
+                        f"it to the user the tunnel runs as")
             data = f.read(MAX_KEY_FILE_SIZE + 1)
     except OSError as e:
         raise KeyFileError(path, "Unreadable", None,
@@ -57,23 +85,27 @@ def read_key_file(path: str, secret: bool) -> bytes:
     return data
 
 
-def load_psk_file(path: str) -> KeyStore:
+def load_psk_file(path: str, owners: "Iterable[int] | None" = None) -> KeyStore:
     """Load a PSK file (``-k``).
 
+    :param owners: see :func:`read_key_file`.
     :return: the keys in file order; a client uses :meth:`KeyStore.first`.
     :raises KeyFileError: see :func:`~tigertunnel.keys.format.parse_key_text`
         and :func:`read_key_file`.
     """
-    return parse_key_text(read_key_file(path, secret=True), path, PSK_SIZE)
+    return parse_key_text(read_key_file(path, secret=True, owners=owners), path,
+                          PSK_SIZE)
 
 
-def load_kem_secret_file(path: str) -> KeyStore:
+def load_kem_secret_file(path: str, owners: "Iterable[int] | None" = None) -> KeyStore:
     """Load a KEM secret key file (``--kemsecret``, ``PREFIX.key``).
 
+    :param owners: see :func:`read_key_file`.
     :return: the X-Wing seeds in file order.
     :raises KeyFileError: see :func:`load_psk_file`.
     """
-    return parse_key_text(read_key_file(path, secret=True), path, SECRET_KEY_SIZE)
+    return parse_key_text(read_key_file(path, secret=True, owners=owners), path,
+                          SECRET_KEY_SIZE)
 
 
 def load_kem_public_file(path: str) -> tuple[int, bytes]:

@@ -8,10 +8,15 @@ start-up with a one-line :class:`~tigertunnel.errors.ListenError`
 (:func:`start_listening`, also used by the metrics listener).
 """
 
+import ipaddress
 from typing import Any, Callable, Optional, Protocol, cast
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    UNIXServerEndpoint,
+    serverFromString,
+)
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
@@ -40,6 +45,29 @@ def start_listening(start: Callable[[], None], where: str) -> None:
         start()
     except CannotListenError as e:
         raise listen_error(where, e) from None
+
+
+def endpoint_is_local(description: str) -> bool:
+    """Whether a server endpoint description listens only where other hosts
+    cannot connect: a TCP interface on loopback (``127.0.0.0/8``, ``::1``,
+    ``localhost``) or a UNIX socket. Anything else, including a TCP
+    endpoint without ``interface=`` (all addresses), is not.
+
+    :raises ValueError: and the other errors of ``serverFromString`` for a
+        malformed description.
+    """
+    endpoint = serverFromString(None, description)
+    if isinstance(endpoint, UNIXServerEndpoint):
+        return True
+    interface = getattr(endpoint, "_interface", None)
+    if not isinstance(interface, str) or not interface:
+        return False
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def pair_listen_description(config: TunnelConfig, pair: ProxyPair) -> str:

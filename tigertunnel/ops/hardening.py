@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
-__all__ = ["Hardening", "harden_process", "is_dumpable"]
+__all__ = ["Hardening", "applied", "harden_once", "harden_process", "is_dumpable"]
 
 #: linux/prctl.h
 PR_GET_DUMPABLE = 3
@@ -93,3 +93,21 @@ def harden_process() -> Hardening:
     except (OSError, ValueError) as e:
         problems.append(f"setrlimit(RLIMIT_CORE, 0) failed: {e}")
     return Hardening(not_dumpable, no_core, tuple(problems))
+
+
+_applied: Optional[Hardening] = None
+
+
+def harden_once() -> Hardening:
+    """:func:`harden_process`, once per process (the entry points call it
+    before any key file is read); returns what it achieved."""
+    global _applied
+    if _applied is None:
+        _applied = harden_process()
+    return _applied
+
+
+def applied() -> Optional[Hardening]:
+    """What :func:`harden_once` achieved in this process, ``None`` if it was
+    not called (a tunnel end built inside a test runner)."""
+    return _applied

@@ -34,8 +34,15 @@ What a reload does (the README's "Key rotation" section is the user's side):
 A server pool connection remembers the KEM key id of its handshake, so
 removing a key from a server's ``--kemsecret`` file retires the pool
 connections made with it, like a removed PSK.
+
+Every pool connection also remembers a fingerprint of the PSK bytes its
+handshake used (:func:`~tigertunnel.crypto.kdf.key_fingerprint`). A key
+whose bytes change under the same key id (a leaked key replaced in place
+instead of rotated) therefore retires the connections made with the old
+bytes, at either end, exactly like a removed key.
 """
 
+import hmac
 import signal
 import threading
 import time
@@ -60,6 +67,7 @@ from twisted.internet.interfaces import IDelayedCall
 
 from tigertunnel.config.model import Role, TunnelConfig
 from tigertunnel.crypto import kem
+from tigertunnel.crypto.kdf import key_fingerprint
 from tigertunnel.keys.files import (
     load_kem_public_file,
     load_kem_secret_file,
@@ -236,16 +244,20 @@ class KeyReloader:
         self.sweep()
 
     def outdated(self, mux: SessionMultiplexer, connection: TunnelProtocol) -> bool:
-        """Whether ``connection`` was keyed with a key that is no longer current."""
+        """Whether ``connection`` was keyed with a key that is no longer
+        current (a key id gone, or its bytes changed)."""
         psk = mux.config.psk
         if psk is None or connection.key_id is None:
             return False
         if isinstance(mux, ClientMultiplexer):
-            if connection.key_id != psk.first()[0]:
+            key_id, key = psk.first()
+            if connection.key_id != key_id or not _same_key(connection, key):
                 return True
             used = mux.handshake_kem.get(connection, mux.config.kem_public)
             return used != mux.config.kem_public
         if connection.key_id not in psk:
+            return True
+        if not _same_key(connection, psk[connection.key_id]):
             return True
         kem_secret = mux.config.kem_secret
         return (connection.kem_key_id is not None
@@ -344,6 +356,13 @@ class KeyReloader:
         return {"time": self.last_time, "ok": self.last_ok,
                 "error": self.last_error or None,
                 "results": dict(self.results)}
+
+
+def _same_key(connection: TunnelProtocol, key: bytes) -> bool:
+    """Whether ``connection`` was made with exactly the PSK bytes ``key``
+    (a connection without a recorded fingerprint counts as made with it)."""
+    used = connection.key_fingerprint
+    return used is None or hmac.compare_digest(used, key_fingerprint(key))
 
 
 #: What ``signal.signal`` returns and takes.

@@ -52,6 +52,15 @@ is done silently:
 Appends are not fsynced by default: a killed process loses nothing (the
 data is in the kernel's page cache), only a machine crash within seconds of
 a handshake can lose its record.
+
+A tunnel server uses the file through :class:`ReplayCacheService`, one per
+tunnel end, which every proxy pair's handshakes share. It opens the file in
+``startService``, that is after ``twistd -u/-g`` has dropped privileges, so
+the file belongs to the user the tunnel runs as and worker processes
+(started as that user) can open it too. Where the file is
+(:func:`replay_path`): ``--replay-file`` if given; else next to twistd's
+pidfile; else (the console script, or ``twistd --pidfile=``) nowhere: the
+cache is kept in memory, per process.
 """
 
 from __future__ import annotations
@@ -63,12 +72,17 @@ import struct
 import time
 from collections import deque
 from types import TracebackType
-from typing import Callable, Deque, Dict, Optional, Tuple, Type
+from typing import Callable, Deque, Dict, Optional, Tuple, Type, Union
+
+from twisted.application.service import Service
 
 from tigertunnel.errors import ReplayCacheError
+from tigertunnel.logs import LogRateLimit, logger
+from tigertunnel.wire.handshake import ReplayCache
 
-__all__ = ["FileReplayCache", "default_path", "MAGIC", "HEADER_SIZE",
-           "RECORD_SIZE", "COMPACT_MIN_RECORDS", "TIMESTAMP_TOLERANCE"]
+__all__ = ["FileReplayCache", "ReplayCacheService", "default_path",
+           "replay_path", "MAGIC", "HEADER_SIZE", "RECORD_SIZE",
+           "COMPACT_MIN_RECORDS", "TIMESTAMP_TOLERANCE"]
 
 MAGIC = b"TTREPLAY"
 VERSION = 1
@@ -87,6 +101,26 @@ _MAX_U64 = (1 << 64) - 1
 def default_path(pidfile: str) -> str:
     """Return where a tunnel end with this pidfile keeps its replay cache."""
     return pidfile + ".replay"
+
+
+#: ``--replay-file`` values that mean "keep the cache in memory only".
+IN_MEMORY = ("", "memory")
+
+
+def replay_path(option: Optional[str], pidfile: Optional[str]) -> Optional[str]:
+    """Where a tunnel server keeps its replay cache (absolute), or ``None``
+    for memory only.
+
+    :param option: the ``--replay-file`` value, ``None`` when not given;
+        ``""`` or ``"memory"`` ask for memory only.
+    :param pidfile: twistd's ``--pidfile`` (``None`` or ``""`` when there is
+        none, as for the console script).
+    """
+    if option is not None:
+        return None if option in IN_MEMORY else os.path.abspath(option)
+    if pidfile:
+        return default_path(os.path.abspath(pidfile))
+    return None
 
 
 class _Locked:
@@ -349,3 +383,69 @@ class FileReplayCache:
         self._ino = (st.st_dev, st.st_ino)
         self._order = deque(live)
         self._offset = HEADER_SIZE + RECORD_SIZE * len(live)
+
+
+log = logger("tigertunnel.replay")
+
+#: Minimum seconds between two log lines about replay-file I/O errors.
+IO_ERROR_LOG_INTERVAL = 60.0
+
+
+class ReplayCacheService(Service):
+    """The replay cache of a tunnel server, shared by all its proxy pairs.
+
+    Until :meth:`startService` (and always when ``path`` is ``None``) the
+    hellos are kept in memory; once started, in the :class:`FileReplayCache`
+    at ``path``, which every worker process of the tunnel end opens too.
+
+    :param path: the cache file, or ``None`` for memory only.
+    :param now: wall-clock seconds (hello timestamps are wall clock).
+    """
+
+    def __init__(self, path: Optional[str],
+                 now: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._now = now
+        self.cache: Union[ReplayCache, FileReplayCache] = ReplayCache(now=now)
+        self._io_errors = 0
+        self._io_log = LogRateLimit(IO_ERROR_LOG_INTERVAL)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def startService(self) -> None:
+        """Open the file (after twistd dropped privileges).
+
+        :raises ReplayCacheError: it cannot be used (one line naming it).
+        """
+        if self.path is not None:
+            self.cache = FileReplayCache(self.path, now=self._now)
+            log.info("replay cache: {path} ({count} hellos remembered)",
+                     path=self.path, count=len(self.cache))
+        else:
+            log.info("replay cache: in memory only (no --pidfile or "
+                     "--replay-file): a ClientHello replayed after a restart "
+                     "or to another worker is not recognised")
+        super().startService()
+
+    def stopService(self) -> None:
+        super().stopService()
+        cache = self.cache
+        if isinstance(cache, FileReplayCache):
+            cache.close()
+            self.cache = ReplayCache(now=self._now)
+
+    def check_and_add(self, digest: bytes, timestamp: int) -> bool:
+        """Record a hello by its hash; return ``False`` if it was seen before
+        (by any process using the file)."""
+        cache = self.cache
+        fresh = cache.check_and_add(digest, timestamp)
+        if isinstance(cache, FileReplayCache) and cache.io_errors != self._io_errors:
+            self._io_errors = cache.io_errors
+            held = self._io_log.allow(time.monotonic())
+            if held is not None:
+                log.warn("replay cache {path}: {error}; remembering hellos in "
+                         "this process only until it works again ({count} "
+                         "errors so far)", path=self.path,
+                         error=cache.last_error, count=cache.io_errors)
+        return fresh

@@ -1,6 +1,6 @@
 """A worker's start: its command line, its inherited sockets, its supervisor.
 
-Worker 0 starts worker ``I`` as ``python -m tigertunnel ROLE ARGS
+Worker 0 starts worker ``I`` as ``python -P -m tigertunnel ROLE ARGS
 --worker-index I`` (:func:`worker_command`), with worker 0's listening
 sockets as descriptors 3, 4, ... (one per proxy pair, named by
 :data:`LISTEN_FDS_ENV`) and its own pid in :data:`SUPERVISOR_ENV`. The
@@ -36,9 +36,24 @@ PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
 _PR_SET_PDEATHSIG = 1
 
 
+def safe_path_flag(version: "tuple[int, ...]" = tuple(sys.version_info[:3])) -> str:
+    """The interpreter flag that keeps the working directory off ``sys.path``.
+
+    ``python -m`` puts the working directory first on ``sys.path``, so a
+    ``tigertunnel.py`` (or ``twisted.py``, ``hmac.py`` ...) lying in the
+    directory the operator started from would be imported into a process
+    that holds keys. ``-P`` (Python 3.11+) leaves it out; older versions
+    get ``-I`` (isolated mode, which also ignores ``PYTHON*`` environment
+    variables and the user's site directory).
+    """
+    return "-P" if version >= (3, 11) else "-I"
+
+
 def worker_command(role_args: Sequence[str]) -> List[str]:
-    """The command line of a worker: the console script with the same arguments."""
-    return [sys.executable, "-m", "tigertunnel"] + list(role_args)
+    """The command line of a worker: the console script with the same
+    arguments, and nothing from the working directory on its import path
+    (:func:`safe_path_flag`)."""
+    return [sys.executable, safe_path_flag(), "-m", "tigertunnel"] + list(role_args)
 
 
 def inherited_listen_fds(pairs: Sequence[ProxyPair],
