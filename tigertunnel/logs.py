@@ -55,18 +55,24 @@ def logger(namespace: str) -> Logger:
 
 
 class LogRateLimit:
-    """Lets one log line of a kind through per interval and counts the rest.
+    """Lets at most ``burst`` log lines of a kind through per interval and
+    counts the rest.
 
     For events an attacker can repeat at will (failed handshakes): the first
-    one of an interval is logged in full, the others only counted, and the
-    next line logged says how many were left out.
+    ``burst`` of an interval are logged in full, the others only counted,
+    and the next line logged says how many were left out.
 
-    :param interval: minimum seconds between two lines.
+    :param interval: the length of a window, in seconds.
+    :param burst: lines allowed per window.
     """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, burst: int = 1) -> None:
+        if burst < 1:
+            raise ValueError(f"burst must be at least 1, not {burst!r}")
         self.interval = interval
-        self._last: Optional[float] = None
+        self.burst = burst
+        self._window: Optional[float] = None
+        self._used = 0
         self._held = 0
 
     def allow(self, now: float) -> Optional[int]:
@@ -75,11 +81,13 @@ class LogRateLimit:
         :returns: ``None`` to leave it out (it is counted), else the number
             of events left out since the last line logged.
         """
-        last = self._last
-        if last is not None and now - last < self.interval:
+        if self._window is None or now - self._window >= self.interval:
+            self._window = now
+            self._used = 0
+        if self._used >= self.burst:
             self._held += 1
             return None
-        self._last = now
+        self._used += 1
         held, self._held = self._held, 0
         return held
 

@@ -31,7 +31,7 @@ SERVER_HELLO = 49
 MUX_HEADER = 12
 MUX_MAGIC = b"XUMZ"
 ENCRYPTED_SIZE_OFFSET = 16
-UNIT_KINDS = {0: "data", 1: "open", 2: "close"}
+UNIT_KINDS = {0: "data", 1: "open", 2: "close", 3: "sealed_open", 4: "ping", 5: "pong"}
 
 
 def _reactor() -> Any:
@@ -173,7 +173,7 @@ class UnitSplitter:
             if len(buf) < end:
                 return None, 0
             return kind, MUX_HEADER + struct.unpack_from("<I", buf, end - 4)[0]
-        return kind, MUX_HEADER + (256 if kind == "close" else 0)
+        return kind, MUX_HEADER + (0 if kind == "open" else 256)
 
     def feed(self, data: bytes) -> List[Tuple[str, bytes]]:
         """Add bytes; return the units they completed."""

@@ -199,9 +199,10 @@ def set_linger_zero(transport: Any) -> None:
         pass
 
 
-async def tb_connect(port: int, timeout: float = 5.0) -> TBPeer:
-    """Connect a TB client (:class:`TBPeer`) to 127.0.0.1:``port``."""
-    endpoint = TCP4ClientEndpoint(_reactor(), "127.0.0.1", port, timeout=timeout)
+async def tb_connect(port: int, timeout: float = 5.0, source: str = "127.0.0.1") -> TBPeer:
+    """Connect a TB client (:class:`TBPeer`) from ``source`` to 127.0.0.1:``port``."""
+    endpoint = TCP4ClientEndpoint(_reactor(), "127.0.0.1", port, timeout=timeout,
+                                  bindAddress=(source, 0))
     peer: TBPeer = await endpoint.connect(TBPeerFactory())
     return peer
 

@@ -18,8 +18,9 @@ One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
   pool connection of the tunnel end checks hellos against one replay cache.
 
 Failed handshakes are counted one by one in the metrics but logged at most
-once per :data:`HANDSHAKE_LOG_INTERVAL` per pair (a flood must not flood the
-log); the line logged says how many were left out.
+:data:`HANDSHAKE_LOG_BURST` times per :data:`HANDSHAKE_LOG_INTERVAL` per
+pair (a flood must not flood the log); the next line logged says how many
+were left out.
 
 The sessions and pool connections it builds see it only through the
 protocols of :mod:`tigertunnel.interfaces` (``SessionHost``,
@@ -64,8 +65,10 @@ from tigertunnel.wire.handshake import (
 CONNECT_TIMEOUT = 10.0
 #: Minimum seconds between two "limit reached" log lines of one pair.
 LIMIT_LOG_INTERVAL = 10.0
-#: Minimum seconds between two "handshake failed" log lines of one pair.
+#: "Handshake failed" log lines of one pair: at most HANDSHAKE_LOG_BURST
+#: per HANDSHAKE_LOG_INTERVAL seconds.
 HANDSHAKE_LOG_INTERVAL = 10.0
+HANDSHAKE_LOG_BURST = 5
 
 log = logger("tigertunnel.services")
 
@@ -116,7 +119,7 @@ class SessionMultiplexer(MultiService):
         #: Set by a graceful shutdown: no new sessions or streams.
         self.stopping = False
         self._last_limit_log = -1e9
-        self._failure_log = LogRateLimit(HANDSHAKE_LOG_INTERVAL)
+        self._failure_log = LogRateLimit(HANDSHAKE_LOG_INTERVAL, HANDSHAKE_LOG_BURST)
 
     def _tcp_endpoint(self, pair: ProxyPair) -> IStreamClientEndpoint:
         host = target_host(pair)
@@ -203,8 +206,8 @@ class SessionMultiplexer(MultiService):
         held = self._failure_log.allow(self.clock.seconds())
         if held is None:
             return
-        more = (f" ({held} more handshake failures in the last "
-                f"{HANDSHAKE_LOG_INTERVAL:.0f} s not logged)" if held else "")
+        more = (f" ({held} handshake failures before this one not logged)"
+                if held else "")
         if skew is not None:
             log.warn("{role} pool connection {link}: handshake failed: "
                      "{reason} (clock skew {skew} s){more}", role=self.role,
