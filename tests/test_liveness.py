@@ -95,6 +95,17 @@ class SilenceTests(SynchronousTestCase):
         self.assertIsNone(machine.tick(5.0))
         self.assertEqual(machine.tick(8.0), Action.SEND_PING)
 
+    def test_tick_at_deadline_acts(self) -> None:
+        """A tick at exactly next_deadline acts even where float subtraction rounds below the interval."""
+        heard = 0.1 * 32  # 3.2000000000000006
+        machine = Liveness(0.0)
+        machine.frame_received(heard)
+        deadline = machine.next_deadline()
+        assert deadline is not None
+        self.assertLess(deadline - heard, liveness.PING_INTERVAL)  # the rounding at stake
+        self.assertEqual(machine.tick(deadline), Action.SEND_PING)
+        self.assertEqual(machine.tick(heard + liveness.DEAD_AFTER), Action.DEAD)
+
     def test_time_going_backwards_is_ignored(self) -> None:
         """A frame time earlier than the last one does not move the deadline back."""
         machine = Liveness(0.0)
@@ -145,7 +156,7 @@ class PropertyTests(SynchronousTestCase):
         while True:
             action = machine.tick(now)
             if action is Action.DEAD:
-                self.assertGreaterEqual(now - last, liveness.DEAD_AFTER)
+                self.assertGreaterEqual(now, last + liveness.DEAD_AFTER)
                 self.assertLess(now - last, liveness.DEAD_AFTER + step)
                 return
             now += step

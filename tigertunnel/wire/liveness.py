@@ -135,11 +135,13 @@ class Liveness:
         """
         if self.dead:
             return None
-        if (now - self._heard >= self.dead_after
+        # The same sums as next_deadline, so that a tick at that deadline
+        # acts on it (30.4 + 5 == 35.4, but 35.4 - 30.4 < 5).
+        if (now >= self._heard + self.dead_after
                 or (self._first_deadline is not None and now >= self._first_deadline)):
             self.dead = True
             return Action.DEAD
-        if now - self._silent_since() >= self.interval:
+        if now >= self._silent_since() + self.interval:
             self._pinged = now
             return Action.SEND_PING
         return None
