@@ -267,6 +267,49 @@ class ServerRetireTests(ReloadCase):
         self.assertEqual(sorted(l.key_id for l in self.t.server.pool_connections), [NEW, NEW])
 
 
+class ReplacedBytesTests(ReloadCase):
+    """A key whose bytes change under the same key id (replaced in place, not rotated)."""
+
+    REPLACED = bytes([0xC3]) * 32
+
+    def replace_old(self, name: str) -> None:
+        """Write ``name`` holding OLD's id with other bytes."""
+        self.keys.write(name, format_key_line(OLD, self.REPLACED))
+
+    def test_server_retires_old_bytes(self) -> None:
+        """A server reload retires pool connections made with the old bytes, though the key id is unchanged."""
+        links = list(self.t.server.pool_connections)
+        self.assertEqual(len(links), 2)
+        self.replace_old("server.key")
+        self.assertTrue(self.server.reload())
+        self.t.net.flush()
+        self.assertTrue(all(link not in self.t.server.pool_connections for link in links))
+        # The client still has the old bytes: the server now refuses its hellos.
+        self.t.net.advance(2)
+        self.assertEqual(self.t.server.pool_connections, [])
+        self.assertGreater(sum(self.t.server.stats.handshake_failures.values()), 0)
+
+    def test_both_ends_replaced(self) -> None:
+        """With the bytes replaced at both ends, the client's pool connections come back on the new bytes and carry sessions."""
+        old_links = list(self.t.client.pool_connections)
+        self.replace_old("server.key")
+        self.assertTrue(self.server.reload())
+        self.replace_old("client.key")
+        self.assertTrue(self.client.reload())
+        self.t.net.advance(CHECK_INTERVAL + 10)
+        self.assertEqual(self.client_key_ids(), [OLD, OLD])
+        self.assertFalse(set(old_links) & set(self.t.client.pool_connections))
+        self.echo_session()
+
+    def test_same_bytes_keep_connections(self) -> None:
+        """Rewriting the file with the same key keeps every pool connection."""
+        links = list(self.t.server.pool_connections)
+        self.keys.psk("server.key", OLD)
+        self.assertTrue(self.server.reload())
+        self.t.net.advance(RETIRE_GRACE + 1)
+        self.assertEqual(self.t.server.pool_connections, links)
+
+
 class BrokenFileTests(ReloadCase):
     """A bad key file keeps the old keys and says why."""
 
