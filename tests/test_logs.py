@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tigertunnel.logs import EMFILE_REPORT_INTERVAL, AcceptErrorLimiter
+from tigertunnel.logs import EMFILE_REPORT_INTERVAL, AcceptErrorLimiter, LogRateLimit
 
 
 class AcceptErrorLimiterTests(SynchronousTestCase):
@@ -51,3 +51,25 @@ class AcceptErrorLimiterTests(SynchronousTestCase):
         event = {"log_format": "TunnelFactory starting on {port}", "port": 3000}
         self.limiter(event)
         self.assertEqual(self.forwarded, [event])
+
+
+class LogRateLimitTests(SynchronousTestCase):
+    """At most ``burst`` lines per interval; the next line learns how many were left out."""
+
+    def test_burst_then_count(self) -> None:
+        """Of 10 events in one window, 3 pass; the first event of the next window reports 7 held back."""
+        limit = LogRateLimit(10.0, burst=3)
+        said = [limit.allow(1.0 + i * 0.1) for i in range(10)]
+        self.assertEqual(said, [0, 0, 0] + [None] * 7)
+        self.assertEqual(limit.allow(11.0), 7)
+        self.assertEqual(limit.allow(11.5), 0)
+
+    def test_quiet_source(self) -> None:
+        """Events further apart than the interval all pass, reporting nothing held."""
+        limit = LogRateLimit(10.0)
+        self.assertEqual([limit.allow(t) for t in (0.0, 10.0, 25.0, 40.0)], [0, 0, 0, 0])
+
+    def test_bad_burst(self) -> None:
+        """A burst below 1 is refused, naming the value."""
+        error = self.assertRaises(ValueError, LogRateLimit, 1.0, 0)
+        self.assertIn("0", str(error))

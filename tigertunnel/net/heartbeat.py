@@ -28,6 +28,9 @@ from tigertunnel.wire.liveness import Action, Liveness
 
 #: Longest time between two looks at a pool connection's receive counter.
 TICK = 1.0
+#: Shortest time between two looks (a deadline a rounding error away must
+#: not re-arm the timer for "now" over and over).
+MIN_DELAY = 0.05
 
 
 class Heartbeat:
@@ -79,7 +82,7 @@ class Heartbeat:
         deadline = self.machine.next_deadline()
         if deadline is None or self._stopped:
             return
-        delay = min(TICK, max(0.0, deadline - now))
+        delay = min(TICK, max(MIN_DELAY, deadline - now))
         self._call = self.clock.callLater(delay, self._look)
 
     def _look(self) -> None:

@@ -407,6 +407,9 @@ class TunnelProtocol(Protocol):
         before = self._goto(PoolInput.FAIL)
         self._cancel_timer()
         self._handshake = None
+        # No longer pending, even while its close drains: admission counts
+        # only handshakes still under way.
+        self.host.handshake_ended(self)
         if self._outcome is None:
             self._settle(Failure(error))
         if before is _HANDSHAKING:
