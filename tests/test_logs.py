@@ -73,3 +73,40 @@ class LogRateLimitTests(SynchronousTestCase):
         """A burst below 1 is refused, naming the value."""
         error = self.assertRaises(ValueError, LogRateLimit, 1.0, 0)
         self.assertIn("0", str(error))
+
+
+class PortMessageTests(SynchronousTestCase):
+    """Twisted's TCP port start/stop lines follow --log-level."""
+
+    def listen_and_stop(self) -> List[Dict[str, Any]]:
+        """Listen on a real 127.0.0.1 port and close it; return the port lines logged."""
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.testing import EventLoggingObserver
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol),  # type: ignore[attr-defined]
+                                 interface="127.0.0.1")
+        port.stopReading()
+        port.connectionLost(None)  # what stopListening does once the reactor runs
+        return [e for e in events if "starting on" in str(e.get("text", e.get("log_format")))
+                or "Closed" in str(e.get("text", e.get("log_format")))]
+
+    def test_quiet_at_warn(self) -> None:
+        """At --log-level warn, neither the "starting on" nor the "Closed" line is published."""
+        from tigertunnel import logs
+
+        self.addCleanup(logs.set_level, "info")
+        logs.filter_port_messages()
+        logs.set_level("warn")
+        self.assertEqual(self.listen_and_stop(), [])
+
+    def test_shown_at_info(self) -> None:
+        """At info level both lines are published, under twisted.internet.tcp."""
+        from tigertunnel import logs
+
+        logs.filter_port_messages()
+        logs.set_level("info")
+        lines = self.listen_and_stop()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertEqual({e["log_namespace"] for e in lines}, {"twisted.internet.tcp"})

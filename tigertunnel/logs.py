@@ -147,3 +147,42 @@ def limit_accept_errors() -> None:
         return
     tcp.Port._logger = Logger(namespace=current.namespace,
                               observer=AcceptErrorLimiter(_ToGlobal()))
+
+
+class _PortChatter:
+    """Stands in for ``twisted.python.log`` inside ``twisted.internet.tcp``.
+
+    Twisted's TCP ports announce themselves with the legacy ``log.msg``
+    (``"EchoFactory starting on 3000"``, ``"(TCP Port 3000 Closed)"``), which
+    goes straight to the global publisher at info level, whatever
+    ``--log-level`` says. Here ``msg`` goes through our level filter, under
+    the namespace ``twisted.internet.tcp``; everything else (``err``,
+    ``deferr`` ...) is the real module's.
+    """
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self._log = Logger(namespace="twisted.internet.tcp", observer=_filtered)
+
+    def msg(self, *message: Any, **fields: Any) -> None:
+        """Log a legacy message at info level, through the level filter."""
+        self._log.info("{text}", text=" ".join(str(m) for m in message))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def filter_port_messages() -> None:
+    """Make Twisted's TCP port start/stop lines follow ``--log-level``.
+
+    Replaces the ``log`` module reference of ``twisted.internet.tcp`` (a
+    name private to Twisted, looked up at every call, like ``tcp.Port._logger``
+    in :func:`limit_accept_errors`; ``tests/test_logs.py`` would catch a
+    change) with :class:`_PortChatter`. Idempotent.
+    """
+    from twisted.internet import tcp
+
+    current = getattr(tcp, "log", None)
+    if current is None or isinstance(current, _PortChatter):
+        return
+    setattr(tcp, "log", _PortChatter(current))

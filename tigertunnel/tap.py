@@ -464,7 +464,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     :param reactor: the global reactor by default; tests pass a
         ``MemoryReactorClock``.
     """
-    from tigertunnel.logs import limit_accept_errors, logger
+    from tigertunnel.logs import filter_port_messages, limit_accept_errors, logger
     from tigertunnel.net.multiplexer import build_service
     from tigertunnel.ops import hardening
     from tigertunnel.ops.memory import memory_trimmer, tune_malloc
@@ -505,6 +505,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     # trim, and one rate-limited line for accept errors.
     tune_malloc()
     limit_accept_errors()
+    filter_port_messages()
     top.add_operation(memory_trimmer(IReactorTime(reactor)))
     # What each pair sees of TigerBeetle: logged (evictions, view changes)
     # and, with --metrics, served.
