@@ -373,6 +373,24 @@ class KemReloadTests(ReloadCase):
         self.t.net.flush()
         self.assertEqual(self.t.server.pool_connections, [])
 
+    def test_server_retires_replaced_kem_bytes(self) -> None:
+        """KEM secret key bytes replaced under the same KEM key id retire the pool connections made with the old bytes."""
+        links = list(self.t.server.pool_connections)
+        self.assertEqual({l.kem_key_id for l in links}, {KEM_KEY_ID})
+        self.assertTrue(all(l.kem_fingerprint for l in links))
+        self.keys.write("kem.key", format_key_line(KEM_KEY_ID, OTHER_SEED))
+        self.assertTrue(self.server.reload())
+        self.t.net.flush()
+        self.assertTrue(all(link not in self.t.server.pool_connections for link in links))
+
+    def test_same_kem_bytes_keep_connections(self) -> None:
+        """Rewriting the KEM secret key file with the same key keeps every pool connection."""
+        links = list(self.t.server.pool_connections)
+        self.keys.write("kem.key", format_key_line(KEM_KEY_ID, KEM_SEED))
+        self.assertTrue(self.server.reload())
+        self.t.net.advance(RETIRE_GRACE + 1)
+        self.assertEqual(self.t.server.pool_connections, links)
+
     def test_invalid_public_key_refused(self) -> None:
         """A KEM public key that is not a valid ML-KEM key is refused; the old one stays."""
         bad = bytes([0xFF]) * len(public_key_from_seed(KEM_SEED))

@@ -190,6 +190,8 @@ class TunnelProtocol(Protocol):
         self.peer_version: Optional[int] = None
         #: A fingerprint of the PSK the handshake used (key reload compares it).
         self.key_fingerprint: Optional[bytes] = None
+        #: A fingerprint of the KEM secret key a server's handshake used, if any.
+        self.kem_fingerprint: Optional[bytes] = None
         #: The peer's address (tunnel server: fair admission by source).
         self.peer_host: Optional[str] = None
         #: Tunnel server: stream ids opened by a bare stream_open whose first
@@ -369,6 +371,7 @@ class TunnelProtocol(Protocol):
         self.key_id = est.key_id
         self.key_fingerprint = est.key_fingerprint
         self.kem_key_id = est.kem_key_id
+        self.kem_fingerprint = est.kem_fingerprint
         self.peer_version = est.peer_version
         codec = LinkCodec(SERVER, est.keys, self.host.cluster_value,
                           peer_extended=est.peer_version >= 2)

@@ -260,8 +260,14 @@ class KeyReloader:
         if not _same_key(connection, psk[connection.key_id]):
             return True
         kem_secret = mux.config.kem_secret
-        return (connection.kem_key_id is not None
-                and (kem_secret is None or connection.kem_key_id not in kem_secret))
+        kem_id = connection.kem_key_id
+        if kem_id is None:
+            return False
+        if kem_secret is None or kem_id not in kem_secret:
+            return True
+        kem_used = connection.kem_fingerprint
+        return kem_used is not None and not hmac.compare_digest(
+            kem_used, key_fingerprint(kem_secret[kem_id]))
 
     def sweep(self) -> None:
         """Mark outdated pool connections as retired, un-mark current ones."""

@@ -117,6 +117,8 @@ class Established:
     :ivar key_fingerprint: :func:`~tigertunnel.crypto.kdf.key_fingerprint`
         of the PSK used (a key reload retires connections made with key
         bytes since replaced under the same key id).
+    :ivar kem_fingerprint: the same for the KEM secret key a tunnel server
+        used in ``kemconnect`` mode, else ``None``.
     """
 
     keys: SessionKeys
@@ -126,6 +128,7 @@ class Established:
     kem_key_id: int | None
     leftover: bytes
     key_fingerprint: bytes = b""
+    kem_fingerprint: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -571,6 +574,11 @@ class ServerHandshake:
                 return self._reject(Status.SERVER_ERROR, f"KEM decapsulation failed: {e}",
                                     RejectKind.KEM)
 
+        kem_fingerprint: bytes | None = None
+        if kem_key_id is not None and self._kem_keys:
+            seed = self._kem_keys.get(kem_key_id)
+            if isinstance(seed, (bytes, bytearray)):
+                kem_fingerprint = kdf.key_fingerprint(bytes(seed))
         server_random = _random(self._random)
         reply = build_server_hello(psk, client_random, server_random, self._cluster_id)
         keys = kdf.derive_session_keys(psk, client_random, server_random, kem_secret)
@@ -578,4 +586,5 @@ class ServerHandshake:
         return Accepted(reply=reply, established=Established(
             keys=keys, mode="connect" if kem_key_id is None else "kemconnect",
             peer_version=version, key_id=key_id, kem_key_id=kem_key_id,
-            leftover=leftover, key_fingerprint=kdf.key_fingerprint(psk)))
+            leftover=leftover, key_fingerprint=kdf.key_fingerprint(psk),
+            kem_fingerprint=kem_fingerprint))
