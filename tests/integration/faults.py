@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from tests.integration.tbpeers import set_linger_zero
+from tests.integration.tbpeers import set_linger_zero, the_reactor
 
 #: Pool-connection facts (PROTOCOL.md 3 and 7), independent of tigertunnel.
 CONNECT_HELLO = 66
@@ -33,10 +33,6 @@ MUX_MAGIC = b"XUMZ"
 ENCRYPTED_SIZE_OFFSET = 16
 UNIT_KINDS = {0: "data", 1: "open", 2: "close", 3: "sealed_open", 4: "ping", 5: "pong"}
 
-
-def _reactor() -> Any:
-    from twisted.internet import reactor
-    return reactor
 
 
 C2S, S2C = "c2s", "s2c"
@@ -104,7 +100,7 @@ class ByteFault(Fault):
             self.fire()
             self._queue.append((time.monotonic() + self.seconds, data))
             if len(self._queue) == 1:
-                _reactor().callLater(self.seconds, self._drain)
+                the_reactor().callLater(self.seconds, self._drain)
             return
         if action == "drop":
             lo = max(0, at - start)
@@ -135,7 +131,7 @@ class ByteFault(Fault):
         while self._queue and self._queue[0][0] <= now + 0.001:
             self.forward(self._queue.pop(0)[1])
         if self._queue:
-            _reactor().callLater(max(0.0, self._queue[0][0] - now), self._drain)
+            the_reactor().callLater(max(0.0, self._queue[0][0] - now), self._drain)
 
 
 class UnitSplitter:
@@ -310,7 +306,7 @@ class ProxyLink:
             factory = ClientFactory.forProtocol(lambda: out)
             factory.noisy = False
             factory.clientConnectionFailed = lambda c, r: self.inbound.transport.abortConnection()
-            _reactor().connectTCP("127.0.0.1", self.proxy.target_port, factory, timeout=5)
+            the_reactor().connectTCP("127.0.0.1", self.proxy.target_port, factory, timeout=5)
         else:
             self.outbound = side
             side.transport.registerProducer(self.inbound.transport, True)
@@ -392,7 +388,7 @@ class FaultProxy(Factory):
 
     def listen(self) -> int:
         """Start listening; return the port."""
-        self.port = _reactor().listenTCP(0, self, interface="127.0.0.1")
+        self.port = the_reactor().listenTCP(0, self, interface="127.0.0.1")
         return int(self.port.getHost().port)
 
     async def stop(self) -> None:

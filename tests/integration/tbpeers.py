@@ -33,7 +33,8 @@ SIZE_OFFSET = 96
 MAX_FRAME_SIZE = 1 << 20
 
 
-def _reactor() -> Any:
+def the_reactor() -> Any:
+    """The global reactor, imported when first needed (after trial installs it)."""
     from twisted.internet import reactor
     return reactor
 
@@ -158,7 +159,7 @@ class TBPeer(Protocol):
                 f"connection already lost with {len(self.digests)} of {count} frames"))
         d: "defer.Deferred[None]" = defer.Deferred()
         self._waiters.append((count, d))
-        return d.addTimeout(timeout, _reactor())
+        return d.addTimeout(timeout, the_reactor())
 
     def wait_lost(self, timeout: float) -> "defer.Deferred[float]":
         """Fire with the loss time once the connection is closed (bounded)."""
@@ -170,7 +171,7 @@ class TBPeer(Protocol):
             return result
 
         self.lost.addBoth(done)
-        return d.addTimeout(timeout, _reactor())
+        return d.addTimeout(timeout, the_reactor())
 
     def reset(self) -> None:
         """Close with RST (SO_LINGER 0)."""
@@ -201,7 +202,7 @@ def set_linger_zero(transport: Any) -> None:
 
 async def tb_connect(port: int, timeout: float = 5.0, source: str = "127.0.0.1") -> TBPeer:
     """Connect a TB client (:class:`TBPeer`) from ``source`` to 127.0.0.1:``port``."""
-    endpoint = TCP4ClientEndpoint(_reactor(), "127.0.0.1", port, timeout=timeout,
+    endpoint = TCP4ClientEndpoint(the_reactor(), "127.0.0.1", port, timeout=timeout,
                                   bindAddress=(source, 0))
     peer: TBPeer = await endpoint.connect(TBPeerFactory())
     return peer
@@ -279,7 +280,7 @@ class BackendConnection(TBPeer):
         def fire() -> None:
             if not self.is_lost:
                 self.send(*frames)
-        self.calls.append(_reactor().callLater(delay, fire))
+        self.calls.append(the_reactor().callLater(delay, fire))
 
 
 class Script:
@@ -348,7 +349,7 @@ class ScriptedBackend(Factory):
 
     def listen(self, port: int = 0) -> int:
         """Listen on 127.0.0.1:``port`` (0: any) and return the port."""
-        self.port = _reactor().listenTCP(port, self, backlog=1024, interface="127.0.0.1")
+        self.port = the_reactor().listenTCP(port, self, backlog=1024, interface="127.0.0.1")
         self.port_number = self.port.getHost().port
         return self.port_number
 
@@ -382,7 +383,7 @@ def backend_command(port: int) -> List[str]:
 def main() -> None:
     """Run a :class:`ScriptedBackend` until killed (``backend PORT``)."""
     port = int(sys.argv[2])
-    reactor = _reactor()
+    reactor = the_reactor()
     ScriptedBackend().listen(port)
     reactor.callWhenRunning(lambda: print(f"listening on {port}", flush=True))
     reactor.run()

@@ -15,13 +15,12 @@ from typing import Optional, Sequence
 from twisted.trial.unittest import TestCase
 
 from tests.integration import procs
-from tests.integration.tbpeers import make_frame
+from tests.integration.tbpeers import make_frame, the_reactor
 from tests.integration.tunnels import (
     DEADLINE,
     HANDSHAKE_TIMEOUT,
     InProcessTunnel,
     LogCapture,
-    _reactor,
     closed_within,
     ms,
     raw_connect,
@@ -163,7 +162,7 @@ class HandshakeGateTests(TestCase):
                                DEADLINE, "the first ServerHello")
         self.assertEqual(first.received[0], 0)
         first.transport.loseConnection()
-        await first.lost.addTimeout(DEADLINE, _reactor())
+        await first.lost.addTimeout(DEADLINE, the_reactor())
         await self.refused("replayed hello", hello, [b"\x04"])
         self.assertEqual(len(self.log.matching("replayed ClientHello")), 1)
 

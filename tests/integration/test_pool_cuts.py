@@ -7,11 +7,17 @@ from typing import Tuple
 from twisted.trial.unittest import TestCase
 
 from tests.integration.faults import C2S, S2C, ByteFault, Fault, UnitFault
-from tests.integration.tbpeers import REPLY, control_frame, digest, filler, make_frame
+from tests.integration.tbpeers import (
+    REPLY,
+    control_frame,
+    digest,
+    filler,
+    make_frame,
+    the_reactor,
+)
 from tests.integration.tunnels import (
     DEADLINE,
     InProcessTunnel,
-    _reactor,
     echo_rtt,
     first_link,
     ms,
@@ -43,7 +49,7 @@ class PoolCutTests(TestCase):
             a.send(big)
         else:
             a.send(control_frame(REPLY, count=1, size=1 << 20, tag=2))
-        await fault.fired.addTimeout(DEADLINE, _reactor())
+        await fault.fired.addTimeout(DEADLINE, the_reactor())
         assert fault.fired_at is not None
         await a.wait_lost(DEADLINE)
         await backend_a.wait_lost(DEADLINE)

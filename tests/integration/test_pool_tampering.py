@@ -12,12 +12,19 @@ from typing import Dict, List
 from twisted.trial.unittest import TestCase
 
 from tests.integration.faults import C2S, S2C, ByteFault, Fault, UnitFault
-from tests.integration.tbpeers import REPLY, control_frame, digest, filler, make_frame, reply_frame
+from tests.integration.tbpeers import (
+    REPLY,
+    control_frame,
+    digest,
+    filler,
+    make_frame,
+    reply_frame,
+    the_reactor,
+)
 from tests.integration.tunnels import (
     DEADLINE,
     InProcessTunnel,
     LogCapture,
-    _reactor,
     first_link,
     ms,
     record,
@@ -55,7 +62,7 @@ class PoolTamperingTests(TestCase):
         if direction == C2S:
             f3, f4, f5 = (make_frame(filler(2000, i), i) for i in (3, 4, 5))
             a.send(f3)
-            await fault.fired.addTimeout(DEADLINE, _reactor())
+            await fault.fired.addTimeout(DEADLINE, the_reactor())
             b.send(f4)
             a.send(f5)
             if fault.action == "duplicate":  # the original f3 went through
@@ -65,13 +72,13 @@ class PoolTamperingTests(TestCase):
             request = control_frame(REPLY, count=3, size=3000, tag=3)
             a.send(request)
             allowed_a_backend.append(digest(request))
-            await fault.fired.addTimeout(DEADLINE, _reactor())
+            await fault.fired.addTimeout(DEADLINE, the_reactor())
             if fault.action == "duplicate":
                 allowed_a_tb.append(digest(reply_frame(3, 0, 3000)))
         assert fault.fired_at is not None
         for peer in (a, b, backend_a, backend_b):
             await peer.wait_lost(DEADLINE)
-        await link.closed.addTimeout(DEADLINE, _reactor())
+        await link.closed.addTimeout(DEADLINE, the_reactor())
         detection = {
             "pool connection closed": link.closed_at - fault.fired_at,
             "TB clients closed": max(a.lost_at, b.lost_at) - fault.fired_at,  # type: ignore

@@ -38,6 +38,7 @@ from tests.integration.tbpeers import (
     filler,
     make_frame,
     tb_connect,
+    the_reactor,
 )
 from tigertunnel.config.model import Address, ProxyPair, TunnelConfig
 from tigertunnel.keys.files import load_psk_file
@@ -54,10 +55,6 @@ DEAD_PEER_BUDGET = 25.0
 #: Handshake deadline configured on the in-process server.
 HANDSHAKE_TIMEOUT = 1.0
 
-
-def _reactor() -> Any:
-    from twisted.internet import reactor
-    return reactor
 
 
 def record(topic: str, text: str) -> None:
@@ -106,7 +103,7 @@ class RawPeer(Protocol):
 
 async def raw_connect(port: int) -> RawPeer:
     """Connect a :class:`RawPeer` to 127.0.0.1:``port``."""
-    endpoint = TCP4ClientEndpoint(_reactor(), "127.0.0.1", port, timeout=5)
+    endpoint = TCP4ClientEndpoint(the_reactor(), "127.0.0.1", port, timeout=5)
     peer: RawPeer = await endpoint.connect(Factory.forProtocol(RawPeer))
     return peer
 
@@ -114,7 +111,7 @@ async def raw_connect(port: int) -> RawPeer:
 async def closed_within(peer: RawPeer, timeout: float, what: str) -> float:
     """Wait until the server closes ``peer``; abort it and fail after ``timeout`` s."""
     try:
-        return await peer.lost.addTimeout(timeout, _reactor())
+        return await peer.lost.addTimeout(timeout, the_reactor())
     except defer.TimeoutError:
         peer.transport.abortConnection()
         raise AssertionError(f"{what}: the server kept the connection open for "
@@ -194,7 +191,7 @@ class InProcessTunnel:
 
     async def start(self) -> "InProcessTunnel":
         """Start everything; return once every pool connection is up."""
-        reactor = _reactor()
+        reactor = the_reactor()
         self.case.addCleanup(self.stop)
         backend_port = self.backend.listen()
         self.server_port, self.client_port = procs.free_ports(2)
@@ -257,7 +254,7 @@ class InProcessTunnel:
         if self.stopped:
             return
         self.stopped = True
-        reactor = _reactor()
+        reactor = the_reactor()
         for peer in self.tb_clients:
             if not peer.is_lost:
                 peer.transport.abortConnection()
