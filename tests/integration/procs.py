@@ -19,7 +19,6 @@ before it could read the pidfile.
 
 import os
 import signal
-import socket
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -28,6 +27,10 @@ from twisted.internet import defer, task
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
+
+# Free ports (below the ephemeral range, so no outgoing connection takes them
+# before a daemon binds them), used by the tests as procs.free_ports(n).
+from tigertunnel.tools.ports import free_ports  # noqa: F401
 
 # The /proc probes, used by the tests as procs.fd_count(pid) and so on.
 from tigertunnel.tools.procs import (  # noqa: F401
@@ -69,19 +72,6 @@ def executable(name: str) -> str:
 def child_env() -> Dict[str, str]:
     """The environment for children: ours, unchanged (PYTHONPATH included)."""
     return dict(os.environ)
-
-
-def free_ports(count: int) -> List[int]:
-    """Return ``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-             for _ in range(count)]
-    try:
-        for s in socks:  # all held at once, so the ports differ
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def fresh_dir(path: str) -> str:

@@ -10,7 +10,6 @@ in order; the demo prints what it measured and exits 1 on any mismatch.
 """
 
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from tigertunnel.interfaces import Reactor
 from tigertunnel.keys.generate import kemgen, keygen
 from tigertunnel.net.multiplexer import SessionMultiplexer, build_service
 from tigertunnel.tools.echo import EchoFactory
+from tigertunnel.tools.ports import free_port
 from tigertunnel.tools.traces import SINGLE, load_trace
 from tigertunnel.wire.frames import FrameParser
 
@@ -112,13 +112,6 @@ class _Replayer(Protocol):
             self._done.errback(RuntimeError(
                 f"connection closed after {self._index} of "
                 f"{len(self._frames)} frames"))
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _workload(reactor: IReactorTCP, port: int, frames: List[bytes],

@@ -8,7 +8,6 @@ check it byte for byte, send again. Round-trip times are taken with
 """
 
 import resource
-import socket
 import time
 from functools import partial
 from typing import Dict, List, Optional
@@ -28,13 +27,6 @@ def own_cpu() -> float:
     """This process's user+system CPU seconds."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Session(Protocol):

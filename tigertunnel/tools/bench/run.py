@@ -25,7 +25,8 @@ from twisted.python import usage
 
 from tigertunnel.ops.memory import tune_malloc
 from tigertunnel.ops.workers import MAX_WORKERS
-from tigertunnel.tools.bench.load import LoadRun, free_port, own_cpu
+from tigertunnel.tools.bench.load import LoadRun, own_cpu
+from tigertunnel.tools.ports import free_port
 from tigertunnel.tools.bench.report import Cell, print_report
 from tigertunnel.tools.procs import (
     cpu_seconds,
