@@ -63,7 +63,7 @@ def on_both(mixin: type) -> Tuple[type, type]:
 
 
 def on_other_implementation(case: Type[SynchronousTestCase]) -> type:
-    """Return ``case`` run with the codec's sealer and opener of the other implementation.
+    """Return ``case`` run with the codec's data-path classes of the other implementation.
 
     ``case`` tests :class:`~tigertunnel.wire.codec.LinkCodec`, which uses
     the implementation selected at import; the returned test case patches
@@ -79,8 +79,7 @@ def on_other_implementation(case: Type[SynchronousTestCase]) -> type:
     def setUp(self: SynchronousTestCase) -> None:
         case.setUp(self)
         if other is not None:
-            self.patch(codec, "FrameSealer", other.FrameSealer)
-            self.patch(codec, "FrameOpener", other.FrameOpener)
+            self.patch(codec, "IMPLEMENTATION", other)
 
     doc = f"{(case.__doc__ or '').strip()} ({other.name if other else 'compiled'} data path)"
     return type(name, (case,), {

@@ -32,7 +32,12 @@ from tigertunnel.errors import (
     TunnelError,
 )
 from tigertunnel.wire.datapath import COMPILED, PURE
-from tigertunnel.wire.muxframes import FrameType, build_close_plaintext, encode_header
+from tigertunnel.wire.muxframes import (
+    FrameType,
+    build_close_plaintext,
+    build_control_plaintext,
+    encode_header,
+)
 
 FRAMES = load_vectors("frames")
 SESSIONS = [load_vectors("session_psk"), load_vectors("session_kem")]
@@ -229,6 +234,52 @@ class RoundTripTests(ImplementationMixin):
         plain = encode_header(4, FrameType.OPEN) + encode_header(4, FrameType.CLOSE)
         self.assertEqual(as_bytes(self.impl.MuxReceiver(None).feed(plain)),
                          [(4, 1, b""), (4, 2, b"")])
+
+    def test_extended_control_frames(self) -> None:
+        """With the extension, sealed stream_open, ping and pong come out opened, in counter order with data."""
+        sealer = self.impl.FrameSealer(KEY, NONCE)
+        kinds = [(FrameType.SEALED_OPEN, 4, 0), (FrameType.PING, 0, 7), (FrameType.PONG, 0, 9)]
+        wire = b"".join(bytes(sealer.seal_buffer(encode_header(sid, kind),
+                                                 build_control_plaintext(kind, sid, value)))
+                        for kind, sid, value in kinds)
+        wire += bytes(sealer.seal_buffer(encode_header(4, FrameType.DATA), frame(2)))
+        receiver = self.impl.MuxReceiver(self.impl.FrameOpener(KEY, NONCE, 9), True)
+        items = as_bytes(receiver.feed(wire))
+        self.assertEqual(items, [(sid, int(kind), receiver_view(build_control_plaintext(
+            kind, sid, value), 9)) for kind, sid, value in kinds] + [(4, 0, receiver_view(frame(2), 9))])
+        for extended, opener in ((False, self.impl.FrameOpener(KEY, NONCE)), (True, None)):
+            refused = self.impl.MuxReceiver(opener, extended)
+            self.assertRaises(MuxError, refused.feed, wire)
+
+    def test_watch_and_last_frames(self) -> None:
+        """The watch sees each checked frame's header in order; last_frames counts the frames of the last read."""
+        for sealed in (True, False):
+            seen: List[bytes] = []
+            encoder = self.impl.FrameEncoder(
+                2, self.impl.FrameSealer(KEY, NONCE) if sealed else None, True, None, seen.append)
+            tbs = [frame(1, 30), frame(2, 3000), frame(3, 0)]
+            stream = b"".join(tbs)
+            self.assertEqual(encoder.last_frames, 0)
+            encoder.encode(stream[:100])
+            self.assertEqual((encoder.last_frames, seen), (0, []))
+            out = encoder.encode(stream[100:])
+            self.assertEqual(encoder.last_frames, 3)
+            self.assertEqual(seen, [tb[:256] for tb in tbs])
+            self.assertEqual(len(out) - 12 * encoder.last_frames, len(stream))
+            bad = with_bytes(frame(4), 64, b"\x01")
+            self.assertRaises(FrameError, encoder.encode, frame(5) + bad)
+            self.assertEqual((encoder.last_frames, len(seen)), (0, 3))
+
+    def test_failing_watch_fails_the_encoder(self) -> None:
+        """An exception from the watch fails the read and the encoder; no counter value is used."""
+        def broken(header: bytes) -> None:
+            raise FrameError("watch refused")
+        sealer = self.impl.FrameSealer(KEY, NONCE)
+        encoder = self.impl.FrameEncoder(2, sealer, True, None, broken)
+        self.assertRaises(FrameError, encoder.encode, frame(1))
+        self.assertEqual(sealer.counter, 0)
+        self.assertRaises(FrameError, encoder.encode, frame(2))
+        self.assertRaises(TypeError, self.impl.FrameEncoder, 2, None, True, None, 5)
 
     def test_input_types(self) -> None:
         """bytes, bytearray and memoryview reads give the same results."""
@@ -486,7 +537,7 @@ def mux_material(draw: st.DrawFn) -> Tuple[bytes, int]:
     sealer = PURE.FrameSealer(KEY, NONCE, start)
     wire = bytearray()
     for _ in range(draw(st.integers(0, 5))):
-        kind = draw(st.sampled_from(["open", "data", "data", "close"]))
+        kind = draw(st.sampled_from(["open", "data", "data", "close", "control"]))
         stream_id = draw(st.integers(0, 5))
         if kind == "open":
             wire += encode_header(stream_id, FrameType.OPEN)
@@ -494,6 +545,11 @@ def mux_material(draw: st.DrawFn) -> Tuple[bytes, int]:
             if kind == "data":
                 wire += sealer.seal_buffer(encode_header(stream_id, FrameType.DATA),
                                            draw(tb_frames(max_body=200)))
+            elif kind == "control":
+                control = draw(st.sampled_from([FrameType.SEALED_OPEN, FrameType.PING,
+                                                FrameType.PONG]))
+                wire += sealer.seal_buffer(encode_header(stream_id, control),
+                                           build_control_plaintext(control, stream_id, 0))
             else:
                 wire += sealer.seal_buffer(encode_header(stream_id, FrameType.CLOSE),
                                            build_close_plaintext(stream_id))
@@ -555,22 +611,24 @@ class CrossImplementationTests(SynchronousTestCase):
            st.sampled_from([None, 0, 7]), st.sampled_from([0, U64 - 2]), st.data())
     def test_encoder(self, stream: bytes, sealed: bool, check: bool, cluster: Optional[int],
                      counter: int, data: st.DataObject) -> None:
-        """FrameEncoder: same wire bytes, errors, counters and buffered count for every read."""
+        """FrameEncoder: same wire bytes, errors, counters, buffered count, frame count and watched headers for every read."""
         sealers = [PURE.FrameSealer(KEY, NONCE, counter), self.c.FrameSealer(KEY, NONCE, counter)]
-        encoders = [impl.FrameEncoder(6, s if sealed else None, check, cluster)
-                    for impl, s in zip((PURE, self.c), sealers)]
+        seen: List[List[bytes]] = [[], []]
+        encoders = [impl.FrameEncoder(6, s if sealed else None, check, cluster, w.append)
+                    for impl, s, w in zip((PURE, self.c), sealers, seen)]
         for chunk in data.draw(chunked(stream)) + [frame(1)]:
-            got = [(outcome(e.encode, chunk), e.buffered(), s.counter)
+            got = [(outcome(e.encode, chunk), e.buffered(), s.counter, e.last_frames)
                    for e, s in zip(encoders, sealers)]
             self.assertEqual(got[0], got[1])
+        self.assertEqual(seen[0], seen[1])
 
-    @given(mux_material(), st.booleans(), st.data())
-    def test_receiver(self, material: Tuple[bytes, int], cut_more: bool,
+    @given(mux_material(), st.booleans(), st.booleans(), st.data())
+    def test_receiver(self, material: Tuple[bytes, int], cut_more: bool, extended: bool,
                       data: st.DataObject) -> None:
-        """MuxReceiver: same items, errors, counters and buffered count for every read."""
+        """MuxReceiver, with or without the extension: same items, errors, counters and buffered count for every read."""
         wire, start = material
         openers = [PURE.FrameOpener(KEY, NONCE, 3, start), self.c.FrameOpener(KEY, NONCE, 3, start)]
-        receivers = [impl.MuxReceiver(o) for impl, o in zip((PURE, self.c), openers)]
+        receivers = [impl.MuxReceiver(o, extended) for impl, o in zip((PURE, self.c), openers)]
         chunks = data.draw(chunked(wire, max_cuts=80 if cut_more else 10))
         for chunk in chunks + [b"", encode_header(1, FrameType.OPEN)]:
             got = [(outcome(r.feed, chunk), r.buffered(), o.counter)

@@ -94,6 +94,22 @@ class StreamTransport(Protocol):
         """Read from the socket again."""
 
 
+class FrameEncoder(Protocol):
+    """A session's sending half of the data path (:class:`tigertunnel.wire.datapath.FrameEncoder`)."""
+
+    @property
+    def last_frames(self) -> int:
+        """How many TB frames the last :meth:`encode` call completed."""
+
+    def encode(self, data: bytes) -> "bytes | bytearray":
+        """The pool-connection wire bytes of every TB frame ``data`` completed.
+
+        :raises TunnelError: a bad frame (``FrameError``,
+            ``ClusterMismatchError``) or an exhausted counter; the encoder
+            is then dead.
+        """
+
+
 class PoolConnection(Protocol):
     """What a session needs from the pool connection its stream lives on."""
 
@@ -117,6 +133,19 @@ class PoolConnection(Protocol):
         :raises FrameError: the frame cannot be sent (the caller closes its
             session; the pool connection is unaffected).
         """
+
+    def frame_encoder(self, stream_id: int, check: bool, cluster_id: Optional[int],
+                      watch: "Optional[Callable[[bytes], object]]") -> FrameEncoder:
+        """An encoder turning what the TB peer of ``stream_id`` sends into
+        this connection's wire bytes (for :meth:`send_wire`).
+
+        :param check: check every frame (padding, ``nonce_reserved``,
+            ``cluster_id``).
+        :param watch: called with every frame's TB header, or ``None``.
+        """
+
+    def send_wire(self, data: "bytes | bytearray") -> None:
+        """Write what a :meth:`frame_encoder` returned, now and in order."""
 
     def end_stream(self, stream_id: int, session: "Session") -> None:
         """The TB side of ``stream_id`` is gone: tell the peer, forget it."""

@@ -46,9 +46,10 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tigertunnel.errors import ClusterMismatchError, FrameError
+from tigertunnel.errors import ClusterMismatchError, FrameError, TunnelError
 from tigertunnel.interfaces import (
     Clock,
+    FrameEncoder,
     PoolConnection,
     SessionHost,
     SessionPlacer,
@@ -58,7 +59,7 @@ from tigertunnel.logs import logger
 from tigertunnel.wire.tbwatch import FROM_TUNNEL, TO_TUNNEL
 from tigertunnel.net.sockets import send_now, tune_socket
 from tigertunnel.net.states import Transitions
-from tigertunnel.wire.frames import FrameParser, check_frame
+from tigertunnel.wire.muxframes import MUX_HEADER_SIZE
 
 #: Bytes a session may have queued towards a TB peer that is not reading
 #: (beyond the socket buffers) before the session is closed.
@@ -169,7 +170,8 @@ class FrameProtocol(Protocol):
         self.state = SessionState.UNPLACED if placer is not None else SessionState.NEW
         self._cluster_id = cluster_id
         self._check_cluster = check_cluster
-        self._parser = FrameParser()
+        #: Cuts, checks and seals what the TB peer sends, once attached.
+        self._encoder: Optional[FrameEncoder] = None
         self._pending: List[bytes] = []  # frames queued before connectionMade
         self._pending_bytes = 0
         self._slow = False
@@ -215,24 +217,13 @@ class FrameProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         connection = self.pool_connection
-        if self.state is not _OPEN or connection is None:
+        encoder = self._encoder
+        if self.state is not _OPEN or connection is None or encoder is None:
             return
         try:
-            frames = self._parser.feed(data)
-            check = self._check_cluster or connection.encrypted
-            stats = self.stats
-            watch = self.host.tb_watch
-            now = self.clock.seconds() if watch is not None and frames else 0.0
-            for frame in frames:
-                if check:
-                    check_frame(frame, self._cluster_id)
-                if self.state is not _OPEN:
-                    return
-                stats.frames_to_tunnel += 1
-                stats.bytes_to_tunnel += len(frame)
-                if watch is not None:
-                    watch.frame(TO_TUNNEL, frame, now)
-                connection.send_data(self.stream_id, frame)
+            # One call cuts, checks, shows to the TB watch, frames and seals
+            # every TB frame this read completed.
+            wire = encoder.encode(data)
         except ClusterMismatchError as e:
             watch = self.host.tb_watch
             if watch is not None:
@@ -253,6 +244,18 @@ class FrameProtocol(Protocol):
                      "({reason})", side=self.host.role, stream=self.stream_id,
                      link=connection.name, reason=str(e))
             self.close()
+        except TunnelError as e:
+            log.warn("{side} session {stream} on {link} closed: {reason}",
+                     side=self.host.role, stream=self.stream_id,
+                     link=connection.name, reason=str(e))
+            self.close()
+        else:
+            if wire:
+                frames = encoder.last_frames
+                stats = self.stats
+                stats.frames_to_tunnel += frames
+                stats.bytes_to_tunnel += len(wire) - MUX_HEADER_SIZE * frames
+                connection.send_wire(wire)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._goto(SessionInput.LOSE)
@@ -269,6 +272,15 @@ class FrameProtocol(Protocol):
         self._goto(SessionInput.ATTACH)
         self.pool_connection = connection
         self.stream_id = stream_id
+        self._encoder = connection.frame_encoder(
+            stream_id, self._check_cluster or connection.encrypted, self._cluster_id,
+            self._watch_sent if self.host.tb_watch is not None else None)
+
+    def _watch_sent(self, header: bytes) -> None:
+        """Show the TB watch a frame the TB peer sent (the encoder calls this)."""
+        watch = self.host.tb_watch
+        if watch is not None:
+            watch.frame(TO_TUNNEL, header, self.clock.seconds())
 
     def deliver(self, frame: "bytes | bytearray") -> None:
         """Write one TB frame that arrived for this stream to the TB peer."""

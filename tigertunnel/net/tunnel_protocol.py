@@ -57,6 +57,7 @@ from tigertunnel.errors import HandshakeError, TunnelError
 from tigertunnel.interfaces import (
     BackendOpener,
     Clock,
+    FrameEncoder,
     PoolHost,
     Session,
     StreamTransport,
@@ -74,7 +75,6 @@ from tigertunnel.wire.codec import (
     LinkCodec,
     Ping,
     StreamClosed,
-    StreamData,
     StreamOpened,
 )
 from tigertunnel.wire.handshake import (
@@ -84,11 +84,9 @@ from tigertunnel.wire.handshake import (
     ServerHandshake,
 )
 from tigertunnel.wire.liveness import FIRST_FRAME_WITHIN
+from tigertunnel.wire.muxframes import FrameType
 
-#: Pool-connection writes smaller than this go through Twisted's buffer, so
-#: that the frames of many sessions leave in one send per reactor turn;
-#: larger ones are sent at once (see send_now), saving Twisted's copy.
-COALESCE_BELOW = 64 * 1024
+_DATA = int(FrameType.DATA)
 #: Bare (unauthenticated) stream_opens a server holds per pool connection
 #: until their first data frame; one more closes the pool connection. A
 #: real client has a stream unproven only between a TB connect and the TB
@@ -264,19 +262,28 @@ class TunnelProtocol(Protocol):
         if codec is None or (state is not _ESTABLISHED and state is not _CLOSING):
             return  # dead: nothing after a failure is used
         try:
-            events = codec.feed(data)
+            items = codec.receive(data)
         except TunnelError as e:
             self._fail(f"{type(e).__name__}: {e}")
             return
         lookup = self.streams.lookup
-        for event in events:
-            if isinstance(event, StreamData):
-                session = lookup(event.stream_id)
+        for stream_id, frame_type, payload in items:
+            if frame_type == _DATA:
+                session = lookup(stream_id)
                 if session is not None:
-                    session.deliver(event.frame)
+                    session.deliver(payload)
                 elif self.unproven:
-                    self._stream_proven(event.stream_id, event.frame)
-            elif isinstance(event, StreamOpened):
+                    self._stream_proven(stream_id, payload)
+                state = self.state
+                if state is not _ESTABLISHED and state is not _CLOSING:
+                    return
+                continue
+            try:
+                event = codec.event(stream_id, frame_type, payload)
+            except TunnelError as e:
+                self._fail(f"{type(e).__name__}: {e}")
+                return
+            if isinstance(event, StreamOpened):
                 self._peer_opened(event.stream_id, event.sealed)
             elif isinstance(event, StreamClosed):
                 closed = self.streams.remove(event.stream_id)
@@ -515,12 +522,25 @@ class TunnelProtocol(Protocol):
         if codec is None or tcp is None:
             return
         chunks = codec.encode_data(stream_id, frame)
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if len(data) < COALESCE_BELOW:
-            # Small frames of many sessions share the pool connection: let
-            # Twisted gather what this reactor turn produces into one send.
-            tcp.write(bytes(data))
-        else:
+        send_now(tcp, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def frame_encoder(self, stream_id: int, check: bool, cluster_id: Optional[int],
+                      watch: "Optional[Callable[[bytes], object]]") -> FrameEncoder:
+        """An encoder for the session on ``stream_id`` (see :meth:`send_wire`).
+
+        :raises TransitionError: there is no established codec.
+        """
+        codec = self.codec
+        if codec is None:
+            raise TransitionError(f"pool connection {self.name}: no data path "
+                                  f"in state {self.state.name}")
+        return codec.frame_encoder(stream_id, check, cluster_id, watch)
+
+    def send_wire(self, data: "bytes | bytearray") -> None:
+        """Write a session encoder's output in this reactor turn (queued
+        behind anything Twisted still holds, so in counter order)."""
+        tcp = self._tcp
+        if tcp is not None and self.codec is not None:
             send_now(tcp, data)
 
     def end_stream(self, stream_id: int, session: Session) -> None:

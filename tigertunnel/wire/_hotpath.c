@@ -22,6 +22,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -38,10 +39,12 @@
 #define CLEAR_SIZE_OFFSET 16    /* in an encrypted frame */
 #define CIPHERTEXT_OFFSET 20
 #define CLOSE_PAYLOAD_SIZE 256
+#define CONTROL_PAYLOAD_SIZE 256 /* README.rst, "Protocol extension" */
 #define TYPE_DATA 0
 #define TYPE_OPEN 1
 #define TYPE_CLOSE 2
-#define MAX_TYPE 2
+#define REFERENCE_MAX_TYPE 2
+#define MAX_TYPE 5               /* sealed stream_open 3, ping 4, pong 5 */
 
 static const uint8_t MAGIC[4] = {'X', 'U', 'M', 'Z'};
 static const uint8_t ZERO16[16] = {0};
@@ -961,16 +964,23 @@ typedef struct {
     uint32_t stream_id;
     int check;            /* apply check_frame (padding, nonce_reserved, cluster) */
     uint8_t cluster[16];  /* the cluster a checked frame must carry */
+    PyObject *watch;      /* called with each frame's header before it is sealed, or NULL */
+    Py_ssize_t last_frames; /* TB frames the last encode() call completed */
 } EncoderObject;
 
 static int Encoder_init(EncoderObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"stream_id", "sealer", "check", "cluster_id", NULL};
-    PyObject *sid, *sealer, *cluster = Py_None;
+    static char *kwlist[] = {"stream_id", "sealer", "check", "cluster_id", "watch", NULL};
+    PyObject *sid, *sealer, *cluster = Py_None, *watch = Py_None;
     int check;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOp|O:FrameEncoder", kwlist, &sid,
-                                     &sealer, &check, &cluster))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOp|OO:FrameEncoder", kwlist, &sid,
+                                     &sealer, &check, &cluster, &watch))
         return -1;
+    if (watch != Py_None && !PyCallable_Check(watch)) {
+        PyErr_Format(PyExc_TypeError, "watch must be callable or None, not %.100s",
+                     Py_TYPE(watch)->tp_name);
+        return -1;
+    }
     if (parse_stream_id(sid, &self->stream_id) < 0)
         return -1;
     memset(self->cluster, 0, 16);
@@ -993,6 +1003,12 @@ static int Encoder_init(EncoderObject *self, PyObject *args, PyObject *kwds)
         self->sealer = (SealerObject *)sealer;
     }
     self->check = check;
+    Py_CLEAR(self->watch);
+    if (watch != Py_None) {
+        Py_INCREF(watch);
+        self->watch = watch;
+    }
+    self->last_frames = 0;
     tbscan_reset(&self->scan);
     Py_CLEAR(self->scan.error);
     self->scan.pend.room = MUX_HEADER_SIZE;
@@ -1005,6 +1021,7 @@ static void Encoder_dealloc(EncoderObject *self)
     tbscan_reset(&self->scan);
     Py_CLEAR(self->scan.error);
     Py_CLEAR(self->sealer);
+    Py_CLEAR(self->watch);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1060,6 +1077,7 @@ static PyObject *Encoder_encode(EncoderObject *self, PyObject *data)
     TBRefs refs;
     tbrefs_init(&refs);
     PyObject *out = NULL;
+    self->last_frames = 0;
     if (tbscan_feed(s, b.buf, b.len, &refs) < 0)
         goto fail;
     Py_ssize_t n = refs.n;
@@ -1085,6 +1103,24 @@ static PyObject *Encoder_encode(EncoderObject *self, PyObject *data)
                         "frame counter exhausted: the pool connection needs new keys");
         goto fail;
     }
+    if (self->watch != NULL) {
+        /* Checked frames only, in order, before anything is sealed. */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            TBRef *r = &refs.v[i];
+            const uint8_t *f = r->obj ? (const uint8_t *)PyBytes_AS_STRING(r->obj)
+                                            + MUX_HEADER_SIZE
+                                      : r->ptr;
+            PyObject *header = PyBytes_FromStringAndSize((const char *)f, HEADER_SIZE);
+            if (header == NULL)
+                goto fail;
+            PyObject *res = PyObject_CallOneArg(self->watch, header);
+            Py_DECREF(header);
+            if (res == NULL)
+                goto fail;
+            Py_DECREF(res);
+        }
+    }
+    self->last_frames = n;
     if (n == 1 && refs.v[0].obj != NULL) {
         /* One frame held across reads: it already sits after room for
          * its mux header. */
@@ -1143,6 +1179,11 @@ static PyMethodDef Encoder_methods[] = {
      "buffered() -> int: bytes of an incomplete TB frame held."},
     {NULL}};
 
+static PyMemberDef Encoder_members[] = {
+    {"last_frames", T_PYSSIZET, offsetof(EncoderObject, last_frames), READONLY,
+     "TB frames the last encode() call completed (0 after a failure)."},
+    {NULL}};
+
 static PyTypeObject EncoderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "tigertunnel.wire._hotpath.FrameEncoder",
@@ -1153,6 +1194,7 @@ static PyTypeObject EncoderType = {
     .tp_init = (initproc)Encoder_init,
     .tp_dealloc = (destructor)Encoder_dealloc,
     .tp_methods = Encoder_methods,
+    .tp_members = Encoder_members,
 };
 
 /* ------------------------------------------------------------------ */
@@ -1220,6 +1262,7 @@ typedef struct {
     Py_ssize_t size_end;      /* bytes of a data frame needed to read its size */
     Py_ssize_t size_at;       /* where that size sits */
     Py_ssize_t sizes[MAX_TYPE + 1]; /* payload size by type (data: read from the frame) */
+    int max_type;             /* REFERENCE_MAX_TYPE, or MAX_TYPE with the extension */
     uint8_t stage[MUX_STAGE]; /* the start of a frame whose length is not known yet */
     Py_ssize_t stage_len;
     uint8_t pend_header[MUX_HEADER_SIZE];
@@ -1230,9 +1273,11 @@ typedef struct {
 
 static int Receiver_init(ReceiverObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"opener", NULL};
+    static char *kwlist[] = {"opener", "extended", NULL};
     PyObject *opener;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:MuxReceiver", kwlist, &opener))
+    int extended = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:MuxReceiver", kwlist, &opener,
+                                     &extended))
         return -1;
     if (opener != Py_None && !PyObject_TypeCheck(opener, &OpenerType)) {
         PyErr_Format(PyExc_TypeError,
@@ -1251,6 +1296,10 @@ static int Receiver_init(ReceiverObject *self, PyObject *args, PyObject *kwds)
     self->sizes[TYPE_DATA] = -1;
     self->sizes[TYPE_OPEN] = 0;
     self->sizes[TYPE_CLOSE] = encrypted ? CLOSE_PAYLOAD_SIZE : 0;
+    for (int t = TYPE_CLOSE + 1; t <= MAX_TYPE; t++)
+        self->sizes[t] = CONTROL_PAYLOAD_SIZE;
+    /* Version-2 control frames exist in encrypted mode only. */
+    self->max_type = encrypted && extended ? MAX_TYPE : REFERENCE_MAX_TYPE;
     for (int t = 0; t <= MAX_TYPE; t++) {
         if (self->type_ints[t] == NULL) {
             self->type_ints[t] = PyLong_FromLong(t);
@@ -1294,7 +1343,7 @@ static int mux_head(ReceiverObject *self, const uint8_t *p, Py_ssize_t avail,
     if (avail <= 8)
         return 0;
     uint8_t type = p[8];
-    if (type > MAX_TYPE) {
+    if (type > self->max_type) {
         PyErr_Format(MuxError, "bad mux frame type %d", (int)type);
         return -1;
     }

@@ -40,17 +40,24 @@ events and encodes outgoing frames; it keeps the two AEAD counters in step
 with the wire. Any authentication or framing failure raises and leaves the
 codec dead: the caller closes the pool connection and every session on it,
 so nothing after a bad frame is ever delivered.
+
+The data path goes around the event objects: :meth:`LinkCodec.receive`
+returns the ``(stream_id, frame_type, payload)`` items of a read (data
+payloads opened and rebuilt, one call into
+:class:`~tigertunnel.wire.datapath.MuxReceiver`), and only the rarer
+non-data items go through :meth:`LinkCodec.event`; a session sends through
+its own :meth:`LinkCodec.frame_encoder`, which shares this codec's sender.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
-from tigertunnel.crypto.aead import FrameOpener, FrameSealer
+from tigertunnel.crypto.aead import PyFrameOpener, PyFrameSealer
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import MuxError, TunnelError
+from tigertunnel.wire.datapath import ACTIVE, FrameEncoder, Implementation, Item
 from tigertunnel.wire.muxframes import (
     FrameType,
-    MuxDecoder,
     build_close_plaintext,
     build_control_plaintext,
     encode_header,
@@ -64,6 +71,11 @@ SERVER = "server"
 #: The stream id of ping and pong frames (they belong to the pool connection).
 CONTROL_STREAM_ID = 0
 _MAX_U64 = (1 << 64) - 1
+_DATA, _OPEN, _CLOSE = int(FrameType.DATA), int(FrameType.OPEN), int(FrameType.CLOSE)
+
+#: The data-path classes a new codec uses (compiled when available; the
+#: tests swap in the other set).
+IMPLEMENTATION: Implementation = ACTIVE
 
 
 @dataclass(frozen=True)
@@ -142,21 +154,21 @@ class LinkCodec:
         self.encrypted = keys is not None
         self.peer_extended = peer_extended
         self.peer_confirmed = False
-        self._decoder = MuxDecoder(encrypted=self.encrypted,
-                                   extended=self.encrypted and peer_extended)
         self._dead = False
+        impl = self._impl = IMPLEMENTATION
         self._ping_value = 0
-        self._sealer: Optional[FrameSealer] = None
-        self._opener: Optional[FrameOpener] = None
+        self._sealer: Optional[PyFrameSealer] = None
+        self._opener: Optional[PyFrameOpener] = None
         if keys is not None:
             if role == CLIENT:
-                self._sealer = FrameSealer(keys.c2s_key, keys.c2s_nonce)
-                self._opener = FrameOpener(keys.s2c_key, keys.s2c_nonce,
-                                           cluster_id)
+                self._sealer = impl.FrameSealer(keys.c2s_key, keys.c2s_nonce)
+                self._opener = impl.FrameOpener(keys.s2c_key, keys.s2c_nonce,
+                                                cluster_id)
             else:
-                self._sealer = FrameSealer(keys.s2c_key, keys.s2c_nonce)
-                self._opener = FrameOpener(keys.c2s_key, keys.c2s_nonce,
-                                           cluster_id)
+                self._sealer = impl.FrameSealer(keys.s2c_key, keys.s2c_nonce)
+                self._opener = impl.FrameOpener(keys.c2s_key, keys.c2s_nonce,
+                                                cluster_id)
+        self._receiver = impl.MuxReceiver(self._opener, self.encrypted and peer_extended)
 
     @property
     def can_send_close(self) -> bool:
@@ -197,59 +209,80 @@ class LinkCodec:
     def feed(self, data: bytes) -> List[Event]:
         """Decode received bytes into events, in wire order.
 
+        All of a read is decoded before any event is returned: a bad frame
+        anywhere in ``data`` raises and nothing of it comes out.
+
         :raises MuxError: malformed framing, or a frame type the peer may
             not send.
         :raises AuthenticationError: a frame failed to authenticate.
         :raises FrameError: an authenticated frame has non-zero padding.
         """
+        return [StreamData(stream_id, payload) if frame_type == _DATA
+                else self.event(stream_id, frame_type, payload)
+                for stream_id, frame_type, payload in self.receive(data)]
+
+    def receive(self, data: bytes) -> List[Item]:
+        """Decode received bytes into ``(stream_id, frame_type, payload)`` items, in wire order.
+
+        A data item's payload is its authenticated TB frame (rebuilt in
+        encrypted mode); every other item must be passed, in order, to
+        :meth:`event`, which checks what it means. Framing and
+        authentication are checked here, for the whole read at once.
+
+        :raises MuxError: malformed framing, or a frame type not accepted
+            on this pool connection.
+        :raises AuthenticationError: a frame failed to authenticate.
+        :raises FrameError: an authenticated frame has non-zero padding.
+        """
         if self._dead:
             raise MuxError("pool connection codec already failed")
-        events: List[Event] = []
         try:
-            for frame in self._decoder.feed(data):
-                events.append(self._event(frame.stream_id, frame.frame_type,
-                                          frame.header, frame.payload))
+            items: List[Item] = self._receiver.feed(data)
         except TunnelError:
             self._dead = True
             raise
-        return events
+        return items
 
-    def _event(self, stream_id: int, frame_type: FrameType, header: bytes,
+    def event(self, stream_id: int, frame_type: int,
+              payload: "bytes | bytearray") -> Event:
+        """The event of one non-data item :meth:`receive` returned.
+
+        :raises MuxError: a frame the peer may not send, or a malformed
+            stream_close or control frame; the codec is then dead.
+        """
+        try:
+            return self._event(stream_id, frame_type, payload)
+        except TunnelError:
+            self._dead = True
+            raise
+
+    def _event(self, stream_id: int, frame_type: int,
                payload: "bytes | bytearray") -> Event:
-        if frame_type == FrameType.DATA:
-            if self._opener is not None:
-                return StreamData(stream_id,
-                                  self._opener.open_buffer(header, payload))
+        if frame_type == _DATA:
             return StreamData(stream_id, payload)
-        if frame_type == FrameType.OPEN:
+        if frame_type == _OPEN:
             if self.role == CLIENT:
                 raise MuxError("server sent stream_open")
             if self.peer_confirmed:
                 raise MuxError(f"unsealed stream_open for stream {stream_id} "
                                f"from a client that seals them")
             return StreamOpened(stream_id)
-        if frame_type == FrameType.CLOSE:
+        if frame_type == _CLOSE:
             if self.role == CLIENT and not self.encrypted:
                 raise MuxError("server sent stream_close in plaintext mode")
-            if self._opener is not None:
-                # Non-data payloads are bytes already (bytes() returns them as is).
-                plain = self._opener.open(header, bytes(payload))
-                if not is_valid_close(plain, stream_id):
-                    raise MuxError(f"malformed stream_close for stream {stream_id}")
+            if self._opener is not None and not is_valid_close(bytes(payload), stream_id):
+                raise MuxError(f"malformed stream_close for stream {stream_id}")
             return StreamClosed(stream_id)
-        return self._control(stream_id, frame_type, header, bytes(payload))
+        return self._control(stream_id, FrameType(frame_type), bytes(payload))
 
-    def _control(self, stream_id: int, frame_type: FrameType, header: bytes,
-                 payload: bytes) -> Event:
-        """Open a version-2 control frame (the decoder only passes them when allowed)."""
+    def _control(self, stream_id: int, frame_type: FrameType, plain: bytes) -> Event:
+        """Check an opened version-2 control frame (the receiver only passes them when allowed)."""
         if frame_type == FrameType.SEALED_OPEN and self.role == CLIENT:
             raise MuxError("server sent stream_open")
         if (frame_type != FrameType.SEALED_OPEN
                 and stream_id != CONTROL_STREAM_ID):
             raise MuxError(f"{frame_type.name.lower()} on stream {stream_id}, "
                            f"not {CONTROL_STREAM_ID}")
-        assert self._opener is not None  # control frames are encrypted only
-        plain = self._opener.open(header, payload)
         value = parse_control(plain, frame_type, stream_id)
         if value is None or (frame_type == FrameType.SEALED_OPEN and value):
             raise MuxError(f"malformed {frame_type.name.lower()} frame "
@@ -277,6 +310,18 @@ class LinkCodec:
         if self.seals_open:
             return self._seal_control(FrameType.SEALED_OPEN, stream_id, 0)
         return [encode_header(stream_id, FrameType.OPEN)]
+
+    def frame_encoder(self, stream_id: int, check: bool, cluster_id: Optional[int] = None,
+                      watch: "Optional[Callable[[bytes], object]]" = None) -> FrameEncoder:
+        """A :class:`~tigertunnel.wire.datapath.FrameEncoder` for the session on ``stream_id``.
+
+        It seals with this codec's sender, so its frames take their counter
+        values in the order they are encoded, among this codec's own
+        frames: write each encoder's output as soon as it is returned.
+        """
+        encoder: FrameEncoder = self._impl.FrameEncoder(stream_id, self._sealer, check,
+                                                        cluster_id, watch)
+        return encoder
 
     def encode_data(self, stream_id: int, frame: bytes) -> "List[bytes | bytearray]":
         """Return the wire bytes carrying TB frame ``frame`` on ``stream_id``.

@@ -36,7 +36,7 @@ sealer of its own implementation, a receiver the opener of its own:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from tigertunnel.crypto import aead
 from tigertunnel.crypto.aead import PyFrameOpener, PyFrameSealer
@@ -45,6 +45,7 @@ from tigertunnel.wire.compiled import hotpath as _hotpath
 from tigertunnel.wire.frames import (
     CHECKSUM_BODY_PADDING,
     CHECKSUM_PADDING,
+    HEADER_SIZE,
     PyFrameParser,
     check_frame,
 )
@@ -73,20 +74,34 @@ class FrameEncoder:
         does.
     :param cluster_id: the cluster a checked frame must carry (``None``:
         0, no ``-c`` configured).
+    :param watch: called with the 256-byte TB header of every frame of a
+        read once the whole read passed its checks, in order, before any is
+        sealed (the TB-aware accounting); an exception from it fails the
+        encoder like a bad frame.
     :raises ValueError: ``stream_id`` is not a u32 or ``cluster_id`` not a
         u128.
+    :raises TypeError: ``watch`` is not callable.
+
+    :ivar last_frames: how many TB frames the last :meth:`encode` call
+        completed (0 after a failure); the TB bytes among its output are
+        ``len(output) - 12 * last_frames``.
     """
 
     def __init__(self, stream_id: int, sealer: Optional[PyFrameSealer], check: bool,
-                 cluster_id: Optional[int] = None) -> None:
+                 cluster_id: Optional[int] = None,
+                 watch: "Optional[Callable[[bytes], object]]" = None) -> None:
         self._header = encode_header(stream_id, FrameType.DATA)
         if cluster_id is not None and not 0 <= cluster_id < 1 << 128:
             raise ValueError(f"cluster id {cluster_id} is not a u128")
+        if watch is not None and not callable(watch):
+            raise TypeError(f"watch must be callable or None, not {type(watch).__name__}")
+        self._watch = watch
+        self.last_frames = 0
         self._sealer = sealer
         self._check = bool(check)
         self._cluster_id = cluster_id
         self._parser = PyFrameParser()
-        self._error: Optional[TunnelError] = None
+        self._error: Optional[Exception] = None
 
     def buffered(self) -> int:
         """Return how many bytes of an incomplete TB frame are held (none once failed)."""
@@ -102,11 +117,12 @@ class FrameEncoder:
             configured one.
         :raises TunnelError: the sender's u64 counter would run out.
         """
+        self.last_frames = 0
         if self._error is not None:
             raise FrameError(f"frame encoder already failed: {self._error}")
         try:
             return self._encode(data)
-        except TunnelError as e:
+        except Exception as e:  # a bad frame, or the watch failed
             self._error = e
             self._parser = PyFrameParser()  # what it held is never used
             raise
@@ -120,15 +136,25 @@ class FrameEncoder:
                 check_frame(frame, self._cluster_id)
         header, sealer = self._header, self._sealer
         if sealer is None:
+            self._watched(complete)
             return b"".join([part for frame in complete for part in (header, frame)])
         for frame in complete:
             if frame[CHECKSUM_PADDING] != _ZERO16 or frame[CHECKSUM_BODY_PADDING] != _ZERO16:
                 raise FrameError("InvalidPadding: a checksum padding field is not zero")
         if sealer.counter + len(complete) > _COUNTER_LIMIT:
             raise TunnelError("frame counter exhausted: the pool connection needs new keys")
+        self._watched(complete)
         if len(complete) == 1:
             return sealer.seal_buffer(header, complete[0])
         return b"".join([sealer.seal_buffer(header, frame) for frame in complete])
+
+    def _watched(self, complete: List[bytes]) -> None:
+        """Show every checked frame's header to the watch; count the frames."""
+        watch = self._watch
+        if watch is not None:
+            for frame in complete:
+                watch(bytes(frame[:HEADER_SIZE]))
+        self.last_frames = len(complete)
 
 
 class MuxReceiver:
@@ -136,10 +162,14 @@ class MuxReceiver:
 
     :param opener: the pool connection's receiving :class:`FrameOpener`,
         or ``None`` in plaintext mode.
+    :param extended: also accept the version-2 frame types (sealed
+        ``stream_open`` 3, ping 4, pong 5; encrypted mode only), whose
+        256-byte payloads come out opened like a ``stream_close``'s.
     """
 
-    def __init__(self, opener: Optional[PyFrameOpener]) -> None:
-        self._decoder = MuxDecoder(encrypted=opener is not None)
+    def __init__(self, opener: Optional[PyFrameOpener], extended: bool = False) -> None:
+        self._extended = opener is not None and bool(extended)
+        self._decoder = MuxDecoder(encrypted=opener is not None, extended=self._extended)
         self._opener = opener
         self._error: Optional[TunnelError] = None
 
@@ -173,7 +203,8 @@ class MuxReceiver:
                 items.append((frame.stream_id, int(frame.frame_type), payload))
         except TunnelError as e:
             self._error = e
-            self._decoder = MuxDecoder(encrypted=self._opener is not None)  # never used again
+            self._decoder = MuxDecoder(encrypted=self._opener is not None,
+                                       extended=self._extended)  # never used again
             raise
         return items
 
