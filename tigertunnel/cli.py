@@ -186,9 +186,25 @@ def _keygen(options: Options) -> int:
     return 0
 
 
+def install_reactor() -> None:
+    """Install the lean epoll reactor (:mod:`tigertunnel.net.reactor`) where
+    epoll exists, unless something installed a reactor already."""
+    if "twisted.internet.reactor" in sys.modules:
+        return
+    try:
+        import select
+        select.epoll
+    except AttributeError:
+        return  # not Linux: Twisted's default reactor
+    from tigertunnel.net.reactor import install
+
+    install()
+
+
 def _run_end(options: Options) -> int:
+    install_reactor()
     from twisted.internet import reactor
-    from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
+    from twisted.logger import ILogObserver, globalLogBeginner, Logger, textFileLogObserver
 
     worker = options.subOptions["worker-index"] is not None
     observer: ILogObserver
@@ -212,6 +228,10 @@ def _run_end(options: Options) -> int:
     except Exception as e:  # a start-up failure is one line, not a traceback
         return _fail(f"cannot start: {e}")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    # The line twistd writes at start-up, so both ways of running say it
+    # (once started: a start-up error stays the only line).
+    Logger(namespace="tigertunnel.cli").info(
+        "reactor class: {name}", name=f"{type(reactor).__module__}.{type(reactor).__qualname__}")
     if worker:
         from tigertunnel.ops.workers import announce_ready
         announce_ready()

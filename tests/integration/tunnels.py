@@ -276,6 +276,8 @@ class InProcessTunnel:
 class Daemons:
     """A tunnel server and client run by daemonized ``twistd``, found by pidfile.
 
+    They run on the ``tigertunnel-epoll`` reactor, as the systemd units do.
+
     TB clients connect to ``client_port``; the server forwards to 127.0.0.1:``backend_port``.
     """
 
@@ -312,7 +314,8 @@ class Daemons:
     async def _twistd(self, role: str, args: Sequence[str], prefix: Sequence[str] = ()) -> int:
         result = await procs.run([
             *prefix, procs.executable("twistd"), "--pidfile", self.path(f"{role}.pid"),
-            "--logfile", self.path(f"{role}.log"), "tigertunnel", role, *args])
+            "--logfile", self.path(f"{role}.log"), "--reactor", "tigertunnel-epoll",
+            "tigertunnel", role, *args])
         self.case.assertEqual(result.status, 0, result.describe())
         pid = procs.read_pidfile(self.path(f"{role}.pid"))
         assert pid is not None
