@@ -334,6 +334,12 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual([type(m) for m in muxes], [ServerMultiplexer] * 3)
         self.assertEqual(self.reactor.tcpClients, [])
 
+    def test_startup_heap_frozen_when_running(self) -> None:
+        """makeService asks the reactor to freeze the start-up heap once it runs (and does not freeze it now)."""
+        from tigertunnel.ops.memory import freeze_startup_heap
+        self.start(["server", "-p", PAIR, "--plaintext"])
+        self.assertIn(freeze_startup_heap, [hook for hook, _, _ in self.reactor.whenRunningHooks])
+
     def test_log_level_applied(self) -> None:
         """makeService applies --log-level to tigertunnel's loggers."""
         self.start(["server", "-p", PAIR, "--plaintext", "--log-level", "err"])

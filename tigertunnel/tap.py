@@ -467,7 +467,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     from tigertunnel.logs import filter_port_messages, limit_accept_errors, logger
     from tigertunnel.net.multiplexer import build_service
     from tigertunnel.ops import hardening
-    from tigertunnel.ops.memory import memory_trimmer, tune_malloc
+    from tigertunnel.ops.memory import freeze_startup_heap, memory_trimmer, tune_malloc
     from tigertunnel.ops.metrics import MetricsService
     from tigertunnel.ops.tbmetrics import figures_reporter, watch_pairs
     from tigertunnel.ops.reload import KeyReloader, ReloadService
@@ -507,6 +507,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     limit_accept_errors()
     filter_port_messages()
     top.add_operation(memory_trimmer(IReactorTime(reactor)))
+    reactor.callWhenRunning(freeze_startup_heap)
     # What each pair sees of TigerBeetle: logged (evictions, view changes)
     # and, with --metrics, served.
     recorders = watch_pairs(top.multiplexers, reactor.seconds)

@@ -57,7 +57,7 @@ from tigertunnel.interfaces import (
 )
 from tigertunnel.logs import logger
 from tigertunnel.wire.tbwatch import FROM_TUNNEL, TO_TUNNEL
-from tigertunnel.net.sockets import send_now, tune_socket
+from tigertunnel.net.sockets import direct_sender, not_connected as _not_connected, tune_socket
 from tigertunnel.net.states import Transitions
 from tigertunnel.wire.muxframes import MUX_HEADER_SIZE
 
@@ -166,6 +166,8 @@ class FrameProtocol(Protocol):
         self.clock: Clock = host.clock
         #: The TB-side TCP transport, once connected.
         self._tcp: Optional[StreamTransport] = None
+        #: Writes to ``_tcp`` in this reactor turn (set once connected).
+        self._send: Callable[["bytes | bytearray"], None] = _not_connected
         self._placer = placer
         self.state = SessionState.UNPLACED if placer is not None else SessionState.NEW
         self._cluster_id = cluster_id
@@ -194,6 +196,7 @@ class FrameProtocol(Protocol):
         self._goto(SessionInput.CONNECT)
         tcp = self._tcp = cast(StreamTransport, self.transport)
         tune_socket(tcp)
+        self._send = direct_sender(tcp)
         tcp.registerProducer(_WriteWatcher(self), True)
         if self.state is SessionState.CLOSING:
             tcp.loseConnection()
@@ -299,7 +302,7 @@ class FrameProtocol(Protocol):
             if self._pending_bytes > SESSION_BUFFER_LIMIT:
                 self._overflow()
             return
-        send_now(self._tcp, frame)
+        self._send(frame)
         if self._slow:
             self._unread += len(frame)
             if self._unread > SESSION_BUFFER_LIMIT:

@@ -2,13 +2,16 @@
 
 * :func:`tune_socket`: TCP_NODELAY, TigerBeetle-like keepalive,
   TCP_USER_TIMEOUT and 1 MiB reads and sends.
-* :func:`send_now`: write straight to the socket when nothing is queued.
+* :func:`direct_sender`: write straight to the socket when nothing is
+  queued.
 * :func:`socket_family`: the address family of an inherited descriptor.
 """
 
 import os
 import socket
-from typing import Any
+from typing import Any, Callable
+
+from twisted.internet import tcp
 
 #: TCP keepalive as TigerBeetle configures it: 5 s idle, 4 s interval,
 #: 3 probes, so a dead peer is found within about 17 s.
@@ -51,32 +54,52 @@ def tune_socket(transport: Any) -> None:
         pass
 
 
-def send_now(transport: Any, data: "bytes | bytearray") -> None:
-    """Write ``data``, straight to the socket when nothing is queued before it.
+def direct_sender(transport: Any) -> Callable[["bytes | bytearray"], None]:
+    """A function writing to ``transport`` in this reactor turn, in order.
 
     Twisted's ``write`` queues every chunk, joins the queue into a new
     ``bytes`` and sends it on the next reactor turn, toggling epoll write
-    interest each time. When a TCP transport has nothing queued we call its
-    ``writeSomeData`` now (which maps EAGAIN to 0 and errors to a lost
-    connection, as Twisted does) and queue only what the kernel did not take,
-    so order is kept and Twisted's producer/consumer flow control still sees
-    every queued byte. Other transports (in-memory tests) get ``write``.
+    interest each time. For a Twisted TCP connection the returned function
+    sends straight to the socket when Twisted holds nothing queued for it,
+    and queues with ``write`` only what the kernel did not take (or
+    everything, on an error, so that Twisted's own send finds the error and
+    loses the connection as usual): order is kept, and Twisted's
+    producer/consumer flow control still sees every queued byte. Other
+    transports (in-memory tests) get ``write``.
     """
+    write = transport.write
+    sock = getattr(transport, "socket", None)
     # Twisted's FileDescriptor keeps its write queue in ``dataBuffer`` (from
-    # ``offset``) and ``_tempDataBuffer``; anything unexpected falls back to
-    # ``write``.
-    if (getattr(transport, "_tempDataLen", 1) == 0
-            and getattr(transport, "connected", False)
-            and not getattr(transport, "disconnecting", True)
-            and not getattr(transport, "_writeDisconnected", True)
-            and getattr(transport, "offset", -1) == len(getattr(transport, "dataBuffer", b"x"))):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent >= 0:
+    # ``offset``) and ``_tempDataBuffer``/``_tempDataLen``: the direct path
+    # is only taken for transports that have them.
+    if not (isinstance(transport, tcp.Connection) and sock is not None
+            and hasattr(transport, "_tempDataLen") and hasattr(transport, "offset")):
+        return lambda data: write(bytes(data))
+    send = sock.send
+    t = transport
+
+    def send_direct(data: "bytes | bytearray") -> None:
+        if (not t._tempDataLen and t.offset == len(t.dataBuffer) and t.connected
+                and not t.disconnecting and not t._writeDisconnected):
+            try:
+                sent = send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # Twisted's next send meets the error and disconnects
             if sent == len(data):
                 return
-            transport.write(bytes(memoryview(data)[sent:]))
-            return
-    transport.write(bytes(data))
+            if sent:
+                write(bytes(memoryview(data)[sent:]))
+                return
+        write(bytes(data))
+
+    return send_direct
+
+
+def not_connected(data: "bytes | bytearray") -> None:
+    """The sender of a connection before it is connected: a bug if called."""
+    raise RuntimeError("send before the connection was made")
 
 
 def socket_family(fd: int) -> int:

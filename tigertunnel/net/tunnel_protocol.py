@@ -65,7 +65,7 @@ from tigertunnel.interfaces import (
 from tigertunnel.logs import logger
 from tigertunnel.net.frame_protocol import CLOSE_TIMEOUT
 from tigertunnel.net.heartbeat import Heartbeat
-from tigertunnel.net.sockets import send_now, tune_socket
+from tigertunnel.net.sockets import direct_sender, not_connected as _not_connected, tune_socket
 from tigertunnel.net.states import TransitionError, Transitions
 from tigertunnel.net.stats import HandshakeFailure
 from tigertunnel.net.streams import StreamTable
@@ -168,6 +168,8 @@ class TunnelProtocol(Protocol):
         self.clock: Clock = host.clock
         #: The TCP transport to the other tunnel end, once connected.
         self._tcp: Optional[StreamTransport] = None
+        #: Writes to ``_tcp`` in this reactor turn (set once connected).
+        self._send: Callable[["bytes | bytearray"], None] = _not_connected
         self.name = name
         self.state = PoolState.NEW
         self._handshake = handshake
@@ -242,6 +244,7 @@ class TunnelProtocol(Protocol):
         self._goto(PoolInput.CONNECT)
         tcp = self._tcp = cast(StreamTransport, self.transport)
         tune_socket(tcp)
+        self._send = direct_sender(tcp)
         tcp.registerProducer(self, True)
         handshake = self._handshake
         if handshake is None:
@@ -522,7 +525,7 @@ class TunnelProtocol(Protocol):
         if codec is None or tcp is None:
             return
         chunks = codec.encode_data(stream_id, frame)
-        send_now(tcp, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        self._send(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def frame_encoder(self, stream_id: int, check: bool, cluster_id: Optional[int],
                       watch: "Optional[Callable[[bytes], object]]") -> FrameEncoder:
@@ -539,9 +542,8 @@ class TunnelProtocol(Protocol):
     def send_wire(self, data: "bytes | bytearray") -> None:
         """Write a session encoder's output in this reactor turn (queued
         behind anything Twisted still holds, so in counter order)."""
-        tcp = self._tcp
-        if tcp is not None and self.codec is not None:
-            send_now(tcp, data)
+        if self._tcp is not None and self.codec is not None:
+            self._send(data)
 
     def end_stream(self, stream_id: int, session: Session) -> None:
         """The TB side of ``stream_id`` closed: tell the peer and forget it."""
