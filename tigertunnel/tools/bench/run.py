@@ -198,7 +198,8 @@ async def _ready(reactor: IReactorTCP, procs: Processes) -> None:
 
 
 async def _measure(reactor: IReactorTCP, procs: Processes, port: int, size: int,
-                   sessions: int, opts: BenchOptions, tunnel: bool) -> Dict[str, float]:
+                   sessions: int, opts: BenchOptions, tunnel: bool,
+                   path: str = "") -> Dict[str, float]:
     run = LoadRun(reactor, port, size, sessions, opts["seconds"], opts["max-bytes"])
     cpu0 = procs.tunnel_cpu()
     echo0 = cpu_seconds(procs.echo.pid)
@@ -206,7 +207,7 @@ async def _measure(reactor: IReactorTCP, procs: Processes, port: int, size: int,
     try:
         await run.go()
     except RuntimeError as e:
-        raise RuntimeError(f"{'tunnel' if tunnel else 'direct'} path: {e}") from None
+        raise RuntimeError(f"{path or ('tunnel' if tunnel else 'direct')} path: {e}") from None
     result = run.stats()
     n = result["round_trips"]
     gb = 2 * n * size / 1e9
@@ -290,7 +291,7 @@ async def run_bench(reactor: IReactorTCP, opts: BenchOptions) -> Dict[str, Any]:
                             failing = other
                             cell.against = await _measure(
                                 reactor, other, other.client_port, size, sessions,
-                                opts, tunnel=True)
+                                opts, tunnel=True, path="--against tunnel")
                         cells.append(cell)
                         done += 1
                 memory[mode]["server_peak_rss_kib"] = procs.largest_kib(procs.server.pid, "VmHWM")
