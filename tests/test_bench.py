@@ -7,7 +7,13 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel.tools.bench.load import LoadRun, Session
-from tigertunnel.tools.bench.report import Cell, format_table, kernel_line, memory_lines
+from tigertunnel.tools.bench.report import (
+    Cell,
+    format_against,
+    format_table,
+    kernel_line,
+    memory_lines,
+)
 from tigertunnel.tools.bench.run import BenchOptions
 from tigertunnel.tools.tbframes import sized_tb_frame
 
@@ -96,6 +102,28 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual(row[:3], ["psk", "4096", "16"])
         self.assertIn("0.50", row)
         self.assertIn("0.123", row)
+
+    def test_against_table(self) -> None:
+        """--against: each figure of both implementations and its ratio, the user CPU among them."""
+        ours = {"frames_per_s": 400.0, "p50_ms": 0.3, "tunnel_cpu_per_1k_rt": 0.15,
+                "tunnel_cpu_per_gb": 2.0, "tunnel_user_per_1k_rt": 0.06}
+        theirs = {"frames_per_s": 500.0, "p50_ms": 0.2, "tunnel_cpu_per_1k_rt": 0.1,
+                  "tunnel_cpu_per_gb": 1.0, "tunnel_user_per_1k_rt": 0.01}
+        table = format_against([Cell("psk", 256, 1, {}, ours, theirs)], "zig")
+        lines = table.splitlines()
+        self.assertIn("zig", lines[0])
+        self.assertIn("user CPU-s/1k RT", lines[2])
+        row = lines[4].split()
+        self.assertEqual(row[:3], ["psk", "256", "1"])
+        # CPU, user CPU, p50, frames/s, CPU/GB: ours, theirs, ratio each.
+        self.assertEqual([x for x in row[3:] if x != "|"],
+                         ["0.150", "0.100", "1.50", "0.060", "0.010", "6.00",
+                          "0.300", "0.200", "1.50", "400", "500", "0.80",
+                          "2.00", "1.00", "2.00"])
+        for c in (ours, theirs):
+            del c["tunnel_user_per_1k_rt"]  # results recorded before the split existed
+        row = format_against([Cell("psk", 256, 1, {}, ours, theirs)], "zig").splitlines()[4]
+        self.assertEqual(row.split()[8:11], ["-", "-", "-"])
 
     def test_memory_and_kernel_lines(self) -> None:
         """Memory is printed in MiB per mode, and the kernel counters in one line."""

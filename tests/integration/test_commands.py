@@ -64,6 +64,13 @@ class CommandTests(TestCase):
         (cell,) = data["cells"]
         self.assertGreater(cell["against"]["round_trips"], 0)
         self.assertGreater(cell["against"]["tunnel_cpu_per_1k_rt"], 0)
+        for path in ("tunnel", "against"):
+            figures = cell[path]
+            # The user/system split adds up to the total (rounding aside).
+            self.assertAlmostEqual(figures["tunnel_user_per_1k_rt"]
+                                   + figures["tunnel_sys_per_1k_rt"],
+                                   figures["tunnel_cpu_per_1k_rt"], places=6)
+            self.assertGreater(figures["tunnel_user_per_1k_rt"], 0)
 
     async def test_bench_against_a_command_that_fails(self) -> None:
         """A --against command that cannot start makes bench fail, naming the other tunnel."""

@@ -9,7 +9,7 @@ otherwise.
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 #: Clock ticks per second, the unit of the CPU times in ``/proc/<pid>/stat``.
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -32,11 +32,17 @@ def _stat_fields(pid: int) -> List[str]:
         return f.read().rpartition(")")[2].split()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds ``pid`` has used so far."""
+def cpu_split(pid: int) -> Tuple[float, float]:
+    """User and system CPU seconds ``pid`` has used so far."""
     fields = _stat_fields(pid)
     # After the command name: state is field 3, utime 14 and stime 15.
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far."""
+    user, system = cpu_split(pid)
+    return user + system
 
 
 def with_children(pid: int) -> List[int]:

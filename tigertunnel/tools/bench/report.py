@@ -42,22 +42,31 @@ def _ratio(ours: float, theirs: float) -> str:
 
 
 def format_against(cells: List[Cell], command: str) -> str:
-    """This tunnel vs ``--against CMD``, cell by cell: each figure and its ratio."""
+    """This tunnel vs ``--against CMD``, cell by cell: each figure and its ratio.
+
+    The user-CPU column is the part of the CPU spent outside the kernel
+    (``-`` for results recorded without it).
+    """
     head = (f"{'mode':<4} {'frame':>8} {'sess':>4} | {'CPU-s/1k RT':>17} {'x':>5} | "
+            f"{'user CPU-s/1k RT':>17} {'x':>5} | "
             f"{'p50 ms':>13} {'x':>5} | {'frames/s':>15} {'x':>5} | "
             f"{'CPU-s/GB':>15} {'x':>5}")
     lines = [f"this tunnel / {command} (same cells, same run; x = ours/theirs)",
-             f"{'':<18} | {'ours / theirs':>23} | {'ours / theirs':>19} | "
-             f"{'ours / theirs':>21} | {'ours / theirs':>21}",
+             f"{'':<18} | {'ours / theirs':>23} | {'ours / theirs':>23} | "
+             f"{'ours / theirs':>19} | {'ours / theirs':>21} | {'ours / theirs':>21}",
              head, "-" * len(head)]
     for c in cells:
         t, a = c.tunnel, c.against
         if not a:
             continue
+        user_t, user_a = t.get("tunnel_user_per_1k_rt"), a.get("tunnel_user_per_1k_rt")
+        user = (f"{user_t:>8.3f} {user_a:>8.3f} {_ratio(user_t, user_a):>5}"
+                if user_t is not None and user_a is not None else f"{'-':>8} {'-':>8} {'-':>5}")
         lines.append(
             f"{c.mode:<4} {c.size:>8} {c.sessions:>4} | "
             f"{t['tunnel_cpu_per_1k_rt']:>8.3f} {a['tunnel_cpu_per_1k_rt']:>8.3f} "
             f"{_ratio(t['tunnel_cpu_per_1k_rt'], a['tunnel_cpu_per_1k_rt']):>5} | "
+            f"{user} | "
             f"{t['p50_ms']:>6.3f} {a['p50_ms']:>6.3f} {_ratio(t['p50_ms'], a['p50_ms']):>5} | "
             f"{t['frames_per_s']:>7.0f} {a['frames_per_s']:>7.0f} "
             f"{_ratio(t['frames_per_s'], a['frames_per_s']):>5} | "

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
-from typing import IO, Any, Dict, List, Optional
+from typing import IO, Any, Dict, List, Optional, Tuple
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -30,6 +30,7 @@ from tigertunnel.tools.ports import free_port
 from tigertunnel.tools.bench.report import Cell, print_report
 from tigertunnel.tools.procs import (
     cpu_seconds,
+    cpu_split,
     kernel_counters,
     memory_kib,
     with_children,
@@ -152,15 +153,17 @@ class Processes:
         """Every tunnel process: both ends and their workers."""
         return with_children(self.server.pid) + with_children(self.client.pid)
 
-    def tunnel_cpu(self) -> float:
-        """CPU seconds of every tunnel process so far."""
-        total = 0.0
+    def tunnel_cpu(self) -> Tuple[float, float]:
+        """User and system CPU seconds of every tunnel process so far."""
+        user = system = 0.0
         for pid in self.tunnel_pids:
             try:
-                total += cpu_seconds(pid)
+                u, s = cpu_split(pid)
             except OSError:
-                pass  # a worker that just exited
-        return total
+                continue  # a worker that just exited
+            user += u
+            system += s
+        return user, system
 
     def largest_kib(self, pid: int, key: str) -> int:
         """The largest ``key`` (VmRSS, VmHWM) among a tunnel end's processes."""
@@ -212,10 +215,15 @@ async def _measure(reactor: IReactorTCP, procs: Processes, port: int, size: int,
     n = result["round_trips"]
     gb = 2 * n * size / 1e9
     if tunnel:
-        tcpu = procs.tunnel_cpu() - cpu0
+        user1, system1 = procs.tunnel_cpu()
+        user, system = user1 - cpu0[0], system1 - cpu0[1]
+        tcpu = user + system
         result["tunnel_cpu_s"] = tcpu
         result["tunnel_cpu_per_1k_rt"] = tcpu / n * 1000
         result["tunnel_cpu_per_gb"] = tcpu / gb
+        # Which side of the system call line the tunnel's CPU is on.
+        result["tunnel_user_per_1k_rt"] = user / n * 1000
+        result["tunnel_sys_per_1k_rt"] = system / n * 1000
     result["echo_cpu_per_1k_rt"] = (cpu_seconds(procs.echo.pid) - echo0) / n * 1000
     result["loadgen_cpu_per_1k_rt"] = (own_cpu() - me0) / n * 1000
     return result
