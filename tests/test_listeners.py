@@ -142,3 +142,75 @@ class ListenErrorTests(SynchronousTestCase):
             mux.privilegedStartService()
         self.assertEqual(str(caught.exception),
                          "cannot listen on 127.0.0.1:4000: Address already in use")
+
+
+class GatedPort(RecordingPort):
+    """A RecordingPort whose accept loop records how many it may take."""
+
+    numberAccepts = 50
+
+    def doRead(self) -> None:
+        self.calls.append(f"accept {self.numberAccepts}")
+
+    def stopListening(self) -> None:
+        self.calls.append("closed")
+
+
+class Gate:
+    """An accept gate answering from a list, recording what it is told."""
+
+    def __init__(self, answers: List[bool]) -> None:
+        self.answers = answers
+        self.told: List[str] = []
+
+    def may_accept(self) -> bool:
+        return self.answers.pop(0)
+
+    def accepted(self) -> None:
+        self.told.append("accepted")
+
+    def paused(self) -> None:
+        self.told.append("paused")
+
+
+class GatedListenerTests(SynchronousTestCase):
+    """A gated listener (``--workers``) asks before each accept and takes one."""
+
+    def start(self, gate: Gate, held: bool = False) -> "tuple[ListenerService, GatedPort]":
+        port = GatedPort()
+        endpoint = PortEndpoint()
+        endpoint.port = port
+        service = ListenerService(endpoint, Factory())
+        service.gate = gate
+        service.held = held
+        service.privilegedStartService()
+        service.startService()
+        return service, port
+
+    def test_one_accept_per_turn_then_pause_and_resume(self) -> None:
+        """Given the turn, the port accepts one connection; refused, it stops reading until resumed."""
+        gate = Gate([True, False])
+        service, port = self.start(gate)
+        port.doRead()
+        self.assertEqual(port.calls, ["accept 1"])
+        port.doRead()
+        self.assertEqual(port.calls, ["accept 1", "stop"])
+        self.assertEqual(gate.told, ["accepted", "paused"])
+        self.assertTrue(service.paused)
+        service.resume()
+        service.resume()
+        self.assertEqual(port.calls, ["accept 1", "stop", "start"])
+        self.assertFalse(service.paused)
+
+    def test_resume_neither_while_held_nor_after_stop(self) -> None:
+        """A paused listener that is held starts reading only once released; a stopped one never again."""
+        service, port = self.start(Gate([False, False]), held=True)
+        port.doRead()
+        service.resume()
+        self.assertEqual(port.calls, ["stop", "stop"])
+        service.release()
+        self.assertEqual(port.calls, ["stop", "stop", "start"])
+        service.paused = True
+        service.stopService()
+        service.resume()
+        self.assertEqual(port.calls, ["stop", "stop", "start", "closed"])

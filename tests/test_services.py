@@ -265,6 +265,36 @@ class PlacementTests(SynchronousTestCase):
         self.assertEqual(t.client.sessions, set())
 
 
+class AcceptLoadTests(SynchronousTestCase):
+    """What each role counts for ``--workers`` accept balancing."""
+
+    def test_client_counts_sessions_and_none_without_pool(self) -> None:
+        """A client counts its TB sessions; with no pool connection up, or stopping, it can take none."""
+        t = Tunnel(pool_size=2)
+        t.net.refusing.add(t.server_addr)
+        t.start()
+        self.assertIsNone(t.client.accept_load())
+        t.net.refusing.discard(t.server_addr)
+        t.net.advance(15)
+        self.assertEqual(t.client.accept_load(), 0)
+        t.tb_client()
+        t.tb_client()
+        self.assertEqual(t.client.accept_load(), 2)
+        t.client.stopping = True  # as the graceful shutdown marks it
+        self.assertIsNone(t.client.accept_load())
+
+    def test_server_counts_pool_connections(self) -> None:
+        """A server counts pool connections, pending handshakes included."""
+        t = Tunnel(pool_size=2)
+        t.start()
+        self.assertEqual(t.server.accept_load(), 2)
+        t.net.dial(t.server_addr, TBPeer())
+        t.net.flush()
+        self.assertEqual(t.server.accept_load(), 3)
+        t.server.stopping = True
+        self.assertIsNone(t.server.accept_load())
+
+
 class ServerLimitTests(SynchronousTestCase):
     """The server's -m limit on streams per pair."""
 

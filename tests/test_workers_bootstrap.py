@@ -12,7 +12,9 @@ from tigertunnel.config.model import ProxyPair, parse_proxy
 from tigertunnel.errors import ConfigError
 from tigertunnel.keys.generate import keygen
 from tigertunnel.net.sockets import socket_family
+from tigertunnel.ops.workers.balance import create_board
 from tigertunnel.ops.workers.bootstrap import (
+    BOARD_FD_ENV,
     LISTEN_FDS_ENV,
     SUPERVISOR_ENV,
     inherited_listen_fds,
@@ -141,14 +143,33 @@ class WorkerOptionTests(SynchronousTestCase):
         """A worker serves on the inherited socket; metrics are worker 0's."""
         sock = listening(socket.AF_INET, "127.0.0.1")
         self.addCleanup(sock.close)
+        board_fd, board = create_board(1, 4)
+        self.addCleanup(os.close, board_fd)
         self.patch(os, "environ", dict(os.environ, **{
-            LISTEN_FDS_ENV: str(sock.fileno())}))
+            LISTEN_FDS_ENV: str(sock.fileno()), BOARD_FD_ENV: str(board_fd)}))
         self.pair = f"127.0.0.1:{sock.getsockname()[1]},127.0.0.1:2"
         opts = self.parse("--workers", "4", "--metrics", "tcp:0:interface=127.0.0.1",
                           "--worker-index", "3")
         self.assertIsNone(opts.subOptions.operations.metrics)
         self.assertEqual(opts.subOptions.config.inherited_fds,
                          {0: sock.fileno()})
+        # The worker maps worker 0's board: what one writes, the other reads.
+        inherited = opts.subOptions.board
+        assert inherited is not None
+        inherited.publish(0, 3, 7)
+        self.assertEqual(board.read(0, 3)[0], 7)
+
+    def test_worker_without_board(self) -> None:
+        """A worker started without the accept board is refused in one line."""
+        sock = listening(socket.AF_INET, "127.0.0.1")
+        self.addCleanup(sock.close)
+        self.patch(os, "environ", dict(os.environ, **{
+            LISTEN_FDS_ENV: str(sock.fileno())}))
+        self.pair = f"127.0.0.1:{sock.getsockname()[1]},127.0.0.1:2"
+        with self.assertRaises(usage.UsageError) as ctx:
+            self.parse("--workers", "2", "--worker-index", "1")
+        self.assertIn("TIGERTUNNEL_BOARD_FD='' does not name the accept board",
+                      str(ctx.exception))
 
     def test_bad_values(self) -> None:
         """Out-of-range or malformed --workers / --worker-index values are refused, naming the value."""

@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Union, cast
+from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union, cast
 
 from twisted.application import app
 from twisted.application.service import IService
@@ -48,6 +48,7 @@ from tigertunnel.errors import ConfigError, KeyFileError
 
 if TYPE_CHECKING:
     from tigertunnel.ops.shutdown import ProcessReactor, TunnelService
+    from tigertunnel.ops.workers import AcceptBalancer, AcceptBoard
 
 #: Default seconds a graceful shutdown (SIGTERM) may take.
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
@@ -137,6 +138,8 @@ class _EndOptions(ExampleOptions):
         self.operations = Operations()
         #: Canonical names of the options given on the command line.
         self.given: FrozenSet[str] = frozenset()
+        #: A worker's accept board, inherited from worker 0 (``--workers``).
+        self.board: Optional["AcceptBoard"] = None
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """Parse, with ``--config FILE`` expanded in front of the arguments."""
@@ -246,7 +249,7 @@ class _EndOptions(ExampleOptions):
         cfg.workers = _positive_int("workers", self["workers"], MAX_WORKERS)
         index = self["worker-index"]
         if index is not None:
-            from tigertunnel.ops.workers import inherited_listen_fds
+            from tigertunnel.ops.workers import inherited_board, inherited_listen_fds
 
             if cfg.workers < 2:
                 raise usage.UsageError("--worker-index needs --workers 2 or more")
@@ -255,6 +258,7 @@ class _EndOptions(ExampleOptions):
             self.operations.metrics = None
             try:
                 cfg.inherited_fds = inherited_listen_fds(cfg.pairs)
+                self.board = inherited_board(len(cfg.pairs), cfg.workers)
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
 
@@ -474,7 +478,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     from tigertunnel.ops.replay import ReplayCacheService, replay_path
     from tigertunnel.ops.shutdown import TunnelService
     from tigertunnel.ops.systemd import Notifier, SystemdService, watchdog_interval
-    from tigertunnel.ops.workers import WorkerSupervisor, worker_command
+    from tigertunnel.ops.workers import WorkerSupervisor, create_board, worker_command
 
     if reactor is None:
         from twisted.internet import reactor as _reactor
@@ -520,6 +524,17 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
         systemd = SystemdService(notifier, IReactorCore(reactor), watchdog)
         listeners.append(systemd)
     supervisor: Optional[WorkerSupervisor] = None
+    board: "Optional[Tuple[int, AcceptBoard]]" = None
+    if config.workers > 1:
+        # New connections go to the worker that serves fewest (one board
+        # per tunnel end: worker 0 makes it, the others inherit it).
+        if sub["worker-index"] is None:
+            board = create_board(len(top.multiplexers), config.workers)
+        accept_board = board[1] if board is not None else sub.board
+        assert accept_board is not None
+        top.add_operation(_balance_accepts(top, accept_board,
+                                           int(sub["worker-index"] or 0),
+                                           IReactorTime(reactor)))
     if config.workers > 1 and sub["worker-index"] is not None:
         # A worker: its TB figures go to worker 0, which serves the sum.
         top.add_operation(figures_reporter(recorders, IReactorTime(reactor)))
@@ -527,7 +542,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
         supervisor = WorkerSupervisor(
             IReactorProcess(reactor), worker_command(worker_args),
             config.workers, partial(_listening_descriptors, top), sub.cwd,
-            ops.shutdown_timeout)
+            ops.shutdown_timeout, board=board)
         listeners.append(supervisor)  # SIGHUP goes to the workers too
         top.add_operation(supervisor, stop_last=True)
     top.add_operation(ReloadService(reloader, reactor, listeners))
@@ -539,6 +554,20 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     if systemd is not None:
         top.add_operation(systemd)
     return top
+
+
+def _balance_accepts(top: "TunnelService", board: "AcceptBoard", worker: int,
+                     clock: IReactorTime) -> "AcceptBalancer":
+    """Put a gate on each pair's listener; the balancer that keeps the
+    board written."""
+    from tigertunnel.ops.workers import AcceptBalancer, PairGate
+
+    gates = []
+    for pair, mux in enumerate(top.multiplexers):
+        gate = PairGate(board, pair, worker, mux)
+        mux.listener.gate = gate
+        gates.append((gate, mux.listener))
+    return AcceptBalancer(board, worker, clock, gates)
 
 
 def _listening_descriptors(top: "TunnelService") -> List[int]:

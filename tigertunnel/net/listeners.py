@@ -83,6 +83,10 @@ def pair_listen_description(config: TunnelConfig, pair: ProxyPair) -> str:
 class AcceptingPort(Protocol):
     """What a listener uses of its listening port (Twisted's ``tcp.Port``)."""
 
+    #: How many connections the next ``doRead`` accepts at most (Twisted
+    #: adapts it after each one).
+    numberAccepts: int
+
     def startReading(self) -> None:
         """Accept connections."""
 
@@ -92,6 +96,23 @@ class AcceptingPort(Protocol):
     def fileno(self) -> int:
         """The listening socket's descriptor (handed to worker processes)."""
 
+    def doRead(self) -> Any:
+        """Accept what is waiting (called by the reactor)."""
+
+
+class AcceptGate(Protocol):
+    """Decides, at each accept, whether this worker takes the next
+    connection (:class:`~tigertunnel.ops.workers.balance.PairGate`)."""
+
+    def may_accept(self) -> bool:
+        """Whether to take the next connection now."""
+
+    def accepted(self) -> None:
+        """A connection was taken."""
+
+    def paused(self) -> None:
+        """The listener stopped reading, leaving connections to the others."""
+
 
 class ListenerService(StreamServerEndpointService):
     """A pair's listening service; keeps its port (``--workers`` hands the
@@ -100,11 +121,16 @@ class ListenerService(StreamServerEndpointService):
     :ivar held: accept nothing until :meth:`release` (a client worker
         leaves the connections on the shared socket to the other workers
         until its own pool is up).
+    :ivar gate: with ``--workers``, asked before each accept; the listener
+        then takes one connection per wake-up, and when the gate says no it
+        stops reading (:attr:`paused`) until :meth:`resume`.
     """
 
     #: The listening port, once bound.
     port: Optional[AcceptingPort] = None
     held = False
+    gate: Optional[AcceptGate] = None
+    paused = False
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -113,15 +139,45 @@ class ListenerService(StreamServerEndpointService):
 
     def _listening(self, port: Any) -> Any:
         self.port = cast(AcceptingPort, port)
+        if self.gate is not None:
+            self._gate_accepts(self.port, self.gate)
         if self.held:
             self.port.stopReading()
         return port
+
+    def _gate_accepts(self, port: AcceptingPort, gate: AcceptGate) -> None:
+        """Put ``gate`` in front of the port's accept loop: Twisted's
+        ``tcp.Port.doRead`` accepts as many connections as are waiting;
+        this one asks the gate and accepts one."""
+        accept_waiting = port.doRead
+
+        def doRead() -> Any:
+            if not gate.may_accept():
+                self.paused = True
+                port.stopReading()
+                gate.paused()
+                return None
+            port.numberAccepts = 1
+            try:
+                return accept_waiting()
+            finally:
+                gate.accepted()
+
+        setattr(port, "doRead", doRead)
 
     def release(self) -> None:
         """Start accepting (once)."""
         if self.held:
             self.held = False
-            if self.port is not None:
+            if self.port is not None and not self.paused:
+                self.port.startReading()
+
+    def resume(self) -> None:
+        """Accept again after the gate paused this listener (not while
+        held, nor once the service stopped)."""
+        if self.paused:
+            self.paused = False
+            if self.port is not None and self.running and not self.held:
                 self.port.startReading()
 
 

@@ -165,6 +165,11 @@ class SessionMultiplexer(MultiService):
                              self.config.cluster_id is not None,
                              placer=self._placer)
 
+    def accept_load(self) -> Optional[int]:
+        """What this process serves on the pair, for ``--workers`` accept
+        balancing (each role counts its own; ``None``: take nothing now)."""
+        raise NotImplementedError
+
     def session_ended(self, session: FrameProtocol) -> None:
         """A TB-side connection is gone; forget it."""
         self.sessions.discard(session)
@@ -342,6 +347,14 @@ class ClientMultiplexer(SessionMultiplexer):
                   stream=stream_id, link=connection.name)
         return True
 
+    def accept_load(self) -> Optional[int]:
+        """TB sessions served, for ``--workers`` accept balancing; ``None``
+        while this worker could only refuse a new one (no established pool
+        connection, or stopping)."""
+        if self.stopping or not any(c.established for c in self.pool_connections):
+            return None
+        return len(self.sessions)
+
 
 class ServerMultiplexer(SessionMultiplexer):
     """The tunnel server's side of a proxy pair."""
@@ -370,6 +383,13 @@ class ServerMultiplexer(SessionMultiplexer):
                                             self.pair_name)
         self.listener = pair_listener(config, pair, self.tunnel_factory, reactor)
         self.listener.setServiceParent(self)
+
+    def accept_load(self) -> Optional[int]:
+        """Pool connections served (in their handshake or up), for
+        ``--workers`` accept balancing; ``None`` once stopping."""
+        if self.stopping:
+            return None
+        return len(self.pending) + len(self.pool_connections)
 
     def _make_handshake(self) -> Optional[ServerHandshake]:
         psk = self.config.psk

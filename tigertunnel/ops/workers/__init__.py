@@ -5,10 +5,12 @@ the process the operator started (under ``twistd`` or the console script)
 is worker 0 *and* the supervisor of N-1 more workers, which run the same
 command with ``--worker-index I``. Worker 0 binds the listeners (as twistd
 binds them, before it drops privileges, or as systemd hands them over) and
-every worker inherits those very sockets and accepts on them: whichever
-worker is free takes a new connection (TB clients on a tunnel client, pool
-connections on a tunnel server). A session lives in one worker from start to
-end; each client worker keeps its own pool (``-n`` connections per pair) and
+every worker inherits those very sockets and accepts on them (TB clients on
+a tunnel client, pool connections on a tunnel server). An accept board in
+shared memory (:mod:`.balance`) gives a new connection to the live worker
+that serves fewest on that pair, so sessions spread over the workers even
+when one of them is always first to wake. A session lives in one worker
+from start to end; each client worker keeps its own pool (``-n`` connections per pair) and
 each worker its own ``-m`` limit.
 
 Why inherited sockets rather than a SO_REUSEPORT socket per worker: with
@@ -18,9 +20,10 @@ unanswered; a second instance started by mistake would silently join the
 group and take a share of the traffic; and a worker started after twistd
 dropped privileges could not bind a privileged port. A shared socket has
 none of these problems, and TB's connections are long-lived, so the wake-ups
-of the idle workers on a new connection cost nothing that matters.
+of the idle workers on a new connection, and the board's look at each
+accept, cost nothing that matters.
 
-The package has three parts:
+The package has four parts:
 
 * :mod:`.bootstrap`, what a worker does first: check the sockets it
   inherited, ask the kernel for SIGTERM when its supervisor dies
@@ -28,6 +31,8 @@ The package has three parts:
   behind), and the command line a worker is started with;
 * :mod:`.logpipe`, the worker's log: JSON lines on its standard output,
   written without ever blocking, and the supervisor's reading of them;
+* :mod:`.balance`, the accept board and each worker's
+  :class:`~.balance.AcceptBalancer`;
 * :mod:`.supervisor`, :class:`WorkerSupervisor` (a service of worker 0):
   starts the workers, re-publishes their log lines, restarts a worker that
   exits (after 1 s doubling to 30 s), forwards SIGHUP (key reload) to the
@@ -37,12 +42,20 @@ The package has three parts:
 None of these modules imports the reactor; the supervisor is handed one.
 """
 
+from tigertunnel.ops.workers.balance import (
+    AcceptBalancer,
+    AcceptBoard,
+    PairGate,
+    create_board,
+)
 from tigertunnel.ops.workers.bootstrap import (
+    BOARD_FD_ENV,
     LISTEN_FDS_ENV,
     MAX_WORKERS,
     PRIVATE_ENV,
     SUPERVISOR_ENV,
     die_with_supervisor,
+    inherited_board,
     inherited_listen_fds,
     supervisor_alive,
     worker_command,
@@ -56,7 +69,8 @@ from tigertunnel.ops.workers.logpipe import (
 from tigertunnel.ops.workers.supervisor import KILL_GRACE, WorkerSupervisor
 
 __all__ = [
-    "KILL_GRACE", "LISTEN_FDS_ENV", "LOG_BUFFER_LIMIT", "MAX_WORKERS",
+    "AcceptBalancer", "AcceptBoard", "BOARD_FD_ENV", "PairGate",
+    "create_board", "inherited_board", "KILL_GRACE", "LISTEN_FDS_ENV", "LOG_BUFFER_LIMIT", "MAX_WORKERS",
     "PRIVATE_ENV", "SUPERVISOR_ENV", "WorkerSupervisor", "announce_ready",
     "report_figures",
     "die_with_supervisor", "inherited_listen_fds", "supervisor_alive",

@@ -3,9 +3,11 @@
 Worker 0 starts worker ``I`` as ``python -P -m tigertunnel ROLE ARGS
 --worker-index I`` (:func:`worker_command`), with worker 0's listening
 sockets as descriptors 3, 4, ... (one per proxy pair, named by
-:data:`LISTEN_FDS_ENV`) and its own pid in :data:`SUPERVISOR_ENV`. The
-worker checks each socket against its pair (:func:`inherited_listen_fds`)
-and arranges to end with its supervisor (:func:`die_with_supervisor`).
+:data:`LISTEN_FDS_ENV`), the accept board next (:data:`BOARD_FD_ENV`) and
+its own pid in :data:`SUPERVISOR_ENV`. The worker checks each socket against
+its pair (:func:`inherited_listen_fds`), maps the board
+(:func:`inherited_board`) and arranges to end with its supervisor
+(:func:`die_with_supervisor`).
 """
 
 import ctypes
@@ -17,6 +19,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from tigertunnel.config.model import ProxyPair
 from tigertunnel.errors import ConfigError
+from tigertunnel.ops.workers.balance import AcceptBoard, open_board
 
 #: Most worker processes per tunnel end.
 MAX_WORKERS = 64
@@ -27,6 +30,9 @@ SUPERVISOR_ENV = "TIGERTUNNEL_SUPERVISOR_PID"
 LISTEN_FDS_ENV = "TIGERTUNNEL_LISTEN_FDS"
 #: The first descriptor number the listening sockets get in a worker.
 FIRST_FD = 3
+#: Environment variable naming a worker's inherited accept board (the
+#: descriptor after the listening sockets; see :mod:`.balance`).
+BOARD_FD_ENV = "TIGERTUNNEL_BOARD_FD"
 #: Environment variables a worker must not inherit: systemd's notification
 #: socket, watchdog and socket-activation variables belong to worker 0.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
@@ -98,6 +104,22 @@ def inherited_listen_fds(pairs: Sequence[ProxyPair],
             sock.close()
         fds[pair.index] = fd
     return fds
+
+
+def inherited_board(pairs: int, workers: int,
+                    environ: Optional[Mapping[str, str]] = None) -> AcceptBoard:
+    """In a worker: the accept board worker 0 handed over.
+
+    :raises ConfigError: the variable is missing or malformed, or the
+        descriptor is not a board of this size.
+    """
+    env = os.environ if environ is None else environ
+    text = env.get(BOARD_FD_ENV, "")
+    if not text.isdigit():
+        raise ConfigError(f"--worker-index: {BOARD_FD_ENV}={text!r} does not "
+                          f"name the accept board (workers are started by "
+                          f"--workers, not by hand)")
+    return open_board(int(text), pairs, workers)
 
 
 def supervisor_alive(environ: Optional[Mapping[str, str]] = None) -> bool:

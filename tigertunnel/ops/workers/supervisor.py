@@ -16,7 +16,7 @@ A service of worker 0 (see :mod:`tigertunnel.ops.workers` for the layout):
 
 import os
 import signal
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -33,7 +33,9 @@ from twisted.python.failure import Failure
 
 from tigertunnel.logs import logger
 from tigertunnel.net.backoff import exponential_delay
+from tigertunnel.ops.workers.balance import AcceptBoard
 from tigertunnel.ops.workers.bootstrap import (
+    BOARD_FD_ENV,
     FIRST_FD,
     LISTEN_FDS_ENV,
     PRIVATE_ENV,
@@ -113,6 +115,8 @@ class WorkerSupervisor(Service):
     :param publish: where relayed worker events go.
     :param environ: the environment the workers start from (less
         :data:`~tigertunnel.ops.workers.bootstrap.PRIVATE_ENV`).
+    :param board: the accept board and its memfd, handed to each worker
+        (a worker that exits is withdrawn from it at once).
     """
 
     name = "workers"
@@ -121,7 +125,8 @@ class WorkerSupervisor(Service):
                  listen_fds: Callable[[], List[int]], cwd: str,
                  shutdown_timeout: float,
                  publish: Callable[[LogEvent], None] = globalLogPublisher,
-                 environ: Optional[Mapping[str, str]] = None) -> None:
+                 environ: Optional[Mapping[str, str]] = None,
+                 board: Optional[Tuple[int, AcceptBoard]] = None) -> None:
         self.processes = reactor
         self.clock = IReactorTime(reactor)
         self.core = IReactorCore(reactor)
@@ -135,6 +140,7 @@ class WorkerSupervisor(Service):
         for key in PRIVATE_ENV:
             env.pop(key, None)
         self.env = env
+        self.board = board
         self.workers: Dict[int, _WorkerProtocol] = {}
         #: The last TB figures each running worker reported (``{pair: snapshot}``).
         self.figures: Dict[int, Dict[str, Any]] = {}
@@ -235,6 +241,10 @@ class WorkerSupervisor(Service):
         env = dict(self.env, **{
             SUPERVISOR_ENV: str(os.getpid()),
             LISTEN_FDS_ENV: ",".join(str(FIRST_FD + i) for i in range(len(fds)))})
+        if self.board is not None:
+            board_fd = FIRST_FD + len(fds)
+            child_fds[board_fd] = self.board[0]
+            env[BOARD_FD_ENV] = str(board_fd)
         try:
             self.processes.spawnProcess(worker, argv[0], argv, env=env,
                                         path=self.cwd, childFDs=child_fds)
@@ -252,6 +262,8 @@ class WorkerSupervisor(Service):
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
             self.figures.pop(worker.index, None)
+            if self.board is not None:
+                self.board[1].withdraw(worker.index)
         status = _exit_text(reason)
         if self._stopping is not None or not self.running:
             log.info("worker {index} exited ({status})", index=worker.index,
