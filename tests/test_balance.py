@@ -314,6 +314,17 @@ class SharedSocketTests(TestCase):
 
     timeout = 20
 
+    def shared(self) -> "tuple[socket.socket, AcceptBoard]":
+        """A listening socket on loopback and a board of one pair, two workers."""
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        sock.setblocking(False)
+        self.addCleanup(sock.close)
+        fd, b = create_board(1, 2)
+        self.addCleanup(os.close, fd)
+        return sock, b
+
     def listener(self, sock: socket.socket, worker: int, b: AcceptBoard,
                  reactor: Any) -> Counting:
         factory = Counting()
@@ -334,13 +345,7 @@ class SharedSocketTests(TestCase):
         """Twelve connections made one after another, none closed, split six and six, whichever listener the reactor asks first."""
         from twisted.internet import reactor
 
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        sock.setblocking(False)
-        self.addCleanup(sock.close)
-        fd, b = create_board(1, 2)
-        self.addCleanup(os.close, fd)
+        sock, b = self.shared()
         workers = [self.listener(sock, w, b, reactor) for w in (0, 1)]
         clients: List[socket.socket] = []
         self.addCleanup(lambda: [c.close() for c in clients])
@@ -363,13 +368,7 @@ class SharedSocketTests(TestCase):
         """A listener whose worker cannot serve (no pool) takes nothing while another live worker can."""
         from twisted.internet import reactor
 
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        sock.setblocking(False)
-        self.addCleanup(sock.close)
-        fd, b = create_board(1, 2)
-        self.addCleanup(os.close, fd)
+        sock, b = self.shared()
         broken, healthy = [self.listener(sock, w, b, reactor) for w in (0, 1)]
         broken.accept_load = lambda: None  # type: ignore[method-assign]
         clients = []
