@@ -155,3 +155,107 @@ class LeanDispatchTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         self.assertIsNone(good.lost)
+
+
+class LoopTests(SynchronousTestCase):
+    """mainLoop: timed calls, thread calls, stop and errors, on a real (not
+    installed) LeanEPollReactor."""
+
+    def setUp(self) -> None:
+        self.reactor = LeanEPollReactor()
+        self.log: List[str] = []
+
+    def run_reactor(self, limit: float = 10.0) -> None:
+        """Run until the test stops the reactor; fail if a guard call had to."""
+        guard = self.reactor.callLater(limit, self.reactor.stop)
+        self.reactor.run(installSignalHandlers=False)
+        if not guard.active():
+            self.fail(f"the loop ran {limit} s without being stopped")
+        guard.cancel()
+
+    def test_timed_calls_in_order_and_chained(self) -> None:
+        """Due calls run in time order, a call made by a call runs on a later turn, a cancelled one never, and stop fires the shutdown triggers."""
+        r = self.reactor
+        r.addSystemEventTrigger("before", "shutdown", self.log.append, "shutdown")
+
+        def second() -> None:
+            self.log.append("second")
+            r.callLater(0, lambda: (self.log.append("chained"), r.stop()))
+        r.callLater(0.02, second)
+        r.callLater(0.01, self.log.append, "first")
+        cancelled = r.callLater(0.015, self.log.append, "cancelled")
+        cancelled.cancel()
+        self.run_reactor()
+        self.assertEqual(self.log, ["first", "second", "chained", "shutdown"])
+
+    def test_poll_never_sleeps_past_the_next_call(self) -> None:
+        """With a call 50 ms away and no socket events, the call runs once it is due, not at some later wakeup."""
+        import time
+
+        r = self.reactor
+        start = time.monotonic()
+        ran: List[float] = []
+        r.callLater(0.05, lambda: (ran.append(time.monotonic() - start), r.stop()))
+        self.run_reactor()
+        self.assertEqual(len(ran), 1)
+        self.assertGreaterEqual(ran[0], 0.049)
+        self.assertLess(ran[0], 5.0)
+
+    def test_call_from_thread_wakes_the_loop(self) -> None:
+        """A call queued from another thread while the loop sleeps in poll runs."""
+        import threading
+
+        r = self.reactor
+
+        def from_thread() -> None:
+            r.callFromThread(lambda: (self.log.append("thread call"), r.stop()))
+        r.callWhenRunning(lambda: threading.Timer(0.05, from_thread).start())
+        self.run_reactor()
+        self.assertEqual(self.log, ["thread call"])
+
+    def test_error_escaping_a_turn_is_logged_and_the_loop_goes_on(self) -> None:
+        """An exception out of a turn (here the poll itself) is logged; the loop keeps turning and later calls run."""
+        r = self.reactor
+        real = r.doPoll
+        fails = [True]
+
+        def flaky(timeout: Optional[float]) -> None:
+            if fails:
+                fails.pop()
+                raise ZeroDivisionError("a broken turn")
+            real(timeout)
+        r.doPoll = flaky  # type: ignore[method-assign]
+        r.callLater(0.01, lambda: (self.log.append("later"), r.stop()))
+        self.run_reactor()
+        self.assertEqual(self.log, ["later"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_poll_timeouts(self) -> None:
+        """Each turn polls for the time until the earliest call: None with no call, never negative (a late call runs first), at most epoll's limit, 0 once stopping."""
+        from tigertunnel.net.reactor import LONGEST_WAIT
+
+        r = self.reactor
+        now = [1000.0]
+        r.seconds = lambda: now[0]  # type: ignore[method-assign]
+        waits: List[Optional[float]] = []
+        steps: List[object] = [
+            lambda: r.callLater(3, self.log.append, "soon"),
+            lambda: now.__setitem__(0, now[0] + 5),  # the poll overslept
+            lambda: r.callLater(LONGEST_WAIT * 2, self.log.append, "far"),
+            r.stop,
+        ]
+
+        def poll(timeout: Optional[float]) -> None:
+            waits.append(timeout)
+            if not steps:
+                r._started = False  # the script is over (stop should have ended it)
+                return
+            step = steps.pop(0)
+            assert callable(step)
+            step()
+        r.doPoll = poll  # type: ignore[method-assign]
+        r._started = r.running = True
+        r._stopped = False  # as run() leaves it
+        r.mainLoop()
+        self.assertEqual(waits, [None, 3.0, None, LONGEST_WAIT, 0.0])
+        self.assertEqual(self.log, ["soon"])

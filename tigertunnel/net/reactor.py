@@ -9,13 +9,24 @@ spends an event on each of the four sockets a round trip crosses in each
 tunnel process: with the compiled data path it is the largest single cost
 left in Python.
 
-:class:`LeanEPollReactor` is that reactor with one change: ``doPoll``
-hands each event straight to the reactor's own ``_doReadOrWrite``, which
-already logs any exception from a transport and disconnects only that
-transport. What is lost is the legacy ``system`` field of log events
-emitted while handling a socket event (Twisted's own ``log.err`` then says
-``-`` instead of the protocol's name); tigertunnel's log lines name their
-source by namespace and do not use it.
+:class:`LeanEPollReactor` is that reactor with two changes:
+
+* ``doPoll`` hands each event straight to the reactor's own
+  ``_doReadOrWrite``, which already logs any exception from a transport and
+  disconnects only that transport. What is lost is the legacy ``system``
+  field of log events emitted while handling a socket event (Twisted's own
+  ``log.err`` then says ``-`` instead of the protocol's name); tigertunnel's
+  log lines name their source by namespace and do not use it.
+* ``mainLoop`` runs the timed calls only when one is due (or new, or a
+  thread queued a call, or ``stop`` was called: the shutdown event is
+  fired there) and computes the poll timeout from the same clock
+  reading; Twisted's loop calls ``runUntilCurrent`` and ``timeout`` and
+  enters an error handler on every turn, a dozen Python calls per turn,
+  and a TB round trip takes two turns in each tunnel process. What runs,
+  and when, is the same: due calls run before the next poll, calls added
+  while handling events are seen by the next turn, the poll never sleeps
+  past the earliest call, and an exception escaping a turn is logged and the
+  loop goes on.
 
 The ``tigertunnel`` console script installs it (on Linux, unless a reactor
 was installed already); under ``twistd`` it is chosen with
@@ -28,12 +39,18 @@ from typing import Any, Optional
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import installReactor
+from twisted.logger import Logger
 from twisted.python import log
 
 __all__ = ["LeanEPollReactor", "install", "NAME"]
 
 #: The reactor's short name for ``twistd --reactor``.
 NAME = "tigertunnel-epoll"
+#: The longest poll timeout, in seconds: epoll_wait takes a C int of ms
+#: (Twisted's ``timeout`` uses the same bound).
+LONGEST_WAIT = 2147483
+
+_log = Logger()
 
 
 class LeanEPollReactor(EPollReactor):
@@ -62,6 +79,42 @@ class LeanEPollReactor(EPollReactor):
                 log.err(None, "error handling a socket event")
 
     doIteration = doPoll
+
+    def mainLoop(self) -> None:
+        """Turn until stopped; an exception escaping a turn is logged and
+        the loop goes on (as in Twisted's ``mainLoop``)."""
+        while self._started:
+            try:
+                self._turn_until_stopped()
+            except BaseException:
+                _log.failure("Unexpected error in main loop")
+        _log.info("Main loop terminated.")
+
+    def _turn_until_stopped(self) -> None:
+        seconds = self.seconds
+        poll = self.doPoll
+        while self._started:
+            now = seconds()
+            pending = self._pendingTimedCalls
+            if (self.threadCallQueue or self._newTimedCalls or self._justStopped
+                    or (pending and pending[0].time <= now)):
+                self.runUntilCurrent()
+                # Calls made by the calls just run; Twisted's timeout()
+                # inserts them the same way.
+                self._insertNewDelayedCalls()
+                now = seconds()
+                pending = self._pendingTimedCalls
+            if not self.running:
+                wait: Optional[float] = 0.0
+            elif not pending:
+                wait = None
+            else:
+                wait = pending[0].time - now
+                if wait < 0.0:
+                    wait = 0.0
+                elif wait > LONGEST_WAIT:
+                    wait = LONGEST_WAIT
+            poll(wait)
 
 
 def install() -> LeanEPollReactor:
