@@ -65,7 +65,7 @@ def on_both(mixin: type) -> Tuple[type, type]:
 def on_other_implementation(case: Type[SynchronousTestCase]) -> type:
     """Return ``case`` run with the codec's data-path classes of the other implementation.
 
-    ``case`` tests :class:`~tigertunnel.wire.codec.LinkCodec`, which uses
+    ``case`` tests :class:`~tigertunnel.wire.codec.PoolCodec`, which uses
     the implementation selected at import; the returned test case patches
     in the other one (pure Python if the compiled one is selected, and the
     reverse), so that the two together cover both. It is skipped where the

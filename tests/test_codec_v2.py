@@ -12,7 +12,7 @@ from tigertunnel.errors import AuthenticationError, MuxError, TunnelError
 from tigertunnel.wire.codec import (
     CLIENT,
     SERVER,
-    LinkCodec,
+    PoolCodec,
     Ping,
     Pong,
     StreamClosed,
@@ -40,7 +40,7 @@ def wire(chunks: Sequence[Union[bytes, bytearray]]) -> bytes:
 def failure_of(f: Callable[..., object], *args: object) -> Optional[type]:
     """Call ``f`` and return the class of the TunnelError it raised, or ``None``.
 
-    The exception is dropped outside any ``except`` block (see test_mux.failure_of).
+    The exception is dropped outside any ``except`` block (see test_codec.failure_of).
     """
     try:
         f(*args)
@@ -49,12 +49,12 @@ def failure_of(f: Callable[..., object], *args: object) -> Optional[type]:
     return None
 
 
-def v2_pair() -> Tuple[LinkCodec, LinkCodec]:
+def v2_pair() -> Tuple[PoolCodec, PoolCodec]:
     """A version-2 client codec and server codec, not yet confirmed."""
-    return LinkCodec(CLIENT, KEYS), LinkCodec(SERVER, KEYS, peer_extended=True)
+    return PoolCodec(CLIENT, KEYS), PoolCodec(SERVER, KEYS, peer_extended=True)
 
 
-def confirmed_pair() -> Tuple[LinkCodec, LinkCodec]:
+def confirmed_pair() -> Tuple[PoolCodec, PoolCodec]:
     """A version-2 pair after the server's first ping and the client's pong."""
     client, server = v2_pair()
     assert client.feed(wire(server.encode_ping())) == [Ping(0)]
@@ -155,7 +155,7 @@ class ReferencePeerTests(SynchronousTestCase):
 
     def test_server_to_version1_client(self) -> None:
         """A server whose client sent version 1 cannot encode ping, pong or stream_close."""
-        server = LinkCodec(SERVER, KEYS, peer_extended=False)
+        server = PoolCodec(SERVER, KEYS, peer_extended=False)
         self.assertFalse(server.can_ping)
         for encode in (server.encode_ping, lambda: server.encode_pong(0),
                        lambda: server.encode_close(1)):
@@ -164,13 +164,13 @@ class ReferencePeerTests(SynchronousTestCase):
     def test_version1_client_sending_control_types(self) -> None:
         """From a version-1 client, types 3, 4 and 5 are refused at the type byte."""
         for kind in CONTROL_TYPES:
-            server = LinkCodec(SERVER, KEYS, peer_extended=False)
+            server = PoolCodec(SERVER, KEYS, peer_extended=False)
             self.assertIs(failure_of(server.feed, mux_header(0, int(kind))[:9]), MuxError)
 
     def test_plaintext_has_no_control_frames(self) -> None:
         """In plaintext mode nobody pings and types 3, 4 and 5 are refused."""
         for role in (CLIENT, SERVER):
-            codec = LinkCodec(role, None)
+            codec = PoolCodec(role, None)
             self.assertFalse(codec.can_ping)
             self.assertIs(failure_of(codec.encode_ping), MuxError)
             self.assertIs(failure_of(codec.feed, mux_header(0, 4)), MuxError)
@@ -182,7 +182,7 @@ class ReferencePeerTests(SynchronousTestCase):
     def test_client_to_unconfirmed_server(self, ops: List[Tuple[str, int, bytes]],
                                           encrypted: bool) -> None:
         """Whatever a client sends a server that never pinged decodes with the reference's types alone."""
-        client = LinkCodec(CLIENT, KEYS if encrypted else None)
+        client = PoolCodec(CLIENT, KEYS if encrypted else None)
         out = b""
         for kind, stream, tb in ops:
             out += wire(client.encode_open(stream) if kind == "open" else
@@ -195,7 +195,7 @@ class ReferencePeerTests(SynchronousTestCase):
     @given(st.lists(tb_frames(max_body=100, cluster=0), max_size=10))
     def test_server_to_version1_client_sends_data_only(self, frames: List[bytes]) -> None:
         """A server talking to a version-1 client only ever emits data frames."""
-        server = LinkCodec(SERVER, KEYS, peer_extended=False)
+        server = PoolCodec(SERVER, KEYS, peer_extended=False)
         out = b"".join(wire(server.encode_data(1, tb)) for tb in frames)
         decoded = MuxDecoder(encrypted=True).feed(out)
         self.assertEqual([f.frame_type for f in decoded], [FrameType.DATA] * len(frames))
@@ -242,8 +242,8 @@ class MalformedTests(SynchronousTestCase):
 
     def test_cluster_bytes_ignored(self) -> None:
         """A receiver's own cluster id in the rebuilt header does not spoil a control frame."""
-        client = LinkCodec(CLIENT, KEYS, cluster_id=(1 << 128) - 1)
-        server = LinkCodec(SERVER, KEYS, cluster_id=12345, peer_extended=True)
+        client = PoolCodec(CLIENT, KEYS, cluster_id=(1 << 128) - 1)
+        server = PoolCodec(SERVER, KEYS, cluster_id=12345, peer_extended=True)
         self.assertEqual(client.feed(wire(server.encode_ping())), [Ping(0)])
         self.assertEqual(server.feed(wire(client.encode_open(1))), [StreamOpened(1, sealed=True)])
 

@@ -17,7 +17,7 @@ from tests.memnet import BackendFactory, Tunnel, psk_store
 from tests.strategies import make_tb_frame
 from tigertunnel.net.heartbeat import TICK, Heartbeat
 from tigertunnel.net.tunnel_protocol import TunnelProtocol
-from tigertunnel.wire.codec import SERVER, LinkCodec, Pong, StreamData, StreamOpened
+from tigertunnel.wire.codec import SERVER, PoolCodec, Pong, StreamData, StreamOpened
 from tigertunnel.wire.handshake import (
     SERVER_HELLO_SIZE,
     Accepted,
@@ -311,7 +311,7 @@ class ReferenceServerTests(SynchronousTestCase):
         accepted = server_hs.feed(hello)
         assert isinstance(accepted, Accepted)
         # A reference server: accepts version 2 (it only hashes it) and never pings.
-        reference = LinkCodec(SERVER, accepted.established.keys, peer_extended=False)
+        reference = PoolCodec(SERVER, accepted.established.keys, peer_extended=False)
         link.dataReceived(accepted.reply)
         self.assertTrue(link.established)
         self.assertIsNone(link.heartbeat)
@@ -339,7 +339,7 @@ class ReferenceServerTests(SynchronousTestCase):
         transport.clear()
         accepted = ServerHandshake(psk_store(), now=t.clock.seconds).feed(hello)
         assert isinstance(accepted, Accepted)
-        server = LinkCodec(SERVER, accepted.established.keys, peer_extended=True)
+        server = PoolCodec(SERVER, accepted.established.keys, peer_extended=True)
         link.dataReceived(accepted.reply)
         self.assertIsNone(link.heartbeat)
         link.dataReceived(b"".join(server.encode_ping()))

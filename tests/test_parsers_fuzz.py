@@ -1,6 +1,6 @@
 """Fuzzing every parser with hypothesis: only our documented errors, bounded buffers.
 
-The per-module tests (``test_frames``, ``test_muxframes``, ``test_mux``,
+The per-module tests (``test_frames``, ``test_muxframes``, ``test_codec``,
 ``test_keyformat``, ``test_handshake``, ``test_aead``) already feed arbitrary
 bytes to the parsers; this module covers what they leave out:
 
@@ -43,7 +43,7 @@ from tigertunnel.errors import (
     TunnelError,
 )
 from tigertunnel.wire.frames import MAX_FRAME_SIZE, FrameParser, check_frame
-from tigertunnel.wire.codec import CLIENT, SERVER, LinkCodec, StreamClosed, StreamData, StreamOpened
+from tigertunnel.wire.codec import CLIENT, SERVER, PoolCodec, StreamClosed, StreamData, StreamOpened
 from tigertunnel.wire.muxframes import MUX_HEADER_SIZE, MuxDecoder
 
 KEYS = SessionKeys(c2s_key=bytes(range(16)), c2s_nonce=bytes(range(16, 32)),
@@ -245,7 +245,7 @@ def chunked_at(data: bytes, cuts: List[int]) -> List[bytes]:
 # -- mux frames ----------------------------------------------------------------
 
 
-def check_events(case: SynchronousTestCase, codec: LinkCodec, chunks: List[bytes]) -> List[Any]:
+def check_events(case: SynchronousTestCase, codec: PoolCodec, chunks: List[bytes]) -> List[Any]:
     """Feed chunks; events are of our three kinds; a failure is ours and leaves the codec dead."""
     events: List[Any] = []
     for chunk in chunks:
@@ -264,7 +264,7 @@ def check_events(case: SynchronousTestCase, codec: LinkCodec, chunks: List[bytes
 @st.composite
 def sealed_streams(draw: st.DrawFn, role: str, encrypted: bool) -> "tuple[bytes, int]":
     """Genuine wire bytes from the peer of ``role`` (data, opens, closes), and their unit count."""
-    sender = LinkCodec(SERVER if role == CLIENT else CLIENT, KEYS if encrypted else None)
+    sender = PoolCodec(SERVER if role == CLIENT else CLIENT, KEYS if encrypted else None)
     parts: List[bytes] = []
     units = draw(st.integers(1, 5))
     for _ in range(units):
@@ -306,7 +306,7 @@ class MuxCodecFuzzTests(SynchronousTestCase):
         """Noise shaped for either mode gives our events or one of our errors, for a client or a server codec."""
         noise = data.draw(st.one_of(noisy_mux_streams(encrypted=True),
                                     noisy_mux_streams(encrypted=False), st.binary(max_size=300)))
-        codec = LinkCodec(role, KEYS if encrypted else None)
+        codec = PoolCodec(role, KEYS if encrypted else None)
         check_events(self, codec, data.draw(chunked(noise)))
 
     @given(st.sampled_from([CLIENT, SERVER]), st.booleans(), st.data())
@@ -314,7 +314,7 @@ class MuxCodecFuzzTests(SynchronousTestCase):
         """A genuine stream with one flipped bit, cut, insertion or duplicated range gives our events or our errors, and an untouched stream decodes whole."""
         stream, units = data.draw(sealed_streams(role, encrypted))
         wire = data.draw(mutated(stream))
-        events = check_events(self, LinkCodec(role, KEYS if encrypted else None),
+        events = check_events(self, PoolCodec(role, KEYS if encrypted else None),
                               data.draw(chunked(wire)))
         if wire == stream:
             self.assertEqual(len(events), units)

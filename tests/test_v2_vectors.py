@@ -11,7 +11,7 @@ from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.wire.codec import (
     CLIENT,
     SERVER,
-    LinkCodec,
+    PoolCodec,
     Ping,
     Pong,
     StreamClosed,
@@ -98,8 +98,8 @@ class TranscriptTests(SynchronousTestCase):
 
     def test_transcript(self) -> None:
         """Each unit is what the sending codec encodes next, and the receiver's event matches it."""
-        client = LinkCodec(CLIENT, KEYS)
-        server = LinkCodec(SERVER, KEYS, peer_extended=True)
+        client = PoolCodec(CLIENT, KEYS)
+        server = PoolCodec(SERVER, KEYS, peer_extended=True)
         for unit in VECTORS["transcript"]["units"]:
             sender, receiver = (client, server) if unit["direction"] == "c2s" else (server, client)
             self.assertEqual(sender.send_counter, int(unit["counter"]))

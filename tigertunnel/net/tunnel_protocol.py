@@ -3,7 +3,7 @@
 After connectionMade the pool connection runs its handshake (client: send
 the ClientHello, wait for the ServerHello; server: the reverse), under the
 handshake deadline. Once established, received bytes go through the
-:class:`~tigertunnel.wire.codec.LinkCodec` and become stream events:
+:class:`~tigertunnel.wire.codec.PoolCodec` and become stream events:
 
 * ``stream_open`` (server): a sealed one (version 2) opens the stream's
   backend connection at once; a bare one (the reference's, not
@@ -72,7 +72,7 @@ from tigertunnel.net.streams import StreamTable
 from tigertunnel.wire.codec import (
     CLIENT,
     SERVER,
-    LinkCodec,
+    PoolCodec,
     Ping,
     StreamClosed,
     StreamOpened,
@@ -174,7 +174,7 @@ class TunnelProtocol(Protocol):
         self.state = PoolState.NEW
         self._handshake = handshake
         self._opener = opener
-        self.codec: Optional[LinkCodec] = None
+        self.codec: Optional[PoolCodec] = None
         #: Whether this pool connection encrypts (a key was configured).
         self.encrypted = False
         #: The streams on this pool connection.
@@ -248,7 +248,7 @@ class TunnelProtocol(Protocol):
         tcp.registerProducer(self, True)
         handshake = self._handshake
         if handshake is None:
-            self._established(LinkCodec(self.role, None), b"")
+            self._established(PoolCodec(self.role, None), b"")
             return
         self._timer = self.clock.callLater(self.host.handshake_timeout,
                                            self._handshake_timed_out)
@@ -355,7 +355,7 @@ class TunnelProtocol(Protocol):
                 self.key_id = est.key_id
                 self.key_fingerprint = est.key_fingerprint
                 self._established(
-                    LinkCodec(CLIENT, est.keys, self.host.cluster_value),
+                    PoolCodec(CLIENT, est.keys, self.host.cluster_value),
                     est.leftover)
                 return
             if hs is None:
@@ -383,7 +383,7 @@ class TunnelProtocol(Protocol):
         self.kem_key_id = est.kem_key_id
         self.kem_fingerprint = est.kem_fingerprint
         self.peer_version = est.peer_version
-        codec = LinkCodec(SERVER, est.keys, self.host.cluster_value,
+        codec = PoolCodec(SERVER, est.keys, self.host.cluster_value,
                           peer_extended=est.peer_version >= 2)
         reply = result.reply
         if codec.can_ping:
@@ -393,7 +393,7 @@ class TunnelProtocol(Protocol):
         self._output().write(reply)
         self._established(codec, est.leftover)
 
-    def _established(self, codec: LinkCodec, leftover: bytes) -> None:
+    def _established(self, codec: PoolCodec, leftover: bytes) -> None:
         self._goto(PoolInput.ESTABLISH)
         self._cancel_timer()
         self.host.handshake_ended(self)

@@ -21,7 +21,7 @@ A server that saw version 2 sends a ping right after its ServerHello. That
 first authenticated version-2 frame is how the client learns that the server
 is one of ours (the Zig server accepts version byte 2 but never sends
 anything but data frames): until then the client sends nothing new, after it
-(:attr:`LinkCodec.peer_confirmed`) it sends ``stream_open`` sealed (type 3,
+(:attr:`PoolCodec.peer_confirmed`) it sends ``stream_open`` sealed (type 3,
 a control frame naming the stream, one c2s counter value) and pings the
 server too. Symmetrically the server counts the client as confirmed at the
 client's first authenticated version-2 frame (its pong, a ping or a sealed
@@ -34,19 +34,19 @@ never sends it to a server that has not proven it is one of ours.
 In plaintext mode (no ``-k``) payloads are plain TB frames and a
 ``stream_close`` has no payload; there is no version-2 frame.
 
-:class:`LinkCodec` turns received bytes into :class:`StreamOpened`,
+:class:`PoolCodec` turns received bytes into :class:`StreamOpened`,
 :class:`StreamData`, :class:`StreamClosed`, :class:`Ping` and :class:`Pong`
 events and encodes outgoing frames; it keeps the two AEAD counters in step
 with the wire. Any authentication or framing failure raises and leaves the
 codec dead: the caller closes the pool connection and every session on it,
 so nothing after a bad frame is ever delivered.
 
-The data path goes around the event objects: :meth:`LinkCodec.receive`
+The data path goes around the event objects: :meth:`PoolCodec.receive`
 returns the ``(stream_id, frame_type, payload)`` items of a read (data
 payloads opened and rebuilt, one call into
 :class:`~tigertunnel.wire.datapath.MuxReceiver`), and only the rarer
-non-data items go through :meth:`LinkCodec.event`; a session sends through
-its own :meth:`LinkCodec.frame_encoder`, which shares this codec's sender.
+non-data items go through :meth:`PoolCodec.event`; a session sends through
+its own :meth:`PoolCodec.frame_encoder`, which shares this codec's sender.
 """
 
 from dataclasses import dataclass
@@ -123,7 +123,7 @@ class Pong:
 Event = Union[StreamOpened, StreamData, StreamClosed, Ping, Pong]
 
 
-class LinkCodec:
+class PoolCodec:
     """Encode and decode the mux frames of one pool connection.
 
     :ivar peer_confirmed: an authenticated version-2 frame has arrived from

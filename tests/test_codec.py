@@ -17,7 +17,7 @@ from tigertunnel.errors import AuthenticationError, FrameError, MuxError, Tunnel
 from tigertunnel.wire.codec import (
     CLIENT,
     SERVER,
-    LinkCodec,
+    PoolCodec,
     StreamClosed,
     StreamData,
     StreamOpened,
@@ -29,11 +29,11 @@ KEYS = SessionKeys(c2s_key=bytes(range(16)), c2s_nonce=bytes(range(16, 32)),
 
 
 def pair(encrypted: bool = True, peer_extended: bool = True, client_cluster: int = 0,
-         server_cluster: int = 0) -> Tuple[LinkCodec, LinkCodec]:
+         server_cluster: int = 0) -> Tuple[PoolCodec, PoolCodec]:
     """A client codec and the server codec of the same pool connection."""
     keys = KEYS if encrypted else None
-    return (LinkCodec(CLIENT, keys, client_cluster),
-            LinkCodec(SERVER, keys, server_cluster, peer_extended=peer_extended))
+    return (PoolCodec(CLIENT, keys, client_cluster),
+            PoolCodec(SERVER, keys, server_cluster, peer_extended=peer_extended))
 
 
 def received(frame: bytes, cluster: int) -> bytes:
@@ -75,7 +75,7 @@ class RoleTests(SynchronousTestCase):
 
     def test_bad_role(self) -> None:
         """A role other than client or server is a programming error."""
-        self.assertRaises(ValueError, LinkCodec, "peer", None)
+        self.assertRaises(ValueError, PoolCodec, "peer", None)
 
     def test_only_client_opens(self) -> None:
         """The server cannot encode stream_open; the client's is the bare 12-byte header."""
@@ -98,11 +98,11 @@ class RoleTests(SynchronousTestCase):
 
     def test_can_send_close(self) -> None:
         """A client may always send stream_close; a server only to an encrypted version-2 peer."""
-        self.assertTrue(LinkCodec(CLIENT, KEYS).can_send_close)
-        self.assertTrue(LinkCodec(CLIENT, None).can_send_close)
-        self.assertTrue(LinkCodec(SERVER, KEYS, peer_extended=True).can_send_close)
-        self.assertFalse(LinkCodec(SERVER, KEYS, peer_extended=False).can_send_close)
-        self.assertFalse(LinkCodec(SERVER, None, peer_extended=True).can_send_close)
+        self.assertTrue(PoolCodec(CLIENT, KEYS).can_send_close)
+        self.assertTrue(PoolCodec(CLIENT, None).can_send_close)
+        self.assertTrue(PoolCodec(SERVER, KEYS, peer_extended=True).can_send_close)
+        self.assertFalse(PoolCodec(SERVER, KEYS, peer_extended=False).can_send_close)
+        self.assertFalse(PoolCodec(SERVER, None, peer_extended=True).can_send_close)
 
     def test_server_close_refused_for_reference_client(self) -> None:
         """encode_close raises MuxError when the peer is a version-1 client or in plaintext mode."""
@@ -113,8 +113,8 @@ class RoleTests(SynchronousTestCase):
 
     def test_encrypted_flag(self) -> None:
         """``encrypted`` says whether session keys were given."""
-        self.assertTrue(LinkCodec(CLIENT, KEYS).encrypted)
-        self.assertFalse(LinkCodec(SERVER, None).encrypted)
+        self.assertTrue(PoolCodec(CLIENT, KEYS).encrypted)
+        self.assertFalse(PoolCodec(SERVER, None).encrypted)
 
 
 class EncryptedTests(SynchronousTestCase):
@@ -230,18 +230,18 @@ class EncryptedTests(SynchronousTestCase):
 class TamperTests(SynchronousTestCase):
     """Fail closed: a bad frame kills the codec and nothing after it is delivered."""
 
-    def sealed(self) -> Tuple[LinkCodec, bytes, bytes]:
+    def sealed(self) -> Tuple[PoolCodec, bytes, bytes]:
         """A server codec, one sealed client data frame, and the one after it."""
         client, server = pair()
         first = wire(client.encode_data(3, frame(1, 40)))
         second = wire(client.encode_data(3, frame(2, 40)))
         return server, first, second
 
-    def assert_dead(self, codec: LinkCodec, good: bytes) -> None:
+    def assert_dead(self, codec: PoolCodec, good: bytes) -> None:
         """Every later feed raises, even of bytes that would have been valid."""
         self.assertIs(failure_of(codec.feed, good), MuxError)
         self.assertIs(failure_of(codec.feed, b""), MuxError)
-        self.assertIs(failure_of(codec.feed, wire(LinkCodec(CLIENT, None).encode_open(1))), MuxError)
+        self.assertIs(failure_of(codec.feed, wire(PoolCodec(CLIENT, None).encode_open(1))), MuxError)
 
     @given(st.data())
     def test_flip_authenticated_byte(self, data: st.DataObject) -> None:
@@ -332,7 +332,7 @@ def client_ops(draw: st.DrawFn) -> List[Op]:
     return [(kind, stream, tb if kind == "data" else b"") for kind, stream, tb in ops]
 
 
-def encode_ops(codec: LinkCodec, ops: List[Op]) -> bytes:
+def encode_ops(codec: PoolCodec, ops: List[Op]) -> bytes:
     """The wire bytes of ``ops``."""
     out = []
     for kind, stream, tb in ops:
@@ -390,7 +390,7 @@ class ChunkingTests(SynchronousTestCase):
     def test_noise_gives_events_or_our_errors(self, encrypted: bool, noise: bytes,
                                               data: st.DataObject) -> None:
         """Arbitrary bytes make the server codec return events or raise one of our errors, nothing else."""
-        codec = LinkCodec(SERVER, KEYS if encrypted else None)
+        codec = PoolCodec(SERVER, KEYS if encrypted else None)
         try:
             for chunk in data.draw(chunked(noise)):
                 for event in codec.feed(chunk):
@@ -403,15 +403,15 @@ GC_SCRIPT = """
 import gc
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import AuthenticationError
-from tigertunnel.wire.codec import CLIENT, SERVER, LinkCodec
+from tigertunnel.wire.codec import CLIENT, SERVER, PoolCodec
 keys = SessionKeys(bytes(16), bytes(16), bytes(16), bytes(16))
-unit = LinkCodec(CLIENT, keys).encode_data(1, bytes(96) + (256).to_bytes(4, "little") + bytes(156))
+unit = PoolCodec(CLIENT, keys).encode_data(1, bytes(96) + (256).to_bytes(4, "little") + bytes(156))
 bad = bytearray(b"".join(unit))
 bad[-1] ^= 1
 kept = []
 for _ in range(100):
     try:
-        LinkCodec(SERVER, keys).feed(bytes(bad))
+        PoolCodec(SERVER, keys).feed(bytes(bad))
     except AuthenticationError as e:
         cycle = {"error": e}
         cycle["self"] = cycle  # what assertRaises, a Failure or a Deferred would do
