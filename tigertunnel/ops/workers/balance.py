@@ -3,10 +3,9 @@
 The workers of a tunnel end accept on shared listening sockets (see
 :mod:`tigertunnel.ops.workers`). Left to the kernel, every idle worker is
 woken by a new connection and the first to run takes it; on a busy machine
-that can be the same worker every time (16 TB clients in a row once all
-landed on one of two workers). So the workers keep an *accept board*: a
-small shared memory (a ``memfd`` that worker 0 creates and hands to the
-workers with the listening sockets) holding, for each proxy pair and each
+that can be the same worker every time. So the workers keep an *accept
+board*: a small shared memory (a ``memfd`` that worker 0 creates and hands
+to the workers with the listening sockets) holding, for each proxy pair and each
 worker, how many connections that worker serves on that pair and when it
 last said so.
 
