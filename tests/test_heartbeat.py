@@ -5,7 +5,7 @@ network (:mod:`tests.memnet`), where a frozen peer is a pump that stops
 moving bytes while its kernel (the other side's transport) keeps taking them.
 """
 
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -299,17 +299,22 @@ class ReplayedHelloTests(SynchronousTestCase):
 class ReferenceServerTests(SynchronousTestCase):
     """Our client against a server that never sends anything new (the Zig server)."""
 
-    def test_client_sends_nothing_new(self) -> None:
-        """Without the server's ping, the client sends bare stream_opens, data and stream_close only, and never pings."""
+    def client_hello(self) -> Tuple[Tunnel, Any, StringTransport, Accepted]:
+        """A client pool connection on a StringTransport and the server's
+        acceptance of its hello (not yet delivered to it)."""
         t = Tunnel(pool_size=1)
         link = t.client.new_pool_connection(0)
         transport = StringTransport()
         link.makeConnection(transport)
         hello = transport.value()
         transport.clear()
-        server_hs = ServerHandshake(psk_store(), now=t.clock.seconds)
-        accepted = server_hs.feed(hello)
+        accepted = ServerHandshake(psk_store(), now=t.clock.seconds).feed(hello)
         assert isinstance(accepted, Accepted)
+        return t, link, transport, accepted
+
+    def test_client_sends_nothing_new(self) -> None:
+        """Without the server's ping, the client sends bare stream_opens, data and stream_close only, and never pings."""
+        t, link, transport, accepted = self.client_hello()
         # A reference server: accepts version 2 (it only hashes it) and never pings.
         reference = PoolCodec(SERVER, accepted.established.keys, peer_extended=False)
         link.dataReceived(accepted.reply)
@@ -331,14 +336,7 @@ class ReferenceServerTests(SynchronousTestCase):
 
     def test_first_ping_answered(self) -> None:
         """The client starts its heartbeat at the server's first ping and answers it with a pong."""
-        t = Tunnel(pool_size=1)
-        link = t.client.new_pool_connection(0)
-        transport = StringTransport()
-        link.makeConnection(transport)
-        hello = transport.value()
-        transport.clear()
-        accepted = ServerHandshake(psk_store(), now=t.clock.seconds).feed(hello)
-        assert isinstance(accepted, Accepted)
+        t, link, transport, accepted = self.client_hello()
         server = PoolCodec(SERVER, accepted.established.keys, peer_extended=True)
         link.dataReceived(accepted.reply)
         self.assertIsNone(link.heartbeat)
