@@ -1,0 +1,105 @@
+"""Start-up: every port bound while an error can still be one line, and what to warn about.
+
+Under ``twistd`` a service's ports are normally bound after twistd has
+daemonized: an error then reaches the user as twistd's "An error has
+occurred" (cut at 100 bytes) and a traceback in the log. So
+``twistd tigertunnel`` binds the listening ports of the proxy pairs and of
+``--metrics`` in ``makeService`` instead, while twistd still has the
+terminal and has written no pidfile: :func:`bind_before_daemonizing` prints
+one line ``tigertunnel: error: cannot start: ...`` on stderr and exits 1 when
+one cannot be bound, the same line the console script prints, with or
+without ``-n``. It returns the tunnel service inside :class:`Bound`, which
+twistd then starts (after daemonizing and dropping privileges) without
+binding anything again.
+
+:func:`reachable_tb_listeners` names the TB-side listeners of a tunnel
+client that other hosts can reach. TigerBeetle has no authentication, so
+whoever reaches such a port can use the tunnel; the client logs one warning
+at start naming them (:func:`warn_reachable_tb_listeners`).
+"""
+
+import sys
+from typing import List, NoReturn
+
+from twisted.application.service import IService, MultiService
+
+from tigertunnel.config.model import Role, TunnelConfig, listen_description
+from tigertunnel.errors import ConfigError
+from tigertunnel.logs import logger
+from tigertunnel.net.listeners import endpoint_is_local
+
+log = logger("tigertunnel.startup")
+
+
+def fail(message: str, status: int = 1) -> NoReturn:
+    """Print ``tigertunnel: error: MESSAGE`` on stderr and exit with ``status``."""
+    sys.stderr.write(f"tigertunnel: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(status)
+
+
+class Bound(MultiService):
+    """A tunnel service whose ports :func:`bind_before_daemonizing` bound.
+
+    Its only child is that service: starting and stopping go to it, binding
+    (``privilegedStartService``, which twistd calls once more after it
+    daemonized) has been done.
+    """
+
+    def privilegedStartService(self) -> None:
+        """Nothing: the ports are bound already."""
+
+
+def bind_before_daemonizing(top: IService) -> Bound:
+    """Bind ``top``'s listening ports now (``privilegedStartService``).
+
+    :returns: ``top`` in a :class:`Bound`, for twistd to start.
+    :raises SystemExit: (status 1) after one line on stderr, when a port
+        cannot be bound or anything else in the binding fails.
+    """
+    try:
+        top.privilegedStartService()
+    except Exception as e:  # one line, whatever it is: nothing runs yet
+        fail(f"cannot start: {e}")
+    bound = Bound()
+    top.setServiceParent(bound)
+    return bound
+
+
+def _shown(host: str, port: int) -> str:
+    if not host:
+        return f"*:{port} (all IPv4 interfaces)"
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def reachable_tb_listeners(config: TunnelConfig) -> List[str]:
+    """The TB-side listen addresses of a tunnel client that are not on loopback.
+
+    A pair listening on all interfaces (``:PORT``, ``0.0.0.0``, ``::``) or on
+    any address that is not loopback counts; a host name counts by the
+    address it resolves to. A tunnel server's listeners take pool
+    connections, which must prove the key: they are never named.
+    """
+    if config.role is not Role.CLIENT:
+        return []
+    reachable = []
+    for pair in config.pairs:
+        try:
+            local = endpoint_is_local(listen_description(pair.listen))
+        except (ConfigError, ValueError):
+            local = False
+        if not local:
+            reachable.append(_shown(pair.listen.host, pair.listen.port))
+    return reachable
+
+
+def warn_reachable_tb_listeners(config: TunnelConfig) -> None:
+    """Log one warning naming the client's TB-side listeners beyond loopback (if any)."""
+    reachable = reachable_tb_listeners(config)
+    if reachable:
+        log.warn("TB-side listener reachable beyond loopback: {addresses}; anyone "
+                 "who can connect there can use the tunnel (TigerBeetle has no "
+                 "authentication): bind it to 127.0.0.1 or a private interface",
+                 addresses=", ".join(reachable))
