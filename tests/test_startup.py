@@ -9,11 +9,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel.config.model import Role, TunnelConfig, parse_proxy
 from tigertunnel.errors import ListenError
-from tigertunnel.ops.startup import Bound, bind_before_daemonizing, reachable_tb_listeners
+from tigertunnel.ops.startup import bind_before_daemonizing, reachable_tb_listeners
 
 
 class Recorder(Service):
-    """A service that records its start-up calls; its binding may fail."""
+    """A service that records its binding; its binding may fail."""
 
     def __init__(self, error: "Exception | None" = None) -> None:
         self.calls: List[str] = []
@@ -24,32 +24,19 @@ class Recorder(Service):
         if self.error is not None:
             raise self.error
 
-    def startService(self) -> None:
-        super().startService()
-        self.calls.append("start")
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.calls.append("stop")
-
 
 class BindTests(SynchronousTestCase):
-    """bind_before_daemonizing binds once, now, and a failure is one line and exit 1."""
+    """bind_before_daemonizing binds now, and a failure is one line and exit 1."""
 
     def setUp(self) -> None:
         self.err = io.StringIO()
         self.patch(sys, "stderr", self.err)
 
-    def test_bound_once(self) -> None:
-        """The ports are bound at once; twistd's later privilegedStartService binds nothing again; start and stop reach the service."""
+    def test_bound_now(self) -> None:
+        """The ports are bound at once, silently."""
         inner = Recorder()
-        bound = bind_before_daemonizing(inner)
-        self.assertIsInstance(bound, Bound)
+        bind_before_daemonizing(inner)
         self.assertEqual(inner.calls, ["bind"])
-        bound.privilegedStartService()
-        bound.startService()
-        bound.stopService()
-        self.assertEqual(inner.calls, ["bind", "start", "stop"])
         self.assertEqual(self.err.getvalue(), "")
 
     def test_failure_is_one_line(self) -> None:

@@ -431,6 +431,28 @@ class MakeServiceTests(SynchronousTestCase):
         self.reactor.advance(60)
         self.assertEqual(len(self.reactor.tcpClients), 2)
 
+    def test_twistd_binds_in_make_service(self) -> None:
+        """Under twistd the ports are bound by makeService (before twistd daemonizes), once."""
+        from twisted.application import app
+        from tigertunnel.ops import hardening
+        self.patch(hardening, "harden_once", lambda: None)
+        options = tap.Options()
+        options.parent = app.ServerOptions()
+        options.parseOptions(["server", "--plaintext", "-p", ":3000,127.0.0.1:3001",
+                              "-p", "127.0.0.1:3002,127.0.0.1:3003"])
+        service = tap.makeService(options, reactor=self.reactor)
+        self.assertEqual([port for port, _, _, _ in self.reactor.tcpServers], [3000, 3002])
+        service.privilegedStartService()  # what twistd does after daemonizing
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(len(self.reactor.tcpServers), 2)
+
+    def test_console_binds_at_start(self) -> None:
+        """Without twistd makeService binds nothing: the console script starts the service."""
+        tap.makeService(parse(["server", "--plaintext", "-p", ":3000,127.0.0.1:3001"]),
+                        reactor=self.reactor)
+        self.assertEqual(self.reactor.tcpServers, [])
+
     def warnings(self, argv: List[str]) -> List[str]:
         from twisted.logger import formatEvent, globalLogPublisher
         events: List[Any] = []

@@ -569,7 +569,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
         warn_reachable_tb_listeners(config)
         if _twistd_options(options) is not None:
             # Ports bound before twistd daemonizes: an error is one line.
-            return bind_before_daemonizing(top)
+            bind_before_daemonizing(top)
     return top
 
 

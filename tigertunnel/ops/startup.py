@@ -8,9 +8,9 @@ occurred" (cut at 100 bytes) and a traceback in the log. So
 terminal and has written no pidfile: :func:`bind_before_daemonizing` prints
 one line ``tigertunnel: error: cannot start: ...`` on stderr and exits 1 when
 one cannot be bound, the same line the console script prints, with or
-without ``-n``. It returns the tunnel service inside :class:`Bound`, which
-twistd then starts (after daemonizing and dropping privileges) without
-binding anything again.
+without ``-n``. twistd then starts the service (after daemonizing and
+dropping privileges); its ``privilegedStartService`` binds only once
+(:class:`~tigertunnel.ops.shutdown.TunnelService`).
 
 :func:`reachable_tb_listeners` names the TB-side listeners of a tunnel
 client that other hosts can reach. TigerBeetle has no authentication, so
@@ -21,7 +21,7 @@ at start naming them (:func:`warn_reachable_tb_listeners`).
 import sys
 from typing import List, NoReturn
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 
 from tigertunnel.config.model import Role, TunnelConfig, listen_description
 from tigertunnel.errors import ConfigError
@@ -38,22 +38,9 @@ def fail(message: str, status: int = 1) -> NoReturn:
     raise SystemExit(status)
 
 
-class Bound(MultiService):
-    """A tunnel service whose ports :func:`bind_before_daemonizing` bound.
-
-    Its only child is that service: starting and stopping go to it, binding
-    (``privilegedStartService``, which twistd calls once more after it
-    daemonized) has been done.
-    """
-
-    def privilegedStartService(self) -> None:
-        """Nothing: the ports are bound already."""
-
-
-def bind_before_daemonizing(top: IService) -> Bound:
+def bind_before_daemonizing(top: IService) -> None:
     """Bind ``top``'s listening ports now (``privilegedStartService``).
 
-    :returns: ``top`` in a :class:`Bound`, for twistd to start.
     :raises SystemExit: (status 1) after one line on stderr, when a port
         cannot be bound or anything else in the binding fails.
     """
@@ -61,9 +48,6 @@ def bind_before_daemonizing(top: IService) -> Bound:
         top.privilegedStartService()
     except Exception as e:  # one line, whatever it is: nothing runs yet
         fail(f"cannot start: {e}")
-    bound = Bound()
-    top.setServiceParent(bound)
-    return bound
 
 
 def _shown(host: str, port: int) -> str:
