@@ -5,8 +5,13 @@
 ``twistd [-n] [--pidfile F] tigertunnel client --config cluster.ini``
 
 Every option, address and key file is validated while the options are
-parsed, so a bad value stops start-up with a one-line message naming it and a
-non-zero exit status, before anything listens or daemonizes.
+parsed (a KEM key file also needs native ML-KEM), so a bad value stops
+start-up with a one-line message naming it and a non-zero exit status,
+before anything listens or daemonizes; under twistd that line is
+``tigertunnel: error: ...`` on stderr, as from the console script. Under
+twistd ``makeService`` also binds the listening ports, before twistd
+daemonizes (:mod:`tigertunnel.ops.startup`), so a port in use is the same
+one line.
 
 Under twistd the process is hardened (not dumpable, no core files:
 :mod:`tigertunnel.ops.hardening`) as soon as twistd hands the arguments to
@@ -475,6 +480,10 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     :class:`~tigertunnel.ops.shutdown.TunnelService` (graceful shutdown), with
     key reload on SIGHUP, the optional metrics listener and, under systemd,
     the notifications as its operations services.
+
+    Under twistd the ports are bound here (a port that cannot be bound
+    exits with one line); a client names its TB-side listeners reachable
+    beyond loopback in one warning.
 
     :param reactor: the global reactor by default; tests pass a
         ``MemoryReactorClock``.
