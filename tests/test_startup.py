@@ -1,6 +1,7 @@
 """Tests for tigertunnel.ops.startup: binding before twistd daemonizes, and the reachable-listener check."""
 
 import io
+import os
 import sys
 from typing import List
 
@@ -9,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel.config.model import Role, TunnelConfig, parse_proxy
 from tigertunnel.errors import ListenError
-from tigertunnel.ops.startup import bind_before_daemonizing, reachable_tb_listeners
+from tigertunnel.ops.startup import bind_before_daemonizing, probe_replay_file, reachable_tb_listeners
 
 
 class Recorder(Service):
@@ -46,6 +47,37 @@ class BindTests(SynchronousTestCase):
         self.assertEqual(error.code, 1)
         self.assertEqual(self.err.getvalue(), "tigertunnel: error: cannot start: cannot listen "
                                               "on 127.0.0.1:3000: Address already in use\n")
+
+
+class ReplayProbeTests(SynchronousTestCase):
+    """probe_replay_file tries the server's replay file before twistd daemonizes."""
+
+    def setUp(self) -> None:
+        self.err = io.StringIO()
+        self.patch(sys, "stderr", self.err)
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def test_usable_file(self) -> None:
+        """A new path is created as a replay cache (0600), silently."""
+        path = os.path.join(self.dir, "tt.pid.replay")
+        probe_replay_file(path)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(self.err.getvalue(), "")
+
+    def test_foreign_file_is_one_line(self) -> None:
+        """A file that is not a replay cache exits 1 with one line naming it, and is left as it was."""
+        path = os.path.join(self.dir, "foreign.replay")
+        with open(path, "wb") as f:
+            f.write(b"something else entirely")
+        error = self.assertRaises(SystemExit, probe_replay_file, path)
+        self.assertEqual(error.code, 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith(f"tigertunnel: error: cannot start: {path}: "
+                                            f"not a tigertunnel replay cache"), lines[0])
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"something else entirely")
 
 
 def config(role: Role, *pairs: str) -> TunnelConfig:

@@ -447,6 +447,27 @@ class MakeServiceTests(SynchronousTestCase):
         self.addCleanup(service.stopService)
         self.assertEqual(len(self.reactor.tcpServers), 2)
 
+    def test_twistd_tries_the_replay_file_unless_switching_users(self) -> None:
+        """Under twistd a foreign --replay-file stops makeService (exit 1); with twistd -u it is left to the service's start, as that user."""
+        from twisted.application import app
+        from tigertunnel.ops import hardening
+        self.patch(hardening, "harden_once", lambda: None)
+        self.patch(sys, "stderr", io.StringIO())
+        foreign = self.keys.write("foreign.replay", "something else entirely\n")
+        for uid, exits in ((None, True), (os.getuid(), False)):
+            options = tap.Options()
+            options.parent = app.ServerOptions()
+            options.parent["uid"] = uid
+            options.parseOptions(["server", "--plaintext", "-p", ":3000,127.0.0.1:3001",
+                                  "--replay-file", foreign])
+            if exits:
+                error = self.assertRaises(SystemExit, tap.makeService, options,
+                                          reactor=MemoryReactorClock())
+                self.assertEqual(error.code, 1)
+                self.assertIn(f"{foreign}: not a tigertunnel replay cache", sys.stderr.getvalue())
+            else:
+                tap.makeService(options, reactor=MemoryReactorClock())
+
     def test_console_binds_at_start(self) -> None:
         """Without twistd makeService binds nothing: the console script starts the service."""
         tap.makeService(parse(["server", "--plaintext", "-p", ":3000,127.0.0.1:3001"]),

@@ -497,7 +497,11 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     from tigertunnel.ops.reload import KeyReloader, ReloadService
     from tigertunnel.ops.replay import ReplayCacheService, replay_path
     from tigertunnel.ops.shutdown import TunnelService
-    from tigertunnel.ops.startup import bind_before_daemonizing, warn_reachable_tb_listeners
+    from tigertunnel.ops.startup import (
+        bind_before_daemonizing,
+        probe_replay_file,
+        warn_reachable_tb_listeners,
+    )
     from tigertunnel.ops.systemd import Notifier, SystemdService, watchdog_interval
     from tigertunnel.ops.workers import WorkerSupervisor, create_board, worker_command
 
@@ -576,9 +580,13 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
         top.add_operation(systemd)
     if sub["worker-index"] is None:
         warn_reachable_tb_listeners(config)
-        if _twistd_options(options) is not None:
-            # Ports bound before twistd daemonizes: an error is one line.
+        twistd = _twistd_options(options)
+        if twistd is not None:
+            # Ports bound (and the replay file tried, unless twistd switches
+            # users) before twistd daemonizes: an error is one line.
             bind_before_daemonizing(top)
+            if replay is not None and replay.path and twistd.get("uid") is None:
+                probe_replay_file(replay.path)
     return top
 
 

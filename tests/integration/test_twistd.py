@@ -288,6 +288,16 @@ class StartupErrorTests(_ProcessTestCase):
                            f"tcp:{port}:interface=127.0.0.1: Address already in use",
                            one_by_one=True)
 
+    async def test_replay_file_not_a_cache(self) -> None:
+        """A --replay-file that is not a replay cache stops the server with one line naming it, in every run form."""
+        foreign = self.path("foreign.replay")
+        with open(foreign, "wb") as f:
+            f.write(b"something else entirely")
+        await self.refused("server", ["-p", self.pair(), "-k", self.psk, "--replay-file",
+                                      foreign],
+                           f"cannot start: {foreign}: not a tigertunnel replay cache",
+                           one_by_one=True)
+
     async def test_kem_without_native_mlkem(self) -> None:
         """Where cryptography has no ML-KEM, a KEM key file stops both ends at start with one line, in every run form."""
         # This Python cannot import cryptography's ML-KEM module: what

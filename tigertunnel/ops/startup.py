@@ -10,7 +10,10 @@ one line ``tigertunnel: error: cannot start: ...`` on stderr and exits 1 when
 one cannot be bound, the same line the console script prints, with or
 without ``-n``. twistd then starts the service (after daemonizing and
 dropping privileges); its ``privilegedStartService`` binds only once
-(:class:`~tigertunnel.ops.shutdown.TunnelService`).
+(:class:`~tigertunnel.ops.shutdown.TunnelService`). A server's replay file,
+opened when the service starts, is opened once beforehand too
+(:func:`probe_replay_file`) when twistd will not switch users, so a file
+that is not a replay cache, or cannot be opened, is the same one line.
 
 :func:`reachable_tb_listeners` names the TB-side listeners of a tunnel
 client that other hosts can reach. TigerBeetle has no authentication, so
@@ -47,6 +50,20 @@ def bind_before_daemonizing(top: IService) -> None:
     try:
         top.privilegedStartService()
     except Exception as e:  # one line, whatever it is: nothing runs yet
+        fail(f"cannot start: {e}")
+
+
+def probe_replay_file(path: str) -> None:
+    """Open (or create) the replay file ``path`` and close it again.
+
+    :raises SystemExit: (status 1) after one line on stderr naming the file,
+        when the replay cache cannot use it.
+    """
+    from tigertunnel.ops.replay import FileReplayCache
+
+    try:
+        FileReplayCache(path).close()
+    except Exception as e:  # ReplayCacheError, or anything else: one line
         fail(f"cannot start: {e}")
 
 
