@@ -582,10 +582,12 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
         warn_reachable_tb_listeners(config)
         twistd = _twistd_options(options)
         if twistd is not None:
-            # Ports bound (and the replay file tried, unless twistd switches
-            # users) before twistd daemonizes: an error is one line.
+            # Ports bound (and an existing replay file tried, where twistd
+            # keeps user, root and directory) before twistd daemonizes: an
+            # error is one line.
             bind_before_daemonizing(top)
-            if replay is not None and replay.path and twistd.get("uid") is None:
+            if (replay is not None and replay.path and twistd.get("uid") is None
+                    and twistd.get("chroot") is None and twistd.get("rundir", ".") == "."):
                 probe_replay_file(replay.path)
     return top
 

@@ -10,10 +10,11 @@ one line ``tigertunnel: error: cannot start: ...`` on stderr and exits 1 when
 one cannot be bound, the same line the console script prints, with or
 without ``-n``. twistd then starts the service (after daemonizing and
 dropping privileges); its ``privilegedStartService`` binds only once
-(:class:`~tigertunnel.ops.shutdown.TunnelService`). A server's replay file,
-opened when the service starts, is opened once beforehand too
-(:func:`probe_replay_file`) when twistd will not switch users, so a file
-that is not a replay cache, or cannot be opened, is the same one line.
+(:class:`~tigertunnel.ops.shutdown.TunnelService`). A server's replay file
+that exists already is opened once beforehand too (:func:`probe_replay_file`)
+when twistd will not switch users, change root or change directory, so a
+file that is not a replay cache, or cannot be opened, is the same one line
+(a new one is still created by the service, once twistd runs it).
 
 :func:`reachable_tb_listeners` names the TB-side listeners of a tunnel
 client that other hosts can reach. TigerBeetle has no authentication, so
@@ -21,6 +22,7 @@ whoever reaches such a port can use the tunnel; the client logs one warning
 at start naming them (:func:`warn_reachable_tb_listeners`).
 """
 
+import os
 import sys
 from typing import List, NoReturn
 
@@ -54,13 +56,17 @@ def bind_before_daemonizing(top: IService) -> None:
 
 
 def probe_replay_file(path: str) -> None:
-    """Open (or create) the replay file ``path`` and close it again.
+    """Open the replay file ``path``, if it exists, and close it again.
+
+    Nothing is created: the service creates a new file when it starts.
 
     :raises SystemExit: (status 1) after one line on stderr naming the file,
         when the replay cache cannot use it.
     """
     from tigertunnel.ops.replay import FileReplayCache
 
+    if not os.path.lexists(path):
+        return
     try:
         FileReplayCache(path).close()
     except Exception as e:  # ReplayCacheError, or anything else: one line
