@@ -103,7 +103,9 @@ class _EndOptions(ExampleOptions):
         ["plaintext", None, "Run without encryption (no -k). Only for "
          "testing on a trusted network: nothing is authenticated."],
         ["systemd-sockets", None, "Listen on the sockets systemd passes "
-         "(socket activation): one ListenStream= per -p, in order."],
+         "(socket activation): each -p on the one named after its LISTEN "
+         "port (FileDescriptorName=), else one ListenStream= per -p, in "
+         "order."],
         ["metrics-public", None, "Allow --metrics on an address other hosts "
          "can reach (the endpoint has no authentication unless "
          "--metrics-tls-client-ca)."],
