@@ -14,25 +14,36 @@
   capability dropped from the bounding set, so even root runs with none),
   ``UMask=`` and, if the unit set it, ``MemoryDenyWriteExecute=``
   (``PR_SET_MDWE``). TB frames cross both pairs. The namespace, seccomp and
-  mount settings need systemd as PID 1 (not here); what they allow is
-  listed in the units' comments and README.rst ("systemd").
+  mount settings need systemd as PID 1 (not here);
+* both services' commands, with ``--workers 2``, run under ``strace -f``
+  through start-up, sessions, a scrape, a SIGHUP reload and a SIGTERM
+  drain, and every system call they (and their workers) make is one their
+  ``SystemCallFilter=`` lines allow, as ``systemd-analyze syscall-filter``
+  expands the groups;
+* ``MemoryDenyWriteExecute=`` stays out of the units because pyaegis cannot
+  be imported under it (checked with ``PR_SET_MDWE``, which enforces the
+  same rule).
 
-The systemd-analyze tests skip, saying why, where it is missing or too old
-for ``--offline``.
+The tests that need systemd-analyze, strace or ``PR_SET_MDWE`` (Linux 6.3)
+skip, saying why, where they are missing.
 """
 
 import os
 import re
 import shlex
 import shutil
+import signal
 import socket
+import subprocess
 import sys
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Set, Tuple
 
 from twisted.trial.unittest import SkipTest
 
 from tests.integration import procs
-from tests.integration.test_operations import Collector, _OperationsCase, _reactor, frames
+from tests.integration.test_operations import (
+    Collector, _OperationsCase, _reactor, frames, http_get)
+from tests.integration.test_workers import children
 
 UNITS = os.path.join(os.path.dirname(__file__), "..", "..", "contrib", "systemd")
 SERVICES = ("tigertunnel-server@.service", "tigertunnel-client.service")
@@ -84,6 +95,51 @@ def systemd_analyze() -> str:
     if path is None:
         raise SkipTest("systemd-analyze is not installed")
     return path
+
+
+def unit_command(unit: str, replace: Dict[str, str]) -> List[str]:
+    """A unit's ExecStart as argv: this venv's twistd, ``%i`` as 0, each
+    ``replace`` key (which must be there) swapped for its value."""
+    argv = shlex.split(service_settings(os.path.join(UNITS, unit))["ExecStart"])
+    assert argv[0] == "/opt/tigertunnel/bin/twistd", argv
+    argv = [procs.executable("twistd")] + [a.replace("%i", "0") for a in argv[1:]]
+    for old, new in replace.items():
+        assert old in argv, (old, argv)
+        argv[argv.index(old)] = new
+    return argv
+
+
+def allowed_syscalls(unit: str) -> Set[str]:
+    """The system calls a unit's ``SystemCallFilter=`` lines allow (allow list, then deny lists)."""
+    with open(os.path.join(UNITS, unit)) as f:
+        lines = [line.split("=", 1)[1].split() for line in f.read().splitlines()
+                 if line.startswith("SystemCallFilter=")]
+    groups: Dict[str, List[str]] = {}
+    current = None
+    listing = subprocess.run([systemd_analyze(), "syscall-filter"], capture_output=True,
+                             text=True, check=True, timeout=60).stdout
+    for raw in listing.splitlines():
+        entry = raw.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if not raw.startswith(" ") and entry.startswith("@"):
+            current = groups.setdefault(entry, [])
+        elif current is not None:
+            current.append(entry)
+
+    def expand(names: List[str]) -> Set[str]:
+        found: Set[str] = set()
+        for name in names:
+            found |= expand(groups[name]) if name.startswith("@") else {name}
+        return found
+
+    allowed: Set[str] = set()
+    for entries in lines:
+        if entries[0].startswith("~"):
+            allowed -= expand([entries[0][1:]] + entries[1:])
+        else:
+            allowed |= expand(entries)
+    return allowed
 
 
 class UnitFileTests(_OperationsCase):
@@ -148,13 +204,8 @@ class ClientUnitRunTests(_OperationsCase):
 
     def command(self, config: str) -> List[str]:
         """The client unit's ExecStart with this venv and ``config``, socket-activated, 2 workers."""
-        settings = service_settings(os.path.join(UNITS, "tigertunnel-client.service"))
-        argv = shlex.split(settings["ExecStart"])
-        self.assertEqual(argv[0], "/opt/tigertunnel/bin/twistd")
-        argv[0] = procs.executable("twistd")
-        self.assertIn("/etc/tigertunnel/cluster.ini", argv)
-        argv[argv.index("/etc/tigertunnel/cluster.ini")] = config
-        return argv + ["--systemd-sockets", "--workers", "2"]
+        return unit_command("tigertunnel-client.service", {"/etc/tigertunnel/cluster.ini": config}
+                            ) + ["--systemd-sockets", "--workers", "2"]
 
     async def test_socket_activated_workers_under_restrictions(self) -> None:
         """Sockets passed in reverse order are taken by name, both workers start, frames cross both pairs."""
@@ -226,3 +277,86 @@ class WriteExecuteTests(_OperationsCase):
             raise SkipTest(f"this kernel has no PR_SET_MDWE: {result.stderr.strip()}")
         self.assertNotEqual(result.status, 0, result.describe())
         self.assertIn("Cannot allocate write+execute memory for ffi.callback()", result.stderr)
+
+
+class SyscallFilterTests(_OperationsCase):
+    """Every system call both ends make stays inside their unit's SystemCallFilter=."""
+
+    timeout = 120
+
+    async def traced(self, unit: str, replace: Dict[str, str], extra: List[str]) -> Tuple[Collector, Any, str]:
+        """Run a unit's command under ``strace -f``: (collector, transport, trace file)."""
+        trace = self.path(f"{unit}.trace")
+        args = [self.strace, "-f", "-qq", "-o", trace, *unit_command(unit, replace), *extra]
+        child = Collector()
+        transport = _reactor().spawnProcess(child, args[0], args, env=procs.child_env())
+        self.addCleanup(lambda: child.ended.called or transport.signalProcess("KILL"))
+        return child, transport, trace
+
+    async def test_tunnel_stays_inside_the_filter(self) -> None:
+        """Server and client, 2 workers each, through start, sessions, a reload and a drain: no call outside the filter."""
+        import re
+
+        strace = shutil.which("strace")
+        if strace is None:
+            raise SkipTest("strace is not installed")
+        self.strace = strace
+        allowed = {unit: allowed_syscalls(unit) for unit in SERVICES}
+        self.assertIn("memfd_create", allowed[SERVICES[1]])
+        server_port, client_port, metrics = procs.free_ports(3)
+        config = self.write("cluster.ini", f"""[tunnel]
+key = {self.write_keys("psk.key", 1_700_000_000_000_000_001)}
+num-conns = 2
+
+[replica 0]
+tunnel = 127.0.0.1:{server_port}
+backend = {self.backend}
+local = 127.0.0.1:{client_port}
+""")
+        ends = {}
+        for unit in SERVICES:
+            replace = {"/etc/tigertunnel/cluster.ini": config}
+            extra = ["--workers", "2"]
+            if "server" in unit:
+                replace["/var/lib/tigertunnel/server-0.replay"] = self.path("server.replay")
+                extra += ["--metrics", f"tcp:{metrics}:interface=127.0.0.1"]
+            ends[unit] = await self.traced(unit, replace, extra)
+
+        def output(unit: str) -> str:
+            return b"".join(ends[unit][0].output).decode(errors="replace")
+
+        client = SERVICES[1]
+        try:
+            await procs.wait_until(lambda: output(client).count(" up (") >= 2
+                                   or any(end[0].ended.called for end in ends.values()),
+                                   60, "the client's pool connections")
+        finally:
+            for unit in SERVICES:
+                self.assertFalse(ends[unit][0].ended.called, output(unit))
+        await procs.wait_until(lambda: all("started worker 1" in output(u) for u in SERVICES),
+                               60, "worker 1 of both ends")
+        for _ in range(4):
+            peer = await self.tb_session(client_port)
+            await self.round_trip(peer, frames(3, 9))
+            peer.transport.loseConnection()
+        await http_get(f"http://127.0.0.1:{metrics}/metrics")
+        # Signals go to the tunnel end itself, strace's child.
+        tunnels = {unit: children(ends[unit][1].pid) for unit in SERVICES}
+        self.assertEqual([len(pids) for pids in tunnels.values()], [1, 1], tunnels)
+        for unit in SERVICES:
+            os.kill(tunnels[unit][0], signal.SIGHUP)
+        await procs.wait_until(lambda: all("keys reloaded" in output(u) for u in SERVICES),
+                               30, "the reloads")
+        for unit in SERVICES:
+            os.kill(tunnels[unit][0], signal.SIGTERM)
+        for unit in SERVICES:
+            self.assertEqual(await ends[unit][0].ended.addTimeout(60, _reactor()), 0, output(unit))
+        for unit in SERVICES:
+            used = set()
+            with open(ends[unit][2]) as f:
+                for line in f:
+                    call = re.match(r"\d+\s+([a-z_0-9]+)\(", line)
+                    if call:
+                        used.add(call.group(1))
+            self.assertIn("clone", " ".join(sorted(used)), unit)  # the workers were traced too
+            self.assertEqual(sorted(used - allowed[unit]), [], f"{unit} calls outside its filter")
