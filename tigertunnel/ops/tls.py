@@ -83,18 +83,20 @@ def read_certificates(path: str, what: str = "certificate file") -> "List[Certif
 
 
 def read_private_certificate(cert_path: str, key_path: str,
-                             owners: Optional[Iterable[int]] = None
-                             ) -> "PrivateCertificate":
+                             owners: Optional[Iterable[int]] = None,
+                             leaf: "Optional[Certificate]" = None) -> "PrivateCertificate":
     """The certificate of ``cert_path`` with the private key of ``key_path``.
 
     :param owners: the users the key file may belong to
         (:func:`tigertunnel.keys.files.trusted_owners` by default).
+    :param leaf: the certificate, when ``cert_path`` has been read already.
     :raises ConfigError: either file is unusable, the key file is readable
         by others or belongs to another user, or the key is not the
         certificate's.
     """
     ssl = _ssl()
-    leaf = read_certificates(cert_path)[0]
+    if leaf is None:
+        leaf = read_certificates(cert_path)[0]
     try:
         key_pem = read_key_file(key_path, secret=True, owners=owners)
     except KeyFileError as e:
@@ -151,8 +153,9 @@ def read_server_tls(cert_path: str, key_path: str, client_ca_path: Optional[str]
 
     :raises ConfigError: one line naming the unusable file.
     """
-    private = read_private_certificate(cert_path, key_path, owners)
-    chain = read_certificates(cert_path)[1:]
+    certificates = read_certificates(cert_path)
+    private = read_private_certificate(cert_path, key_path, owners, certificates[0])
+    chain = certificates[1:]
     cas = (read_certificates(client_ca_path, "client CA file")
            if client_ca_path is not None else [])
     return ServerTLS(private, chain, cas)

@@ -11,6 +11,7 @@ line saying which of these went wrong.
 reactor); :func:`fetch` runs the reactor once around it, for the command.
 """
 
+from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
@@ -22,6 +23,15 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from tigertunnel.ops.tls import client_tls
+
+
+@dataclass(frozen=True)
+class ClientFiles:
+    """The ``--ca``, ``--cert`` and ``--key`` files (``None``: not given)."""
+
+    ca: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
 
 
 @implementer(IPolicyForHTTPS)
@@ -81,11 +91,11 @@ def explain(error: BaseException, host: str) -> str:
     return str(error) or type(error).__name__
 
 
-def fetch(url: str, timeout: float, ca: Optional[str] = None,
-          cert: Optional[str] = None, key: Optional[str] = None) -> Tuple[int, bytes]:
+def fetch(url: str, timeout: float, files: ClientFiles = ClientFiles()) -> Tuple[int, bytes]:
     """GET an ``https://`` URL, checking the endpoint: (HTTP status, body).
 
-    Runs the global reactor until the answer is in, so once per process.
+    Runs the global reactor until the answer is in (or SIGINT/SIGTERM), so
+    once per process.
 
     :raises ConfigError: a ``--ca``, ``--cert`` or ``--key`` file is unusable.
     :raises OSError: the request failed (the message says why, one line).
@@ -94,7 +104,7 @@ def fetch(url: str, timeout: float, ca: Optional[str] = None,
 
     reactor: Any = _reactor
     host = urlsplit(url).hostname or ""
-    creator = client_tls(host, ca, cert, key)
+    creator = client_tls(host, files.ca, files.cert, files.key)
     outcome: List[Any] = []
 
     def start() -> None:
@@ -103,9 +113,9 @@ def fetch(url: str, timeout: float, ca: Optional[str] = None,
         d.addBoth(lambda _: reactor.stop())
 
     reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=False)
+    reactor.run()
     if not outcome:
-        raise OSError("no answer")
+        raise OSError("interrupted before an answer")
     result = outcome[0]
     if isinstance(result, Failure):
         raise OSError(explain(result.value or Exception("failed"), host))

@@ -24,9 +24,12 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, List, Mapping, NoReturn, Optional, TextIO, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NoReturn, Optional, TextIO, Tuple
 
 from tigertunnel.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tigertunnel.tools.https import ClientFiles
 
 DEFAULT_URL = "http://127.0.0.1:9101/status"
 
@@ -112,11 +115,11 @@ def status_url(url: str) -> str:
 
 
 def fetch(url: str, timeout: float,
-          tls: Optional[argparse.Namespace] = None) -> Tuple[int, Dict[str, Any]]:
+          tls: "Optional[ClientFiles]" = None) -> Tuple[int, Dict[str, Any]]:
     """GET ``url``: (HTTP status, the JSON document).
 
-    :param tls: for an ``https://`` URL, the ``ca``, ``cert`` and ``key``
-        files (:mod:`tigertunnel.tools.https`).
+    :param tls: for an ``https://`` URL, the ``--ca``, ``--cert`` and
+        ``--key`` files (:mod:`tigertunnel.tools.https`).
     :raises ConfigError: one of those files is unusable.
     :raises OSError: if the tunnel end cannot be reached or answers
         something other than a ``/status`` JSON object (the message says why).
@@ -124,8 +127,7 @@ def fetch(url: str, timeout: float,
     if urllib.parse.urlsplit(url).scheme == "https":
         from tigertunnel.tools import https
 
-        code, body = https.fetch(url, timeout, getattr(tls, "ca", None),
-                                 getattr(tls, "cert", None), getattr(tls, "key", None))
+        code, body = https.fetch(url, timeout, tls or https.ClientFiles())
         return code, _document(code, body)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -138,6 +140,12 @@ def fetch(url: str, timeout: float,
     except http.client.HTTPException as e:
         raise OSError(f"not an HTTP answer ({type(e).__name__})") from None
     return code, _document(code, body)
+
+
+def _client_files(args: argparse.Namespace) -> "ClientFiles":
+    from tigertunnel.tools.https import ClientFiles
+
+    return ClientFiles(args.ca, args.cert, args.key)
 
 
 def _document(code: int, body: bytes) -> Dict[str, Any]:
@@ -248,7 +256,7 @@ def main(argv: List[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
         return int(e.code or 0)
     url = args.url
     try:
-        code, doc = fetch(url, args.timeout, args)
+        code, doc = fetch(url, args.timeout, _client_files(args))
     except ConfigError as e:
         err.write(f"tigertunnel: error: status: {e}\n")
         return 2
