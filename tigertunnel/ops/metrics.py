@@ -372,7 +372,8 @@ def make_site(muxes: List[SessionMultiplexer],
 
 
 class MetricsService(MultiService):
-    """The listener of ``--metrics DESCRIPTION``.
+    """The listener of ``--metrics DESCRIPTION``: HTTP, or HTTPS with ``tls``
+    (``--metrics-tls-*``, :mod:`tigertunnel.ops.tls`).
 
     A port that cannot be bound is fatal at start-up, as for the tunnel's
     own listeners (:class:`ListenError`, one line naming the endpoint).
