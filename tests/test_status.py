@@ -105,6 +105,26 @@ class ArgumentTests(SynchronousTestCase):
             self.assertEqual(len(err.getvalue().splitlines()), 1)
             self.assertIn(bad, err.getvalue())
 
+    def test_tls_options(self) -> None:
+        """--ca, --cert and --key need an https:// URL, --cert and --key each other: one line, exit 2."""
+        for argv, expected in (
+                (["--ca", "ca.pem", "http://h:9101"],
+                 "--ca is for an https:// URL, not 'http://h:9101/status'"),
+                (["--cert", "c.pem", "https://h:9101"], "--cert needs --key"),
+                (["--key", "c.key", "https://h:9101"], "--key needs --cert")):
+            err = io.StringIO()
+            self.assertEqual(main(argv, io.StringIO(), err), 2)
+            self.assertEqual(err.getvalue(), f"tigertunnel: error: status: {expected}\n")
+
+    def test_unusable_ca_file(self) -> None:
+        """An unreadable --ca file is one line naming it, exit 2, before any connection."""
+        missing = self.mktemp()
+        err = io.StringIO()
+        self.assertEqual(main(["--ca", missing, "https://127.0.0.1:1"], io.StringIO(), err), 2)
+        self.assertEqual(len(err.getvalue().splitlines()), 1)
+        self.assertTrue(repr(missing) in err.getvalue() or "pyOpenSSL" in err.getvalue(),
+                        err.getvalue())
+
     def test_help(self) -> None:
         """--help exits 0 after printing the synopsis and examples."""
         out = io.StringIO()

@@ -67,7 +67,8 @@ from tigertunnel.errors import ConfigError
 
 _REPLICA = re.compile(r"replica (\d+)\Z")
 #: [tunnel] keys that name files: relative paths are from the file's directory.
-PATH_OPTIONS = frozenset({"key", "kemsecret", "kempublic"})
+PATH_OPTIONS = frozenset({"key", "kemsecret", "kempublic", "metrics-tls-cert",
+                          "metrics-tls-key", "metrics-tls-client-ca"})
 _LOCAL_KEYS = {"local-host", "local-port"}
 _REPLICA_KEYS = {"tunnel", "backend", "listen", "local"}
 

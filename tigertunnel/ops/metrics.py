@@ -31,7 +31,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IProtocolFactory, IReactorCore
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -47,6 +47,7 @@ from tigertunnel.net.multiplexer import (
 from tigertunnel.net.stats import Stats
 from tigertunnel.ops.reload import KeyReloader
 from tigertunnel.ops.tbmetrics import Snapshot, TBCollector, TBRecorder, merge_pair_snapshots
+from tigertunnel.ops.tls import ServerTLS
 
 #: Directions of traffic, as named in the counters: ``to_tunnel`` = read from
 #: the TB side and sent into the tunnel, ``from_tunnel`` = the reverse.
@@ -371,7 +372,8 @@ def make_site(muxes: List[SessionMultiplexer],
 
 
 class MetricsService(MultiService):
-    """The listener of ``--metrics DESCRIPTION``.
+    """The listener of ``--metrics DESCRIPTION``: HTTP, or HTTPS with ``tls``
+    (``--metrics-tls-*``, :mod:`tigertunnel.ops.tls`).
 
     A port that cannot be bound is fatal at start-up, as for the tunnel's
     own listeners (:class:`ListenError`, one line naming the endpoint).
@@ -380,12 +382,18 @@ class MetricsService(MultiService):
     def __init__(self, description: str, muxes: List[SessionMultiplexer],
                  reloader: Optional[KeyReloader], reactor: Reactor,
                  recorders: Sequence[TBRecorder] = (),
-                 other_workers: Callable[[], Iterable[Mapping[str, Snapshot]]] = tuple
-                 ) -> None:
+                 other_workers: Callable[[], Iterable[Mapping[str, Snapshot]]] = tuple,
+                 tls: Optional[ServerTLS] = None) -> None:
         super().__init__()
         self.description = description
         self.site = make_site(muxes, reloader, recorders, other_workers)
-        strports.service(description, self.site,
+        # With TLS the site is served inside TLSMemoryBIOProtocol, on any
+        # endpoint (tcp:, unix:, a systemd: socket).
+        factory: IProtocolFactory = self.site
+        if tls is not None:
+            from twisted.protocols.tls import TLSMemoryBIOFactory  # needs pyOpenSSL
+            factory = TLSMemoryBIOFactory(tls.options(), False, self.site)
+        strports.service(description, factory,
                          reactor=IReactorCore(reactor)).setServiceParent(self)
 
     def privilegedStartService(self) -> None:
