@@ -166,11 +166,12 @@ class ParseProxyTests(SynchronousTestCase):
         self.assertIn("target address", str(error))
         self.assertIn("'127.0.0.1:0'", str(error))
 
-    def test_split_at_first_comma(self) -> None:
-        """Only the first comma splits; a second one lands in the target and is refused."""
+    def test_third_part_must_be_a_name(self) -> None:
+        """After LISTEN,TARGET only name=NAME may follow; anything else is refused, named."""
         error = self.assertRaises(ConfigError, parse_proxy, ":4000,a:1,b:2", 0)
-        self.assertIn("target address", str(error))
-        self.assertIn("'a:1,b:2'", str(error))
+        self.assertIn("only name=NAME may follow, not 'b:2'", str(error))
+        error = self.assertRaises(ConfigError, parse_proxy, ":4000,a:1,name=x,y", 0)
+        self.assertIn("invalid proxy pair name 'x,y'", str(error))
 
 
 class ListenDescriptionTests(SynchronousTestCase):

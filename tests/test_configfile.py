@@ -68,20 +68,23 @@ class PairTests(SynchronousTestCase):
         self.cluster = clusterfile.load(self.files.config(THREE), tap.config_file_options())
 
     def test_server_of_each_replica(self) -> None:
-        """A server gets one pair: its replica's listen address to its backend."""
-        self.assertEqual(self.cluster.pairs("server", 0), [":3000,127.0.0.1:3001"])
-        self.assertEqual(self.cluster.pairs("server", 2), ["10.0.0.3:3100,127.0.0.1:3001"])
+        """A server gets one pair: its replica's listen address to its backend, named for the replica."""
+        self.assertEqual(self.cluster.pairs("server", 0), [":3000,127.0.0.1:3001,name=replica0"])
+        self.assertEqual(self.cluster.pairs("server", 2),
+                         ["10.0.0.3:3100,127.0.0.1:3001,name=replica2"])
 
     def test_client_to_replicas(self) -> None:
         """The TB clients' tunnel client gets one pair per replica, on consecutive local ports."""
         self.assertEqual(self.cluster.pairs("client", None), [
-            "127.0.0.1:4000,r0.example:3000", "127.0.0.1:4001,r1.example:3000",
-            "127.0.0.1:5002,10.0.0.3:3100"])
+            "127.0.0.1:4000,r0.example:3000,name=replica0",
+            "127.0.0.1:4001,r1.example:3000,name=replica1",
+            "127.0.0.1:5002,10.0.0.3:3100,name=replica2"])
 
     def test_replica_to_replica(self) -> None:
-        """A replica's tunnel client gets a pair for every other replica."""
+        """A replica's tunnel client gets a pair for every other replica, named for it."""
         self.assertEqual(self.cluster.pairs("client", 1), [
-            "127.0.0.1:4000,r0.example:3000", "127.0.0.1:5002,10.0.0.3:3100"])
+            "127.0.0.1:4000,r0.example:3000,name=replica0",
+            "127.0.0.1:5002,10.0.0.3:3100,name=replica2"])
 
     def test_server_needs_replica(self) -> None:
         """A server of a several-replica file must say which replica it fronts."""
@@ -102,7 +105,7 @@ class PairTests(SynchronousTestCase):
                                 f"--kemsecret={self.files.path('kem.key')}",
                                 "--cluster=7", "--max-sessions=100", "--require-kem",
                                 "--metrics=tcp:9101:interface=127.0.0.1",
-                                "-p", ":3000,127.0.0.1:3001"])
+                                "-p", ":3000,127.0.0.1:3001,name=replica0"])
         client = self.cluster.argv("client", None)
         self.assertIn(f"--kempublic={self.files.path('kem.pub')}", client)
         self.assertIn("--num-conns=2", client)
@@ -167,7 +170,7 @@ class PairPropertyTests(SynchronousTestCase):
             mine = cluster.pairs("client", i)
             self.assertEqual(len(mine), len(ports) - 1)
             self.assertNotIn(f"r{i}.example:", " ".join(mine))
-            self.assertEqual(cluster.pairs("server", i), [f":{ports[i]}," + ":3001"])
+            self.assertEqual(cluster.pairs("server", i), [f":{ports[i]},:3001,name=replica{i}"])
 
 
 class ErrorTests(SynchronousTestCase):
@@ -343,8 +346,8 @@ class OptionsTests(SynchronousTestCase):
         lines = describe_run(parse(["client", "--config", self.path, "--replica", "0"]))
         self.assertEqual(lines, [
             f"client: 2 proxy pairs; psk key id {self.files.psk_id} (of 1), kem public key id 22",
-            "  pair0: 127.0.0.1:4001 -> r1.example:3000",
-            "  pair1: 127.0.0.1:5002 -> 10.0.0.3:3100",
+            "  pair0: 127.0.0.1:4001 -> r1.example:3000 (pair=replica1)",
+            "  pair1: 127.0.0.1:5002 -> 10.0.0.3:3100 (pair=replica2)",
             "  metrics: tcp:9101:interface=127.0.0.1"])
 
     def test_defaults_unchanged(self) -> None:

@@ -56,10 +56,10 @@ class PromQLTests(SynchronousTestCase):
     def test_functions_groupings_and_labels(self) -> None:
         """Functions, aggregations, grouping labels, matchers, ranges and numbers are not metric names."""
         expr = ('histogram_quantile(0.99, sum by (le, operation) (rate('
-                'tigertunnel_tb_request_duration_seconds_bucket{pair=~"$pair",'
+                'tigertunnel_tigerbeetle_request_duration_seconds_bucket{pair=~"$pair",'
                 'instance="x"}[$__rate_interval])))')
         self.assertEqual(promql_metric_names(expr),
-                         {"tigertunnel_tb_request_duration_seconds_bucket"})
+                         {"tigertunnel_tigerbeetle_request_duration_seconds_bucket"})
 
     def test_binary_operators_and_keywords(self) -> None:
         """Both sides of binary operators are read; on/group_left/offset/bool/unless are keywords."""
@@ -102,8 +102,8 @@ class DashboardTests(SynchronousTestCase):
     def test_every_tb_family_shown(self) -> None:
         """Each TigerBeetle family appears in at least one panel."""
         used = load_dashboard_metric_names(DASHBOARD)
-        tb = {n for n in tunnel_series() if n.startswith("tigertunnel_tb_")}
-        tb.discard("tigertunnel_tb_request_duration_seconds_sum")
+        tb = {n for n in tunnel_series() if n.startswith("tigertunnel_tigerbeetle_")}
+        tb.discard("tigertunnel_tigerbeetle_request_duration_seconds_sum")
         self.assertEqual(tb - used, set())
 
     def test_panels_have_unique_ids_and_refids(self) -> None:

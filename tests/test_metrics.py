@@ -17,6 +17,10 @@ from tigertunnel.ops.reload import KeyReloader
 
 Sample = Tuple[str, Dict[str, str], float]
 
+#: The ``pair`` label of the in-memory tunnel's client and server pairs
+#: (each pair is named for the address it reaches).
+CLIENT_PAIR, SERVER_PAIR = "127.0.0.1:3000", "127.0.0.1:3001"
+
 
 def frame(size: int, tag: int) -> bytes:
     """A TB frame with a ``size``-byte body."""
@@ -72,31 +76,31 @@ class TrafficTests(SynchronousTestCase):
         found = samples(body.decode())
         total = sum(256 + n for n in self.sizes)
         for direction in ("to_tunnel", "from_tunnel"):
-            self.assertEqual(value(found, "tigertunnel_frames_total", pair="pair0",
+            self.assertEqual(value(found, "tigertunnel_frames_total", pair=CLIENT_PAIR,
                                    direction=direction), len(self.sizes))
-            self.assertEqual(value(found, "tigertunnel_bytes_total", pair="pair0",
+            self.assertEqual(value(found, "tigertunnel_bytes_total", pair=CLIENT_PAIR,
                                    direction=direction), total)
-        self.assertEqual(value(found, "tigertunnel_sessions", pair="pair0"), 1)
-        self.assertEqual(value(found, "tigertunnel_sessions_opened_total", pair="pair0"), 1)
-        self.assertEqual(value(found, "tigertunnel_pool_connections", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_sessions", pair=CLIENT_PAIR), 1)
+        self.assertEqual(value(found, "tigertunnel_sessions_opened_total", pair=CLIENT_PAIR), 1)
+        self.assertEqual(value(found, "tigertunnel_pool_connections", pair=CLIENT_PAIR,
                                state="healthy"), 3)
-        self.assertEqual(value(found, "tigertunnel_pool_size", pair="pair0"), 3)
-        self.assertEqual(value(found, "tigertunnel_pool_connects_total", pair="pair0"), 3)
+        self.assertEqual(value(found, "tigertunnel_pool_size", pair=CLIENT_PAIR), 3)
+        self.assertEqual(value(found, "tigertunnel_pool_connects_total", pair=CLIENT_PAIR), 3)
         key_id = str(self.t.client.config.psk.first()[0])
-        self.assertEqual(value(found, "tigertunnel_pool_connections_by_key", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_pool_connections_by_key", pair=CLIENT_PAIR,
                                key_id=key_id), 3)
         self.assertEqual(value(found, "tigertunnel_key_info", kind="psk", key_id=key_id), 1)
-        self.assertEqual(value(found, "tigertunnel_pair_healthy", pair="pair0"), 1)
-        self.assertEqual(value(found, "tigertunnel_pair_info", pair="pair0", role="client",
+        self.assertEqual(value(found, "tigertunnel_pair_healthy", pair=CLIENT_PAIR), 1)
+        self.assertEqual(value(found, "tigertunnel_pair_info", pair=CLIENT_PAIR, role="client",
                                listen="127.0.0.1:4000", target="127.0.0.1:3000"), 1)
         self.assertTrue(any(n.startswith("process_") for n, _, _ in found))
 
     def test_server_side(self) -> None:
         """The server counts the same frames (from_tunnel = towards its replica)."""
         found = samples(get(self.server_site, b"/metrics")[2].decode())
-        self.assertEqual(value(found, "tigertunnel_frames_total", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_frames_total", pair=SERVER_PAIR,
                                direction="from_tunnel"), len(self.sizes))
-        self.assertEqual(value(found, "tigertunnel_pool_connections", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_pool_connections", pair=SERVER_PAIR,
                                state="healthy"), 3)
         self.assertEqual([n for n, _, _ in found if n.startswith("tigertunnel_key_reload")], [])
 
@@ -121,16 +125,16 @@ class TrafficTests(SynchronousTestCase):
         self.assertEqual(pair["frames"], {"to_tunnel": 4, "from_tunnel": 4})
         self.assertEqual(pair["pool"], {"healthy": 3, "draining": 0, "handshaking": 0, "size": 3})
         self.assertEqual(sorted(link["sessions"] for link in pair["links"]), [0, 0, 1])
-        self.assertEqual(doc["keys"]["psk"], [self.t.client.config.psk.first()[0]])
+        self.assertEqual(doc["keys"]["psk"], [str(self.t.client.config.psk.first()[0])])
 
     def test_handshake_failures_by_reason(self) -> None:
         """Rejected handshakes are counted by reason on the server."""
         self.t.server.stats.handshake_failures[HandshakeFailure.UNKNOWN_KEY] += 2
         self.t.server.stats.handshake_failures[HandshakeFailure.TIMEOUT] += 1
         found = samples(get(self.server_site, b"/metrics")[2].decode())
-        self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair=SERVER_PAIR,
                                reason="unknown_key"), 2)
-        self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair=SERVER_PAIR,
                                reason="timeout"), 1)
 
     def test_status_counters_names(self) -> None:
@@ -166,7 +170,7 @@ class HealthTests(SynchronousTestCase):
         self.assertEqual(code, 503)
         self.assertFalse(json.loads(body)["pairs"][0]["healthy"])
         found = samples(get(site, b"/metrics")[2].decode())
-        self.assertEqual(value(found, "tigertunnel_pair_healthy", pair="pair0"), 0)
+        self.assertEqual(value(found, "tigertunnel_pair_healthy", pair=CLIENT_PAIR), 0)
         t.net.refusing.clear()
         t.net.advance(1)
         self.assertEqual(get(site, b"/status")[0], 200)
@@ -178,7 +182,7 @@ class HealthTests(SynchronousTestCase):
         t.start()
         t.tb_client()
         found = samples(get(make_site([t.client], None), b"/metrics")[2].decode())
-        self.assertEqual(value(found, "tigertunnel_sessions_refused_total", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_sessions_refused_total", pair=CLIENT_PAIR,
                                reason="no_pool"), 1)
 
     def test_stopping_is_unhealthy(self) -> None:

@@ -142,7 +142,8 @@ class WorkerSupervisor(Service):
         self.env = env
         self.board = board
         self.workers: Dict[int, _WorkerProtocol] = {}
-        #: The last TB figures each running worker reported (``{pair: snapshot}``).
+        #: The last figures each running worker reported, by worker index
+        #: (:func:`tigertunnel.ops.figures.worker_report`).
         self.figures: Dict[int, Dict[str, Any]] = {}
         self.restarts = 0
         #: SIGHUP reloads so far (a worker that was starting gets one more).
