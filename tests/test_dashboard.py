@@ -2,7 +2,7 @@
 
 import json
 import os
-from typing import Set
+from typing import Any, List, Set, Tuple
 
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,18 +36,34 @@ def series_names(text: str) -> Set[str]:
 
 
 def tunnel_series() -> Set[str]:
-    """What a tunnel client's /metrics defines (ops/metrics.py), plus the TB families."""
+    """What a tunnel client's and a tunnel server's /metrics define
+    (ops/metrics.py), plus the TB families."""
     t = Tunnel()
     t.start()
+    t.server.backend.record(True, 1.0)
     reloader = KeyReloader([t.client], t.clock, now=lambda: 1.0)
     reloader.reload()
     registry = make_registry(TunnelCollector([t.client], reloader))
+    server = make_registry(TunnelCollector([t.server], None), process_metrics=False)
     recorder = TBRecorder("pair0")
     recorder.watch.frame(FROM_TUNNEL, tbdata.reply(1, 1, 140, view=1), 0.0)
     tb_registry = CollectorRegistry(auto_describe=False)
     tb_registry.register(TBCollector.of_recorders([recorder]))
     return (series_names(generate_latest(registry).decode())
+            | series_names(generate_latest(server).decode())
             | series_names(generate_latest(tb_registry).decode()))
+
+
+def targets(doc: Any) -> List[Tuple[str, str]]:
+    """(panel title, expression) of every query of the dashboard's panels."""
+    found = []
+    stack = list(doc["panels"])
+    while stack:
+        panel = stack.pop(0)
+        stack.extend(panel.get("panels") or ())
+        found.extend((panel["title"], t["expr"]) for t in panel.get("targets") or ()
+                     if t.get("expr"))
+    return found
 
 
 class PromQLTests(SynchronousTestCase):
@@ -115,3 +131,29 @@ class DashboardTests(SynchronousTestCase):
         for panel in doc["panels"]:
             refs = [t["refId"] for t in panel.get("targets", ())]
             self.assertEqual(len(refs), len(set(refs)), panel["title"])
+
+    def test_role_and_replica_variables(self) -> None:
+        """The dashboard picks one role (never "All") and the replicas (pair label) of that role."""
+        with open(DASHBOARD) as f:
+            doc = json.load(f)
+        variables = {v["name"]: v for v in doc["templating"]["list"]}
+        role = variables["role"]
+        self.assertEqual((role["multi"], role["includeAll"]), (False, False))
+        self.assertIn("label_values(tigertunnel_pair_info, role)", role["definition"])
+        self.assertIn('role="$role"', variables["replica"]["definition"])
+        self.assertTrue(variables["replica"]["definition"].endswith(", pair)"))
+        self.assertNotIn("pair", variables)
+
+    def test_every_query_is_one_role(self) -> None:
+        """Every panel query keeps to the chosen role, so the two tunnel ends' figures of the same TB frames never add up."""
+        with open(DASHBOARD) as f:
+            doc = json.load(f)
+        found = targets(doc)
+        self.assertGreater(len(found), 20)
+        for title, expr in found:
+            self.assertIn('tigertunnel_pair_info{role="$role"}', expr, title)
+            self.assertNotIn("$pair", expr, title)
+            # each selector of a tunnel end's metrics is joined with the role
+            selectors = expr.count("{instance=~")
+            joins = expr.count(' tigertunnel_pair_info{role="$role"}')
+            self.assertEqual(selectors, joins, title)
