@@ -272,6 +272,15 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(cfg.key_path, self.files.path("secret.key"))
         self.assertEqual(sub.operations.metrics, "tcp:9101:interface=127.0.0.1")
 
+    def test_pairs_named_for_their_replica(self) -> None:
+        """Pairs from the file are labelled replicaN: a server by its replica, a replica's client by the others."""
+        server = parse(["server", "--config", self.path, "--replica", "2"]).subOptions.config
+        self.assertEqual([p.label for p in server.pairs], ["replica2"])
+        client = parse(["client", "--config", self.path, "--replica", "1"]).subOptions.config
+        self.assertEqual([p.label for p in client.pairs], ["replica0", "replica2"])
+        whole = parse(["client", "--config", self.path]).subOptions.config
+        self.assertEqual([p.label for p in whole.pairs], ["replica0", "replica1", "replica2"])
+
     def test_workers_get_the_values_read_now(self) -> None:
         """--workers starts workers with the file's values as read at start,
         not with --config (a restarted worker must run what worker 0 runs):

@@ -1,6 +1,7 @@
 """Tests for :mod:`tigertunnel.ops.metrics` (/metrics and /status), on the in-memory network."""
 
 import json
+from dataclasses import replace
 from typing import Any, Dict, List, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -8,10 +9,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from tests.memnet import Tunnel
+from tests.memnet import Tunnel, psk_store
 from tests.strategies import make_tb_frame
 from tigertunnel.errors import ListenError
 from tigertunnel.ops.metrics import MetricsService, make_site, status
+from tigertunnel.net.multiplexer import ServerMultiplexer
 from tigertunnel.net.stats import HandshakeFailure, Refusal
 from tigertunnel.ops.reload import KeyReloader
 
@@ -237,3 +239,69 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual([(p, i) for p, _, _, i in reactor.tcpServers],
                          [(4000, "127.0.0.1"), (9101, "127.0.0.1")])
         self.assertEqual([type(s) for s in service.late], [MetricsService])
+
+
+class ContentTests(SynchronousTestCase):
+    """Families present before their first event, build info, key ids as strings."""
+
+    def setUp(self) -> None:
+        self.t = Tunnel()
+        self.t.start()
+
+    def test_known_reasons_at_zero(self) -> None:
+        """Every handshake-failure and refusal reason of the role is served at 0 before it occurs."""
+        client = samples(get(make_site([self.t.client], None), b"/metrics")[2].decode())
+        server = samples(get(make_site([self.t.server], None), b"/metrics")[2].decode())
+
+        def reasons(found: List[Sample], name: str) -> Dict[str, float]:
+            return {labels["reason"]: v for n, labels, v in found if n == name}
+
+        self.assertEqual(reasons(client, "tigertunnel_handshake_failures_total"), dict.fromkeys(
+            ["timeout", "server_auth", "invalid_status", "rejected_unknown_key",
+             "rejected_server_error", "rejected_unknown_kem_key",
+             "rejected_client_auth_failed", "rejected_timestamp_invalid"], 0))
+        self.assertEqual(reasons(server, "tigertunnel_handshake_failures_total"), dict.fromkeys(
+            ["timeout", "bad_version", "bad_operation", "unknown_key", "bad_hash",
+             "timestamp", "replay", "kem_required", "kem"], 0))
+        self.assertEqual(reasons(client, "tigertunnel_sessions_refused_total"),
+                         {"stopping": 0, "no_pool": 0, "max_sessions": 0})
+        self.assertEqual(reasons(server, "tigertunnel_sessions_refused_total"),
+                         {"stopping": 0, "max_sessions": 0})
+
+    def test_build_info(self) -> None:
+        """tigertunnel_build_info names the version, the data path in use and the ML-KEM implementation."""
+        from tigertunnel import __version__
+        from tigertunnel.wire import datapath
+
+        found = samples(get(make_site([self.t.client], None), b"/metrics")[2].decode())
+        info = [labels for n, labels, v in found if n == "tigertunnel_build_info" and v == 1]
+        self.assertEqual(len(info), 1)
+        self.assertEqual(info[0]["version"], __version__)
+        self.assertEqual(info[0]["datapath"], datapath.ACTIVE.name)
+        self.assertIn(info[0]["datapath"], ("c", "python"))
+        self.assertIn(info[0]["mlkem"], ("cryptography", "kyber-py", "none"))
+
+    def test_key_ids_are_strings(self) -> None:
+        """Every key id in /status is a JSON string, exact above 2^53 (jq reads numbers as doubles)."""
+        key_id = 1796677740593560132  # jq 1.6 prints 1796677740593560000 for this number
+        self.assertNotEqual(float(key_id), key_id)
+        t = Tunnel(psk=psk_store(f"{key_id}:{'ab' * 32}\n".encode()))
+        t.start()
+        for mux in (t.client, t.server):
+            body = get(make_site([mux], None), b"/status")[2]
+            doc = json.loads(body)
+            self.assertEqual(doc["keys"]["psk"], [str(key_id)])
+            self.assertEqual({link["key_id"] for link in doc["pairs"][0]["links"]},
+                             {str(key_id)})
+            self.assertEqual(doc["pairs"][0]["key_ids"], {str(key_id): 2})
+            self.assertIn(f'"{key_id}"'.encode(), body)
+
+    def test_pair_label_is_what_the_pair_reaches(self) -> None:
+        """The pair label and /status name are the pair's target address, or its name= when given."""
+        found = samples(get(make_site([self.t.client], None), b"/metrics")[2].decode())
+        self.assertEqual({labels["pair"] for n, labels, _ in found
+                          if n == "tigertunnel_pair_info"}, {CLIENT_PAIR})
+        t = Tunnel()
+        named = ServerMultiplexer(t.server.config, replace(t.server.pair, label="replica2"),
+                                  t.clock, t.net.endpoint_for)
+        self.assertEqual(status([named], None)["pairs"][0]["name"], "replica2")
