@@ -167,3 +167,18 @@ class TBMetricsTests(_OperationsCase):
         text = await self.scrape_until(port, "tigertunnel_tigerbeetle_requests_total", 16,
                                        pair=self.pair, operation="lookup_accounts")
         self.check_counts(text, 16)
+        # Every family is the sum over both workers, not worker 0's share.
+        text = await self.scrape_until(port, "tigertunnel_frames_total", 48,
+                                       pair=self.pair, direction="from_tunnel")
+        self.assertEqual(metric(text, "tigertunnel_sessions_opened_total", pair=self.pair), 16)
+        self.assertEqual(metric(text, "tigertunnel_sessions", pair=self.pair), 16)
+        self.assertEqual(metric(text, "tigertunnel_frames_total", pair=self.pair,
+                                direction="to_tunnel"), 48)
+        # -n 2 in each of 2 workers (a worker reports every 2 s: wait for it)
+        text = await self.scrape_until(port, "tigertunnel_pool_connections", 4,
+                                       pair=self.pair, state="healthy")
+        self.assertEqual(metric(text, "tigertunnel_pool_connections", pair=self.pair,
+                                state="healthy"), 4)
+        self.assertEqual(metric(text, "tigertunnel_pool_size", pair=self.pair), 4)
+        for worker in ("0", "1"):
+            self.assertGreater(metric(text, "process_cpu_seconds_total", worker=worker), 0)
