@@ -8,6 +8,8 @@ from twisted.logger import eventAsJSON
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.memnet import Tunnel
+from tigertunnel.config.model import Address, ProxyPair, TunnelConfig
+from tigertunnel.net.multiplexer import ClientMultiplexer
 from tests.test_metrics import CLIENT_PAIR, SERVER_PAIR, frame, get, samples, value
 from tigertunnel.net.stats import HandshakeFailure
 from tigertunnel.ops.figures import (
@@ -16,11 +18,16 @@ from tigertunnel.ops.figures import (
     figures_reporter,
     merge_pair_documents,
     pair_status,
-    worker_report,
+    report_pairs,
+    report_parts,
+    report_tb,
 )
 from tigertunnel.ops.metrics import make_site, process_collectors
 from tigertunnel.ops.tbmetrics import watch_pairs
-from tigertunnel.ops.workers.logpipe import decode_line, figures_of, report_figures
+from tigertunnel.ops.workers.logpipe import MAX_LINE, decode_line, figures_of, report_figures
+from tigertunnel.wire.tbheader import OPERATIONS
+from tigertunnel.wire.tbwatch import FROM_TUNNEL, TO_TUNNEL
+from tests import tbdata
 
 
 def busy_tunnel(sessions: int) -> Tunnel:
@@ -85,13 +92,16 @@ class WorkerZeroTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.zero, self.other = busy_tunnel(1), busy_tunnel(3)
         other_recorders = watch_pairs([self.other.client])
-        # The report travels as a log event's JSON, as over the log pipe.
-        events: List[Dict[str, Any]] = []
-        report_figures(worker_report([self.other.client], other_recorders,
-                                     process_collectors()), events.append)
-        line = eventAsJSON(events[0]).encode()
-        report = figures_of(decode_line(1, line, 0.0))
-        assert report is not None
+        # The parts travel as log events' JSON, as over the log pipe, and
+        # are kept as the supervisor keeps them.
+        report: Dict[str, Any] = {}
+        for part in report_parts([self.other.client], other_recorders, process_collectors()):
+            events: List[Dict[str, Any]] = []
+            report_figures(part, events.append)
+            line = eventAsJSON(events[0]).encode()
+            got = figures_of(decode_line(1, line, 0.0))
+            assert got is not None
+            report.update(got)
         self.reports = {1: report}
         self.recorders = watch_pairs([self.zero.client])
         self.site = make_site([self.zero.client], None, self.recorders,
@@ -139,7 +149,7 @@ class ReporterTests(SynchronousTestCase):
     """A worker reports its figures every FIGURES_INTERVAL seconds."""
 
     def test_reports_on_clock(self) -> None:
-        """The reporter sends a full report at start and then every interval."""
+        """The reporter sends every part of its report at start and then every interval."""
         t = busy_tunnel(1)
         recorders = watch_pairs([t.server])
         sent: List[Dict[str, Any]] = []
@@ -148,14 +158,45 @@ class ReporterTests(SynchronousTestCase):
                                    sent.append)
         service.startService()
         self.addCleanup(service.stopService)
-        self.assertEqual(len(sent), 1)
+        self.assertEqual([list(part) for part in sent], [[f"pair {SERVER_PAIR}"], ["process"]])
         clock.advance(FIGURES_INTERVAL)
-        self.assertEqual(len(sent), 2)
-        report = sent[-1]
-        self.assertEqual([p["name"] for p in report["pairs"]], [SERVER_PAIR])
-        self.assertEqual(list(report["tb"]), [SERVER_PAIR])
+        self.assertEqual(len(sent), 4)
+        report: Dict[str, Any] = {}
+        for part in sent:
+            report.update(part)
+        self.assertEqual([p["name"] for p in report_pairs(report)], [SERVER_PAIR])
+        self.assertEqual(list(report_tb(report)), [SERVER_PAIR])
         self.assertIn("process_cpu_seconds", report["process"])
         json.dumps(report)  # it must cross the log pipe as JSON
+
+    def test_parts_fit_a_log_line(self) -> None:
+        """With 16 pairs that saw every TB operation, each part stays far below the log
+        pipe's line limit, though the whole report would not fit in one line."""
+        config = TunnelConfig("client", [ProxyPair(i, Address("127.0.0.1", 4000 + i),
+                                                   Address("127.0.0.1", 3000 + i))
+                                         for i in range(16)])
+        clock = Clock()
+        muxes = [ClientMultiplexer(config, pair, clock) for pair in config.pairs]
+        recorders = watch_pairs(muxes)
+        for recorder in recorders:
+            number = 0
+            for operation in OPERATIONS:
+                for i in range(16):
+                    number += 1
+                    recorder.watch.frame(TO_TUNNEL, tbdata.request(number, 1, operation), 0.0)
+                    recorder.watch.frame(FROM_TUNNEL, tbdata.reply(number, 1, operation),
+                                         0.0001 * 2 ** i)
+        parts = report_parts(muxes, recorders, process_collectors())
+        self.assertEqual(len(parts), 17)
+        self.assertEqual(len(report_tb(parts[0])["127.0.0.1:3000"]["latency"]),
+                         len(set(OPERATIONS.values())))
+        sizes = []
+        for part in parts:
+            events: List[Dict[str, Any]] = []
+            report_figures(part, events.append)
+            sizes.append(len(eventAsJSON(events[0]).encode()))
+        self.assertLess(max(sizes), MAX_LINE // 4)
+        self.assertGreater(sum(sizes), MAX_LINE)
 
     def test_process_collector_without_reports(self) -> None:
         """Without other workers, the process families have worker 0's samples only."""

@@ -100,7 +100,7 @@ def exposition(role: str, per_worker: bool = False) -> str:
     mux.stats.sessions_refused[Refusal.STOPPING] += 1
     if role == "server":
         t.server.backend.record(True, 5.0)
-    reports = {1: {"pairs": [], "tb": {}, "process": {
+    reports = {1: {"process": {
         "process_cpu_seconds": [["process_cpu_seconds_total", {}, 1.5]]}}}
     collector = TunnelCollector([mux], reloader, recorders,
                                 (lambda: reports) if per_worker else (lambda: {}))

@@ -8,9 +8,9 @@ everywhere in it: they are u64 values, above the 2^53 that a JSON number
 carries exactly in JavaScript or ``jq``.
 
 With ``--workers N`` each worker sends worker 0, every
-:data:`FIGURES_INTERVAL` seconds over its log pipe, a *worker report*
-(:func:`worker_report`): its pairs' documents, its TB snapshots and its
-process metrics' samples. Worker 0 adds the reports up
+:data:`FIGURES_INTERVAL` seconds over its log pipe, its *report* in parts
+(:func:`report_parts`, one log line each): each pair's document and TB
+snapshot, and its process metrics' samples. Worker 0 adds the reports up
 (:func:`merge_pair_documents`): counts add (pool connections, sessions,
 frames, bytes, failures), a pair is healthy when it is healthy in every
 worker, each pool connection is listed with its ``worker``, and the backend
@@ -33,7 +33,8 @@ from tigertunnel.net.stats import Stats
 from tigertunnel.ops.reload import KeyReloader
 from tigertunnel.ops.tbmetrics import Snapshot, TBRecorder
 
-__all__ = ["SIMPLE_COUNTERS", "counters", "pair_status", "status", "worker_report",
+__all__ = ["SIMPLE_COUNTERS", "counters", "pair_status", "status", "report_parts",
+           "report_pairs", "report_tb", "report_process",
            "merge_pair_documents", "FIGURES_INTERVAL", "figures_reporter",
            "WorkerProcessCollector", "WorkerReports"]
 
@@ -266,20 +267,57 @@ class WorkerProcessCollector:
                     labelled.add_sample(sample.name, dict(sample.labels, worker="0"),
                                         sample.value)
                 for index in sorted(reports):
-                    samples = (reports[index].get("process") or {}).get(family.name)
+                    samples = report_process(reports[index]).get(family.name)
                     for name, labels, value in samples or ():
                         labelled.add_sample(name, dict(labels, worker=str(index)),
                                             float(value))
                 yield labelled
 
 
-def worker_report(muxes: Sequence[SessionMultiplexer], recorders: Sequence[TBRecorder],
-                  process: Iterable[Any] = ()) -> Dict[str, Any]:
-    """What a worker tells worker 0: ``{"pairs": [pair documents], "tb":
-    {pair: snapshot}, "process": process_samples(process)}``."""
-    return {"pairs": [pair_status(mux) for mux in muxes],
-            "tb": {r.pair: r.snapshot() for r in recorders},
-            "process": process_samples(process)}
+#: The key of a pair's part in a worker's report (then the pair's name).
+PAIR_PART = "pair "
+#: The key of the process samples' part.
+PROCESS_PART = "process"
+
+
+def report_parts(muxes: Sequence[SessionMultiplexer], recorders: Sequence[TBRecorder],
+                 process: Iterable[Any] = ()) -> List[Dict[str, Any]]:
+    """What a worker tells worker 0, in parts small enough for one log line
+    each (a worker's log pipe cuts lines at 64 KiB; a pair's part is a few
+    KiB): ``{"pair NAME": {"status": pair document, "tb": snapshot or
+    None}}`` per pair, then ``{"process": process_samples(process)}``.
+
+    Worker 0 keeps the parts of each worker in one dict (a later part
+    replaces the one with the same key): its *report*.
+    """
+    snapshots = {r.pair: r for r in recorders}
+    parts: List[Dict[str, Any]] = []
+    for mux in muxes:
+        recorder = snapshots.get(mux.pair_label)
+        parts.append({PAIR_PART + mux.pair_label: {
+            "status": pair_status(mux),
+            "tb": recorder.snapshot() if recorder is not None else None}})
+    parts.append({PROCESS_PART: process_samples(process)})
+    return parts
+
+
+def report_pairs(report: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """The pair documents of a worker's report."""
+    return [part["status"] for key, part in report.items()
+            if key.startswith(PAIR_PART) and isinstance(part, Mapping)]
+
+
+def report_tb(report: Mapping[str, Any]) -> Dict[str, Snapshot]:
+    """The TB snapshots of a worker's report, by pair name."""
+    return {key[len(PAIR_PART):]: part["tb"] for key, part in report.items()
+            if key.startswith(PAIR_PART) and isinstance(part, Mapping)
+            and part.get("tb") is not None}
+
+
+def report_process(report: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The process samples of a worker's report."""
+    samples = report.get(PROCESS_PART)
+    return samples if isinstance(samples, Mapping) else {}
 
 
 #: Seconds between two reports of a worker to worker 0 (so worker 0's
@@ -291,16 +329,17 @@ def figures_reporter(muxes: Sequence[SessionMultiplexer], recorders: Sequence[TB
                      clock: IReactorTime, process: Sequence[Any] = (),
                      report: "Callable[[Dict[str, Any]], None] | None" = None
                      ) -> TimerService:
-    """In a worker of ``--workers N``: a service sending its
-    :func:`worker_report` to worker 0 every :data:`FIGURES_INTERVAL` seconds
-    (over its log pipe)."""
+    """In a worker of ``--workers N``: a service sending the parts of its
+    report (:func:`report_parts`) to worker 0 every :data:`FIGURES_INTERVAL`
+    seconds (over its log pipe)."""
     if report is None:
         from tigertunnel.ops.workers.logpipe import report_figures
         report = report_figures
     send = report
 
     def tick() -> None:
-        send(worker_report(muxes, recorders, process))
+        for part in report_parts(muxes, recorders, process):
+            send(part)
 
     service = TimerService(FIGURES_INTERVAL, tick)
     service.clock = clock

@@ -60,6 +60,8 @@ from tigertunnel.ops.figures import (
     counters,
     merge_pair_documents,
     pair_status,
+    report_pairs,
+    report_tb,
     status,
 )
 from tigertunnel.ops.reload import KeyReloader
@@ -102,7 +104,7 @@ class TunnelCollector:
 
     :param recorders: the pairs' TB figures (:func:`~tigertunnel.ops.tbmetrics.watch_pairs`).
     :param other_workers: worker 0 of ``--workers N``: the last report of
-        each other worker (:func:`~tigertunnel.ops.figures.worker_report`),
+        each other worker (:func:`~tigertunnel.ops.figures.report_parts`),
         added to this process's figures.
     """
 
@@ -119,7 +121,7 @@ class TunnelCollector:
         """The TB figures of every recorded pair, by pair name, read now:
         this process's, summed with the last ones the other workers reported."""
         own = {r.pair: r.snapshot() for r in self.recorders}
-        others = [report.get("tb") or {} for report in self.other_workers().values()]
+        others = [report_tb(report) for report in self.other_workers().values()]
         return merge_pair_snapshots([own] + others) if others else own
 
     def pairs(self) -> List[Dict[str, Any]]:
@@ -128,7 +130,7 @@ class TunnelCollector:
         others = self.other_workers()
         if not others:
             return own
-        return merge_pair_documents({0: own, **{index: report.get("pairs") or []
+        return merge_pair_documents({0: own, **{index: report_pairs(report)
                                                 for index, report in others.items()}})
 
     def status(self) -> Dict[str, Any]:

@@ -120,8 +120,8 @@ def announce_ready(publish: Callable[[LogEvent], None] = globalLogPublisher) -> 
 
 def report_figures(figures: Dict[str, Any],
                    publish: Callable[[LogEvent], None] = globalLogPublisher) -> None:
-    """In a worker: send its figures (:func:`tigertunnel.ops.figures.worker_report`)
-    to the supervisor.
+    """In a worker: send a part of its report
+    (:func:`tigertunnel.ops.figures.report_parts`) to the supervisor.
 
     Like the ready event it bypasses the log level, and the supervisor keeps
     it instead of logging it.
