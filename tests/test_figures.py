@@ -74,6 +74,17 @@ class MergeTests(SynchronousTestCase):
         merged = merge_pair_documents({0: [pair_status(two.server)],
                                        1: [pair_status(one.server)]})
         self.assertEqual(merged[0]["backend"]["checked"], 20.0)
+        # A worker's old failure does not outlive a newer success elsewhere.
+        one.server.backend.record(True, 30.0)
+        merged = merge_pair_documents({0: [pair_status(one.server)],
+                                       1: [pair_status(two.server)]})
+        self.assertEqual(merged[0]["backend"]["reachable"], True)
+        self.assertTrue(merged[0]["healthy"])
+        # A stopping worker still makes the pair unhealthy.
+        one.server.stopping = True
+        merged = merge_pair_documents({0: [pair_status(one.server)],
+                                       1: [pair_status(two.server)]})
+        self.assertFalse(merged[0]["healthy"])
 
     def test_reasons_union(self) -> None:
         """Failure reasons seen by only one worker are kept, shared ones add."""

@@ -180,6 +180,7 @@ def merge_pair_documents(workers: Mapping[int, Sequence[Mapping[str, Any]]]
         carries the index of its ``worker``.
     """
     merged: Dict[str, Dict[str, Any]] = {}
+    serving: Dict[str, bool] = {}
     for index in sorted(workers):
         for doc in workers[index]:
             tagged = dict(doc)
@@ -188,6 +189,14 @@ def merge_pair_documents(workers: Mapping[int, Sequence[Mapping[str, Any]]]
             if not isinstance(name, str):
                 continue
             merged[name] = _merge(merged[name], tagged) if name in merged else tagged
+            backend = doc.get("backend")
+            if isinstance(backend, Mapping):
+                # A server pair: healthy unless stopping or its backend is
+                # down, which only the newest record says.
+                serving[name] = serving.get(name, True) and bool(
+                    doc.get("healthy") or backend.get("reachable") is False)
+    for name, up in serving.items():
+        merged[name]["healthy"] = up and merged[name]["backend"].get("reachable") is not False
     return list(merged.values())
 
 
