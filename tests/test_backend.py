@@ -11,7 +11,6 @@ from zope.interface import implementer
 
 from tests.memnet import Tunnel
 from tests.test_metrics import SERVER_PAIR, get, samples, value
-from tigertunnel.config.model import ProxyPair
 from tigertunnel.net.multiplexer import ServerMultiplexer
 from tigertunnel.ops.backend import PROBE_INTERVAL, BackendProbe, backend_probes
 from tigertunnel.ops.metrics import make_site, status
@@ -133,4 +132,3 @@ class ProbeTests(SynchronousTestCase):
         """Only tunnel server pairs get a probe."""
         probes = backend_probes([self.t.client, self.t.server], self.t.clock)
         self.assertEqual([p.mux for p in probes], [self.t.server])
-        self.assertIsInstance(self.t.server.pair, ProxyPair)
