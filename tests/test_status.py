@@ -52,6 +52,19 @@ class RenderTests(SynchronousTestCase):
         self.assertEqual(len([line for line in text.splitlines()
                               if line.strip().startswith(("register", "lookup_"))]), 3)
 
+    def test_backend_reachability(self) -> None:
+        """A server pair's backend shows as reachable, or UNREACHABLE with the reason."""
+        t = Tunnel()
+        t.start()
+        self.assertNotIn("backend", render(status([t.server], None), "u", 200))
+        t.server.backend.record(True, 1.0)
+        self.assertIn("  backend 127.0.0.1:3001: reachable\n",
+                      render(status([t.server], None), "u", 200))
+        t.server.backend.record(False, 2.0, "Connection refused")
+        text = render(status([t.server], None), "u", 503)
+        self.assertIn("  backend 127.0.0.1:3001: UNREACHABLE (Connection refused)\n", text)
+        self.assertIn("UNHEALTHY (HTTP 503)", text)
+
     def test_unhealthy(self) -> None:
         """A 503 document is shown as UNHEALTHY, shutting down when it says so."""
         text = render({"role": "server", "healthy": False, "stopping": True, "pairs": []},

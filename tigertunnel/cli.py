@@ -258,7 +258,7 @@ def describe_run(options: usage.Options) -> List[str]:
     lines = [f"{cfg.role}: {len(cfg.pairs)} proxy pairs; "
              f"{describe(keys, cfg.role)}"]
     for pair in cfg.pairs:
-        lines.append(f"  {pair.name}: {pair.listen} -> {pair.target}")
+        lines.append(f"  {pair.name}: {pair.listen} -> {pair.target} (pair={pair.label})")
     if sub.operations.metrics:
         lines.append(f"  metrics: {sub.operations.metrics}")
     if cfg.workers > 1:

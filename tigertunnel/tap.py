@@ -195,7 +195,8 @@ class _EndOptions(ExampleOptions):
         return trusted_owners(() if uid is None else (int(uid),))
 
     def opt_proxy(self, value: str) -> None:
-        """LISTEN,TARGET proxy pair (repeat for several replicas)."""
+        """LISTEN,TARGET[,name=NAME] proxy pair (repeat for several
+        replicas; NAME labels its metrics, default: TARGET)."""
         if len(self["proxies"]) >= MAX_PROXY_PAIRS:
             raise usage.UsageError(f"too many proxy pairs (max "
                                    f"{MAX_PROXY_PAIRS})")
@@ -221,7 +222,10 @@ class _EndOptions(ExampleOptions):
                 listen_description(pair.listen)  # resolves a listen host name
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
-        cfg = TunnelConfig(role=Role.parse(self.role), pairs=list(self["proxies"]))
+        try:
+            cfg = TunnelConfig(role=Role.parse(self.role), pairs=list(self["proxies"]))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
         cfg.max_sessions = _positive_int("max-sessions",
                                          self["max-sessions"])
         try:
@@ -537,7 +541,10 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     from tigertunnel.ops import hardening
     from tigertunnel.ops.memory import freeze_startup_heap, memory_trimmer, tune_malloc
     from tigertunnel.ops.metrics import MetricsService
-    from tigertunnel.ops.tbmetrics import figures_reporter, watch_pairs
+    from tigertunnel.ops.backend import backend_probes
+    from tigertunnel.ops.figures import figures_reporter
+    from tigertunnel.ops.metrics import process_collectors
+    from tigertunnel.ops.tbmetrics import watch_pairs
     from tigertunnel.ops.reload import KeyReloader, ReloadService
     from tigertunnel.ops.replay import ReplayCacheService, replay_path
     from tigertunnel.ops.shutdown import TunnelService
@@ -600,8 +607,9 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
                                            int(sub["worker-index"] or 0),
                                            IReactorTime(reactor)))
     if config.workers > 1 and sub["worker-index"] is not None:
-        # A worker: its TB figures go to worker 0, which serves the sum.
-        top.add_operation(figures_reporter(recorders, IReactorTime(reactor)))
+        # A worker: its figures go to worker 0, which serves the sum.
+        top.add_operation(figures_reporter(top.multiplexers, recorders,
+                                           IReactorTime(reactor), process_collectors()))
     if config.workers > 1 and sub["worker-index"] is None:
         supervisor = WorkerSupervisor(
             IReactorProcess(reactor), worker_command(worker_args),
@@ -611,11 +619,14 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
         top.add_operation(supervisor, stop_last=True)
     top.add_operation(ReloadService(reloader, reactor, listeners))
     if ops.metrics is not None:
-        others = (lambda: list(supervisor.figures.values())) if supervisor else tuple
+        others = (lambda: supervisor.figures) if supervisor is not None else None
         top.add_operation(MetricsService(ops.metrics, top.multiplexers,
                                          reloader, reactor, recorders, others,
                                          tls=ops.metrics_tls),
                           stop_last=True)
+        # A server's /metrics and /status tell whether its replica is up.
+        for probe in backend_probes(top.multiplexers, reactor):
+            top.add_operation(probe)
     if systemd is not None:
         top.add_operation(systemd)
     return top

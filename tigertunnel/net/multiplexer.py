@@ -33,6 +33,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
 from weakref import WeakKeyDictionary
 
 from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError
+from twisted.python.failure import Failure
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -50,7 +52,7 @@ from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol, Prebuilt
 from tigertunnel.net.listeners import ListenerService, pair_listener, start_listening
 from tigertunnel.net.pool import PoolSlot
 from tigertunnel.wire.tbwatch import TBWatch
-from tigertunnel.net.stats import HandshakeFailure, Refusal, Stats
+from tigertunnel.net.stats import HandshakeFailure, Reachability, Refusal, Stats
 from tigertunnel.net.tunnel_protocol import TunnelFactory, TunnelProtocol
 from tigertunnel.wire.handshake import (
     EXTENDED_VERSION,
@@ -146,6 +148,11 @@ class SessionMultiplexer(MultiService):
     def pair_name(self) -> str:
         """The proxy pair's name in logs (``pair0``)."""
         return self.pair.name
+
+    @property
+    def pair_label(self) -> str:
+        """What the pair reaches, as metrics name it (label ``pair``)."""
+        return self.pair.label or self.pair.name
 
     @property
     def cluster_value(self) -> int:
@@ -382,6 +389,8 @@ class ServerMultiplexer(SessionMultiplexer):
         self.tunnel_factory = TunnelFactory(self, self._make_handshake, self,
                                             self.pair_name)
         self.listener = pair_listener(config, pair, self.tunnel_factory, reactor)
+        #: The outcome of the last backend connect (sessions and probe).
+        self.backend = Reachability()
         self.listener.setServiceParent(self)
 
     def accept_load(self) -> Optional[int]:
@@ -455,8 +464,15 @@ class ServerMultiplexer(SessionMultiplexer):
 
         def connected(proto: Any) -> None:
             session.connecting = None
+            self.backend.record(True, self.clock.seconds())
 
-        d.addCallbacks(connected, session.connect_failed)
+        def failed(reason: Failure) -> None:
+            if not reason.check(CancelledError):
+                self.backend.record(False, self.clock.seconds(),
+                                    reason.getErrorMessage())
+            session.connect_failed(reason)
+
+        d.addCallbacks(connected, failed)
         return session
 
 

@@ -3,7 +3,8 @@
 Fetches the ``/status`` JSON of a tunnel end started with ``--metrics``
 (default ``http://127.0.0.1:9101/status``; a URL without a path gets
 ``/status``) and prints its proxy pairs, their pool connections (key id,
-state, sessions), sessions, and, where the tunnel end reports them, the
+state, sessions), sessions, a tunnel server's backend reachability, and,
+where the tunnel end reports them, the
 TigerBeetle request latencies (p50/p99 per operation), evictions, cluster
 mismatches and view. ``--json`` prints the document as received instead.
 
@@ -13,7 +14,8 @@ against ``--ca FILE`` and its host name, and shows ``--cert FILE --key
 FILE`` to an endpoint that requires a client certificate.
 
 Exit status: 0 when the tunnel end is healthy (HTTP 200), 1 when it is not
-(503: a client pair has no pool connection, or it is shutting down) or
+(503: a client pair has no pool connection, a server's replica is
+unreachable, or it is shutting down) or
 cannot be read (one line naming the URL), 2 for a bad option or URL.
 """
 
@@ -184,6 +186,11 @@ def _pair_lines(pair: Mapping[str, Any]) -> List[str]:
         lines.append(f"  pool: {pool.get('healthy', 0)}{size} healthy, "
                      f"{pool.get('draining', 0)} draining, "
                      f"{pool.get('handshaking', 0)} handshaking")
+    backend = pair.get("backend")
+    if isinstance(backend, Mapping) and backend.get("reachable") is not None:
+        lines.append(f"  backend {pair.get('target', '?')}: "
+                     + ("reachable" if backend["reachable"]
+                        else f"UNREACHABLE ({backend.get('error') or 'connect failed'})"))
     for link in pair.get("links") or ():
         key = link.get("key_id")
         lines.append(f"    {link.get('name', '?'):<12} key {key if key is not None else '-'}"
