@@ -1,27 +1,35 @@
 """Floods that share the real client's address do not keep it out (real processes).
 
 The tunnel server and client are daemonized ``twistd`` processes
-(:class:`Daemons`) in front of a scripted backend in this process. A
-:class:`Flood` in this process attacks the server's pool port while the
-real client starts; each test measures the time from the client's start
-until all :data:`POOL` of its pool connections are up (its log's
-``up (key id`` lines), asserts it is at most :data:`UP_WITHIN`, and then
-carries TB sessions through the tunnel:
+(:class:`Daemons`) in front of a scripted backend in this process. A flood
+attacks the server's pool port while the real client starts; each test
+measures the time until all :data:`POOL` of the client's pool connections
+are up (its log's ``up (key id`` lines) and how many connects the client
+made for them (the ``#N`` in their names: more than :data:`POOL` means the
+server evicted some), asserts at most :data:`UP_WITHIN` seconds and no
+eviction, and carries TB sessions through the tunnel:
 
-* silent connects from the client's own address, 127.0.0.1, many in
-  flight for as long as the client comes up (at least :data:`SILENT_MIN`);
-* :data:`STALLERS` connections from four other addresses that send one
-  valid byte of a ClientHello and stall, each reopened as soon as the
-  server closes it;
-* silent connects from ``::1`` to a server listening on ``::1``, the
-  client on ``::1`` too.
+* silent connects from the client's own address, 127.0.0.1, by a
+  :mod:`~tests.integration.flooder` process. So that the server has to
+  choose with the client's hello waiting unread, as when a flood outpaces
+  it, the server and the flooder are stopped (SIGSTOP) while the client
+  connects, then the flooder continues until :data:`QUEUED_BEHIND` of its
+  connects wait in the accept queue behind the client's, then the server
+  (the time counts from there);
+* :data:`STALLERS` connections from four other addresses (a
+  :class:`Stallers` in this process) that send one valid byte of a
+  ClientHello and stall, each reopened as soon as the server closes it
+  (the time counts from the client's start);
+* the first again over IPv6: server, client and flooder on ``::1``.
 
 Each test prints what it measured (``[flood ...]`` lines, also appended to
-``fault-measurements.txt``). Every wait is bounded; the flood stops at
+``fault-measurements.txt``). Every wait is bounded; a flood stops at
 :data:`FLOOD_FOR` seconds or :data:`FLOOD_MAX` connects at the latest.
 """
 
+import os
 import re
+import signal
 import sys
 import time
 from typing import Any, List, Optional, Sequence, Set, Union
@@ -33,20 +41,35 @@ from twisted.trial.unittest import TestCase
 
 from tests.integration import procs
 from tests.integration.tbpeers import the_reactor
-from tests.integration.tunnels import Daemons, listening_backend, open_sessions, record
+from tests.integration.tunnels import (
+    DEADLINE,
+    Daemons,
+    listening_backend,
+    open_sessions,
+    record,
+)
 
 #: Pool connections of the real client.
 POOL = 4
 #: Seconds within which the client must have all its pool connections up
-#: under a flood (it starts a twistd process: about 1 s without a flood on
-#: a loaded 2-core machine).
-UP_WITHIN = 5.0
+#: under a flood, counted by this process from before it starts the twistd
+#: client. Run alone on a 2-core machine it takes 1-2 s (the README quotes
+#: the figures); the bound leaves room for a CI machine running the other
+#: trial worker's processes and the flooders on the same cores. A flood
+#: that holds the client out goes well past it: renewed stallers held it
+#: out for 30 s and more before admission judged progress. Whether the
+#: server evicted any of the client's connections is checked exactly, from
+#: the client's connect count.
+UP_WITHIN = 15.0
 #: How long a test waits for the pool at most, to report how late it was.
 WAIT_AT_MOST = 30.0
 #: Silent connections the flooder holds open at most (its newest).
 SILENT_HOLD = 2000
-#: Flooder processes (each holds SILENT_HOLD connections).
-FLOODERS = 3
+#: Flood connects that must wait in the paused server's accept queue
+#: behind the client's (its backlog is 1,024).
+QUEUED_BEHIND = 300
+#: Connects each flooder keeps under way.
+IN_FLIGHT = 256
 #: Staller connections, and the addresses they come from.
 STALLERS = 64
 STALLER_SOURCES = [f"127.0.0.{n}" for n in range(2, 6)]
@@ -135,6 +158,12 @@ class Stallers:
             self.closed_by_server += 1
         self._connect(peer.source)
 
+    def describe(self) -> str:
+        """What the stallers did, for the measurement line."""
+        return (f"{self.count} one-byte stallers from {len(self.sources)} addresses, "
+                f"reopened as closed ({self.connects} connects, "
+                f"{self.closed_by_server} closed by the server)")
+
     async def stop(self) -> None:
         """Start no more connects, abort those under way or open, and wait
         (bounded) until they are all gone."""
@@ -154,32 +183,64 @@ class SilentFlood:
 
     def __init__(self, host: str, port: int, source: str) -> None:
         self.args = [sys.executable, "-m", "tests.integration.flooder", host,
-                     str(port), source, str(SILENT_HOLD), str(FLOOD_FOR)]
-        self.children: List[procs.Child] = []
+                     str(port), source, str(SILENT_HOLD), str(IN_FLIGHT), str(FLOOD_FOR)]
+        self.child: Optional[procs.Child] = None
+        self.source = source
 
     def start(self) -> None:
-        """Start the flooder processes."""
-        self.children = [procs.spawn(self.args) for _ in range(FLOODERS)]
+        """Start the flooder process."""
+        self.child = procs.spawn(self.args)
 
     @property
     def connects(self) -> int:
-        """The connects the flooders reported so far."""
-        total = 0
-        for child in self.children:
-            counts = re.findall(r"(?:connects|done) (\d+)", child.output)
-            total += int(counts[-1]) if counts else 0
-        return total
+        """The connects the flooder reported so far."""
+        output = self.child.output if self.child is not None else ""
+        counts = re.findall(r"(?:connects|done) (\d+)", output)
+        return int(counts[-1]) if counts else 0
+
+    def describe(self) -> str:
+        """What the flood did, for the measurement line."""
+        return (f"{self.connects} silent connects from {self.source} ({IN_FLIGHT} "
+                f"under way, the newest {SILENT_HOLD} held open, {QUEUED_BEHIND}+ "
+                f"queued behind the client's)")
+
+    def pause(self) -> None:
+        """Stop the flooder (SIGSTOP)."""
+        if self.child is not None and self.child.running:
+            os.kill(self.child.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Continue the flooder (SIGCONT)."""
+        if self.child is not None and self.child.running:
+            os.kill(self.child.pid, signal.SIGCONT)
 
     async def stop(self) -> None:
-        """End the flooders (their connections close with them)."""
-        for child in self.children:
-            if child.running:
-                await child.kill()
+        """End the flooder (its connections close with it)."""
+        if self.child is not None and self.child.running:
+            os.kill(self.child.pid, signal.SIGCONT)
+            await self.child.kill()
 
 
 def pool_lines(d: Daemons) -> int:
     """How many pool connections the client's log says came up."""
     return procs.read_text(d.path("client.log")).count(" up (key id ")
+
+
+async def settled(d: "defer.Deferred[Any]") -> None:
+    """Wait for ``d`` to fire, whatever its result."""
+    try:
+        await d
+    except Exception:
+        pass
+
+
+def client_connected(d: Daemons) -> int:
+    """The client's TCP connections to the server's pool port that are
+    established (the server need not have accepted them yet)."""
+    if d.client_pid is None:
+        return 0
+    return len([sock for sock in procs.tcp_sockets(d.client_pid)
+                if sock.state == "ESTABLISHED" and sock.remote_port == d.server_port])
 
 
 def pool_attempts(d: Daemons) -> int:
@@ -195,15 +256,32 @@ class SharedAddressFloodTests(TestCase):
     timeout = 120
 
     async def client_under(self, flood: Union[SilentFlood, Stallers], d: Daemons,
-                           before: int, backend: Any) -> float:
+                           before: int, backend: Any, topic: str,
+                           pause: bool = False) -> float:
         """Start ``flood``; once it made ``before`` connects start the client;
-        once its pool is up, echo 4 TB sessions, then stop the flood. Return
-        the seconds from the client's start until its pool was up, checked
-        against :data:`UP_WITHIN`."""
+        once its pool is up, echo 4 TB sessions, then stop the flood.
+
+        With ``pause``, the server is stopped (SIGSTOP) before the client
+        starts and continued (SIGCONT) once the client's connections and
+        :data:`QUEUED_BEHIND` more flood connects wait in its accept queue,
+        as when a flood outpaces the server: it then accepts the client's
+        connections in one pass with many of the flood's.
+
+        Records the measurement under ``topic`` before checking it.
+
+        :returns: the seconds until the pool was up from the client's
+            start (from the server's SIGCONT with ``pause``), checked
+            against :data:`UP_WITHIN`.
+        """
         self.addCleanup(flood.stop)
         flood.start()
         await procs.wait_until(lambda: flood.connects >= before, 20.0,
                                f"{before} flood connects")
+        server_pid = d.server_pid
+        assert server_pid is not None
+        if pause:
+            os.kill(server_pid, signal.SIGSTOP)
+            self.addCleanup(os.kill, server_pid, signal.SIGCONT)
         started = time.monotonic()
         up: List[float] = []
 
@@ -212,10 +290,33 @@ class SharedAddressFloodTests(TestCase):
                 up.append(time.monotonic() - started)
             return bool(up)
 
+        if pause:
+            assert isinstance(flood, SilentFlood)
+            flood.pause()
+        starting = defer.ensureDeferred(d.start_client())  # waits 10 s at most
+        if pause:
+            assert isinstance(flood, SilentFlood)
+            try:
+                await procs.wait_until(lambda: client_connected(d) >= POOL, DEADLINE,
+                                       f"{POOL} client connections in the accept queue")
+                queued = flood.connects + QUEUED_BEHIND
+                flood.resume()
+                try:
+                    await procs.wait_until(lambda: flood.connects >= queued, DEADLINE,
+                                           "flood connects queued behind the client's")
+                except procs.WaitTimeout:
+                    pass  # the accept queue is full
+            except BaseException:
+                flood.resume()
+                os.kill(server_pid, signal.SIGCONT)
+                await settled(starting)
+                raise
+            os.kill(server_pid, signal.SIGCONT)
+            started = time.monotonic()
         waiting = defer.ensureDeferred(
             procs.wait_until(pool_up, WAIT_AT_MOST, "the pool under the flood"))
         try:
-            await d.start_client()  # waits 10 s at most for the pool
+            await starting
         except procs.WaitTimeout:
             pass
         try:
@@ -227,51 +328,40 @@ class SharedAddressFloodTests(TestCase):
                 f"({flood.connects} flood connects)") from None
         await open_sessions(d, backend, 4)
         await flood.stop()
-        self.attempts = pool_attempts(d)
+        attempts = pool_attempts(d)
+        record(topic, f"{flood.describe()}: the client's {POOL} pool connections up "
+                      f"{up[0]:.2f} s after {'the server resumed' if pause else 'it started'}"
+                      f" ({attempts} connects); 4 sessions echoed")
         self.assertLessEqual(up[0], UP_WITHIN,
                              f"the pool took {up[0]:.1f} s under the flood")
-        self.assertEqual(self.attempts, POOL,
-                         f"the client connected {self.attempts} times for its {POOL} "
+        self.assertEqual(attempts, POOL,
+                         f"the client connected {attempts} times for its {POOL} "
                          f"pool connections: the server evicted some")
         return up[0]
 
     async def test_silent_flood_from_the_clients_address(self) -> None:
-        """While a process on 127.0.0.1 opens silent connections as fast as it can (2,000 held open), a real client on 127.0.0.1 has its 4 pool connections up within 5 s of starting and carries sessions."""
+        """A process on 127.0.0.1 opens silent connections as fast as it can (2,000 held open) and many wait in the server's accept queue behind the client's: the client on 127.0.0.1 has its 4 pool connections up within 15 s, each on its first connect, and carries sessions."""
         backend = listening_backend(self)
         d = Daemons(self, backend.port_number, pool_size=POOL)
         self.addCleanup(d.stop)
         await d.start_server()
         flood = SilentFlood("127.0.0.1", d.server_port, "127.0.0.1")
-        up = await self.client_under(flood, d, 200, backend)
-        record("flood same address", f"{flood.connects} silent connects from 127.0.0.1 "
-                                     f"(the newest {SILENT_HOLD} held open): the "
-                                     f"client's {POOL} pool connections up {up:.2f} s "
-                                     f"after it started ({self.attempts} connects); 4 sessions echoed")
+        await self.client_under(flood, d, 200, backend, "flood same address", pause=True)
 
     async def test_renewed_one_byte_stallers(self) -> None:
-        """64 connections from 4 addresses that each send one byte and stall, reopened as they close, keep a new client out for at most 5 s from its start."""
+        """64 connections from 4 addresses that each send one byte and stall, reopened as they close, neither evict a new client's connections nor keep it out more than 15 s from its start."""
         backend = listening_backend(self)
         d = Daemons(self, backend.port_number, pool_size=POOL)
         self.addCleanup(d.stop)
         await d.start_server()
         flood = Stallers(d.server_port, STALLER_SOURCES, STALLERS)
-        up = await self.client_under(flood, d, STALLERS, backend)
-        record("flood stallers", f"{STALLERS} one-byte stallers from "
-                                 f"{len(STALLER_SOURCES)} addresses, renewed "
-                                 f"({flood.connects} connects, "
-                                 f"{flood.closed_by_server} closed by the server): "
-                                 f"the client's {POOL} pool connections up {up:.2f} s "
-                                 f"after it started ({self.attempts} connects); 4 sessions echoed")
+        await self.client_under(flood, d, STALLERS, backend, "flood stallers")
 
     async def test_silent_flood_ipv6(self) -> None:
-        """Over IPv6 (server and client on ::1), a process on ::1 opening silent connections as fast as it can does not keep the client's pool down more than 5 s."""
+        """Over IPv6 (server and client on ::1), a process on ::1 opening silent connections as fast as it can, many waiting behind the client's, neither evicts the client's connections nor keeps its pool down more than 15 s."""
         backend = listening_backend(self)
         d = Daemons(self, backend.port_number, pool_size=POOL, server_host="[::1]")
         self.addCleanup(d.stop)
         await d.start_server()
         flood = SilentFlood("::1", d.server_port, "::1")
-        up = await self.client_under(flood, d, 200, backend)
-        record("flood ipv6", f"{flood.connects} silent connects from ::1 (the newest "
-                             f"{SILENT_HOLD} held open): the client's {POOL} pool "
-                             f"connections up {up:.2f} s after it started ({self.attempts} "
-                             f"connects); 4 sessions echoed")
+        await self.client_under(flood, d, 200, backend, "flood ipv6", pause=True)
