@@ -65,6 +65,9 @@ UP_WITHIN = 15.0
 WAIT_AT_MOST = 30.0
 #: Silent connections the flooder holds open at most (its newest).
 SILENT_HOLD = 2000
+#: Silent connects made at least before the flood stops (TB sessions are
+#: carried while it goes on).
+SILENT_MIN = 2000
 #: Flood connects that must wait in the paused server's accept queue
 #: behind the client's (its backlog is 1,024).
 QUEUED_BEHIND = 300
@@ -259,7 +262,8 @@ class SharedAddressFloodTests(TestCase):
                            before: int, backend: Any, topic: str,
                            pause: bool = False) -> float:
         """Start ``flood``; once it made ``before`` connects start the client;
-        once its pool is up, echo 4 TB sessions, then stop the flood.
+        once its pool is up (and a silent flood made :data:`SILENT_MIN`
+        connects), echo 4 TB sessions, then stop the flood.
 
         With ``pause``, the server is stopped (SIGSTOP) before the client
         starts and continued (SIGCONT) once the client's connections and
@@ -326,7 +330,10 @@ class SharedAddressFloodTests(TestCase):
                 f"{pool_lines(d)} of {POOL} pool connections up "
                 f"{WAIT_AT_MOST:.0f} s after the client started under the flood "
                 f"({flood.connects} flood connects)") from None
-        await open_sessions(d, backend, 4)
+        if isinstance(flood, SilentFlood):
+            await procs.wait_until(lambda: flood.connects >= SILENT_MIN, 20.0,
+                                   f"{SILENT_MIN} flood connects")
+        await open_sessions(d, backend, 4)  # while the flood goes on
         await flood.stop()
         attempts = pool_attempts(d)
         record(topic, f"{flood.describe()}: the client's {POOL} pool connections up "
