@@ -55,11 +55,9 @@ POOL = 4
 #: under a flood, counted by this process from before it starts the twistd
 #: client. Run alone on a 2-core machine it takes 1-2 s (the README quotes
 #: the figures); the bound leaves room for a CI machine running the other
-#: trial worker's processes and the flooders on the same cores. A flood
-#: that holds the client out goes well past it: renewed stallers held it
-#: out for 30 s and more before admission judged progress. Whether the
-#: server evicted any of the client's connections is checked exactly, from
-#: the client's connect count.
+#: trial worker's processes and the flooders on the same cores. Whether
+#: the server evicted any of the client's connections is checked exactly,
+#: from the client's connect count.
 UP_WITHIN = 15.0
 #: How long a test waits for the pool at most, to report how late it was.
 WAIT_AT_MOST = 30.0
