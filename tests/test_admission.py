@@ -16,8 +16,8 @@ class Model:
 
     def __init__(self, max_pending: int, per_group: int, grace: float = 1.0) -> None:
         self.clock = Clock()
-        self.adm: Admission[int] = Admission(max_pending, per_group, grace,
-                                             now=self.clock.seconds)
+        self.adm: Admission[int] = Admission(self.clock.seconds, max_pending,
+                                             per_group, grace)
         self.next = 0
         self.pending: Dict[int, str] = {}
         self.evicted: List[int] = []
@@ -47,7 +47,7 @@ class PolicyTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         """64 pending handshakes per listener, 16 per source group, 1 s grace for a partial hello."""
-        adm: Admission[int] = Admission()
+        adm: Admission[int] = Admission(Clock().seconds)
         self.assertEqual((adm.max_pending, adm.per_group, adm.grace), (64, 16, 1.0))
         self.assertEqual((admission.DEFAULT_MAX_PENDING, admission.DEFAULT_PER_GROUP,
                           admission.DEFAULT_GRACE), (64, 16, 1.0))
@@ -131,7 +131,7 @@ class PolicyTests(SynchronousTestCase):
 
     def test_done_and_unknown(self) -> None:
         """connection_done frees the slot; unknown keys are ignored; duplicates are refused."""
-        adm: Admission[str] = Admission(2, 2)
+        adm: Admission[str] = Admission(Clock().seconds, 2, 2)
         adm.connection_made("x", "10.0.0.1")
         self.assertIsNone(adm.victim())
         self.assertRaises(ValueError, adm.connection_made, "x", "10.0.0.1")
@@ -146,7 +146,7 @@ class PolicyTests(SynchronousTestCase):
 
     def test_received_counts(self) -> None:
         """received() adds up the hello bytes of a pending connection."""
-        adm: Admission[str] = Admission(2, 2)
+        adm: Admission[str] = Admission(Clock().seconds, 2, 2)
         adm.connection_made("x", "10.0.0.1")
         self.assertEqual(adm.received("x"), 0)
         adm.data_received("x", 30)
@@ -155,10 +155,11 @@ class PolicyTests(SynchronousTestCase):
 
     def test_bad_limits(self) -> None:
         """Limits below 1, a per-group cap above the total, or a negative grace are refused, naming the value."""
-        self.assertRaises(ValueError, Admission, 0, 1)
-        self.assertRaises(ValueError, Admission, 4, 0)
-        self.assertRaises(ValueError, Admission, 4, 5)
-        error = self.assertRaises(ValueError, Admission, 4, 4, -1.0)
+        now = Clock().seconds
+        self.assertRaises(ValueError, Admission, now, 0, 1)
+        self.assertRaises(ValueError, Admission, now, 4, 0)
+        self.assertRaises(ValueError, Admission, now, 4, 5)
+        error = self.assertRaises(ValueError, Admission, now, 4, 4, -1.0)
         self.assertIn("-1.0", str(error))
 
     def test_eviction_count(self) -> None:

@@ -24,15 +24,17 @@ complete hello, in two tiers, the first tier first:
 2. *fresh*: under the total cap from the group holding most; then fewest
    bytes first (silent before partial), then the oldest.
 
-Sending a byte buys a connection ``grace`` seconds, not immunity: a
-staller becomes the first to go once its grace is over, so stallers renewed
-as they close keep at most the newest of their connections for at most
-``grace`` seconds each. A complete hello is never pending (the handshake
-runs as soon as it is read). The caller reads a connection's waiting bytes
-before closing it (:class:`~tigertunnel.net.multiplexer.ServerMultiplexer`
-does), so a client whose hello has arrived but not yet been read is not
-the one closed: its hello is handled there and then, and the policy is
-asked again.
+Sending a byte buys a connection at most ``grace`` seconds, not immunity:
+once stale, a staller goes before any fresh connection, from any group.
+A complete hello is never pending (the handshake runs as soon as it is
+read). The caller reads a connection's waiting bytes before closing it
+(:class:`~tigertunnel.net.multiplexer.ServerMultiplexer` does), so a
+client whose hello has arrived but not yet been read is not the one
+closed: its hello is handled there and then, and the policy is asked
+again. What remains possible: a client whose hello has not arrived yet
+when it is picked (16 more connects from its group were accepted first)
+is closed and reconnects after its backoff, and a partial hello that
+takes longer than ``grace`` is ranked with the stallers.
 
 The class is bookkeeping only: no reactor, no transport; time comes from the
 injected ``now`` (the reactor's clock in the server, a test's ``Clock``).
@@ -52,9 +54,9 @@ DEFAULT_MAX_PENDING = 64
 #: Pending handshakes per source group: a client opens its ``-n`` pool
 #: connections at once (4 by default), several clients may share a NAT.
 DEFAULT_PER_GROUP = 16
-#: Seconds after its connect during which a connection that has sent part
-#: of a hello is spared before silent ones (a hello split over two TCP
-#: segments, one of them retransmitted, arrives well within it).
+#: Seconds after its connect during which a connection ranks as fresh (a
+#: real client's hello, even split over two TCP segments with one of them
+#: retransmitted, arrives well within it).
 DEFAULT_GRACE = 1.0
 #: Prefix length that makes one IPv6 source group: a /64 is the smallest
 #: network an IPv6 site is given, so one host may use any address in it.
@@ -105,15 +107,16 @@ class Admission(Generic[K]):
     when the handshake ended.
     """
 
-    def __init__(self, max_pending: int = DEFAULT_MAX_PENDING,
+    def __init__(self, now: Callable[[], float],
+                 max_pending: int = DEFAULT_MAX_PENDING,
                  per_group: int = DEFAULT_PER_GROUP,
-                 grace: float = DEFAULT_GRACE,
-                 now: Callable[[], float] = lambda: 0.0) -> None:
+                 grace: float = DEFAULT_GRACE) -> None:
         """
+        :param now: the current time in seconds (the reactor's ``seconds``).
         :param max_pending: pending handshakes held at most in all.
         :param per_group: pending handshakes held at most per source group.
-        :param grace: seconds a partial hello is spared (see the module).
-        :param now: the current time in seconds.
+        :param grace: seconds a fresh connection is ranked as fresh (see
+            the module).
         :raises ValueError: a limit below 1, ``per_group`` above
             ``max_pending``, or a negative ``grace``.
         """

@@ -377,7 +377,7 @@ class ServerMultiplexer(SessionMultiplexer):
             replay_cache if replay_cache is not None
             else ReplayCache(now=reactor.seconds))
         self.admission: "Admission[TunnelProtocol]" = (
-            admission or Admission(now=reactor.seconds))
+            admission or Admission(reactor.seconds))
         #: Pool connections in their handshake, oldest first.
         self.pending: Dict[TunnelProtocol, None] = {}
         self.evictions = 0
