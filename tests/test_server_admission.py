@@ -94,7 +94,7 @@ class FloodTests(SynchronousTestCase):
         self.assertEqual(len(ends.server.pending), DEFAULT_PER_GROUP)
 
     def test_total_cap_from_many_sources(self) -> None:
-        """Past the total cap the busiest source loses its oldest silent connection, never a connection that spoke."""
+        """Past the total cap, fresh connections go from the groups holding most (silent ones there), not the one-connection groups whose connection sent a byte."""
         ends = Ends()
         spoke = []
         for n in range(8):
