@@ -1,0 +1,181 @@
+"""The compiled data path and the pure-Python one agree on random inputs (differential fuzz).
+
+A few cases of every target (``twins.py``) run in the normal suite, with
+seed 0. ``tox -e fuzz`` runs many more under ASan and UBSan, bounded by a
+case count and a wall time (see ``tests/fuzz/__init__.py``), and prints one
+line with what ran::
+
+   fuzz: 52000 cases in 150.0 s, seed 123, 0 differences (parser 10400, ...)
+"""
+
+import dataclasses
+import os
+import random
+import sys
+import time
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.fuzz.twins import TARGETS, Observation
+from tests.helpers import COMPILED_SKIP
+from tigertunnel.wire.datapath import COMPILED, PURE
+
+CASES_VARIABLE = "TIGERTUNNEL_FUZZ_CASES"
+SECONDS_VARIABLE = "TIGERTUNNEL_FUZZ_SECONDS"
+SEED_VARIABLE = "TIGERTUNNEL_FUZZ_SEED"
+ONLY_VARIABLE = "TIGERTUNNEL_FUZZ_ONLY"
+
+#: Cases and seconds in the normal suite (no TIGERTUNNEL_FUZZ_CASES).
+SUITE_CASES = 10 * len(TARGETS)
+SUITE_SECONDS = 120.0
+
+class Budget(NamedTuple):
+    """How much to fuzz: at most ``cases`` cases and about ``seconds`` of wall time."""
+
+    cases: int
+    seconds: float
+    seed: int
+    only: Optional[Tuple[str, int]]
+    long: bool
+
+def budget_from(environ: "Dict[str, str]") -> Budget:
+    """The budget the environment asks for; ``ValueError`` names a bad value."""
+    long = bool(environ.get(CASES_VARIABLE, "").strip())
+    raw = {name: environ.get(name, "").strip() for name in
+           (CASES_VARIABLE, SECONDS_VARIABLE, SEED_VARIABLE)}
+    try:
+        cases = int(raw[CASES_VARIABLE] or SUITE_CASES)
+        seconds = float(raw[SECONDS_VARIABLE] or SUITE_SECONDS)
+        seed = int(raw[SEED_VARIABLE]) if raw[SEED_VARIABLE] else (
+            random.SystemRandom().randrange(1 << 32) if long else 0)
+    except ValueError:
+        bad = next(f"{k}={v!r}" for k, v in raw.items() if v and not _parses(v))
+        raise ValueError(f"{bad} is not a number") from None
+    if cases < 1 or seconds <= 0:
+        raise ValueError(f"{CASES_VARIABLE}={cases} and {SECONDS_VARIABLE}={seconds} "
+                         f"must be positive")
+    only = None
+    spec = environ.get(ONLY_VARIABLE, "").strip()
+    if spec:
+        target, _, number = spec.partition(":")
+        if target not in TARGETS or not number.isdigit():
+            raise ValueError(f"{ONLY_VARIABLE}={spec!r} is not TARGET:CASE "
+                             f"(targets: {', '.join(TARGETS)})")
+        only = (target, int(number))
+    return Budget(cases, seconds, seed, only, long)
+
+def _parses(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+def first_difference(a: List[Observation], b: List[Observation]) -> Optional[int]:
+    """The index of the first observation where ``a`` and ``b`` differ (``None``: equal)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 600 else text[:600] + f"... ({len(text)} characters)"
+
+class TwinsAgreeTests(SynchronousTestCase):
+    """The compiled twins give the pure-Python ones' bytes, errors, counters and events."""
+
+    skip = COMPILED_SKIP
+
+    def play(self, seed: int, target: str, number: int) -> None:
+        """Run case ``number`` of ``target`` on both twins; fail on any difference."""
+        make, run = TARGETS[target]
+        case = make(random.Random(f"{seed}/{target}/{number}"))
+        assert COMPILED is not None
+        pure, compiled = run(PURE, case), run(COMPILED, case)
+        at = first_difference(pure, compiled)
+        if at is not None:
+            self.fail(
+                f"{target} case {number} (seed {seed}) differs at observation {at}:\n"
+                f"  pure:     {_short(pure[at] if at < len(pure) else '<none>')}\n"
+                f"  compiled: {_short(compiled[at] if at < len(compiled) else '<none>')}\n"
+                f"reproduce: {SEED_VARIABLE}={seed} {ONLY_VARIABLE}={target}:{number} "
+                f"python -m twisted.trial tests.fuzz.test_twins")
+
+    def test_twins_agree(self) -> None:
+        """Every fuzz case gives equal observations on both twins, within the case and time budget."""
+        budget = budget_from(dict(os.environ))
+        if budget.only is not None:
+            self.play(budget.seed, *budget.only)
+            return
+        names = list(TARGETS)
+        counts = {name: 0 for name in names}
+        started = time.monotonic()
+        ran = 0
+        while ran < budget.cases and time.monotonic() - started < budget.seconds:
+            name = names[ran % len(names)]
+            self.play(budget.seed, name, ran // len(names))
+            counts[name] += 1
+            ran += 1
+        elapsed = time.monotonic() - started
+        if budget.long:
+            detail = ", ".join(f"{name} {n}" for name, n in counts.items())
+            print(f"\nfuzz: {ran} cases in {elapsed:.1f} s, seed {budget.seed}, "
+                  f"0 differences ({detail})", file=sys.stdout, flush=True)
+        # The time bound may cut the run short, but never to nothing.
+        self.assertGreaterEqual(min(counts.values()), 1, counts)
+
+class BudgetTests(SynchronousTestCase):
+    """The fuzz budget comes from the environment, with a message naming a bad value."""
+
+    def test_suite_default(self) -> None:
+        """Without TIGERTUNNEL_FUZZ_CASES the suite runs a few cases of each target with seed 0."""
+        budget = budget_from({})
+        self.assertEqual((budget.cases, budget.seed, budget.only, budget.long),
+                         (SUITE_CASES, 0, None, False))
+
+    def test_long_run(self) -> None:
+        """TIGERTUNNEL_FUZZ_CASES, _SECONDS and _SEED set the run; ONLY picks one case."""
+        budget = budget_from({CASES_VARIABLE: "5000", SECONDS_VARIABLE: "90",
+                              SEED_VARIABLE: "77", ONLY_VARIABLE: "codec:12"})
+        self.assertEqual(budget, Budget(5000, 90.0, 77, ("codec", 12), True))
+
+    def test_fresh_seed(self) -> None:
+        """A long run without a seed draws a fresh one."""
+        seeds = {budget_from({CASES_VARIABLE: "10"}).seed for _ in range(4)}
+        self.assertGreater(len(seeds), 1)
+
+    def test_bad_values(self) -> None:
+        """A bad count, time or case selector is refused with its name and value."""
+        for environ, words in (({CASES_VARIABLE: "many"}, "TIGERTUNNEL_FUZZ_CASES='many'"),
+                               ({SECONDS_VARIABLE: "0"}, "must be positive"),
+                               ({ONLY_VARIABLE: "nope:1"}, "'nope:1'")):
+            with self.assertRaises(ValueError) as caught:
+                budget_from(environ)
+            self.assertIn(words, str(caught.exception))
+
+
+class HarnessTests(SynchronousTestCase):
+    """The fuzz can fail: a twin that differs anywhere is reported, with how to reproduce it."""
+
+    def test_difference_is_caught(self) -> None:
+        """A parser twin whose buffered count is one off fails the first parser case, naming seed and case."""
+
+        class OffByOne(PURE.FrameParser):  # type: ignore[misc]
+            def buffered(self) -> int:
+                return int(super().buffered()) + 1
+
+        from tests.fuzz import test_twins
+        self.patch(test_twins, "COMPILED", dataclasses.replace(PURE, FrameParser=OffByOne))
+        with self.assertRaises(self.failureException) as caught:
+            TwinsAgreeTests("test_twins_agree").play(0, "parser", 0)
+        self.assertIn(f"{SEED_VARIABLE}=0 {ONLY_VARIABLE}=parser:0", str(caught.exception))
+
+    def test_same_twin_agrees(self) -> None:
+        """Every target run twice on the pure twin gives equal observations (cases are deterministic)."""
+        for target in TARGETS:
+            make, run = TARGETS[target]
+            first = run(PURE, make(random.Random(f"9/{target}/0")))
+            again = run(PURE, make(random.Random(f"9/{target}/0")))
+            self.assertEqual(first, again, target)
