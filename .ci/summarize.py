@@ -16,7 +16,7 @@ from typing import Dict, List
 # and ends with one "  ENV: OK (...)" or "  ENV: FAIL code N (...)" line each.
 SECTION = re.compile(r"^([\w.-]+): commands(?:_pre|_post)?\[\d+\]>", re.M)
 ENV_FAILED = re.compile(r"^\s+([\w.-]+): FAIL\b", re.M)
-FUZZ = re.compile(r"^fuzz: (\d+) cases in [\d.]+ s, seed \d+, (\d+) differences.*$", re.M)
+FUZZ = re.compile(r"^fuzz: (\d+) cases in [\d.]+ s .*?, seed \d+, (\d+) differences", re.M)
 
 
 def sections(text: str) -> Dict[str, str]:

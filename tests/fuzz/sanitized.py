@@ -46,7 +46,7 @@ def asan_runtime() -> str:
     return os.path.realpath(path)
 
 
-def sanitized_environment(runtime: str) -> Dict[str, str]:
+def sanitized_environment() -> Dict[str, str]:
     """The environment of the build and the run."""
     env = dict(os.environ)
     env.update({
@@ -83,7 +83,7 @@ def main(argv: List[str]) -> int:
         print(f"fuzz: {e}", file=sys.stderr)
         return 2
     copy_tree(os.getcwd(), destination)
-    env = sanitized_environment(runtime)
+    env = sanitized_environment()
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace",
                             "--force"], cwd=destination, env=env, timeout=600)
     if build.returncode != 0:

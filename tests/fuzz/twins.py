@@ -19,14 +19,13 @@ import dataclasses
 import random
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
+from tests.fuzz import inputs
+from tests.fuzz.inputs import KEY, MIB, NONCE, U64
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.wire import codec as codec_module
 from tigertunnel.wire.codec import CLIENT, SERVER, PoolCodec
 from tigertunnel.wire.datapath import Implementation
 from tigertunnel.wire.muxframes import FrameType, encode_header
-
-from tests.fuzz import inputs
-from tests.fuzz.inputs import KEY, MIB, NONCE, U64
 
 Observation = Tuple[Any, ...]
 Case = Any
