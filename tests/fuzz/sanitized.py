@@ -12,17 +12,21 @@ The run uses ``PYTHONMALLOC=malloc`` (so Python's objects, whose buffers
 the extension reads and writes, come from ASan's checked allocator),
 aborts at the first error of either sanitizer, and has leak detection off:
 CPython does not free everything at exit, so LeakSanitizer reports on
-every run. Exit status: trial's, or 2 with one line when the toolchain has
-no ASan runtime or the build fails.
+every run. Trial runs two workers (``-j2``: the fuzz is cut into two
+shards); afterwards the sanitizers' reports are printed, and, when all
+passed, one ``fuzz: N cases ...`` line for the shards together. Exit
+status: trial's (1 if a sanitizer reported anything), or 2 with one line
+when the toolchain has no ASan runtime or the build fails.
 """
 
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import sysconfig
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 #: What is copied from the checkout: enough to build the extension and run the tests.
 TREE = ["tigertunnel", "tests", "twisted", "setup.py", "setup.cfg", "pyproject.toml",
@@ -46,18 +50,56 @@ def asan_runtime() -> str:
     return os.path.realpath(path)
 
 
-def sanitized_environment() -> Dict[str, str]:
-    """The environment of the build and the run."""
+def sanitized_environment(tree: str) -> Dict[str, str]:
+    """The environment of the build and the run in ``tree``.
+
+    The sanitizers write their reports into ``tree/sanitizer/`` (a trial
+    worker's stderr ends up in a file under ``_trial_temp``);
+    :func:`main` prints them.
+    """
     env = dict(os.environ)
+    logs = os.path.join(tree, "sanitizer")
     env.update({
         "TIGERTUNNEL_SANITIZE": "1",
         "TIGERTUNNEL_REQUIRE_COMPILED": "1",
+        "TIGERTUNNEL_FUZZ_REPORT": os.path.join(tree, "fuzz-report"),
         "PYTHONMALLOC": "malloc",
-        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:strict_init_order=1",
-        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:strict_init_order=1:"
+                        f"log_path={logs}/asan",
+        "UBSAN_OPTIONS": f"print_stacktrace=1:halt_on_error=1:log_path={logs}/ubsan",
     })
     env.pop("TIGERTUNNEL_PURE", None)
     return env
+
+
+def print_sanitizer_reports(tree: str) -> int:
+    """Print every report the sanitizers wrote in ``tree``; return how many there were."""
+    logs = os.path.join(tree, "sanitizer")
+    names = sorted(os.listdir(logs)) if os.path.isdir(logs) else []
+    for name in names:
+        with open(os.path.join(logs, name), errors="replace") as f:
+            print(f"fuzz: sanitizer report {name}:\n{f.read()}", flush=True)
+    return len(names)
+
+
+def fuzz_line(tree: str) -> Optional[str]:
+    """One line for what the fuzz's shards ran, or ``None`` if none reported."""
+    directory = os.path.join(tree, "fuzz-report")
+    shards = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        with open(os.path.join(directory, name)) as f:
+            shards.append(json.load(f))
+    if not shards:
+        return None
+    counts: Dict[str, int] = {}
+    for shard in shards:
+        for target, n in shard["counts"].items():
+            counts[target] = counts.get(target, 0) + n
+    detail = ", ".join(f"{target} {n}" for target, n in counts.items())
+    return (f"fuzz: {sum(s['cases'] for s in shards)} cases in "
+            f"{max(s['seconds'] for s in shards):.1f} s "
+            f"(cpu {sum(s['cpu'] for s in shards):.1f} s, {len(shards)} processes), "
+            f"seed {shards[0]['seed']}, 0 differences ({detail})")
 
 
 def copy_tree(source: str, destination: str) -> None:
@@ -83,7 +125,9 @@ def main(argv: List[str]) -> int:
         print(f"fuzz: {e}", file=sys.stderr)
         return 2
     copy_tree(os.getcwd(), destination)
-    env = sanitized_environment()
+    env = sanitized_environment(destination)
+    os.makedirs(env["TIGERTUNNEL_FUZZ_REPORT"])
+    os.makedirs(os.path.join(destination, "sanitizer"))
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace",
                             "--force"], cwd=destination, env=env, timeout=600)
     if build.returncode != 0:
@@ -93,9 +137,13 @@ def main(argv: List[str]) -> int:
     env["LD_PRELOAD"] = " ".join(filter(None, [runtime, env.get("LD_PRELOAD", "")]))
     print(f"fuzz: running {' '.join(tests)} in {destination} with LD_PRELOAD={runtime}",
           flush=True)
-    run = subprocess.run([sys.executable, "-m", "twisted.trial", "--random=0", *tests],
+    run = subprocess.run([sys.executable, "-m", "twisted.trial", "--random=0", "-j2", *tests],
                          cwd=destination, env=env, timeout=RUN_LIMIT)
-    return run.returncode
+    reports = print_sanitizer_reports(destination)
+    line = fuzz_line(destination)
+    if run.returncode == 0 and reports == 0 and line is not None:
+        print(line, flush=True)
+    return run.returncode or (1 if reports else 0)
 
 
 if __name__ == "__main__":

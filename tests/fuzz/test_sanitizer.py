@@ -24,9 +24,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tigertunnel.__file__)))
 
 def run_child(statement: str) -> Tuple[int, str]:
     """Exit status and stderr of a Python child that imports the extension and runs ``statement``."""
+    env = dict(os.environ)
+    for name in ("ASAN_OPTIONS", "UBSAN_OPTIONS"):  # the report on stderr, not in a file
+        env[name] = ":".join(o for o in env.get(name, "").split(":")
+                             if o and not o.startswith("log_path="))
     child = subprocess.run(
         [sys.executable, "-c", f"from tigertunnel.wire import _hotpath\n{statement}"],
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, timeout=120)
     return child.returncode, child.stderr.decode(errors="replace")
 

@@ -2,16 +2,18 @@
 
 A few cases of every target (``twins.py``) run in the normal suite, with
 seed 0. ``tox -e fuzz`` runs many more under ASan and UBSan, bounded by a
-case count and a wall time (see ``tests/fuzz/__init__.py``), and prints one
-line with what ran::
+case count and a wall time (see ``tests/fuzz/__init__.py``). The budget is
+cut into two shards, one test method each, which ``trial -j2`` runs side by
+side; each writes what it ran to ``TIGERTUNNEL_FUZZ_REPORT`` and
+``sanitized.py`` prints their sum in one line::
 
-   fuzz: 40000 cases in 138.2 s (cpu 131.0 s), seed 123, 0 differences (parser 8000, ...)
+   fuzz: 40000 cases in 138.2 s (cpu 262.0 s), seed 123, 0 differences (parser 8000, ...)
 """
 
 import dataclasses
+import json
 import os
 import random
-import sys
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
@@ -26,6 +28,11 @@ CASES_VARIABLE = "TIGERTUNNEL_FUZZ_CASES"
 SECONDS_VARIABLE = "TIGERTUNNEL_FUZZ_SECONDS"
 SEED_VARIABLE = "TIGERTUNNEL_FUZZ_SEED"
 ONLY_VARIABLE = "TIGERTUNNEL_FUZZ_ONLY"
+
+#: A directory where each shard writes what it ran (``shard-N.json``).
+REPORT_VARIABLE = "TIGERTUNNEL_FUZZ_REPORT"
+#: The budget is cut into this many test methods, so trial -j2 runs them side by side.
+SHARDS = 2
 
 #: Cases and seconds in the normal suite (no TIGERTUNNEL_FUZZ_CASES).
 SUITE_CASES = 10 * len(TARGETS)
@@ -84,6 +91,22 @@ def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 600 else text[:600] + f"... ({len(text)} characters)"
 
+class Report(NamedTuple):
+    """What one shard of the fuzz ran (written to ``TIGERTUNNEL_FUZZ_REPORT``)."""
+
+    cases: int
+    seconds: float
+    cpu: float
+    seed: int
+    counts: Dict[str, int]
+
+    def line(self) -> str:
+        """The line the fuzz prints: cases, time, seed, cases per target."""
+        detail = ", ".join(f"{name} {n}" for name, n in self.counts.items())
+        return (f"{self.cases} cases in {self.seconds:.1f} s (cpu {self.cpu:.1f} s), "
+                f"seed {self.seed}, 0 differences ({detail})")
+
+
 class TwinsAgreeTests(SynchronousTestCase):
     """The compiled twins give the pure-Python ones' bytes, errors, counters and events."""
 
@@ -104,29 +127,44 @@ class TwinsAgreeTests(SynchronousTestCase):
                 f"reproduce: {SEED_VARIABLE}={seed} {ONLY_VARIABLE}={target}:{number} "
                 f"python -m twisted.trial tests.fuzz.test_twins")
 
-    def test_twins_agree(self) -> None:
-        """Every fuzz case gives equal observations on both twins, within the case and time budget."""
+    def fuzz(self, shard: int) -> None:
+        """Run shard ``shard`` of the budget: cases ``shard``, ``shard + SHARDS``, ... of the round-robin."""
         budget = budget_from(dict(os.environ))
         if budget.only is not None:
-            self.play(budget.seed, *budget.only)
+            if shard == 0:
+                self.play(budget.seed, *budget.only)
             return
         names = list(TARGETS)
         counts = {name: 0 for name in names}
         started, cpu = time.monotonic(), time.process_time()
-        ran = 0
-        while ran < budget.cases and time.monotonic() - started < budget.seconds:
-            name = names[ran % len(names)]
-            self.play(budget.seed, name, ran // len(names))
+        mine = range(shard, budget.cases, SHARDS)
+        for index in mine:
+            if time.monotonic() - started >= budget.seconds:
+                break
+            name = names[index % len(names)]
+            self.play(budget.seed, name, index // len(names))
             counts[name] += 1
-            ran += 1
-        elapsed = time.monotonic() - started
+        ran = sum(counts.values())
+        report = Report(ran, time.monotonic() - started, time.process_time() - cpu,
+                        budget.seed, counts)
         if budget.long:
-            detail = ", ".join(f"{name} {n}" for name, n in counts.items())
-            print(f"\nfuzz: {ran} cases in {elapsed:.1f} s (cpu "
-                  f"{time.process_time() - cpu:.1f} s), seed {budget.seed}, 0 differences "
-                  f"({detail})", file=sys.stdout, flush=True)
+            print(f"\nfuzz shard {shard}/{SHARDS}: {report.line()}", flush=True)
+        directory = os.environ.get(REPORT_VARIABLE, "")
+        if directory:
+            with open(os.path.join(directory, f"shard-{shard}.json"), "w") as f:
+                json.dump(report._asdict(), f)
         # The time bound may cut the run short, but never to nothing.
-        self.assertGreaterEqual(min(counts.values()), 1, counts)
+        self.assertGreaterEqual(min(counts.values()), 1 if len(mine) >= len(names) else 0,
+                                counts)
+
+    def test_shard_0(self) -> None:
+        """The cases of shard 0 give equal observations on both twins, within the budget."""
+        self.fuzz(0)
+
+    def test_shard_1(self) -> None:
+        """The cases of shard 1 give equal observations on both twins, within the budget."""
+        self.fuzz(1)
+
 
 class BudgetTests(SynchronousTestCase):
     """The fuzz budget comes from the environment, with a message naming a bad value."""
@@ -173,7 +211,7 @@ class HarnessTests(SynchronousTestCase):
         from tests.fuzz import test_twins
         self.patch(test_twins, "COMPILED", dataclasses.replace(PURE, FrameParser=OffByOne))
         with self.assertRaises(self.failureException) as caught:
-            TwinsAgreeTests("test_twins_agree").play(0, "parser", 0)
+            TwinsAgreeTests("test_shard_0").play(0, "parser", 0)
         self.assertIn(f"{SEED_VARIABLE}=0 {ONLY_VARIABLE}=parser:0", str(caught.exception))
 
     def test_same_twin_agrees(self) -> None:
