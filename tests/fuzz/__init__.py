@@ -9,7 +9,8 @@ that the sanitizer build really runs instrumented code.
 
 In the normal suite a few cases of each target run with seed 0. ``tox -e
 fuzz`` (``sanitized.py``) builds the extension with ASan and UBSan in a copy
-of the tree and runs this package under the ASan runtime, with:
+of the tree and runs this package under the ASan runtime, in two trial
+workers, with:
 
 ``TIGERTUNNEL_FUZZ_CASES``
    how many cases to run in all (round-robin over the targets);
@@ -18,5 +19,8 @@ of the tree and runs this package under the ASan runtime, with:
 ``TIGERTUNNEL_FUZZ_SEED``
    the seed (a fresh one, printed, when unset);
 ``TIGERTUNNEL_FUZZ_ONLY``
-   ``target:case`` runs that one case (to reproduce a failure).
+   ``target:case`` runs that one case (to reproduce a failure);
+``TIGERTUNNEL_FUZZ_REPORT``
+   a directory where each shard of the run writes what it ran (set by
+   ``sanitized.py``, which prints the total).
 """
