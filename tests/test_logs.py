@@ -29,7 +29,7 @@ class AcceptErrorLimiterTests(SynchronousTestCase):
 
     def warnings(self) -> List[Dict[str, Any]]:
         return [e for e in self.published
-                if e.get("log_namespace") == "tigertunnel.listeners"]
+                if e.get("log_namespace") == "tigertunnel.net.listeners"]
 
     def test_one_warning_per_interval_with_count(self) -> None:
         """Hundreds of closed connections give one warning with their count, then silence until the interval ends."""

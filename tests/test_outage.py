@@ -40,7 +40,7 @@ class UnreachableServerTests(SynchronousTestCase):
         t.client.startService()
         for _ in range(650):
             t.net.advance(0.1)
-        lines = [e for e in events if e.get("log_namespace") == "tigertunnel.services"
+        lines = [e for e in events if e.get("log_namespace") == "tigertunnel.net.multiplexer"
                  and "connect" in e.get("log_format", "")]
         self.assertEqual(len(lines), 3, [e["log_format"] for e in lines])
         self.assertIn("cannot connect pool connection", lines[0]["log_format"])

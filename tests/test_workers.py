@@ -208,7 +208,7 @@ class SupervisorTests(SynchronousTestCase):
         self.log_line(2)
         self.worker(2).processEnded(exited(1))
         ours = [(e["log_level"], e.get("index")) for e in logged
-                if e.get("log_namespace") == "tigertunnel.workers"
+                if e.get("log_namespace") == "tigertunnel.ops.workers.supervisor"
                 and "status" in e]
         self.assertEqual(ours, [(LogLevel.error, 1), (LogLevel.warn, 2)])
         relayed = [e for e in self.events if e.get("line", "").startswith(
@@ -277,7 +277,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertTrue(all(e["log_level"] is LogLevel.warn for e in self.events
                             if "line" in e))
         self.assertEqual(self.events[0]["log_system"],
-                         "worker 1/tigertunnel.workers#warn")
+                         "worker 1/tigertunnel.ops.workers#warn")
 
     def test_status_lists_workers_and_restarts(self) -> None:
         """status() lists worker 0 and the running workers, and counts restarts."""

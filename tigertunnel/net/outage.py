@@ -2,14 +2,27 @@
 
 With the server down, every pool slot retries with backoff, so logging each
 failed connect would give ``-n`` lines per retry round. A
-:class:`PoolOutage` per proxy pair turns that into: the first failure, then
-a summary at most every :data:`SUMMARY_INTERVAL` seconds (attempts so far,
-the last reason, the next retry), and one line when a pool connection is up
-again. It only decides what to say; its caller logs it.
+:class:`PoolOutage` per proxy pair turns that into a few lines, each with
+its level:
+
+* ``lost`` (warning): the pair's last established pool connection is gone;
+* ``first`` (warning, or info while other pool connections of the pair are
+  up): the first failed connect, with its reason;
+* ``summary`` (same levels): at most every :data:`SUMMARY_INTERVAL` seconds,
+  the attempts so far, the last reason and the next retry;
+* ``recovered`` (info): a pool connection is up again, ending the outage.
+
+So at ``--log-level warn`` a pair that has no pool connection, or cannot get
+one, shows, and its recovery is one info line. It only decides what to say
+and at which level; its caller logs it.
 """
 
 from dataclasses import dataclass
 from typing import Optional
+
+from twisted.logger import LogLevel
+
+from tigertunnel.logs import LogRateLimit
 
 #: Minimum seconds between two summary lines of one outage.
 SUMMARY_INTERVAL = 30.0
@@ -17,9 +30,11 @@ SUMMARY_INTERVAL = 30.0
 
 @dataclass(frozen=True)
 class OutageReport:
-    """A line to log: ``kind`` is ``first``, ``summary`` or ``recovered``."""
+    """A line to log: ``kind`` is ``lost``, ``first``, ``summary`` or
+    ``recovered`` (see the module docstring), at ``level``."""
 
     kind: str
+    level: LogLevel
     attempts: int
     seconds: float
     reason: str = ""
@@ -27,29 +42,55 @@ class OutageReport:
 
 
 class PoolOutage:
-    """Counts one pair's failed pool connects between two healthy moments."""
+    """One pair's failed pool connects between two healthy moments."""
 
     def __init__(self) -> None:
+        #: Failed connects in this outage.
         self.attempts = 0
-        self._started = 0.0
-        self._last_report = 0.0
+        #: When the outage began (its first failure or the loss of the last
+        #: pool connection); ``None`` while there is none.
+        self._since: Optional[float] = None
+        #: Whether a failure was reported as a warning in this outage.
+        self._warned = False
+        self._summaries = LogRateLimit(SUMMARY_INTERVAL)
 
-    def failed(self, now: float, reason: str, next_retry: float) -> Optional[OutageReport]:
-        """A pool connect failed; returns the line to log now, if any."""
+    def lost_last(self, now: float) -> OutageReport:
+        """The pair's last established pool connection is gone."""
+        if self._since is None:
+            self._since = now
+        return OutageReport("lost", LogLevel.warn, self.attempts, now - self._since)
+
+    def failed(self, now: float, reason: str, next_retry: float,
+               up: int = 0) -> Optional[OutageReport]:
+        """A pool connect failed; returns the line to log now, if any.
+
+        :param up: the pair's established pool connections: with none the
+            line is a warning, else (only some slots fail) info.
+        """
         self.attempts += 1
-        if self.attempts == 1:
-            self._started = self._last_report = now
-            return OutageReport("first", 1, 0.0, reason, next_retry)
-        if now - self._last_report >= SUMMARY_INTERVAL:
-            self._last_report = now
-            return OutageReport("summary", self.attempts, now - self._started,
-                                reason, next_retry)
-        return None
+        if self._since is None:
+            self._since = now
+        level = LogLevel.warn if up == 0 else LogLevel.info
+        if self.attempts == 1 or (level is LogLevel.warn and not self._warned):
+            kind = "first"
+            self._summaries.reset()
+            self._summaries.allow(now)
+        elif self._summaries.allow(now) is not None:
+            kind = "summary"
+        else:
+            return None
+        if level is LogLevel.warn:
+            self._warned = True
+        return OutageReport(kind, level, self.attempts, now - self._since,
+                            reason, next_retry)
 
     def recovered(self, now: float) -> Optional[OutageReport]:
         """A pool connection is up; returns the line to log if an outage ends."""
-        if not self.attempts:
+        if self._since is None:
             return None
-        report = OutageReport("recovered", self.attempts, now - self._started)
+        report = OutageReport("recovered", LogLevel.info, self.attempts,
+                              now - self._since)
         self.attempts = 0
+        self._since = None
+        self._warned = False
         return report

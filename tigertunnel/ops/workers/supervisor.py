@@ -57,7 +57,7 @@ STABLE_AFTER = 60.0
 #: Seconds past the shutdown timeout before remaining workers are SIGKILLed.
 KILL_GRACE = 3.0
 
-log = logger("tigertunnel.workers")
+log = logger(__name__)
 
 
 class _WorkerProtocol(ProcessProtocol):
