@@ -177,7 +177,7 @@ def format_line(event: LogEvent, fmt: str = "text", journal: bool = False) -> Op
     if not journal:
         return body + "\n"
     prefix = f"<{PRIORITIES.get(_level(event), 6)}>"
-    return "".join(f"{prefix}{line}\n" for line in body.split("\n"))
+    return "".join(f"{prefix}{line}\n" for line in body.rstrip("\n").split("\n"))
 
 
 def on_journal(stream: IO[str], environ: Mapping[str, str] = os.environ) -> bool:

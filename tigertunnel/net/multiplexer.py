@@ -321,7 +321,7 @@ class ClientMultiplexer(SessionMultiplexer):
             report = self.outage.lost_last(self.clock.seconds())
             log.emit(report.level, "client {pair}: lost its last pool connection "
                      "({pool_connection}) to {target}; new TB connections are "
-                     "refused until one is up again", pair=self.name,
+                     "refused until one comes back", pair=self.name,
                      pool_connection=connection.name, target=self.backend_name)
 
     def pool_endpoint(self) -> IStreamClientEndpoint:
