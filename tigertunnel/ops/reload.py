@@ -285,7 +285,8 @@ class KeyReloader:
                         log.info("{role} pool connection {pool_connection} uses retired "
                                  "key id {key_id}; closing it when idle or "
                                  "within {wait:.0f} s", role=mux.role,
-                                 pool_connection=connection.name, key_id=connection.key_id, wait=wait)
+                                 pool_connection=connection.name,
+                                 key_id=connection.key_id, wait=wait)
                 elif connection in mux.draining and connection not in self._closing:
                     mux.draining.discard(connection)
                     self._deadlines.pop(connection, None)
@@ -312,8 +313,8 @@ class KeyReloader:
                 if self.may_close(mux, connection, now >= deadline):
                     log.info("{role} pool connection {pool_connection}: closing (retired "
                              "key id {key_id}, {count} sessions)",
-                             role=mux.role, pool_connection=connection.name, key_id=connection.key_id,
-                             count=len(connection.streams))
+                             role=mux.role, pool_connection=connection.name,
+                             key_id=connection.key_id, count=len(connection.streams))
                     self._closing.add(connection)
                     connection.close_gracefully()
                 pending = True
