@@ -324,6 +324,22 @@ class SyslogTests(SynchronousTestCase):
 class TwistdObserverTests(SynchronousTestCase):
     """What twistd gets as its log observer."""
 
+    def test_syslog(self) -> None:
+        """twistd --syslog --prefix P opens syslog as P (facility user) and sends at the level's priority, through the level filter."""
+        import syslog
+
+        opened: List[Tuple[Any, ...]] = []
+        sent: List[Tuple[int, str]] = []
+        self.patch(syslog, "openlog", lambda *args: opened.append(args))
+        self.patch(syslog, "syslog", lambda p, line: sent.append((p, line)))
+        self.addCleanup(logs.set_level, "info")
+        logs.set_level("warn")
+        observer = logs.twistd_observer({"syslog": True, "prefix": "tt-client"}, "text")
+        observer(event(LogLevel.info))
+        observer(event(LogLevel.warn))
+        self.assertEqual(opened, [("tt-client", 0, syslog.LOG_USER)])
+        self.assertEqual([p for p, _ in sent], [syslog.LOG_WARNING | syslog.LOG_USER])
+
     def test_named_factory(self) -> None:
         """use_for_twistd names a factory twistd can import; a --logger of the user's is kept."""
         options: Dict[str, Any] = {"logger": None, "logfile": "-", "nodaemon": True}
