@@ -94,6 +94,35 @@ class OutageLevelTests(SynchronousTestCase):
         self.assertIsNone(outage.recovered(101.0))
 
 
+class OutageLineTests(SynchronousTestCase):
+    """Each report is a complete log line with its fields."""
+
+    def test_every_kind_renders(self) -> None:
+        """lost, first, summary and recovered render with their own fields, naming pair and target."""
+        from twisted.logger import formatEvent
+
+        outage = PoolOutage("pair1", "10.0.0.2:3000")
+        reports = [outage.lost_last(0.0, "pair1/0#4"),
+                   outage.failed(0.5, "refused", 0.2, up=0, slot=3),
+                   outage.failed(31.0, "timeout", 10.0, up=0, slot=1),
+                   outage.recovered(40.0)]
+        lines = []
+        for report in reports:
+            assert report is not None
+            event = dict(report.fields(), log_format=report.format)
+            lines.append(formatEvent(event))
+            self.assertEqual((event["pair"], event["target"]), ("pair1", "10.0.0.2:3000"))
+        self.assertEqual(lines, [
+            "client pair1: lost its last pool connection (pair1/0#4) to 10.0.0.2:3000; "
+            "new TB connections are refused until one comes back",
+            "client pair1: cannot connect pool connection 3 to 10.0.0.2:3000: refused; "
+            "retrying (a summary at most every 30 s)",
+            "client pair1: still cannot connect to 10.0.0.2:3000: 2 failed attempts in "
+            "31 s, last: timeout; next retry in 10.0 s",
+            "client pair1: pool connection to 10.0.0.2:3000 up again after 40 s "
+            "(2 failed connects)"])
+
+
 class PairOutageLogTests(SynchronousTestCase):
     """What a client pair logs, and at which level, on the in-memory network."""
 

@@ -49,7 +49,7 @@ from tigertunnel.config.model import ProxyPair, Role, TunnelConfig
 from tigertunnel.interfaces import Reactor, SessionPlacer
 from tigertunnel.logs import LogRateLimit, logger
 from tigertunnel.net.admission import Admission
-from tigertunnel.net.outage import SUMMARY_INTERVAL, PoolOutage
+from tigertunnel.net.outage import OutageReport, PoolOutage
 from tigertunnel.net.backoff import backoff_policy
 from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol, PrebuiltFactory
 from tigertunnel.net.listeners import ListenerService, pair_listener, start_listening
@@ -269,7 +269,7 @@ class ClientMultiplexer(SessionMultiplexer):
         self.listener.setServiceParent(self)
         self._connection_count = 0
         #: Failed pool connects since the pool was last up (for the logs).
-        self.outage = PoolOutage()
+        self.outage = PoolOutage(pair.name, self.backend_name)
         #: The KEM public key each pool connection's handshake was built
         #: with (key reload retires those built with a replaced one).
         self.handshake_kem: "WeakKeyDictionary[TunnelProtocol, Optional[Tuple[int, bytes]]]"
@@ -284,33 +284,13 @@ class ClientMultiplexer(SessionMultiplexer):
         """Log a failed pool connect: the first of an outage, then a summary at
         most every 30 s; warnings while the pair has no pool connection up
         (:mod:`tigertunnel.net.outage`)."""
-        report = self.outage.failed(self.clock.seconds(), reason, next_retry,
-                                    up=len(self.pool_connections))
-        if report is None:
-            return
-        if report.kind == "first":
-            log.emit(report.level, "client {pair}: cannot connect pool connection "
-                     "{slot} to {target}: {reason}; retrying (a summary at most "
-                     "every {interval:.0f} s)", pair=self.name, slot=slot,
-                     target=self.backend_name, reason=reason,
-                     interval=SUMMARY_INTERVAL, up=len(self.pool_connections))
-        else:
-            log.emit(report.level, "client {pair}: still cannot connect to {target}: "
-                     "{attempts} failed attempts in {seconds:.0f} s, last: "
-                     "{reason}; next retry in {delay:.1f} s", pair=self.name,
-                     target=self.backend_name, attempts=report.attempts,
-                     seconds=report.seconds, reason=reason, delay=next_retry,
-                     up=len(self.pool_connections))
+        self._log_outage(self.outage.failed(self.clock.seconds(), reason, next_retry,
+                                            len(self.pool_connections), slot))
 
     def pool_connection_up(self, connection: TunnelProtocol) -> None:
         """A pool connection finished its handshake (ends an outage)."""
         super().pool_connection_up(connection)
-        report = self.outage.recovered(self.clock.seconds())
-        if report is not None:
-            log.emit(report.level, "client {pair}: pool connection to {target} up "
-                     "again after {seconds:.0f} s ({attempts} failed connects)",
-                     pair=self.name, target=self.backend_name,
-                     attempts=report.attempts, seconds=report.seconds)
+        self._log_outage(self.outage.recovered(self.clock.seconds()))
 
     def pool_connection_down(self, connection: TunnelProtocol) -> None:
         """A pool connection that was up is gone; losing the pair's last one
@@ -318,11 +298,11 @@ class ClientMultiplexer(SessionMultiplexer):
         was_up = connection in self.pool_connections
         super().pool_connection_down(connection)
         if was_up and not self.pool_connections and self.running and not self.stopping:
-            report = self.outage.lost_last(self.clock.seconds())
-            log.emit(report.level, "client {pair}: lost its last pool connection "
-                     "({pool_connection}) to {target}; new TB connections are "
-                     "refused until one comes back", pair=self.name,
-                     pool_connection=connection.name, target=self.backend_name)
+            self._log_outage(self.outage.lost_last(self.clock.seconds(), connection.name))
+
+    def _log_outage(self, report: Optional[OutageReport]) -> None:
+        if report is not None:
+            log.emit(report.level, report.format, **report.fields())
 
     def pool_endpoint(self) -> IStreamClientEndpoint:
         """The endpoint that reaches the tunnel server."""
