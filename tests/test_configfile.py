@@ -121,7 +121,8 @@ class OptionTableTests(SynchronousTestCase):
         both = frozenset({"server", "client"})
         self.assertEqual({k: (o.flag, o.roles) for k, o in table.items()}, {
             "key": (False, both), "cluster": (False, both), "max-sessions": (False, both),
-            "log-level": (False, both), "handshake-timeout": (False, both),
+            "log-level": (False, both), "log-format": (False, both),
+            "handshake-timeout": (False, both),
             "metrics": (False, both), "shutdown-timeout": (False, both),
             "plaintext": (True, both), "systemd-sockets": (True, both),
             "metrics-public": (True, both), "metrics-tls-cert": (False, both),
@@ -315,6 +316,17 @@ class OptionsTests(SynchronousTestCase):
                                THREE.replace("max-sessions = 100", "max-sessions = lots"))
         self.assertEqual(message, f"{self.path}: [tunnel] max-sessions: invalid "
                          f"max-sessions: 'lots' (expected a whole number)")
+
+    def test_log_format_from_file(self) -> None:
+        """log-format is a [tunnel] key, checked like the flag."""
+        sub = parse(["client", "--config", self.files.config(
+            THREE.replace("max-sessions = 100", "max-sessions = 100\nlog-format = json"))]).subOptions
+        self.assertEqual(sub["log-format"], "json")
+        message = self.refused(["client", "--config", self.path],
+                               THREE.replace("max-sessions = 100",
+                                             "max-sessions = 100\nlog-format = xml"))
+        self.assertEqual(message, f"{self.path}: [tunnel] log-format: invalid log "
+                         f"format: 'xml' (use: text, json)")
 
     def test_key_file_error_names_section_and_key(self) -> None:
         """A key file that cannot be used is reported with the section, key and file."""

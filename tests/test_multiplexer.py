@@ -368,3 +368,29 @@ class ServerLimitTests(SynchronousTestCase):
         self.assertEqual(len(t.backend.peers), 1)
         self.assertEqual(received, [])
         self.assertIn(second.stream_id, link.streams)
+
+
+class LimitLogTests(SynchronousTestCase):
+    """Limit warnings: one window per pair and kind of limit."""
+
+    def test_kinds_do_not_swallow_each_other(self) -> None:
+        """An out-of-descriptors warning right after a 'no pool connection' one is still logged; repeats of each wait for the interval and then say how many were left out."""
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        from tigertunnel.net.multiplexer import LIMIT_LOG_INTERVAL
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        t = Tunnel(pool_size=1)
+        no_pool = "client {pair}: no healthy pool connection"
+        no_fds = "server {pair}: out of file descriptors"
+        t.client.limit_log(no_pool, pair="pair0")
+        t.client.limit_log(no_fds, pair="pair0")
+        t.client.limit_log(no_pool, pair="pair0")
+        t.client.limit_log(no_pool, pair="pair0")
+        self.assertEqual([e["log_format"].split("{more}")[0] for e in events],
+                         [no_pool, no_fds])
+        t.clock.advance(LIMIT_LOG_INTERVAL)
+        t.client.limit_log(no_pool, pair="pair0")
+        self.assertEqual(events[-1]["held"], 2)
+        self.assertIn("(2 more since the last such line)", events[-1]["more"])

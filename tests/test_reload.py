@@ -323,7 +323,7 @@ class BrokenFileTests(ReloadCase):
         self.assertEqual(self.t.client.pool_connections, links)
         self.assertFalse(reloader.status()["ok"])
         self.assertIn(expected, reloader.status()["error"])
-        logged = [e for e in events if e.get("log_namespace") == "tigertunnel.reload"]
+        logged = [e for e in events if e.get("log_namespace") == "tigertunnel.ops.reload"]
         self.assertEqual(len(logged), 1)
         self.assertIn(expected, logged[0]["reason"])
         self.assertEqual(reloader.results, {"ok": 0, "error": 1})

@@ -73,7 +73,7 @@ class NotifierTests(SynchronousTestCase):
         self.addCleanup(notifier.close)
         self.assertFalse(notifier.notify("READY=1"))
         self.assertFalse(notifier.notify("READY=1"))
-        warned = [e for e in events if e.get("log_namespace") == "tigertunnel.systemd"]
+        warned = [e for e in events if e.get("log_namespace") == "tigertunnel.ops.systemd"]
         self.assertEqual(len(warned), 1)
         self.assertIn("No such file", warned[0]["reason"])
 

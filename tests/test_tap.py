@@ -315,6 +315,41 @@ class _Resolution:
         pass
 
 
+class LogFormatTests(OptionsTestCase):
+    """--log-format and the log observer twistd is given."""
+
+    def test_default_and_json(self) -> None:
+        """--log-format is text by default and json when asked."""
+        self.assertEqual(parse(["server", "-p", PAIR, "--plaintext"])
+                         .subOptions["log-format"], "text")
+        self.assertEqual(parse(["server", "-p", PAIR, "--plaintext", "--log-format",
+                                "json"]).subOptions["log-format"], "json")
+
+    def test_bad_log_format(self) -> None:
+        """Another --log-format is refused, naming it and the choices."""
+        self.usage_error(["client", "-p", PAIR, "--plaintext", "--log-format", "xml"],
+                         "invalid log format", "'xml'", "text, json")
+
+    def test_twistd_gets_our_observer(self) -> None:
+        """Parsed by twistd, the options name tigertunnel's log observer factory, which twistd resolves; a --logger given to twistd is kept."""
+        from twisted.scripts.twistd import ServerOptions as TwistdOptions
+
+        from tigertunnel.ops import hardening
+
+        self.patch(hardening, "harden_process", lambda: hardening.Hardening(True, True))
+        self.patch(hardening, "_applied", None)
+        self.addCleanup(logs._twistd_settings.clear)
+        twistd = TwistdOptions()
+        twistd.parseOptions(["-n", "tigertunnel", "client", "-p", PAIR, "--plaintext",
+                             "--log-format", "json"])
+        self.assertIs(twistd["logger"], logs.twistd_log_observer)
+        self.assertEqual(logs._twistd_settings["fmt"], "json")
+        theirs = TwistdOptions()
+        theirs.parseOptions(["-n", "--logger", "twisted.logger.textFileLogObserver",
+                             "tigertunnel", "client", "-p", PAIR, "--plaintext"])
+        self.assertEqual(theirs["logger"].__name__, "textFileLogObserver")
+
+
 class MakeServiceTests(SynchronousTestCase):
     """makeService builds listeners and pool connections on the given reactor."""
 
@@ -490,7 +525,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.start(argv)
         return [formatEvent(e) for e in events
-                if e.get("log_namespace") == "tigertunnel.startup"]
+                if e.get("log_namespace") == "tigertunnel.ops.startup"]
 
     def test_client_on_all_interfaces_warns_once(self) -> None:
         """Pairs on :PORT, 0.0.0.0 and :: are named in one warning; the loopback pair is not."""

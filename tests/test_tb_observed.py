@@ -101,7 +101,7 @@ class ObservedTrafficTests(SynchronousTestCase):
         t, (client,), _ = self.build(Replica([], delay=0.0, evict=True))
         self.round_trips(t, [CREATE_TRANSFERS, CREATE_TRANSFERS])
         self.assertEqual(client.snapshot()["evictions"], {"no_session": 2})
-        warned = [e for e in events if e.get("log_namespace") == "tigertunnel.tb"
+        warned = [e for e in events if e.get("log_namespace") == "tigertunnel.ops.tbmetrics"
                   and "evicted client" in e.get("log_format", "")]
         self.assertEqual(len(warned), 2)  # client and server end: once per pair each
         self.assertEqual({e["reason"] for e in warned}, {"no_session"})
@@ -131,7 +131,7 @@ class EvictionLogLimitTests(SynchronousTestCase):
             now[0] += 1.0
         now[0] += 10.0
         recorder.evicted(CLIENT, NO_SESSION, 1)
-        lines = [e for e in events if e.get("log_namespace") == "tigertunnel.tb"]
+        lines = [e for e in events if e.get("log_namespace") == "tigertunnel.ops.tbmetrics"]
         self.assertEqual([e["more"] for e in lines],
                          ["", " (3 more evictions since the last line)"])
         self.assertEqual(recorder.snapshot()["evictions"], {"no_session": 5})

@@ -158,7 +158,7 @@ class RecorderTests(SynchronousTestCase):
         """A rise of the view logs one line; the first view and repeats log nothing."""
         for view in (1, 1, 2, 2):
             self.recorder.watch.frame(FROM_TUNNEL, tbdata.reply(5, 1, 140, view=view), 0.0)
-        lines = [e for e in self.events if e.get("log_namespace") == "tigertunnel.tb"]
+        lines = [e for e in self.events if e.get("log_namespace") == "tigertunnel.ops.tbmetrics"]
         self.assertEqual([(e["old"], e["new"]) for e in lines], [(1, 2)])
         self.assertEqual(self.recorder.snapshot()["view"], 2)
 

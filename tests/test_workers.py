@@ -208,7 +208,7 @@ class SupervisorTests(SynchronousTestCase):
         self.log_line(2)
         self.worker(2).processEnded(exited(1))
         ours = [(e["log_level"], e.get("index")) for e in logged
-                if e.get("log_namespace") == "tigertunnel.workers"
+                if e.get("log_namespace") == "tigertunnel.ops.workers.supervisor"
                 and "status" in e]
         self.assertEqual(ours, [(LogLevel.error, 1), (LogLevel.warn, 2)])
         relayed = [e for e in self.events if e.get("line", "").startswith(
@@ -263,6 +263,34 @@ class SupervisorTests(SynchronousTestCase):
         w.processEnded(exited(1))
         self.assertEqual(self.sup.figures, {})
 
+    def test_relayed_event_keeps_level_and_fields(self) -> None:
+        """A worker's warning, written by its JSON-lines observer and relayed, keeps its level, namespace and fields and names the worker in JSON."""
+        import json
+
+        from tigertunnel.logs import format_json, format_line
+        from tigertunnel.ops.workers import worker_log_observer
+
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        worker_log_observer(w)({
+            "log_level": LogLevel.warn, "log_namespace": "tigertunnel.net.multiplexer",
+            "log_format": "client {pair}: lost its last pool connection "
+                          "({pool_connection})", "pair": "pair0",
+            "pool_connection": "pair0/1#3", "log_time": 1.0, "source": object()})
+        self.sup.startService()
+        self.worker(2).childDataReceived(1, os.read(r, 1 << 16))
+        self.assertEqual(len(self.events), 1)
+        record = json.loads(format_json(self.events[0]))
+        self.assertEqual({k: record[k] for k in ("level", "namespace", "pair",
+                                                 "pool_connection", "worker")},
+                         {"level": "warn", "namespace": "tigertunnel.net.multiplexer",
+                          "pair": "pair0", "pool_connection": "pair0/1#3", "worker": 2})
+        self.assertEqual(record["message"], "client pair0: lost its last pool "
+                                            "connection (pair0/1#3)")
+        self.assertTrue(format_line(self.events[0], journal=True).startswith(  # type: ignore[union-attr]
+            "<4>[worker 2/tigertunnel.net.multiplexer#warn] client pair0"))
+
     def test_plain_lines_relayed_as_warnings(self) -> None:
         """Text on stderr (or non-JSON stdout) becomes a warning event, and a
         last line without newline is kept until the worker ends."""
@@ -277,7 +305,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertTrue(all(e["log_level"] is LogLevel.warn for e in self.events
                             if "line" in e))
         self.assertEqual(self.events[0]["log_system"],
-                         "worker 1/tigertunnel.workers#warn")
+                         "worker 1/tigertunnel.ops.workers#warn")
 
     def test_status_lists_workers_and_restarts(self) -> None:
         """status() lists worker 0 and the running workers, and counts restarts."""

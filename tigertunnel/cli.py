@@ -234,7 +234,9 @@ def install_reactor() -> None:
 def _run_end(options: Options) -> int:
     install_reactor()
     from twisted.internet import reactor
-    from twisted.logger import ILogObserver, globalLogBeginner, Logger, textFileLogObserver
+    from twisted.logger import ILogObserver, globalLogBeginner
+
+    from tigertunnel.logs import logger, output_observer
 
     worker = options.subOptions["worker-index"] is not None
     observer: ILogObserver
@@ -249,7 +251,7 @@ def _run_end(options: Options) -> int:
             return _fail(f"worker: {e}")
         observer = worker_log_observer()
     else:
-        observer = textFileLogObserver(sys.stderr)
+        observer = output_observer(sys.stderr, options.subOptions["log-format"])
     service = tap.makeService(options)
     try:
         service.privilegedStartService()
@@ -262,7 +264,7 @@ def _run_end(options: Options) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     # The line twistd writes at start-up, so both ways of running say it
     # (once started: a start-up error stays the only line).
-    Logger(namespace="tigertunnel.cli").info(
+    logger(__name__).info(
         "reactor class: {name}", name=f"{type(reactor).__module__}.{type(reactor).__qualname__}")
     if worker:
         from tigertunnel.ops.workers import announce_ready

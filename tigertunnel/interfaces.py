@@ -205,7 +205,7 @@ class SessionHost(Protocol[S_contra]):
         """The session's TB-side connection is gone (or never came)."""
 
     def limit_log(self, message: str, **fields: Any) -> None:
-        """Log a warning, at most once per interval for the pair."""
+        """Log a warning, at most once per interval for the pair and ``message``."""
 
 
 class SessionPlacer(Protocol[S_contra]):

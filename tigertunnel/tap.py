@@ -109,6 +109,8 @@ class _EndOptions(ExampleOptions):
         ["max-sessions", "m", str(DEFAULT_MAX_SESSIONS),
          "Maximum concurrent sessions per proxy pair."],
         ["log-level", None, "info", "err, warn, info or debug."],
+        ["log-format", None, "text", "text or json (one JSON object per line). "
+         "On the journal (JOURNAL_STREAM) lines carry their priority."],
         ["handshake-timeout", None, str(DEFAULT_HANDSHAKE_TIMEOUT),
          "Seconds allowed for a pool connection's handshake."],
         ["metrics", None, None, "Serve /metrics (Prometheus) and /status "
@@ -209,6 +211,9 @@ class _EndOptions(ExampleOptions):
         if level not in logs.LEVELS:
             raise usage.UsageError(f"invalid log level: {level!r} (use: err, "
                                    f"warn, info, debug)")
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError(f"invalid log format: {self['log-format']!r} "
+                                   f"(use: {', '.join(logs.FORMATS)})")
         for pair in self["proxies"]:
             try:
                 listen_description(pair.listen)  # resolves a listen host name
@@ -477,6 +482,11 @@ class Options(ExampleOptions):
     def postOptions(self) -> None:
         if self.subCommand is None:
             raise usage.UsageError("give a mode: server or client")
+        twistd = _twistd_options(self.parent)
+        if twistd is not None:
+            # twistd opens its log with our observer (--log-level on every
+            # line, --log-format, the journal's priorities); --logger wins.
+            logs.use_for_twistd(twistd, self.subOptions["log-format"])
 
 
 def _require_kem(option: str) -> None:
@@ -586,7 +596,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     hardened = hardening.applied()
     if hardened is not None:
         for problem in hardened.problems:
-            logger("tigertunnel.hardening").warn(
+            logger("tigertunnel.ops.hardening").warn(
                 "process hardening incomplete: {problem}", problem=problem)
     top = TunnelService(reactor, ops.shutdown_timeout, handle_sigterm=True)
     replay: Optional[ReplayCacheService] = None

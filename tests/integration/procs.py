@@ -361,6 +361,22 @@ def spawn(args: Sequence[str]) -> Child:
     return Child(args, transport, proto)
 
 
+def spawn_to_file(args: Sequence[str], path: str,
+                  env: Optional[Dict[str, str]] = None) -> Child:
+    """Start a long-running child whose standard output and error go to the
+    file ``path`` (made empty first), as a service manager would connect them.
+
+    :param env: the child's environment (ours by default).
+    """
+    with open(path, "wb") as out:
+        proto = _Collector()
+        transport = _reactor().spawnProcess(
+            proto, args[0], list(args), env=child_env() if env is None else env,
+            childFDs={0: "w", 1: out.fileno(), 2: out.fileno()})
+    transport.closeStdin()
+    return Child(args, transport, proto)
+
+
 async def wait_for_output(child: Child, text: str, timeout: float) -> None:
     """Wait until ``child`` has written ``text`` (stdout or stderr)."""
     try:

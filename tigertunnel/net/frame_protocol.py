@@ -68,7 +68,7 @@ SESSION_BUFFER_LIMIT = 8 * 1024 * 1024
 #: what is queued before the connection is aborted.
 CLOSE_TIMEOUT = 10.0
 
-log = logger("tigertunnel.protocols")
+log = logger(__name__)
 
 
 class SessionState(enum.Enum):
@@ -232,25 +232,25 @@ class FrameProtocol(Protocol):
             if watch is not None:
                 watch.cluster_mismatch(e.expected, e.got)
             if self._cluster_id is None:
-                log.warn("{side} session {stream} on {link} closed: frame has "
+                log.warn("{side} session {stream} on {pool_connection} closed: frame has "
                          "cluster {got} but no -c is configured; start both "
                          "tunnel ends with -c {got}", side=self.host.role,
-                         stream=self.stream_id, link=connection.name, got=e.got)
+                         stream=self.stream_id, pool_connection=connection.name, got=e.got)
             else:
-                log.warn("{side} session {stream} on {link} closed: frame "
+                log.warn("{side} session {stream} on {pool_connection} closed: frame "
                          "cluster {got} is not the configured -c {expected}",
                          side=self.host.role, stream=self.stream_id,
-                         link=connection.name, got=e.got, expected=e.expected)
+                         pool_connection=connection.name, got=e.got, expected=e.expected)
             self.close()
         except FrameError as e:
-            log.warn("{side} session {stream} on {link} closed: bad TB frame "
+            log.warn("{side} session {stream} on {pool_connection} closed: bad TB frame "
                      "({reason})", side=self.host.role, stream=self.stream_id,
-                     link=connection.name, reason=str(e))
+                     pool_connection=connection.name, reason=str(e))
             self.close()
         except TunnelError as e:
-            log.warn("{side} session {stream} on {link} closed: {reason}",
+            log.warn("{side} session {stream} on {pool_connection} closed: {reason}",
                      side=self.host.role, stream=self.stream_id,
-                     link=connection.name, reason=str(e))
+                     pool_connection=connection.name, reason=str(e))
             self.close()
         else:
             if wire:

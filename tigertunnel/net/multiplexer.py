@@ -21,7 +21,9 @@ One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
 Failed handshakes are counted one by one in the metrics but logged at most
 :data:`HANDSHAKE_LOG_BURST` times per :data:`HANDSHAKE_LOG_INTERVAL` per
 pair (a flood must not flood the log); the next line logged says how many
-were left out.
+were left out. Limits hit (no pool connection, ``-m`` sessions, pending
+handshakes, file descriptors) are warnings at most once per
+:data:`LIMIT_LOG_INTERVAL` per pair and kind of limit.
 
 The sessions and pool connections it builds see it only through the
 protocols of :mod:`tigertunnel.interfaces` (``SessionHost``,
@@ -47,7 +49,7 @@ from tigertunnel.config.model import ProxyPair, Role, TunnelConfig
 from tigertunnel.interfaces import Reactor, SessionPlacer
 from tigertunnel.logs import LogRateLimit, logger
 from tigertunnel.net.admission import Admission
-from tigertunnel.net.outage import SUMMARY_INTERVAL, PoolOutage
+from tigertunnel.net.outage import OutageReport, PoolOutage
 from tigertunnel.net.backoff import backoff_policy
 from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol, PrebuiltFactory
 from tigertunnel.net.listeners import ListenerService, pair_listener, start_listening
@@ -66,14 +68,14 @@ from tigertunnel.wire.handshake import (
 
 #: Seconds allowed for a TCP connect (pool connection or backend).
 CONNECT_TIMEOUT = 10.0
-#: Minimum seconds between two "limit reached" log lines of one pair.
+#: Minimum seconds between two "limit reached" log lines of one kind on one pair.
 LIMIT_LOG_INTERVAL = 10.0
 #: "Handshake failed" log lines of one pair: at most HANDSHAKE_LOG_BURST
 #: per HANDSHAKE_LOG_INTERVAL seconds.
 HANDSHAKE_LOG_INTERVAL = 10.0
 HANDSHAKE_LOG_BURST = 5
 
-log = logger("tigertunnel.services")
+log = logger(__name__)
 
 EndpointFor = Callable[[ProxyPair], IStreamClientEndpoint]
 
@@ -121,7 +123,7 @@ class SessionMultiplexer(MultiService):
         self.draining: Set[TunnelProtocol] = set()
         #: Set by a graceful shutdown: no new sessions or streams.
         self.stopping = False
-        self._last_limit_log = -1e9
+        self._limit_log = LogRateLimit(LIMIT_LOG_INTERVAL)
         self._failure_log = LogRateLimit(HANDSHAKE_LOG_INTERVAL, HANDSHAKE_LOG_BURST)
 
     def _tcp_endpoint(self, pair: ProxyPair) -> IStreamClientEndpoint:
@@ -187,8 +189,9 @@ class SessionMultiplexer(MultiService):
         self.stats.pool_connects += 1
         self.pool_connections.append(connection)
         self.listener.release()
-        log.info("{role} pool connection {link} up (key id {key_id})",
-                 role=self.role, link=connection.name, key_id=connection.key_id)
+        log.info("{role} pool connection {pool_connection} up (key id {key_id})",
+                 role=self.role, pair=self.name, pool_connection=connection.name,
+                 key_id=connection.key_id)
 
     def pool_connection_down(self, connection: TunnelProtocol) -> None:
         """A pool connection that was up is gone."""
@@ -222,25 +225,30 @@ class SessionMultiplexer(MultiService):
         more = (f" ({held} handshake failures before this one not logged)"
                 if held else "")
         if skew is not None:
-            log.warn("{role} pool connection {link}: handshake failed: "
-                     "{reason} (clock skew {skew} s){more}", role=self.role,
-                     link=connection.name, reason=reason, skew=skew, more=more,
-                     held=held)
+            log.warn("{role} pool connection {pool_connection}: handshake "
+                     "failed: {reason} (clock skew {skew} s){more}",
+                     role=self.role, pair=self.name,
+                     pool_connection=connection.name, reason=reason, skew=skew,
+                     more=more, held=held)
         else:
-            log.warn("{role} pool connection {link}: handshake failed: "
-                     "{reason}{more}", role=self.role, link=connection.name,
-                     reason=reason, more=more, held=held)
+            log.warn("{role} pool connection {pool_connection}: handshake "
+                     "failed: {reason}{more}", role=self.role, pair=self.name,
+                     pool_connection=connection.name, reason=reason, more=more,
+                     held=held)
 
     def refuse(self, why: Refusal) -> None:
         """Count a session or stream refused for ``why``."""
         self.stats.sessions_refused[why] += 1
 
     def limit_log(self, message: str, **fields: Any) -> None:
-        """Log a warning at most once per LIMIT_LOG_INTERVAL for this pair."""
-        now = self.clock.seconds()
-        if now - self._last_limit_log >= LIMIT_LOG_INTERVAL:
-            self._last_limit_log = now
-            log.warn(message, **fields)
+        """Log a warning at most once per LIMIT_LOG_INTERVAL for this pair
+        and ``message`` (each message has its own window); the next line of a
+        message says how many it left out (field ``held``)."""
+        held = self._limit_log.allow(self.clock.seconds(), message)
+        if held is None:
+            return
+        more = f" ({held} more since the last such line)" if held else ""
+        log.warn(message + "{more}", more=more, held=held, **fields)
 
 
 class ClientMultiplexer(SessionMultiplexer):
@@ -261,7 +269,7 @@ class ClientMultiplexer(SessionMultiplexer):
         self.listener.setServiceParent(self)
         self._connection_count = 0
         #: Failed pool connects since the pool was last up (for the logs).
-        self.outage = PoolOutage()
+        self.outage = PoolOutage(pair.name, self.backend_name)
         #: The KEM public key each pool connection's handshake was built
         #: with (key reload retires those built with a replaced one).
         self.handshake_kem: "WeakKeyDictionary[TunnelProtocol, Optional[Tuple[int, bytes]]]"
@@ -274,32 +282,27 @@ class ClientMultiplexer(SessionMultiplexer):
 
     def pool_connect_failed(self, slot: int, reason: str, next_retry: float) -> None:
         """Log a failed pool connect: the first of an outage, then a summary at
-        most every 30 s (:mod:`tigertunnel.net.outage`)."""
-        report = self.outage.failed(self.clock.seconds(), reason, next_retry)
-        if report is None:
-            return
-        if report.kind == "first":
-            log.info("client {pair}: cannot connect pool connection {slot} to "
-                     "{target}: {reason}; retrying (a summary at most every "
-                     "{interval:.0f} s)", pair=self.name, slot=slot,
-                     target=self.backend_name, reason=reason,
-                     interval=SUMMARY_INTERVAL)
-        else:
-            log.info("client {pair}: still cannot connect to {target}: {attempts} "
-                     "failed attempts in {seconds:.0f} s, last: {reason}; next "
-                     "retry in {delay:.1f} s", pair=self.name, target=self.backend_name,
-                     attempts=report.attempts, seconds=report.seconds,
-                     reason=reason, delay=next_retry)
+        most every 30 s; warnings while the pair has no pool connection up
+        (:mod:`tigertunnel.net.outage`)."""
+        self._log_outage(self.outage.failed(self.clock.seconds(), reason, next_retry,
+                                            len(self.pool_connections), slot))
 
     def pool_connection_up(self, connection: TunnelProtocol) -> None:
         """A pool connection finished its handshake (ends an outage)."""
         super().pool_connection_up(connection)
-        report = self.outage.recovered(self.clock.seconds())
+        self._log_outage(self.outage.recovered(self.clock.seconds()))
+
+    def pool_connection_down(self, connection: TunnelProtocol) -> None:
+        """A pool connection that was up is gone; losing the pair's last one
+        (not while stopping) is a warning."""
+        was_up = connection in self.pool_connections
+        super().pool_connection_down(connection)
+        if was_up and not self.pool_connections and self.running and not self.stopping:
+            self._log_outage(self.outage.lost_last(self.clock.seconds(), connection.name))
+
+    def _log_outage(self, report: Optional[OutageReport]) -> None:
         if report is not None:
-            log.info("client {pair}: pool connection to {target} up again after "
-                     "{attempts} failed connects in {seconds:.0f} s", pair=self.name,
-                     target=self.backend_name, attempts=report.attempts,
-                     seconds=report.seconds)
+            log.emit(report.level, report.format, **report.fields())
 
     def pool_endpoint(self) -> IStreamClientEndpoint:
         """The endpoint that reaches the tunnel server."""
@@ -351,8 +354,8 @@ class ClientMultiplexer(SessionMultiplexer):
         self.sessions.add(session)
         self.stats.sessions_opened += 1
         stream_id = connection.open_stream(session)
-        log.debug("client {pair}: session {stream} on {link}", pair=self.name,
-                  stream=stream_id, link=connection.name)
+        log.debug("client {pair}: session {stream} on {pool_connection}", pair=self.name,
+                  stream=stream_id, pool_connection=connection.name)
         return True
 
     def accept_load(self) -> Optional[int]:

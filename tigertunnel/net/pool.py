@@ -31,7 +31,7 @@ from tigertunnel.net.frame_protocol import PrebuiltFactory
 from tigertunnel.net.states import Transitions
 from tigertunnel.net.tunnel_protocol import TunnelProtocol
 
-log = logger("tigertunnel.services")
+log = logger(__name__)
 
 
 class SlotState(enum.Enum):

@@ -39,8 +39,9 @@ from typing import Any, Optional
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import installReactor
-from twisted.logger import Logger
 from twisted.python import log
+
+from tigertunnel.logs import logger
 
 __all__ = ["LeanEPollReactor", "install", "NAME"]
 
@@ -50,7 +51,8 @@ NAME = "tigertunnel-epoll"
 #: (Twisted's ``timeout`` uses the same bound).
 LONGEST_WAIT = 2147483
 
-_log = Logger()
+#: Through the level filter: "Main loop terminated." follows --log-level.
+_log = logger(__name__)
 
 
 class LeanEPollReactor(EPollReactor):

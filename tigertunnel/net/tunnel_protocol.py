@@ -99,7 +99,7 @@ MAX_UNPROVEN_STREAMS = 64
 #: ClientHello and then some (the rest waits for the reactor).
 WAITING_READ = 1 << 16
 
-log = logger("tigertunnel.tunnel")
+log = logger(__name__)
 
 Handshake = Union[ClientHandshake, ServerHandshake]
 
@@ -316,8 +316,8 @@ class TunnelProtocol(Protocol):
         streams = self.streams.drain()
         if before is _ESTABLISHED or before is _CLOSING:
             self.codec = None
-            log.info("{role} pool connection {link} lost ({reason}); closing "
-                     "{count} sessions", role=self.role, link=self.name,
+            log.info("{role} pool connection {pool_connection} lost ({reason}); closing "
+                     "{count} sessions", role=self.role, pool_connection=self.name,
                      reason=reason.getErrorMessage(), count=len(streams))
             self.host.pool_connection_down(self)
         elif self._outcome is None:
@@ -506,8 +506,8 @@ class TunnelProtocol(Protocol):
 
     def _fail(self, reason: str) -> None:
         """The established connection failed: abort it and its sessions."""
-        log.error("{role} pool connection {link} failed: {reason}; closing it "
-                  "and its {count} sessions", role=self.role, link=self.name,
+        log.error("{role} pool connection {pool_connection} failed: {reason}; closing it "
+                  "and its {count} sessions", role=self.role, pool_connection=self.name,
                   reason=reason, count=len(self.streams))
         self.host.stats.pool_failures += 1
         self._drop()
@@ -655,9 +655,9 @@ class TunnelProtocol(Protocol):
 
     def _peer_silent(self, silence: float) -> None:
         """No authenticated frame for too long: the peer is frozen or gone."""
-        log.warn("{role} pool connection {link}: no frame from the peer for "
+        log.warn("{role} pool connection {pool_connection}: no frame from the peer for "
                  "{silence:.0f} s (heartbeat); closing it and its {count} "
-                 "sessions", role=self.role, link=self.name, silence=silence,
+                 "sessions", role=self.role, pool_connection=self.name, silence=silence,
                  count=len(self.streams))
         self.host.stats.pool_timeouts += 1
         self._drop()

@@ -99,7 +99,7 @@ class ThreadHop(Protocol):
         """Call ``callable`` in the reactor thread."""
 
 
-log = logger("tigertunnel.reload")
+log = logger(__name__)
 
 
 class ReloadError(TunnelError):
@@ -282,10 +282,11 @@ class KeyReloader:
                     if connection not in mux.draining:
                         mux.draining.add(connection)
                         self._deadlines[connection] = now + wait
-                        log.info("{role} pool connection {link} uses retired "
+                        log.info("{role} pool connection {pool_connection} uses retired "
                                  "key id {key_id}; closing it when idle or "
                                  "within {wait:.0f} s", role=mux.role,
-                                 link=connection.name, key_id=connection.key_id, wait=wait)
+                                 pool_connection=connection.name,
+                                 key_id=connection.key_id, wait=wait)
                 elif connection in mux.draining and connection not in self._closing:
                     mux.draining.discard(connection)
                     self._deadlines.pop(connection, None)
@@ -310,10 +311,10 @@ class KeyReloader:
                     pending = True  # stays draining until it is gone
                     continue
                 if self.may_close(mux, connection, now >= deadline):
-                    log.info("{role} pool connection {link}: closing (retired "
+                    log.info("{role} pool connection {pool_connection}: closing (retired "
                              "key id {key_id}, {count} sessions)",
-                             role=mux.role, link=connection.name, key_id=connection.key_id,
-                             count=len(connection.streams))
+                             role=mux.role, pool_connection=connection.name,
+                             key_id=connection.key_id, count=len(connection.streams))
                     self._closing.add(connection)
                     connection.close_gracefully()
                 pending = True
@@ -342,9 +343,9 @@ class KeyReloader:
         if expired and connection not in self._stuck:
             self._stuck.add(connection)
             log.warn("client {pair}: no pool connection with the current key "
-                     "came up; keeping {link} (retired key id {key_id}) until "
+                     "came up; keeping {pool_connection} (retired key id {key_id}) until "
                      "one does; check that the servers accept key id "
-                     "{current}", pair=mux.name, link=connection.name,
+                     "{current}", pair=mux.name, pool_connection=connection.name,
                      key_id=connection.key_id, current=mux.config.psk.first()[0]
                      if mux.config.psk is not None else None)
         probing = any(c in self._closing for c in mux.draining)

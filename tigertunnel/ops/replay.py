@@ -385,7 +385,7 @@ class FileReplayCache:
         self._offset = HEADER_SIZE + RECORD_SIZE * len(live)
 
 
-log = logger("tigertunnel.replay")
+log = logger(__name__)
 
 #: Minimum seconds between two log lines about replay-file I/O errors.
 IO_ERROR_LOG_INTERVAL = 60.0

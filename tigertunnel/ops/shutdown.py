@@ -44,7 +44,7 @@ POLL_INTERVAL = 0.02
 #: Seconds to wait for aborted connections to be gone after the timeout.
 ABORT_GRACE = 1.0
 
-log = logger("tigertunnel.shutdown")
+log = logger(__name__)
 
 
 class ProcessReactor(Reactor, Protocol):

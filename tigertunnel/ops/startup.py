@@ -33,7 +33,7 @@ from tigertunnel.errors import ConfigError
 from tigertunnel.logs import logger
 from tigertunnel.net.listeners import endpoint_is_local
 
-log = logger("tigertunnel.startup")
+log = logger(__name__)
 
 
 def fail(message: str, status: int = 1) -> NoReturn:

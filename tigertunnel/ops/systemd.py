@@ -37,7 +37,7 @@ from tigertunnel.config.model import ProxyPair
 from tigertunnel.errors import ConfigError
 from tigertunnel.logs import logger
 
-log = logger("tigertunnel.systemd")
+log = logger(__name__)
 
 #: The first file descriptor systemd passes (``SD_LISTEN_FDS_START``).
 LISTEN_FDS_START = 3

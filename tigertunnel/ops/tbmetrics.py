@@ -46,7 +46,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.utils import floatToGoString
 
-from tigertunnel.logs import logger
+from tigertunnel.logs import LogRateLimit, logger
 from tigertunnel.wire.tbheader import (COMMAND_NAMES, EVICTION_REASON_NAMES,
                                        EVICTION_REASONS, OPERATION_NAMES)
 from tigertunnel.wire.tbwatch import DIRECTIONS, InFlight, TBWatch
@@ -100,7 +100,7 @@ def quantile(q: float, bounds: Sequence[float], counts: Sequence[int]) -> Option
     return bounds[-1]  # not reached: rank <= total
 
 
-log = logger("tigertunnel.tb")
+log = logger(__name__)
 
 #: Minimum seconds between two eviction warnings of one pair; the next one
 #: says how many evictions were not logged in between.
@@ -123,8 +123,7 @@ class TBRecorder:
         """
         self.pair = pair
         self._clock = clock
-        self._last_eviction_log = -EVICTION_LOG_INTERVAL
-        self._unlogged_evictions = 0
+        self._eviction_log = LogRateLimit(EVICTION_LOG_INTERVAL)
         self.watch = TBWatch(self, in_flight)
         #: Completed requests per operation number: bucket counts
         #: (``len(BUCKETS) + 1``, not cumulative) and the sum of durations.
@@ -149,12 +148,9 @@ class TBRecorder:
     def evicted(self, client: int, reason: int, replica: int) -> None:
         """Count an eviction and log it: the evicted client's requests now fail."""
         self.evictions[reason] = self.evictions.get(reason, 0) + 1
-        now = self._clock()
-        if now - self._last_eviction_log < EVICTION_LOG_INTERVAL:
-            self._unlogged_evictions += 1
+        unlogged = self._eviction_log.allow(self._clock())
+        if unlogged is None:
             return
-        self._last_eviction_log = now
-        unlogged, self._unlogged_evictions = self._unlogged_evictions, 0
         log.warn("pair {pair}: TB replica {replica} evicted client {client}: "
                       "{reason}{more}", pair=self.pair, replica=replica,
                       client=client, reason=EVICTION_REASON_NAMES[reason],

@@ -41,7 +41,7 @@ MAX_LINE = 64 * 1024
 LOG_BUFFER_LIMIT = 1 << 20
 #: The namespace of the events this package makes up (the ready event,
 #: text lines of a worker).
-NAMESPACE = "tigertunnel.workers"
+NAMESPACE = "tigertunnel.ops.workers"
 
 _LEVELS = tuple(LogLevel.iterconstants())
 

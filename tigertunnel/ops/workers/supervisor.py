@@ -57,7 +57,7 @@ STABLE_AFTER = 60.0
 #: Seconds past the shutdown timeout before remaining workers are SIGKILLed.
 KILL_GRACE = 3.0
 
-log = logger("tigertunnel.workers")
+log = logger(__name__)
 
 
 class _WorkerProtocol(ProcessProtocol):
@@ -303,7 +303,8 @@ class WorkerSupervisor(Service):
         """Publish one line of a worker's output in this process's log.
 
         Never raises: a line that is not one of our JSON events is published
-        as text, at error level when it is a start-up error.
+        as text, at error level when it is a start-up error. A worker's event
+        keeps its level and fields and gains ``worker`` (the index).
         """
         event = decode_line(fd, line, self.clock.seconds())
         if is_ready(event):
@@ -314,6 +315,7 @@ class WorkerSupervisor(Service):
             self.figures.setdefault(worker.index, {}).update(figures)
             return
         event["log_system"] = worker_system(worker.index, event)
+        event.setdefault("worker", worker.index)  # for --log-format json
         try:
             self.publish(event)
         except Exception:  # an observer's failure must not end the relay
