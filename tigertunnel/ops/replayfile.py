@@ -1,0 +1,451 @@
+"""The replay table in a file or in shared memory, used by every process of a tunnel end.
+
+:class:`FileReplayCache` keeps a :class:`~tigertunnel.wire.replaywindow.ReplayTable`
+(the window rule, the buckets, the verdicts) in a file that every worker of
+the tunnel end opens and a restarted server finds again (``--replay-file``,
+``<pidfile>.replay``), or in shared memory (a ``memfd``,
+:func:`create_shared_memory`) that worker 0 hands to its workers like the
+accept board, each process opening it through its descriptor
+(:meth:`FileReplayCache.from_descriptor`).
+
+Layout (all integers little-endian)::
+
+    header   32 bytes  b"TTREPLAY" | u32 version (2) | u32 record size (40)
+                       | u32 slots per bucket | u32 buckets | 8 zero bytes
+    buckets  buckets x slots x 40 bytes, records as in the replay window
+
+The hash is the ClientHello's own hash field (it travels in clear: the file
+holds nothing secret). A new file is made (mode 0600) at its full size with
+``posix_fallocate``, so a record written later needs no new disk block. A
+file of the previous layout (version 1, an append log) is converted at
+start, keeping its unexpired hellos.
+
+I/O per hello, on the reactor thread: ``flock``, one ``stat`` of the path,
+one ``pread`` of the hash's bucket (1,280 bytes) and, for a fresh hello, one
+``pwrite`` of 40 bytes: page-cache operations only. There is no ``fsync``,
+no compaction and no rewrite (a slot is reused in place once its hello
+expires), so no process holds the lock longer than these calls, except once
+after the file was deleted (a 10 MiB copy). A killed process loses nothing;
+a machine crash can lose the records of the last seconds.
+
+When something is wrong, nothing unexpired is forgotten and nothing unsafe
+is done silently:
+
+* a full bucket, or an I/O error (disk error, a file cut short in place):
+  the hello is refused (:attr:`Verdict.FULL`, :attr:`Verdict.FAILED`;
+  :attr:`FileReplayCache.io_errors` and ``last_error`` say why);
+* the file deleted (or emptied by replacing it) while running: the open
+  descriptor still holds every record; the next process to take the lock
+  writes a copy at the path (never over a file that appeared there) and the
+  others move to it, so a restart finds them too. If the copy cannot be
+  made, the processes keep using the open descriptor and try again at the
+  next hello. :attr:`FileReplayCache.notice` is told either way;
+* the path replaced by another replay file: the processes move to it; by
+  a file that is not one: hellos are refused until it is removed;
+* at start, a file whose header is not ours, owned by another user, or not
+  a regular file (a symlink is not followed) is refused with
+  :class:`~tigertunnel.errors.ReplayCacheError`, one line naming the path;
+  group or other permission bits are removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import struct
+import time
+from typing import Callable, Optional, Tuple
+
+from tigertunnel.errors import ReplayCacheError
+from tigertunnel.wire.handshake import TIMESTAMP_TOLERANCE
+from tigertunnel.wire.replaywindow import (
+    DEFAULT_BUCKETS,
+    DEFAULT_SLOTS,
+    RECORD,
+    MemoryBuckets,
+    RECORD_SIZE,
+    ReplayTable,
+    Verdict,
+    oldest_live,
+)
+
+__all__ = ["FileReplayCache", "create_shared_memory", "MAGIC", "VERSION",
+           "HEADER_SIZE", "table_size"]
+
+MAGIC = b"TTREPLAY"
+VERSION = 2
+_HEADER = struct.Struct("<8sIIII8x")
+HEADER_SIZE = _HEADER.size
+#: The previous layout: this header, then 40-byte records appended.
+_V1_HEADER = struct.Struct("<8sII")
+#: Largest shape a header may claim (a damaged header is refused).
+_MAX_SLOTS = 4096
+_MAX_BUCKETS = 1 << 24
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def table_size(buckets: int, slots: int) -> int:
+    """Bytes of a replay file of this shape, header included."""
+    return HEADER_SIZE + buckets * slots * RECORD_SIZE
+
+
+def _header(buckets: int, slots: int) -> bytes:
+    return _HEADER.pack(MAGIC, VERSION, RECORD_SIZE, slots, buckets)
+
+
+def create_shared_memory(buckets: int = DEFAULT_BUCKETS,
+                         slots: int = DEFAULT_SLOTS) -> int:
+    """Worker 0 without a replay file: an empty table in a new memfd.
+
+    :returns: the memfd (close-on-exec; handed to the workers, and opened by
+        every process with :meth:`FileReplayCache.from_descriptor`).
+    :raises OSError: the memfd cannot be made.
+    """
+    fd = os.memfd_create("tigertunnel-replay-cache", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, table_size(buckets, slots))
+        os.pwrite(fd, _header(buckets, slots), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _FileBuckets:
+    """The buckets of a replay table, read and written by offset in a file."""
+
+    def __init__(self, cache: "FileReplayCache") -> None:
+        self.cache = cache
+
+    def read_bucket(self, index: int) -> bytes:
+        size = self.cache.slots * RECORD_SIZE
+        data = os.pread(self.cache.fd, size, HEADER_SIZE + index * size)
+        if len(data) != size:
+            raise OSError(0, "the file is shorter than its table (cut short "
+                             "by another program?)")
+        return data
+
+    def write_record(self, index: int, slot: int, record: bytes) -> None:
+        size = self.cache.slots * RECORD_SIZE
+        offset = HEADER_SIZE + index * size + slot * RECORD_SIZE
+        if os.pwrite(self.cache.fd, record, offset) != len(record):
+            raise OSError(0, "short write")
+
+
+class FileReplayCache:
+    """Remembers authenticated ClientHellos in a table shared by processes.
+
+    :ivar path: the cache file (``None`` for shared memory).
+    :ivar name: the file, or a description of the shared memory, for logs.
+    :ivar fd: the descriptor this instance locks, reads and writes.
+    :ivar io_errors: hellos refused because of an I/O error.
+    :ivar last_error: the last of those errors, as one line, or ``None``.
+    :ivar notice: told (one line) when the file was deleted or replaced
+        under the running processes, and what was done about it.
+    """
+
+    def __init__(self, path: str, buckets: int = DEFAULT_BUCKETS,
+                 slots: int = DEFAULT_SLOTS, now: Callable[[], float] = time.time,
+                 notice: Callable[[str], None] = lambda text: None) -> None:
+        """Open (or create) the file at ``path``.
+
+        :param buckets: buckets of a new file (an existing file keeps its own).
+        :param slots: slots per bucket of a new file.
+        :param now: wall-clock seconds (hello timestamps are wall clock).
+        :raises ReplayCacheError: the file cannot be opened or made, is not
+            a regular file owned by this user, or is not a replay cache.
+        :raises ValueError: a shape below one bucket of one slot.
+        """
+        self._setup(path, path, buckets, slots, now, notice)
+        try:
+            self._open_path(create=True)
+        except OSError as e:
+            self.close()
+            raise ReplayCacheError(f"{path}: cannot use replay cache: "
+                                   f"{e.strerror or e}") from None
+        except ReplayCacheError:
+            self.close()
+            raise
+
+    @classmethod
+    def from_descriptor(cls, fd: int, now: Callable[[], float] = time.time
+                        ) -> "FileReplayCache":
+        """Open the shared-memory table worker 0 made
+        (:func:`create_shared_memory`) through the descriptor ``fd``.
+
+        The table is opened anew (``/proc/self/fd``) so that this process's
+        lock is its own: a lock on an inherited descriptor would be shared
+        with every process that inherited it.
+
+        :raises ReplayCacheError: ``fd`` is not open or holds no replay table.
+        """
+        self = cls.__new__(cls)
+        self._setup(None, f"shared memory (descriptor {fd})", 1, 1, now,
+                    lambda text: None)
+        try:
+            self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+            self._use_shape(*self._check_header(self.fd, os.fstat(self.fd).st_size))
+        except OSError as e:
+            self.close()
+            raise ReplayCacheError(f"replay cache in inherited descriptor {fd}: "
+                                   f"{e.strerror or e}") from None
+        except ReplayCacheError:
+            self.close()
+            raise
+        return self
+
+    def _setup(self, path: Optional[str], name: str, buckets: int, slots: int,
+               now: Callable[[], float], notice: Callable[[str], None]) -> None:
+        if buckets < 1 or slots < 1:
+            raise ValueError(f"a replay table needs at least one bucket and one "
+                             f"slot, not {buckets} x {slots}")
+        self.path = path
+        self.name = name
+        self.buckets = buckets
+        self.slots = slots
+        self._now = now
+        self.notice = notice
+        self.fd = -1
+        self._ino = (0, 0)
+        self.io_errors = 0
+        self.last_error: Optional[str] = None
+        self.table = ReplayTable(_FileBuckets(self), buckets, slots,
+                                 TIMESTAMP_TOLERANCE)
+
+    def __repr__(self) -> str:
+        return f"<FileReplayCache {self.name!r} {self.buckets}x{self.slots}>"
+
+    def __len__(self) -> int:
+        """The number of hellos in the window (reads the whole table)."""
+        self._lock()
+        try:
+            data = os.pread(self.fd, self.table.capacity * RECORD_SIZE, HEADER_SIZE)
+        finally:
+            self._unlock()
+        return self.table.live_in(data, self._now())
+
+    def close(self) -> None:
+        """Close the file (the instance must not be used afterwards)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def check_and_add(self, digest: bytes, timestamp: int) -> Verdict:
+        """Record a hello by its hash, for every process of the tunnel end
+        (see :class:`~tigertunnel.wire.replaywindow.Verdict`).
+
+        :raises ValueError: a hash that is not 32 bytes or a timestamp
+            outside u64.
+        """
+        try:
+            self._lock()
+        except (OSError, ReplayCacheError) as e:
+            return self._failed(e)
+        try:
+            return self.table.check_and_add(digest, timestamp, self._now())
+        except OSError as e:
+            return self._failed(e)
+        finally:
+            self._unlock()
+
+    def _failed(self, error: Exception) -> Verdict:
+        self.io_errors += 1
+        self.last_error = f"{self.name}: {getattr(error, 'strerror', None) or error}"
+        return Verdict.FAILED
+
+    # -- the file -------------------------------------------------------------
+
+    def _open_path(self, create: bool) -> None:
+        """Open the file the path names (making it if missing), check it,
+        and make it this instance's (left unlocked). The descriptor in use
+        is kept if the new file cannot be used."""
+        assert self.path is not None
+        flags = os.O_RDWR | _NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        fd = os.open(self.path, flags, 0o600)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ReplayCacheError(f"{self.path}: replay cache is not a regular file")
+            if st.st_uid != os.geteuid():
+                raise ReplayCacheError(
+                    f"{self.path}: replay cache is owned by uid {st.st_uid}, "
+                    f"not by this process (uid {os.geteuid()})")
+            if st.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            if size == 0:
+                os.posix_fallocate(fd, 0, table_size(self.buckets, self.slots))
+                os.pwrite(fd, _header(self.buckets, self.slots), 0)
+            elif _is_v1(fd):
+                fd = self._converted(fd, size)
+            else:
+                self._use_shape(*self._check_header(fd, size))
+        except BaseException:
+            os.close(fd)
+            raise
+        self._adopt(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _adopt(self, fd: int) -> None:
+        """Make ``fd`` the descriptor in use (closing the previous one, which
+        releases its lock)."""
+        old, self.fd = self.fd, fd
+        st = os.fstat(fd)
+        self._ino = (st.st_dev, st.st_ino)
+        if old >= 0 and old != fd:
+            os.close(old)
+
+    def _use_shape(self, buckets: int, slots: int) -> None:
+        self.buckets, self.slots = buckets, slots
+        self.table = ReplayTable(_FileBuckets(self), buckets, slots,
+                                 TIMESTAMP_TOLERANCE)
+
+    def _check_header(self, fd: int, size: int) -> Tuple[int, int]:
+        """The shape (buckets, slots) a replay file's header gives.
+
+        :raises ReplayCacheError: it is not a replay file of this version
+            or is shorter than its header says.
+        """
+        header = os.pread(fd, HEADER_SIZE, 0)
+        if len(header) < HEADER_SIZE or header[:8] != MAGIC:
+            raise ReplayCacheError(
+                f"{self.name}: not a tigertunnel replay cache (bad header); "
+                f"move it away or use another path")
+        _, version, record, slots, buckets = _HEADER.unpack(header)
+        if version != VERSION or record != RECORD_SIZE:
+            raise ReplayCacheError(
+                f"{self.name}: replay cache version {version} (record size "
+                f"{record}) is not {VERSION} ({RECORD_SIZE}); move it away or "
+                f"use another path")
+        if (not 1 <= slots <= _MAX_SLOTS or not 1 <= buckets <= _MAX_BUCKETS
+                or size < table_size(buckets, slots)):
+            raise ReplayCacheError(
+                f"{self.name}: replay cache is damaged ({size} bytes for "
+                f"{buckets} buckets of {slots}); move it away or use another path")
+        return buckets, slots
+
+    def _converted(self, fd: int, size: int) -> int:
+        """A file of the previous layout (locked ``fd``) replaced by a table
+        of its unexpired hellos; returns the new file, locked."""
+        data = os.pread(fd, size - _V1_HEADER.size, _V1_HEADER.size)
+        memory = MemoryBuckets(self.slots)
+        table = ReplayTable(memory, self.buckets, self.slots, TIMESTAMP_TOLERANCE)
+        now = self._now()
+        oldest = oldest_live(now, TIMESTAMP_TOLERANCE)
+        kept = sum(1 for digest, timestamp
+                   in RECORD.iter_unpack(data[:len(data) - len(data) % RECORD_SIZE])
+                   if timestamp >= oldest
+                   and table.check_and_add(digest, timestamp, now) is Verdict.FRESH)
+        image = bytearray(table_size(self.buckets, self.slots))
+        image[:HEADER_SIZE] = _header(self.buckets, self.slots)
+        span = self.slots * RECORD_SIZE
+        for index, bucket in memory.written():
+            image[HEADER_SIZE + index * span:HEADER_SIZE + (index + 1) * span] = bucket
+        new = self._new_file(lambda out: _write_image(out, bytes(image)), replace=True)
+        assert new is not None
+        os.close(fd)
+        self.notice(f"replay cache {self.path}: converted from format 1 "
+                    f"({kept} unexpired hellos kept)")
+        return new
+
+    def _new_file(self, fill: Callable[[int], None], replace: bool) -> Optional[int]:
+        """Write a new file at the path (``fill`` writes the whole table into
+        the descriptor it is given) and return it, locked. ``replace``
+        renames it over what the path names; otherwise a file that appeared
+        at the path is left alone and ``None`` returned."""
+        assert self.path is not None
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            os.unlink(tmp)  # left over by a killed process with our pid
+        except FileNotFoundError:
+            pass
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.posix_fallocate(fd, 0, table_size(self.buckets, self.slots))
+            fill(fd)
+            if replace:
+                os.rename(tmp, self.path)
+                return fd
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                os.unlink(tmp)
+                os.close(fd)
+                return None
+            os.unlink(tmp)
+            return fd
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _copy_into(self, out: int) -> None:
+        """Copy this instance's table into ``out``."""
+        total = table_size(self.buckets, self.slots)
+        copied = 0
+        while copied < total:
+            n = os.copy_file_range(self.fd, out, total - copied, copied, copied)
+            if n <= 0:
+                raise OSError(0, "short copy")
+            copied += n
+
+    def _lock(self) -> None:
+        """Lock the table; with a file, the one the path names now (moving
+        to it if it was replaced, writing it again if it was deleted)."""
+        if self.fd < 0:
+            raise OSError(0, "replay cache is closed")
+        for _ in range(16):
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            if self.path is None:
+                return
+            try:
+                st: Optional[os.stat_result] = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == self._ino:
+                return
+            if st is None or (stat.S_ISREG(st.st_mode) and st.st_size == 0):
+                # Deleted (or emptied by hand): our descriptor holds every
+                # record; put a copy at the path and use it.
+                try:
+                    new = self._new_file(self._copy_into, replace=st is not None)
+                except OSError as e:
+                    self.notice(f"replay cache {self.path} was deleted; the running "
+                                f"processes keep every hello in the open file, but "
+                                f"it cannot be written again at its path: "
+                                f"{e.strerror or e}")
+                    return
+                if new is not None:
+                    self._adopt(new)
+                    self.notice(f"replay cache {self.path} was deleted; written "
+                                f"again from the open file, no hello forgotten")
+                    return
+            # Replaced (or written again by another process): move to it.
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self._open_path(create=False)
+        raise OSError(0, "the file keeps being replaced")
+
+    def _unlock(self) -> None:
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+def _is_v1(fd: int) -> bool:
+    """Whether ``fd`` holds a replay file of the previous layout."""
+    header = os.pread(fd, _V1_HEADER.size, 0)
+    if len(header) < _V1_HEADER.size:
+        return False
+    magic, version, record = _V1_HEADER.unpack(header)
+    return bool(magic == MAGIC and version == 1 and record == RECORD_SIZE)
+
+
+def _write_image(fd: int, data: bytes) -> None:
+    if os.pwrite(fd, data, 0) != len(data):
+        raise OSError(0, "short write")

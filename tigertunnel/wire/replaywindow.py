@@ -1,0 +1,200 @@
+"""The replay window: which accepted ClientHellos must be remembered, and the table that holds them.
+
+A tunnel server accepts a ClientHello only within a tolerance of its
+timestamp (``TIMESTAMP_TOLERANCE``, PROTOCOL.md section 3.3, defined in
+:mod:`tigertunnel.wire.handshake`), so a hello must be remembered, to
+refuse its replay, until its timestamp is more than the tolerance in the
+past, and may be forgotten afterwards. :func:`oldest_live` is that rule, the
+only place it is written; :class:`ReplayTable` applies it to every cache of
+the package: the in-memory one of a single process
+(:class:`~tigertunnel.wire.handshake.ReplayCache`) and the file or shared
+memory every process of a tunnel end uses
+(:class:`~tigertunnel.ops.replay.FileReplayCache`).
+
+The table is a fixed number of *buckets* of *slots*; a slot is one record::
+
+    record   40 bytes  hello hash (32) | hello timestamp, u64 little-endian (8)
+
+A hash goes to the bucket named by its first four bytes (the hash is a
+keyed hash of the hello, so nobody without the PSK can aim at one bucket;
+only hellos whose hash verified are recorded). A slot whose timestamp has
+left the window (or is 0, never written) is free. Recording a hello reads
+its bucket, answers :attr:`Verdict.REPLAYED` if a live slot holds the hash,
+else writes the record into a free slot (:attr:`Verdict.FRESH`). A bucket
+with no free slot answers :attr:`Verdict.FULL`: the hello is refused rather
+than an unexpired one forgotten (forgetting it would let that one be
+replayed). Nothing ever has to be compacted: expired slots are reused in
+place.
+
+Capacity. With :data:`DEFAULT_BUCKETS` buckets of :data:`DEFAULT_SLOTS`
+slots (262,144 slots, 10 MiB as a file), hashes spread over the buckets as
+a Poisson process: with 100,000 hellos in the window the chance that any
+bucket overflows is about 2 %, with 60,000 below one in a million. A hello
+stays in the window for at most two hours (its timestamp may be up to an
+hour ahead of the server clock), so a tunnel end refuses nothing below
+about 8 accepted hellos per second sustained for two hours (30,000 an
+hour); the tunnel's own clients make a few per pool connection per
+restart.
+
+The storage is a seam (:class:`Buckets`): a bucket is read whole and a
+record written in place, so the same table runs over a dictionary
+(:class:`MemoryBuckets`) or a file read and written by offset.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Dict, Iterator, Protocol, Tuple
+
+__all__ = ["Verdict", "oldest_live", "ReplayTable", "Buckets", "MemoryBuckets",
+           "RECORD", "RECORD_SIZE", "DIGEST_SIZE", "DEFAULT_BUCKETS",
+           "DEFAULT_SLOTS"]
+
+DIGEST_SIZE = 32
+#: One slot: the hello hash and the hello timestamp.
+RECORD = struct.Struct("<32sQ")
+RECORD_SIZE = RECORD.size
+#: Just the timestamps of a bucket's records.
+_TIMESTAMPS = struct.Struct("<32xQ")
+#: Buckets and slots per bucket of a cache made with the defaults (see
+#: "Capacity" above).
+DEFAULT_BUCKETS = 8192
+DEFAULT_SLOTS = 32
+_MAX_U64 = (1 << 64) - 1
+_EMPTY = bytes(DIGEST_SIZE)
+
+
+class Verdict(enum.Enum):
+    """What a replay cache says of a ClientHello it was asked to record."""
+
+    #: Not seen inside the window; now recorded: accept the hello.
+    FRESH = "fresh"
+    #: Seen before inside the window: a replay, refuse it.
+    REPLAYED = "replayed"
+    #: No room without forgetting an unexpired hello: refuse it.
+    FULL = "full"
+    #: It could not be recorded (an I/O error): refuse it.
+    FAILED = "failed"
+
+
+def oldest_live(now: float, tolerance: int) -> int:
+    """The oldest hello timestamp that must still be remembered at ``now``.
+
+    A hello is accepted while ``|timestamp - int(now)| <= tolerance``; one
+    more second covers a server whose clock reading for the handshake and
+    for the cache differ by a fraction of a second.
+    """
+    return int(now) - tolerance - 1
+
+
+class Buckets(Protocol):
+    """Where a :class:`ReplayTable` keeps its buckets."""
+
+    def read_bucket(self, index: int) -> bytes:
+        """Bucket ``index``: its slots' records, end to end (zeros when
+        never written).
+
+        :raises OSError: it cannot be read.
+        """
+
+    def write_record(self, index: int, slot: int, record: bytes) -> None:
+        """Write one record into slot ``slot`` of bucket ``index``.
+
+        :raises OSError: it cannot be written.
+        """
+
+
+class MemoryBuckets:
+    """Buckets in this process's memory, made when first written."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._buckets: Dict[int, bytearray] = {}
+
+    def read_bucket(self, index: int) -> bytes:
+        bucket = self._buckets.get(index)
+        return bytes(self.slots * RECORD_SIZE) if bucket is None else bytes(bucket)
+
+    def write_record(self, index: int, slot: int, record: bytes) -> None:
+        bucket = self._buckets.get(index)
+        if bucket is None:
+            bucket = self._buckets[index] = bytearray(self.slots * RECORD_SIZE)
+        bucket[slot * RECORD_SIZE:(slot + 1) * RECORD_SIZE] = record
+
+    def written(self) -> Iterator[Tuple[int, bytes]]:
+        """Each bucket ever written, with its records (the others are empty)."""
+        for index, bucket in sorted(self._buckets.items()):
+            yield index, bytes(bucket)
+
+
+class ReplayTable:
+    """The accepted ClientHellos of a tunnel end, for as long as they can be replayed.
+
+    :param buckets: where the buckets are kept.
+    :param bucket_count: number of buckets.
+    :param slots: slots per bucket.
+    :param tolerance: the handshake's timestamp tolerance, in seconds.
+    :raises ValueError: a count below 1.
+    """
+
+    def __init__(self, buckets: Buckets, bucket_count: int, slots: int,
+                 tolerance: int) -> None:
+        if bucket_count < 1 or slots < 1:
+            raise ValueError(f"a replay table needs at least one bucket and one "
+                             f"slot, not {bucket_count} x {slots}")
+        self.buckets = buckets
+        self.bucket_count = bucket_count
+        self.slots = slots
+        self.tolerance = tolerance
+
+    @property
+    def capacity(self) -> int:
+        """Slots in all."""
+        return self.bucket_count * self.slots
+
+    def bucket_of(self, digest: bytes) -> int:
+        """The bucket a hello hash goes to."""
+        return int.from_bytes(digest[:4], "little") % self.bucket_count
+
+    def check_and_add(self, digest: bytes, timestamp: int, now: float) -> Verdict:
+        """Record a hello by its hash (see :class:`Verdict`).
+
+        :param digest: the 32-byte ClientHello hash.
+        :param timestamp: the hello's timestamp (Unix seconds).
+        :param now: the server's clock (Unix seconds).
+        :raises ValueError: a hash that is not 32 bytes or a timestamp
+            outside u64.
+        :raises OSError: the storage failed (nothing was recorded).
+        """
+        if len(digest) != DIGEST_SIZE:
+            raise ValueError(f"hello hash must be {DIGEST_SIZE} bytes, got {len(digest)}")
+        if not 0 <= timestamp <= _MAX_U64:
+            raise ValueError(f"timestamp {timestamp} is not a u64")
+        digest = bytes(digest)
+        index = self.bucket_of(digest)
+        data = self.buckets.read_bucket(index)
+        oldest = oldest_live(now, self.tolerance)
+        at = data.find(digest)
+        while at >= 0:
+            if at % RECORD_SIZE == 0 and _live(data, at, oldest):
+                return Verdict.REPLAYED
+            at = data.find(digest, at + 1)
+        for slot in range(len(data) // RECORD_SIZE):
+            if not _live(data, slot * RECORD_SIZE, oldest):
+                self.buckets.write_record(index, slot, RECORD.pack(digest, timestamp))
+                return Verdict.FRESH
+        return Verdict.FULL
+
+    def live_in(self, data: bytes, now: float) -> int:
+        """How many records of ``data`` (whole records) are in the window."""
+        oldest = oldest_live(now, self.tolerance)
+        return sum(1 for at in range(0, len(data) - RECORD_SIZE + 1, RECORD_SIZE)
+                   if _live(data, at, oldest))
+
+
+def _live(data: bytes, at: int, oldest: int) -> bool:
+    """Whether the record at ``at`` holds a hello still in the window (a
+    record never written is all zeros)."""
+    stamp: int = _TIMESTAMPS.unpack_from(data, at)[0]
+    return stamp >= oldest and (stamp != 0 or data[at:at + DIGEST_SIZE] != _EMPTY)
