@@ -7,6 +7,8 @@ import hashlib
 import os
 import stat
 import struct
+import threading
+import time
 from typing import Any, List, Tuple
 
 from hypothesis import given, settings, strategies as st
@@ -16,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel.errors import ReplayCacheError
 from tigertunnel.ops import replay, replayfile
+from tigertunnel.wire import replaywindow
 from tigertunnel.ops.replay import FileReplayCache, ReplayCacheService
 from tigertunnel.wire.handshake import (
     ReplayCache,
@@ -87,7 +90,7 @@ class SingleInstanceTests(CacheCase):
         with open(self.path, "rb") as f:
             data = f.read()
         self.assertEqual(data[:32], b"TTREPLAY" + struct.pack("<IIII", 2, 40, 2, 4) + bytes(8))
-        self.assertEqual(len(data), replayfile.table_size(4, 2))
+        self.assertEqual(len(data), replaywindow.table_size(4, 2))
         bucket = 6 % 4
         at = 32 + bucket * 2 * 40
         self.assertEqual(data[at:at + 40], d + struct.pack("<Q", NOW + 5))
@@ -97,7 +100,7 @@ class SingleInstanceTests(CacheCase):
         """A new file is made at its full size with its blocks allocated, so a later write needs no new block."""
         self.cache(buckets=64, slots=8)
         st_ = os.stat(self.path)
-        self.assertEqual(st_.st_size, replayfile.table_size(64, 8))
+        self.assertEqual(st_.st_size, replaywindow.table_size(64, 8))
         self.assertGreaterEqual(st_.st_blocks * 512, st_.st_size)
 
     def test_mode_0600(self) -> None:
@@ -280,6 +283,26 @@ class FailClosedTests(CacheCase):
         self.assertIs(a.check_and_add(digest(1), NOW), FAILED)
         self.assertIn("No locks available", a.last_error or "")
 
+    def test_lock_wait_bounded(self) -> None:
+        """A process holding the lock (another worker, off the CPU) costs this one at most LOCK_WAIT before the hello is refused: the reactor is never held for the other's whole hold."""
+        a = self.cache()
+        other = os.open(self.path, os.O_RDWR)
+        self.addCleanup(os.close, other)
+        fcntl.flock(other, fcntl.LOCK_EX)
+        release = threading.Timer(2.0, fcntl.flock, (other, fcntl.LOCK_UN))
+        release.start()
+        self.addCleanup(release.join)
+        self.addCleanup(release.cancel)
+        started = time.monotonic()
+        verdict = a.check_and_add(digest(1), NOW)
+        waited = time.monotonic() - started
+        self.assertIs(verdict, FAILED)
+        self.assertLess(waited, 1.0)
+        self.assertGreaterEqual(waited, replayfile.LOCK_WAIT)
+        self.assertIn("locked by another process for more than 20 ms", a.last_error or "")
+        fcntl.flock(other, fcntl.LOCK_UN)
+        self.assertIs(a.check_and_add(digest(1), NOW), FRESH)
+
     def test_file_cut_short_fails_closed(self) -> None:
         """A file cut short in place by another program refuses hellos (its records are gone)."""
         a = self.cache(buckets=4, slots=2)
@@ -356,8 +379,8 @@ class DeletionTests(CacheCase):
         self.assertIs(c.check_and_add(digest(1), NOW), REPLAYED)
         self.assertIs(c.check_and_add(digest(3), NOW), REPLAYED)
         self.assertIs(c.check_and_add(digest(2), NOW), FRESH)
-        self.assertEqual(os.path.getsize(self.path), replayfile.table_size(
-            replayfile.DEFAULT_BUCKETS, replayfile.DEFAULT_SLOTS))
+        self.assertEqual(os.path.getsize(self.path), replaywindow.table_size(
+            replaywindow.DEFAULT_BUCKETS, replaywindow.DEFAULT_SLOTS))
 
 
 class SharedMemoryTests(SynchronousTestCase):

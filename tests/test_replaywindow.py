@@ -6,6 +6,7 @@ from typing import Dict, List, Tuple
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from tigertunnel.errors import ReplayCacheError
 from tigertunnel.wire import replaywindow
 from tigertunnel.wire.handshake import TIMESTAMP_TOLERANCE, ReplayCache
 from tigertunnel.wire.replaywindow import (
@@ -122,3 +123,36 @@ class ModelTests(SynchronousTestCase):
             else:
                 self.assertIs(verdict, Verdict.FRESH)
                 recorded[d] = stamp
+
+
+class HeaderTests(SynchronousTestCase):
+    """The header of a stored table."""
+
+    def test_round_trip(self) -> None:
+        """A packed header parses back to its shape; the size covers the buckets."""
+        header = replaywindow.pack_header(8192, 32)
+        self.assertEqual(len(header), replaywindow.HEADER_SIZE)
+        size = replaywindow.table_size(8192, 32)
+        self.assertEqual(size, 32 + 8192 * 32 * 40)
+        self.assertEqual(replaywindow.parse_header(header, size, "f"), (8192, 32))
+
+    def test_refused(self) -> None:
+        """A foreign header, another version, an absurd shape or a short table is refused in one line naming the file."""
+        good = replaywindow.pack_header(4, 4)
+        size = replaywindow.table_size(4, 4)
+        for header, length, text in (
+                (b"something else entirely, 32 byt", size, "not a tigertunnel replay cache"),
+                (good[:8] + (3).to_bytes(4, "little") + good[12:], size, "version 3"),
+                (replaywindow.pack_header(0, 4), size, "damaged"),
+                (good, size - 1, "damaged")):
+            with self.assertRaises(ReplayCacheError) as ctx:
+                replaywindow.parse_header(header, length, "/run/x.replay")
+            self.assertIn(text, str(ctx.exception))
+            self.assertIn("/run/x.replay", str(ctx.exception))
+            self.assertNotIn("\n", str(ctx.exception))
+
+    def test_version_1(self) -> None:
+        """The append log of version 1 is recognised by its 16-byte header."""
+        self.assertTrue(replaywindow.is_version_1(b"TTREPLAY" + bytes([1, 0, 0, 0, 40, 0, 0, 0])))
+        self.assertFalse(replaywindow.is_version_1(replaywindow.pack_header(4, 4)))
+        self.assertFalse(replaywindow.is_version_1(b"TTREPLAY"))

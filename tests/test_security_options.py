@@ -259,6 +259,42 @@ class ReplayPathTests(KeyDirCase):
         self.assertIs(service.check_and_add(digest, stamp), Verdict.FRESH)
         self.assertIs(worker.check_and_add(digest, stamp), Verdict.REPLAYED)
 
+    def test_worker_opens_handed_memory(self) -> None:
+        """A server worker started without a replay file opens the shared memory worker 0 handed it (named by TIGERTUNNEL_REPLAY_FD)."""
+        import socket
+
+        from tigertunnel.ops.workers import (
+            BOARD_FD_ENV,
+            LISTEN_FDS_ENV,
+            REPLAY_FD_ENV,
+            create_board,
+        )
+
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        board_fd, _ = create_board(1, 2)
+        self.addCleanup(os.close, board_fd)
+        shared = replay.create_shared_memory()
+        self.addCleanup(os.close, shared)
+        self.patch(os, "environ", dict(os.environ, **{
+            LISTEN_FDS_ENV: str(sock.fileno()), BOARD_FD_ENV: str(board_fd),
+            REPLAY_FD_ENV: str(shared)}))
+        pair = f"127.0.0.1:{sock.getsockname()[1]},127.0.0.1:3001"
+        top = self.make(["server", "-p", pair, "--plaintext", "--workers", "2",
+                         "--worker-index", "1", "--replay-file=memory"])
+        service = self.replay_service(top)
+        self.assertEqual((service.path, service.descriptor), (None, shared))
+        service.startService()
+        self.addCleanup(service.stopService)
+        worker0 = replay.FileReplayCache.from_descriptor(shared)
+        self.addCleanup(worker0.close)
+        digest = hashlib.sha256(b"hello").digest()
+        stamp = int(time.time())
+        self.assertIs(worker0.check_and_add(digest, stamp), Verdict.FRESH)
+        self.assertIs(service.check_and_add(digest, stamp), Verdict.REPLAYED)
+
     def test_explicit_file_passed_to_workers(self) -> None:
         """--replay-file F (or the pidfile default) is passed to the worker processes explicitly."""
         from tigertunnel.ops.workers import WorkerSupervisor

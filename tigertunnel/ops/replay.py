@@ -36,14 +36,9 @@ from typing import Callable, Optional, Union
 from twisted.application.service import Service
 
 from tigertunnel.logs import LogRateLimit, logger
-from tigertunnel.ops.replayfile import (
-    HEADER_SIZE,
-    MAGIC,
-    FileReplayCache,
-    create_shared_memory,
-)
+from tigertunnel.ops.replayfile import FileReplayCache, create_shared_memory
 from tigertunnel.wire.handshake import TIMESTAMP_TOLERANCE, ReplayCache
-from tigertunnel.wire.replaywindow import RECORD_SIZE, Verdict
+from tigertunnel.wire.replaywindow import HEADER_SIZE, MAGIC, RECORD_SIZE, Verdict
 
 __all__ = ["FileReplayCache", "ReplayCacheService", "create_shared_memory",
            "default_path", "replay_path", "IN_MEMORY", "MAGIC", "HEADER_SIZE",

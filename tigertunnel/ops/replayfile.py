@@ -8,12 +8,7 @@ the tunnel end opens and a restarted server finds again (``--replay-file``,
 accept board, each process opening it through its descriptor
 (:meth:`FileReplayCache.from_descriptor`).
 
-Layout (all integers little-endian)::
-
-    header   32 bytes  b"TTREPLAY" | u32 version (2) | u32 record size (40)
-                       | u32 slots per bucket | u32 buckets | 8 zero bytes
-    buckets  buckets x slots x 40 bytes, records as in the replay window
-
+The layout is the replay window's (:func:`~tigertunnel.wire.replaywindow.pack_header`).
 The hash is the ClientHello's own hash field (it travels in clear: the file
 holds nothing secret). A new file is made (mode 0600) at its full size with
 ``posix_fallocate``, so a record written later needs no new disk block. A
@@ -25,14 +20,16 @@ one ``pread`` of the hash's bucket (1,280 bytes) and, for a fresh hello, one
 ``pwrite`` of 40 bytes: page-cache operations only. There is no ``fsync``,
 no compaction and no rewrite (a slot is reused in place once its hello
 expires), so no process holds the lock longer than these calls, except once
-after the file was deleted (a 10 MiB copy). A killed process loses nothing;
-a machine crash can lose the records of the last seconds.
+after the file was deleted (a 10 MiB copy). A process waits at most
+:data:`LOCK_WAIT` for the lock (its holder may be off the CPU on a loaded
+machine); past that the hello is refused. A killed process loses nothing; a
+machine crash can lose the records of the last seconds.
 
 When something is wrong, nothing unexpired is forgotten and nothing unsafe
 is done silently:
 
-* a full bucket, or an I/O error (disk error, a file cut short in place):
-  the hello is refused (:attr:`Verdict.FULL`, :attr:`Verdict.FAILED`;
+* a full bucket, an I/O error (disk error, a file cut short in place) or a
+  lock held too long: the hello is refused (:attr:`Verdict.FULL`, :attr:`Verdict.FAILED`;
   :attr:`FileReplayCache.io_errors` and ``last_error`` say why);
 * the file deleted (or emptied by replacing it) while running: the open
   descriptor still holds every record; the next process to take the lock
@@ -50,10 +47,10 @@ is done silently:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
-import struct
 import time
 from typing import Callable, Optional, Tuple
 
@@ -62,36 +59,46 @@ from tigertunnel.wire.handshake import TIMESTAMP_TOLERANCE
 from tigertunnel.wire.replaywindow import (
     DEFAULT_BUCKETS,
     DEFAULT_SLOTS,
+    HEADER_SIZE,
     RECORD,
-    MemoryBuckets,
     RECORD_SIZE,
+    VERSION_1_HEADER,
+    MemoryBuckets,
     ReplayTable,
     Verdict,
+    is_version_1,
     oldest_live,
+    pack_header,
+    parse_header,
+    table_size,
 )
 
-__all__ = ["FileReplayCache", "create_shared_memory", "MAGIC", "VERSION",
-           "HEADER_SIZE", "table_size"]
+__all__ = ["FileReplayCache", "create_shared_memory", "lock_within",
+           "LOCK_WAIT", "OPEN_WAIT"]
 
-MAGIC = b"TTREPLAY"
-VERSION = 2
-_HEADER = struct.Struct("<8sIIII8x")
-HEADER_SIZE = _HEADER.size
-#: The previous layout: this header, then 40-byte records appended.
-_V1_HEADER = struct.Struct("<8sII")
-#: Largest shape a header may claim (a damaged header is refused).
-_MAX_SLOTS = 4096
-_MAX_BUCKETS = 1 << 24
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+#: Seconds a process waits for another to release the table's lock before
+#: it refuses the hello: what another process can cost this reactor at most.
+LOCK_WAIT = 0.02
+#: Seconds a process opening the file at start waits for the lock.
+OPEN_WAIT = 10.0
 
 
-def table_size(buckets: int, slots: int) -> int:
-    """Bytes of a replay file of this shape, header included."""
-    return HEADER_SIZE + buckets * slots * RECORD_SIZE
+def lock_within(fd: int, seconds: float) -> None:
+    """Take the exclusive ``flock`` of ``fd``, waiting at most ``seconds``.
 
-
-def _header(buckets: int, slots: int) -> bytes:
-    return _HEADER.pack(MAGIC, VERSION, RECORD_SIZE, slots, buckets)
+    :raises OSError: another process held it all that time.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise OSError(errno.EWOULDBLOCK, f"locked by another process for "
+                              f"more than {seconds * 1000:.0f} ms") from None
+            time.sleep(0.0005)
 
 
 def create_shared_memory(buckets: int = DEFAULT_BUCKETS,
@@ -105,7 +112,7 @@ def create_shared_memory(buckets: int = DEFAULT_BUCKETS,
     fd = os.memfd_create("tigertunnel-replay-cache", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, table_size(buckets, slots))
-        os.pwrite(fd, _header(buckets, slots), 0)
+        os.pwrite(fd, pack_header(buckets, slots), 0)
     except BaseException:
         os.close(fd)
         raise
@@ -159,7 +166,7 @@ class FileReplayCache:
         """
         self._setup(path, path, buckets, slots, now, notice)
         try:
-            self._open_path(create=True)
+            self._open_path(create=True, wait=OPEN_WAIT)
         except OSError as e:
             self.close()
             raise ReplayCacheError(f"{path}: cannot use replay cache: "
@@ -256,7 +263,7 @@ class FileReplayCache:
 
     # -- the file -------------------------------------------------------------
 
-    def _open_path(self, create: bool) -> None:
+    def _open_path(self, create: bool, wait: float = LOCK_WAIT) -> None:
         """Open the file the path names (making it if missing), check it,
         and make it this instance's (left unlocked). The descriptor in use
         is kept if the new file cannot be used."""
@@ -273,12 +280,12 @@ class FileReplayCache:
                     f"not by this process (uid {os.geteuid()})")
             if st.st_mode & 0o077:
                 os.fchmod(fd, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock_within(fd, wait)
             size = os.fstat(fd).st_size
             if size == 0:
                 os.posix_fallocate(fd, 0, table_size(self.buckets, self.slots))
-                os.pwrite(fd, _header(self.buckets, self.slots), 0)
-            elif _is_v1(fd):
+                os.pwrite(fd, pack_header(self.buckets, self.slots), 0)
+            elif is_version_1(os.pread(fd, VERSION_1_HEADER.size, 0)):
                 fd = self._converted(fd, size)
             else:
                 self._use_shape(*self._check_header(fd, size))
@@ -303,33 +310,16 @@ class FileReplayCache:
                                  TIMESTAMP_TOLERANCE)
 
     def _check_header(self, fd: int, size: int) -> Tuple[int, int]:
-        """The shape (buckets, slots) a replay file's header gives.
+        """The shape (buckets, slots) the header of ``fd`` gives.
 
-        :raises ReplayCacheError: it is not a replay file of this version
-            or is shorter than its header says.
+        :raises ReplayCacheError: not a replay table (see :func:`parse_header`).
         """
-        header = os.pread(fd, HEADER_SIZE, 0)
-        if len(header) < HEADER_SIZE or header[:8] != MAGIC:
-            raise ReplayCacheError(
-                f"{self.name}: not a tigertunnel replay cache (bad header); "
-                f"move it away or use another path")
-        _, version, record, slots, buckets = _HEADER.unpack(header)
-        if version != VERSION or record != RECORD_SIZE:
-            raise ReplayCacheError(
-                f"{self.name}: replay cache version {version} (record size "
-                f"{record}) is not {VERSION} ({RECORD_SIZE}); move it away or "
-                f"use another path")
-        if (not 1 <= slots <= _MAX_SLOTS or not 1 <= buckets <= _MAX_BUCKETS
-                or size < table_size(buckets, slots)):
-            raise ReplayCacheError(
-                f"{self.name}: replay cache is damaged ({size} bytes for "
-                f"{buckets} buckets of {slots}); move it away or use another path")
-        return buckets, slots
+        return parse_header(os.pread(fd, HEADER_SIZE, 0), size, self.name)
 
     def _converted(self, fd: int, size: int) -> int:
         """A file of the previous layout (locked ``fd``) replaced by a table
         of its unexpired hellos; returns the new file, locked."""
-        data = os.pread(fd, size - _V1_HEADER.size, _V1_HEADER.size)
+        data = os.pread(fd, size - VERSION_1_HEADER.size, VERSION_1_HEADER.size)
         memory = MemoryBuckets(self.slots)
         table = ReplayTable(memory, self.buckets, self.slots, TIMESTAMP_TOLERANCE)
         now = self._now()
@@ -339,7 +329,7 @@ class FileReplayCache:
                    if timestamp >= oldest
                    and table.check_and_add(digest, timestamp, now) is Verdict.FRESH)
         image = bytearray(table_size(self.buckets, self.slots))
-        image[:HEADER_SIZE] = _header(self.buckets, self.slots)
+        image[:HEADER_SIZE] = pack_header(self.buckets, self.slots)
         span = self.slots * RECORD_SIZE
         for index, bucket in memory.written():
             image[HEADER_SIZE + index * span:HEADER_SIZE + (index + 1) * span] = bucket
@@ -402,7 +392,7 @@ class FileReplayCache:
         if self.fd < 0:
             raise OSError(0, "replay cache is closed")
         for _ in range(16):
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            lock_within(self.fd, LOCK_WAIT)
             if self.path is None:
                 return
             try:
@@ -435,15 +425,6 @@ class FileReplayCache:
     def _unlock(self) -> None:
         if self.fd >= 0:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
-
-
-def _is_v1(fd: int) -> bool:
-    """Whether ``fd`` holds a replay file of the previous layout."""
-    header = os.pread(fd, _V1_HEADER.size, 0)
-    if len(header) < _V1_HEADER.size:
-        return False
-    magic, version, record = _V1_HEADER.unpack(header)
-    return bool(magic == MAGIC and version == 1 and record == RECORD_SIZE)
 
 
 def _write_image(fd: int, data: bytes) -> None:

@@ -55,13 +55,12 @@ Our extensions, all invisible to a reference peer:
 * Hardening (PROTOCOL.md section 11, items 1, 6 and 7): ``versions``
   restricts the version byte (our server accepts 1 and 2 only, and closes
   anything else, such as an HTTP request or a TLS ClientHello, at its first
-  byte); with a
-  :class:`ReplayCache` the server refuses a byte-identical ClientHello seen
-  before inside the timestamp window (status 4), and refuses any hello
-  the cache cannot record (full, or an I/O error: status 2); with ``hide_unknown_key``
-  an unknown key id gets the same status (4) as a bad hash, so a stranger
-  cannot learn which key ids exist. The reference client treats every
-  failure status alike, so both stay compatible.
+  byte); with a :class:`ReplayCache` the server refuses a byte-identical
+  ClientHello seen before inside the timestamp window (status 4), and any
+  hello the cache cannot record (full, or an I/O error: status 2); with
+  ``hide_unknown_key`` an unknown key id gets the same status (4) as a bad
+  hash, so a stranger cannot learn which key ids exist. The reference
+  client treats every failure status alike, so both stay compatible.
 """
 
 from __future__ import annotations
@@ -408,8 +407,8 @@ class ReplayCache:
     def __len__(self) -> int:
         """The number of hellos in the window."""
         now = self._now()
-        return sum(self.table.live_in(self._buckets.read_bucket(i), now)
-                   for i in range(self.table.bucket_count))
+        return sum(self.table.live_in(bucket, now)
+                   for _, bucket in self._buckets.written())
 
     def check_and_add(self, digest: bytes, timestamp: int) -> Verdict:
         """Record a hello by its hash (see :class:`Verdict`)."""

@@ -38,7 +38,15 @@ restart.
 
 The storage is a seam (:class:`Buckets`): a bucket is read whole and a
 record written in place, so the same table runs over a dictionary
-(:class:`MemoryBuckets`) or a file read and written by offset.
+(:class:`MemoryBuckets`) or a file read and written by offset
+(:mod:`tigertunnel.ops.replayfile`), laid out as (integers little-endian)::
+
+    header   32 bytes  b"TTREPLAY" | u32 version (2) | u32 record size (40)
+                       | u32 slots per bucket | u32 buckets | 8 zero bytes
+    buckets  buckets x slots x 40 bytes, records as above
+
+(:func:`pack_header`, :func:`parse_header`). Version 1 was an append log:
+a 16-byte header (:func:`is_version_1`) then records.
 """
 
 from __future__ import annotations
@@ -47,9 +55,12 @@ import enum
 import struct
 from typing import Dict, Iterator, Protocol, Tuple
 
+from tigertunnel.errors import ReplayCacheError
+
 __all__ = ["Verdict", "oldest_live", "ReplayTable", "Buckets", "MemoryBuckets",
            "RECORD", "RECORD_SIZE", "DIGEST_SIZE", "DEFAULT_BUCKETS",
-           "DEFAULT_SLOTS"]
+           "DEFAULT_SLOTS", "MAGIC", "VERSION", "HEADER_SIZE", "VERSION_1_HEADER",
+           "table_size", "pack_header", "parse_header", "is_version_1"]
 
 DIGEST_SIZE = 32
 #: One slot: the hello hash and the hello timestamp.
@@ -63,6 +74,15 @@ DEFAULT_BUCKETS = 8192
 DEFAULT_SLOTS = 32
 _MAX_U64 = (1 << 64) - 1
 _EMPTY = bytes(DIGEST_SIZE)
+MAGIC = b"TTREPLAY"
+VERSION = 2
+_HEADER = struct.Struct("<8sIIII8x")
+HEADER_SIZE = _HEADER.size
+#: The header of version 1, an append log of records.
+VERSION_1_HEADER = struct.Struct("<8sII")
+#: Largest shape a header may claim (a damaged header is refused).
+_MAX_SLOTS = 4096
+_MAX_BUCKETS = 1 << 24
 
 
 class Verdict(enum.Enum):
@@ -198,3 +218,45 @@ def _live(data: bytes, at: int, oldest: int) -> bool:
     record never written is all zeros)."""
     stamp: int = _TIMESTAMPS.unpack_from(data, at)[0]
     return stamp >= oldest and (stamp != 0 or data[at:at + DIGEST_SIZE] != _EMPTY)
+
+
+def table_size(buckets: int, slots: int) -> int:
+    """Bytes of a stored table of this shape, header included."""
+    return HEADER_SIZE + buckets * slots * RECORD_SIZE
+
+
+def pack_header(buckets: int, slots: int) -> bytes:
+    """The header of a stored table of this shape."""
+    return _HEADER.pack(MAGIC, VERSION, RECORD_SIZE, slots, buckets)
+
+
+def parse_header(header: bytes, size: int, name: str) -> Tuple[int, int]:
+    """The shape ``(buckets, slots)`` of a stored table of ``size`` bytes
+    whose first bytes are ``header``.
+
+    :param name: the file, for the message.
+    :raises ReplayCacheError: not a replay table of this version, or
+        shorter than its header says (one line naming ``name``).
+    """
+    if len(header) < HEADER_SIZE or header[:8] != MAGIC:
+        raise ReplayCacheError(f"{name}: not a tigertunnel replay cache (bad "
+                               f"header); move it away or use another path")
+    _, version, record, slots, buckets = _HEADER.unpack_from(header)
+    if version != VERSION or record != RECORD_SIZE:
+        raise ReplayCacheError(
+            f"{name}: replay cache version {version} (record size {record}) is "
+            f"not {VERSION} ({RECORD_SIZE}); move it away or use another path")
+    if (not 1 <= slots <= _MAX_SLOTS or not 1 <= buckets <= _MAX_BUCKETS
+            or size < table_size(buckets, slots)):
+        raise ReplayCacheError(
+            f"{name}: replay cache is damaged ({size} bytes for {buckets} "
+            f"buckets of {slots}); move it away or use another path")
+    return buckets, slots
+
+
+def is_version_1(header: bytes) -> bool:
+    """Whether ``header`` starts a stored table of version 1 (an append log)."""
+    if len(header) < VERSION_1_HEADER.size:
+        return False
+    magic, version, record = VERSION_1_HEADER.unpack_from(header)
+    return bool(magic == MAGIC and version == 1 and record == RECORD_SIZE)
