@@ -338,6 +338,31 @@ class DeletionTests(CacheCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
         self.assertEqual([n for n in os.listdir(self.dir) if n.endswith(".tmp")], [])
 
+    def test_deleted_and_not_writable_again(self) -> None:
+        """When the deleted file cannot be written again, the open descriptor still refuses every recorded hello, one notice says so, and the file is written once it can be."""
+        notices: List[str] = []
+        a = self.cache(notice=notices.append)
+        a.check_and_add(digest(0), NOW)
+        os.unlink(self.path)
+        real = os.posix_fallocate
+
+        def full(fd: int, offset: int, length: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "posix_fallocate", full)
+        self.patch(replayfile, "REWRITE_RETRY", 0.0)
+        self.assertIs(a.check_and_add(digest(0), NOW), REPLAYED)
+        self.assertIs(a.check_and_add(digest(1), NOW), FRESH)
+        self.assertIs(a.check_and_add(digest(1), NOW), REPLAYED)
+        self.assertEqual(len(notices), 1)
+        self.assertIn("cannot be written again at its path: No space left", notices[0])
+        self.assertFalse(os.path.exists(self.path))
+        self.patch(os, "posix_fallocate", real)
+        self.assertIs(a.check_and_add(digest(2), NOW), FRESH)
+        self.assertIn("written again from the open file", notices[-1])
+        a.close()
+        self.assertEqual(len(self.cache()), 3)
+
     def test_deleted_by_the_other_worker_first(self) -> None:
         """Whichever worker notices the deletion first writes the file; the other moves to it."""
         a, b = self.cache(), self.cache()

@@ -82,6 +82,8 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 LOCK_WAIT = 0.02
 #: Seconds a process opening the file at start waits for the lock.
 OPEN_WAIT = 10.0
+#: Seconds between two attempts to write a deleted file again at its path.
+REWRITE_RETRY = 10.0
 
 
 def lock_within(fd: int, seconds: float) -> None:
@@ -215,6 +217,8 @@ class FileReplayCache:
         self.notice = notice
         self.fd = -1
         self._ino = (0, 0)
+        # When to try again to write a deleted file at its path (0: no failure).
+        self._rewrite_after = 0.0
         self.io_errors = 0
         self.last_error: Optional[str] = None
         self.table = ReplayTable(_FileBuckets(self), buckets, slots,
@@ -224,13 +228,14 @@ class FileReplayCache:
         return f"<FileReplayCache {self.name!r} {self.buckets}x{self.slots}>"
 
     def __len__(self) -> int:
-        """The number of hellos in the window (reads the whole table)."""
-        self._lock()
-        try:
-            data = os.pread(self.fd, self.table.capacity * RECORD_SIZE, HEADER_SIZE)
-        finally:
-            self._unlock()
-        return self.table.live_in(data, self._now())
+        """The number of hellos in the window, for a log line (reads the
+        whole table without the lock, so a record being written may be
+        missed).
+
+        :raises OSError: the table cannot be read.
+        """
+        data = os.pread(self.fd, self.table.capacity * RECORD_SIZE, HEADER_SIZE)
+        return self.table.live_in(data[:len(data) - len(data) % RECORD_SIZE], self._now())
 
     def close(self) -> None:
         """Close the file (the instance must not be used afterwards)."""
@@ -269,31 +274,39 @@ class FileReplayCache:
         is kept if the new file cannot be used."""
         assert self.path is not None
         flags = os.O_RDWR | _NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-        fd = os.open(self.path, flags, 0o600)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ReplayCacheError(f"{self.path}: replay cache is not a regular file")
-            if st.st_uid != os.geteuid():
-                raise ReplayCacheError(
-                    f"{self.path}: replay cache is owned by uid {st.st_uid}, "
-                    f"not by this process (uid {os.geteuid()})")
-            if st.st_mode & 0o077:
-                os.fchmod(fd, 0o600)
-            lock_within(fd, wait)
-            size = os.fstat(fd).st_size
-            if size == 0:
-                os.posix_fallocate(fd, 0, table_size(self.buckets, self.slots))
-                os.pwrite(fd, pack_header(self.buckets, self.slots), 0)
-            elif is_version_1(os.pread(fd, VERSION_1_HEADER.size, 0)):
-                fd = self._converted(fd, size)
-            else:
-                self._use_shape(*self._check_header(fd, size))
-        except BaseException:
-            os.close(fd)
-            raise
-        self._adopt(fd)
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        for _ in range(16):
+            fd = os.open(self.path, flags, 0o600)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise ReplayCacheError(f"{self.path}: replay cache is not a "
+                                           f"regular file")
+                if st.st_uid != os.geteuid():
+                    raise ReplayCacheError(
+                        f"{self.path}: replay cache is owned by uid {st.st_uid}, "
+                        f"not by this process (uid {os.geteuid()})")
+                if st.st_mode & 0o077:
+                    os.fchmod(fd, 0o600)
+                lock_within(fd, wait)
+                named = os.stat(self.path, follow_symlinks=False)
+                if (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino):
+                    os.close(fd)  # replaced (converted) while we waited
+                    continue
+                size = os.fstat(fd).st_size
+                if size == 0:
+                    os.posix_fallocate(fd, 0, table_size(self.buckets, self.slots))
+                    os.pwrite(fd, pack_header(self.buckets, self.slots), 0)
+                elif is_version_1(os.pread(fd, VERSION_1_HEADER.size, 0)):
+                    fd = self._converted(fd, size)
+                else:
+                    self._use_shape(*self._check_header(fd, size))
+            except BaseException:
+                os.close(fd)
+                raise
+            self._adopt(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return
+        raise OSError(0, "the file keeps being replaced")
 
     def _adopt(self, fd: int) -> None:
         """Make ``fd`` the descriptor in use (closing the previous one, which
@@ -402,18 +415,24 @@ class FileReplayCache:
             if st is not None and (st.st_dev, st.st_ino) == self._ino:
                 return
             if st is None or (stat.S_ISREG(st.st_mode) and st.st_size == 0):
-                # Deleted (or emptied by hand): our descriptor holds every
-                # record; put a copy at the path and use it.
+                # Deleted (or replaced by an empty file): our descriptor holds
+                # every record; put a copy at the path and use it.
+                if time.monotonic() < self._rewrite_after:
+                    return  # failed lately: keep using the open file for now
                 try:
                     new = self._new_file(self._copy_into, replace=st is not None)
                 except OSError as e:
-                    self.notice(f"replay cache {self.path} was deleted; the running "
-                                f"processes keep every hello in the open file, but "
-                                f"it cannot be written again at its path: "
-                                f"{e.strerror or e}")
+                    if not self._rewrite_after:
+                        self.notice(f"replay cache {self.path} was deleted; the "
+                                    f"running processes keep every hello in the "
+                                    f"open file, but it cannot be written again "
+                                    f"at its path: {e.strerror or e} (trying "
+                                    f"again every {REWRITE_RETRY:.0f} s)")
+                    self._rewrite_after = time.monotonic() + REWRITE_RETRY
                     return
                 if new is not None:
                     self._adopt(new)
+                    self._rewrite_after = 0.0
                     self.notice(f"replay cache {self.path} was deleted; written "
                                 f"again from the open file, no hello forgotten")
                     return

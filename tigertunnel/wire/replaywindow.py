@@ -27,14 +27,14 @@ replayed). Nothing ever has to be compacted: expired slots are reused in
 place.
 
 Capacity. With :data:`DEFAULT_BUCKETS` buckets of :data:`DEFAULT_SLOTS`
-slots (262,144 slots, 10 MiB as a file), hashes spread over the buckets as
-a Poisson process: with 100,000 hellos in the window the chance that any
-bucket overflows is about 2 %, with 60,000 below one in a million. A hello
-stays in the window for at most two hours (its timestamp may be up to an
-hour ahead of the server clock), so a tunnel end refuses nothing below
-about 8 accepted hellos per second sustained for two hours (30,000 an
-hour); the tunnel's own clients make a few per pool connection per
-restart.
+slots (262,144 slots, 10 MiB as a file) the hashes fall into the buckets
+like a Poisson process: the chance that one of 60,000 hellos in the window
+found its bucket full is 3 in 100 million, of 80,000 3 in 100,000, of
+100,000 0.5 %; from about 130,000 on, some hellos are refused. A hello stays
+in the window for at most two hours (its timestamp may be an hour ahead of
+the server clock), so a tunnel end refuses nothing below about 8 accepted
+hellos a second sustained for two hours (30,000 an hour; a pool connection
+makes one per connect).
 
 The storage is a seam (:class:`Buckets`): a bucket is read whole and a
 record written in place, so the same table runs over a dictionary
