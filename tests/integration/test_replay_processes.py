@@ -9,9 +9,11 @@ import sys
 import time
 from typing import Any, Dict, List, Tuple
 
+from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.integration import procs
+from tests.integration.tbpeers import the_reactor
 from tests.integration.tunnels import (
     DEADLINE,
     RawPeer,
@@ -33,7 +35,10 @@ import hashlib, json, random, sys, time
 from tigertunnel.ops.replay import FileReplayCache
 from tigertunnel.wire.replaywindow import Verdict
 path, seed, shared, own, buckets = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-cache = FileReplayCache(path, buckets=buckets, slots=16)
+# A generous lock wait: these children race flat out on a loaded machine,
+# and the point here is that the processes share one table (the bound on
+# the wait is tested in tests/test_replay.py).
+cache = FileReplayCache(path, buckets=buckets, slots=16, lock_wait=30.0)
 names = [("s", n) for n in range(shared)] + [("o%d" % seed, n) for n in range(own)]
 random.Random(seed).shuffle(names)
 print("ready", flush=True)
@@ -144,16 +149,35 @@ class ConsoleWorkersTests(TestCase):
         self.addCleanup(child.kill, signal.SIGKILL, 15)
         await procs.wait_for_output(child, "[worker 1/tigertunnel.replay#info] "
                                     "replay cache", 30)
+
+        def fresh() -> bytes:
+            return build_connect_hello(1, key_id, psk, os.urandom(16), int(time.time()))
+
+        def worker_1_served() -> bool:
+            return any("[worker 1/" in line and " up (key id" in line
+                       for line in child.output.splitlines())
+
+        # Until worker 1 is on the accept board, every connection goes to
+        # worker 0: hold one connection and make another until worker 1
+        # takes one.
+        deadline = time.monotonic() + 30
+        while not worker_1_served():
+            self.assertLess(time.monotonic(), deadline, "worker 1 took no connection")
+            held, _ = await handshake(port, fresh())
+            other, _ = await handshake(port, fresh())
+            await task.deferLater(the_reactor(), 0.1, lambda: None)
+            for peer in (held, other):
+                peer.transport.abortConnection()
         answers: List[Tuple[int, int]] = []
         for n in range(30):
-            hello = build_connect_hello(1, key_id, psk, os.urandom(16), int(time.time()))
-            first, fresh = await handshake(port, hello)
+            hello = fresh()
+            first, accepted = await handshake(port, hello)
             again, replayed = await handshake(port, hello)
-            answers.append((fresh, replayed))
+            answers.append((accepted, replayed))
             for peer in (first, again):
                 peer.transport.abortConnection()
-        accepted_twice = sum(1 for fresh, replayed in answers if replayed == 0)
-        self.assertEqual([fresh for fresh, _ in answers], [0] * 30, answers)
+        accepted_twice = sum(1 for _, replayed in answers if replayed == 0)
+        self.assertEqual([accepted for accepted, _ in answers], [0] * 30, answers)
         self.assertEqual(accepted_twice, 0, f"{accepted_twice} of 30 replays accepted")
         self.assertEqual([replayed for _, replayed in answers], [4] * 30, answers)
         lines = [line for line in child.output.splitlines()

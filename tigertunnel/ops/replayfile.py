@@ -156,17 +156,20 @@ class FileReplayCache:
 
     def __init__(self, path: str, buckets: int = DEFAULT_BUCKETS,
                  slots: int = DEFAULT_SLOTS, now: Callable[[], float] = time.time,
-                 notice: Callable[[str], None] = lambda text: None) -> None:
+                 notice: Callable[[str], None] = lambda text: None,
+                 lock_wait: float = LOCK_WAIT) -> None:
         """Open (or create) the file at ``path``.
 
         :param buckets: buckets of a new file (an existing file keeps its own).
         :param slots: slots per bucket of a new file.
         :param now: wall-clock seconds (hello timestamps are wall clock).
+        :param lock_wait: seconds to wait for another process's lock before
+            refusing a hello.
         :raises ReplayCacheError: the file cannot be opened or made, is not
             a regular file owned by this user, or is not a replay cache.
         :raises ValueError: a shape below one bucket of one slot.
         """
-        self._setup(path, path, buckets, slots, now, notice)
+        self._setup(path, path, buckets, slots, now, notice, lock_wait)
         try:
             self._open_path(create=True, wait=OPEN_WAIT)
         except OSError as e:
@@ -178,8 +181,8 @@ class FileReplayCache:
             raise
 
     @classmethod
-    def from_descriptor(cls, fd: int, now: Callable[[], float] = time.time
-                        ) -> "FileReplayCache":
+    def from_descriptor(cls, fd: int, now: Callable[[], float] = time.time,
+                        lock_wait: float = LOCK_WAIT) -> "FileReplayCache":
         """Open the shared-memory table worker 0 made
         (:func:`create_shared_memory`) through the descriptor ``fd``.
 
@@ -191,7 +194,7 @@ class FileReplayCache:
         """
         self = cls.__new__(cls)
         self._setup(None, f"shared memory (descriptor {fd})", 1, 1, now,
-                    lambda text: None)
+                    lambda text: None, lock_wait)
         try:
             self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
             self._use_shape(*self._check_header(self.fd, os.fstat(self.fd).st_size))
@@ -205,7 +208,8 @@ class FileReplayCache:
         return self
 
     def _setup(self, path: Optional[str], name: str, buckets: int, slots: int,
-               now: Callable[[], float], notice: Callable[[str], None]) -> None:
+               now: Callable[[], float], notice: Callable[[str], None],
+               lock_wait: float) -> None:
         if buckets < 1 or slots < 1:
             raise ValueError(f"a replay table needs at least one bucket and one "
                              f"slot, not {buckets} x {slots}")
@@ -215,14 +219,14 @@ class FileReplayCache:
         self.slots = slots
         self._now = now
         self.notice = notice
+        self.lock_wait = lock_wait
         self.fd = -1
         self._ino = (0, 0)
         # When to try again to write a deleted file at its path (0: no failure).
         self._rewrite_after = 0.0
         self.io_errors = 0
         self.last_error: Optional[str] = None
-        self.table = ReplayTable(_FileBuckets(self), buckets, slots,
-                                 TIMESTAMP_TOLERANCE)
+        self.table = ReplayTable(_FileBuckets(self), buckets, slots, TIMESTAMP_TOLERANCE)
 
     def __repr__(self) -> str:
         return f"<FileReplayCache {self.name!r} {self.buckets}x{self.slots}>"
@@ -268,7 +272,7 @@ class FileReplayCache:
 
     # -- the file -------------------------------------------------------------
 
-    def _open_path(self, create: bool, wait: float = LOCK_WAIT) -> None:
+    def _open_path(self, create: bool, wait: float) -> None:
         """Open the file the path names (making it if missing), check it,
         and make it this instance's (left unlocked). The descriptor in use
         is kept if the new file cannot be used."""
@@ -319,14 +323,10 @@ class FileReplayCache:
 
     def _use_shape(self, buckets: int, slots: int) -> None:
         self.buckets, self.slots = buckets, slots
-        self.table = ReplayTable(_FileBuckets(self), buckets, slots,
-                                 TIMESTAMP_TOLERANCE)
+        self.table = ReplayTable(_FileBuckets(self), buckets, slots, TIMESTAMP_TOLERANCE)
 
     def _check_header(self, fd: int, size: int) -> Tuple[int, int]:
-        """The shape (buckets, slots) the header of ``fd`` gives.
-
-        :raises ReplayCacheError: not a replay table (see :func:`parse_header`).
-        """
+        """The shape (buckets, slots) of ``fd``'s table (:func:`parse_header`)."""
         return parse_header(os.pread(fd, HEADER_SIZE, 0), size, self.name)
 
     def _converted(self, fd: int, size: int) -> int:
@@ -405,7 +405,7 @@ class FileReplayCache:
         if self.fd < 0:
             raise OSError(0, "replay cache is closed")
         for _ in range(16):
-            lock_within(self.fd, LOCK_WAIT)
+            lock_within(self.fd, self.lock_wait)
             if self.path is None:
                 return
             try:
@@ -438,7 +438,7 @@ class FileReplayCache:
                     return
             # Replaced (or written again by another process): move to it.
             fcntl.flock(self.fd, fcntl.LOCK_UN)
-            self._open_path(create=False)
+            self._open_path(create=False, wait=self.lock_wait)
         raise OSError(0, "the file keeps being replaced")
 
     def _unlock(self) -> None:
