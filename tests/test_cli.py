@@ -95,7 +95,7 @@ class MainTests(KeyDirCase):
                                        "-k", self.path("k"))
         self.assertEqual(status, 0)
         self.assertEqual(out.splitlines(), ["ok", "server: 1 proxy pairs; psk key ids [5]",
-                                            "  pair0: :3000 -> 127.0.0.1:3001"])
+                                            "  pair0: :3000 -> 127.0.0.1:3001 (pair=127.0.0.1:3001)"])
         self.assertEqual(self.error_line("check-config", "server", "-p", ":3000,127.0.0.1:99999",
                                          "-k", self.path("k")),
                          (1, "invalid target address: '127.0.0.1:99999' (expected :PORT, "

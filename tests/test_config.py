@@ -12,6 +12,7 @@ from tigertunnel.config.model import (
     TunnelConfig,
     listen_description,
     parse_address,
+    label_pairs,
     parse_proxy,
 )
 from tigertunnel.errors import ConfigError
@@ -166,11 +167,12 @@ class ParseProxyTests(SynchronousTestCase):
         self.assertIn("target address", str(error))
         self.assertIn("'127.0.0.1:0'", str(error))
 
-    def test_split_at_first_comma(self) -> None:
-        """Only the first comma splits; a second one lands in the target and is refused."""
+    def test_third_part_must_be_a_name(self) -> None:
+        """After LISTEN,TARGET only name=NAME may follow; anything else is refused, named."""
         error = self.assertRaises(ConfigError, parse_proxy, ":4000,a:1,b:2", 0)
-        self.assertIn("target address", str(error))
-        self.assertIn("'a:1,b:2'", str(error))
+        self.assertIn("only name=NAME may follow, not 'b:2'", str(error))
+        error = self.assertRaises(ConfigError, parse_proxy, ":4000,a:1,name=x,y", 0)
+        self.assertIn("invalid proxy pair name 'x,y'", str(error))
 
 
 class ListenDescriptionTests(SynchronousTestCase):
@@ -286,3 +288,39 @@ class RoleTests(SynchronousTestCase):
             TunnelConfig("relay", [])
         self.assertEqual(str(caught.exception),
                          "invalid role: 'relay' (expected client or server)")
+
+
+class PairNameTests(SynchronousTestCase):
+    """-p LISTEN,TARGET[,name=NAME]: the pair's label is its name, else its target."""
+
+    def test_name_suffix(self) -> None:
+        """name=NAME is kept as the pair's given name; without it there is none."""
+        self.assertEqual(parse_proxy(":4000,r2.example:3000,name=east-2", 0).given_name, "east-2")
+        self.assertIsNone(parse_proxy(":4000,r2.example:3000", 0).given_name)
+
+    def test_bad_names(self) -> None:
+        """An empty, too long or oddly spelled name is refused, naming it."""
+        for bad in ("", "a b", "x" * 65, "é", "a/b"):
+            error = self.assertRaises(ConfigError, parse_proxy, f":1,:2,name={bad}", 0)
+            self.assertIn(f"invalid proxy pair name {bad!r}", str(error))
+        error = self.assertRaises(ConfigError, parse_proxy, ":1,:2,label=x", 0)
+        self.assertIn("not 'label=x'", str(error))
+
+    def test_labels(self) -> None:
+        """A config labels each pair with its name or target; same targets get #INDEX."""
+        pairs = [parse_proxy(t, i) for i, t in enumerate(
+            [":4000,10.0.0.1:3000", ":4001,10.0.0.2:3000,name=b", ":4002,10.0.0.3:3000",
+             ":4003,10.0.0.3:3000", "[::1]:4004,[::1]:3000"])]
+        cfg = TunnelConfig("client", pairs)
+        self.assertEqual([p.label for p in cfg.pairs],
+                         ["10.0.0.1:3000", "b", "10.0.0.3:3000#2", "10.0.0.3:3000#3",
+                          "[::1]:3000"])
+        self.assertEqual([p.name for p in cfg.pairs], [f"pair{i}" for i in range(5)])
+
+    def test_duplicate_names(self) -> None:
+        """Two pairs with one name, or a name that is another pair's label, are refused."""
+        same = [parse_proxy(":1,:2,name=x", 0), parse_proxy(":3,:4,name=x", 1)]
+        error = self.assertRaises(ConfigError, label_pairs, same)
+        self.assertIn("two proxy pairs are named 'x'", str(error))
+        clash = [parse_proxy(":1,10.0.0.1:2", 0), parse_proxy(":3,:4,name=10.0.0.1:2", 1)]
+        self.assertRaises(ConfigError, label_pairs, clash)

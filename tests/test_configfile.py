@@ -68,20 +68,23 @@ class PairTests(SynchronousTestCase):
         self.cluster = clusterfile.load(self.files.config(THREE), tap.config_file_options())
 
     def test_server_of_each_replica(self) -> None:
-        """A server gets one pair: its replica's listen address to its backend."""
-        self.assertEqual(self.cluster.pairs("server", 0), [":3000,127.0.0.1:3001"])
-        self.assertEqual(self.cluster.pairs("server", 2), ["10.0.0.3:3100,127.0.0.1:3001"])
+        """A server gets one pair: its replica's listen address to its backend, named for the replica."""
+        self.assertEqual(self.cluster.pairs("server", 0), [":3000,127.0.0.1:3001,name=replica0"])
+        self.assertEqual(self.cluster.pairs("server", 2),
+                         ["10.0.0.3:3100,127.0.0.1:3001,name=replica2"])
 
     def test_client_to_replicas(self) -> None:
         """The TB clients' tunnel client gets one pair per replica, on consecutive local ports."""
         self.assertEqual(self.cluster.pairs("client", None), [
-            "127.0.0.1:4000,r0.example:3000", "127.0.0.1:4001,r1.example:3000",
-            "127.0.0.1:5002,10.0.0.3:3100"])
+            "127.0.0.1:4000,r0.example:3000,name=replica0",
+            "127.0.0.1:4001,r1.example:3000,name=replica1",
+            "127.0.0.1:5002,10.0.0.3:3100,name=replica2"])
 
     def test_replica_to_replica(self) -> None:
-        """A replica's tunnel client gets a pair for every other replica."""
+        """A replica's tunnel client gets a pair for every other replica, named for it."""
         self.assertEqual(self.cluster.pairs("client", 1), [
-            "127.0.0.1:4000,r0.example:3000", "127.0.0.1:5002,10.0.0.3:3100"])
+            "127.0.0.1:4000,r0.example:3000,name=replica0",
+            "127.0.0.1:5002,10.0.0.3:3100,name=replica2"])
 
     def test_server_needs_replica(self) -> None:
         """A server of a several-replica file must say which replica it fronts."""
@@ -102,7 +105,7 @@ class PairTests(SynchronousTestCase):
                                 f"--kemsecret={self.files.path('kem.key')}",
                                 "--cluster=7", "--max-sessions=100", "--require-kem",
                                 "--metrics=tcp:9101:interface=127.0.0.1",
-                                "-p", ":3000,127.0.0.1:3001"])
+                                "-p", ":3000,127.0.0.1:3001,name=replica0"])
         client = self.cluster.argv("client", None)
         self.assertIn(f"--kempublic={self.files.path('kem.pub')}", client)
         self.assertIn("--num-conns=2", client)
@@ -121,7 +124,8 @@ class OptionTableTests(SynchronousTestCase):
             "log-level": (False, both), "handshake-timeout": (False, both),
             "metrics": (False, both), "shutdown-timeout": (False, both),
             "plaintext": (True, both), "systemd-sockets": (True, both),
-            "metrics-public": (True, both),
+            "metrics-public": (True, both), "metrics-tls-cert": (False, both),
+            "metrics-tls-key": (False, both), "metrics-tls-client-ca": (False, both),
             "kemsecret": (False, frozenset({"server"})),
             "replay-file": (False, frozenset({"server"})),
             "require-kem": (True, frozenset({"server"})),
@@ -167,7 +171,7 @@ class PairPropertyTests(SynchronousTestCase):
             mine = cluster.pairs("client", i)
             self.assertEqual(len(mine), len(ports) - 1)
             self.assertNotIn(f"r{i}.example:", " ".join(mine))
-            self.assertEqual(cluster.pairs("server", i), [f":{ports[i]}," + ":3001"])
+            self.assertEqual(cluster.pairs("server", i), [f":{ports[i]},:3001,name=replica{i}"])
 
 
 class ErrorTests(SynchronousTestCase):
@@ -269,6 +273,15 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(cfg.key_path, self.files.path("secret.key"))
         self.assertEqual(sub.operations.metrics, "tcp:9101:interface=127.0.0.1")
 
+    def test_pairs_named_for_their_replica(self) -> None:
+        """Pairs from the file are labelled replicaN: a server by its replica, a replica's client by the others."""
+        server = parse(["server", "--config", self.path, "--replica", "2"]).subOptions.config
+        self.assertEqual([p.label for p in server.pairs], ["replica2"])
+        client = parse(["client", "--config", self.path, "--replica", "1"]).subOptions.config
+        self.assertEqual([p.label for p in client.pairs], ["replica0", "replica2"])
+        whole = parse(["client", "--config", self.path]).subOptions.config
+        self.assertEqual([p.label for p in whole.pairs], ["replica0", "replica1", "replica2"])
+
     def test_workers_get_the_values_read_now(self) -> None:
         """--workers starts workers with the file's values as read at start,
         not with --config (a restarted worker must run what worker 0 runs):
@@ -343,8 +356,8 @@ class OptionsTests(SynchronousTestCase):
         lines = describe_run(parse(["client", "--config", self.path, "--replica", "0"]))
         self.assertEqual(lines, [
             f"client: 2 proxy pairs; psk key id {self.files.psk_id} (of 1), kem public key id 22",
-            "  pair0: 127.0.0.1:4001 -> r1.example:3000",
-            "  pair1: 127.0.0.1:5002 -> 10.0.0.3:3100",
+            "  pair0: 127.0.0.1:4001 -> r1.example:3000 (pair=replica1)",
+            "  pair1: 127.0.0.1:5002 -> 10.0.0.3:3100 (pair=replica2)",
             "  metrics: tcp:9101:interface=127.0.0.1"])
 
     def test_defaults_unchanged(self) -> None:

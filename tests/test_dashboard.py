@@ -2,7 +2,7 @@
 
 import json
 import os
-from typing import Set
+from typing import Any, List, Set, Tuple
 
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,18 +36,34 @@ def series_names(text: str) -> Set[str]:
 
 
 def tunnel_series() -> Set[str]:
-    """What a tunnel client's /metrics defines (ops/metrics.py), plus the TB families."""
+    """What a tunnel client's and a tunnel server's /metrics define
+    (ops/metrics.py), plus the TB families."""
     t = Tunnel()
     t.start()
+    t.server.backend.record(True, 1.0)
     reloader = KeyReloader([t.client], t.clock, now=lambda: 1.0)
     reloader.reload()
     registry = make_registry(TunnelCollector([t.client], reloader))
+    server = make_registry(TunnelCollector([t.server], None), process_metrics=False)
     recorder = TBRecorder("pair0")
     recorder.watch.frame(FROM_TUNNEL, tbdata.reply(1, 1, 140, view=1), 0.0)
     tb_registry = CollectorRegistry(auto_describe=False)
     tb_registry.register(TBCollector.of_recorders([recorder]))
     return (series_names(generate_latest(registry).decode())
+            | series_names(generate_latest(server).decode())
             | series_names(generate_latest(tb_registry).decode()))
+
+
+def targets(doc: Any) -> List[Tuple[str, str]]:
+    """(panel title, expression) of every query of the dashboard's panels."""
+    found = []
+    stack = list(doc["panels"])
+    while stack:
+        panel = stack.pop(0)
+        stack.extend(panel.get("panels") or ())
+        found.extend((panel["title"], t["expr"]) for t in panel.get("targets") or ()
+                     if t.get("expr"))
+    return found
 
 
 class PromQLTests(SynchronousTestCase):
@@ -56,10 +72,10 @@ class PromQLTests(SynchronousTestCase):
     def test_functions_groupings_and_labels(self) -> None:
         """Functions, aggregations, grouping labels, matchers, ranges and numbers are not metric names."""
         expr = ('histogram_quantile(0.99, sum by (le, operation) (rate('
-                'tigertunnel_tb_request_duration_seconds_bucket{pair=~"$pair",'
+                'tigertunnel_tigerbeetle_request_duration_seconds_bucket{pair=~"$pair",'
                 'instance="x"}[$__rate_interval])))')
         self.assertEqual(promql_metric_names(expr),
-                         {"tigertunnel_tb_request_duration_seconds_bucket"})
+                         {"tigertunnel_tigerbeetle_request_duration_seconds_bucket"})
 
     def test_binary_operators_and_keywords(self) -> None:
         """Both sides of binary operators are read; on/group_left/offset/bool/unless are keywords."""
@@ -102,8 +118,8 @@ class DashboardTests(SynchronousTestCase):
     def test_every_tb_family_shown(self) -> None:
         """Each TigerBeetle family appears in at least one panel."""
         used = load_dashboard_metric_names(DASHBOARD)
-        tb = {n for n in tunnel_series() if n.startswith("tigertunnel_tb_")}
-        tb.discard("tigertunnel_tb_request_duration_seconds_sum")
+        tb = {n for n in tunnel_series() if n.startswith("tigertunnel_tigerbeetle_")}
+        tb.discard("tigertunnel_tigerbeetle_request_duration_seconds_sum")
         self.assertEqual(tb - used, set())
 
     def test_panels_have_unique_ids_and_refids(self) -> None:
@@ -115,3 +131,29 @@ class DashboardTests(SynchronousTestCase):
         for panel in doc["panels"]:
             refs = [t["refId"] for t in panel.get("targets", ())]
             self.assertEqual(len(refs), len(set(refs)), panel["title"])
+
+    def test_role_and_replica_variables(self) -> None:
+        """The dashboard picks one role (never "All") and the replicas (pair label) of that role."""
+        with open(DASHBOARD) as f:
+            doc = json.load(f)
+        variables = {v["name"]: v for v in doc["templating"]["list"]}
+        role = variables["role"]
+        self.assertEqual((role["multi"], role["includeAll"]), (False, False))
+        self.assertIn("label_values(tigertunnel_pair_info, role)", role["definition"])
+        self.assertIn('role="$role"', variables["replica"]["definition"])
+        self.assertTrue(variables["replica"]["definition"].endswith(", pair)"))
+        self.assertNotIn("pair", variables)
+
+    def test_every_query_is_one_role(self) -> None:
+        """Every panel query keeps to the chosen role, so the two tunnel ends' figures of the same TB frames never add up."""
+        with open(DASHBOARD) as f:
+            doc = json.load(f)
+        found = targets(doc)
+        self.assertGreater(len(found), 20)
+        for title, expr in found:
+            self.assertIn('tigertunnel_pair_info{role="$role"}', expr, title)
+            self.assertNotIn("$pair", expr, title)
+            # each selector of a tunnel end's metrics is joined with the role
+            selectors = expr.count("{instance=~")
+            joins = expr.count(' tigertunnel_pair_info{role="$role"}')
+            self.assertEqual(selectors, joins, title)

@@ -1,6 +1,7 @@
 """Tests for :mod:`tigertunnel.ops.metrics` (/metrics and /status), on the in-memory network."""
 
 import json
+from dataclasses import replace
 from typing import Any, Dict, List, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -8,14 +9,19 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from tests.memnet import Tunnel
+from tests.memnet import Tunnel, psk_store
 from tests.strategies import make_tb_frame
 from tigertunnel.errors import ListenError
 from tigertunnel.ops.metrics import MetricsService, make_site, status
+from tigertunnel.net.multiplexer import ServerMultiplexer
 from tigertunnel.net.stats import HandshakeFailure, Refusal
 from tigertunnel.ops.reload import KeyReloader
 
 Sample = Tuple[str, Dict[str, str], float]
+
+#: The ``pair`` label of the in-memory tunnel's client and server pairs
+#: (each pair is named for the address it reaches).
+CLIENT_PAIR, SERVER_PAIR = "127.0.0.1:3000", "127.0.0.1:3001"
 
 
 def frame(size: int, tag: int) -> bytes:
@@ -72,31 +78,31 @@ class TrafficTests(SynchronousTestCase):
         found = samples(body.decode())
         total = sum(256 + n for n in self.sizes)
         for direction in ("to_tunnel", "from_tunnel"):
-            self.assertEqual(value(found, "tigertunnel_frames_total", pair="pair0",
+            self.assertEqual(value(found, "tigertunnel_frames_total", pair=CLIENT_PAIR,
                                    direction=direction), len(self.sizes))
-            self.assertEqual(value(found, "tigertunnel_bytes_total", pair="pair0",
+            self.assertEqual(value(found, "tigertunnel_bytes_total", pair=CLIENT_PAIR,
                                    direction=direction), total)
-        self.assertEqual(value(found, "tigertunnel_sessions", pair="pair0"), 1)
-        self.assertEqual(value(found, "tigertunnel_sessions_opened_total", pair="pair0"), 1)
-        self.assertEqual(value(found, "tigertunnel_pool_connections", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_sessions", pair=CLIENT_PAIR), 1)
+        self.assertEqual(value(found, "tigertunnel_sessions_opened_total", pair=CLIENT_PAIR), 1)
+        self.assertEqual(value(found, "tigertunnel_pool_connections", pair=CLIENT_PAIR,
                                state="healthy"), 3)
-        self.assertEqual(value(found, "tigertunnel_pool_size", pair="pair0"), 3)
-        self.assertEqual(value(found, "tigertunnel_pool_connects_total", pair="pair0"), 3)
+        self.assertEqual(value(found, "tigertunnel_pool_size", pair=CLIENT_PAIR), 3)
+        self.assertEqual(value(found, "tigertunnel_pool_connects_total", pair=CLIENT_PAIR), 3)
         key_id = str(self.t.client.config.psk.first()[0])
-        self.assertEqual(value(found, "tigertunnel_pool_connections_by_key", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_pool_connections_by_key", pair=CLIENT_PAIR,
                                key_id=key_id), 3)
         self.assertEqual(value(found, "tigertunnel_key_info", kind="psk", key_id=key_id), 1)
-        self.assertEqual(value(found, "tigertunnel_pair_healthy", pair="pair0"), 1)
-        self.assertEqual(value(found, "tigertunnel_pair_info", pair="pair0", role="client",
+        self.assertEqual(value(found, "tigertunnel_pair_healthy", pair=CLIENT_PAIR), 1)
+        self.assertEqual(value(found, "tigertunnel_pair_info", pair=CLIENT_PAIR, role="client",
                                listen="127.0.0.1:4000", target="127.0.0.1:3000"), 1)
         self.assertTrue(any(n.startswith("process_") for n, _, _ in found))
 
     def test_server_side(self) -> None:
         """The server counts the same frames (from_tunnel = towards its replica)."""
         found = samples(get(self.server_site, b"/metrics")[2].decode())
-        self.assertEqual(value(found, "tigertunnel_frames_total", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_frames_total", pair=SERVER_PAIR,
                                direction="from_tunnel"), len(self.sizes))
-        self.assertEqual(value(found, "tigertunnel_pool_connections", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_pool_connections", pair=SERVER_PAIR,
                                state="healthy"), 3)
         self.assertEqual([n for n, _, _ in found if n.startswith("tigertunnel_key_reload")], [])
 
@@ -121,16 +127,16 @@ class TrafficTests(SynchronousTestCase):
         self.assertEqual(pair["frames"], {"to_tunnel": 4, "from_tunnel": 4})
         self.assertEqual(pair["pool"], {"healthy": 3, "draining": 0, "handshaking": 0, "size": 3})
         self.assertEqual(sorted(link["sessions"] for link in pair["links"]), [0, 0, 1])
-        self.assertEqual(doc["keys"]["psk"], [self.t.client.config.psk.first()[0]])
+        self.assertEqual(doc["keys"]["psk"], [str(self.t.client.config.psk.first()[0])])
 
     def test_handshake_failures_by_reason(self) -> None:
         """Rejected handshakes are counted by reason on the server."""
         self.t.server.stats.handshake_failures[HandshakeFailure.UNKNOWN_KEY] += 2
         self.t.server.stats.handshake_failures[HandshakeFailure.TIMEOUT] += 1
         found = samples(get(self.server_site, b"/metrics")[2].decode())
-        self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair=SERVER_PAIR,
                                reason="unknown_key"), 2)
-        self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_handshake_failures_total", pair=SERVER_PAIR,
                                reason="timeout"), 1)
 
     def test_status_counters_names(self) -> None:
@@ -166,7 +172,7 @@ class HealthTests(SynchronousTestCase):
         self.assertEqual(code, 503)
         self.assertFalse(json.loads(body)["pairs"][0]["healthy"])
         found = samples(get(site, b"/metrics")[2].decode())
-        self.assertEqual(value(found, "tigertunnel_pair_healthy", pair="pair0"), 0)
+        self.assertEqual(value(found, "tigertunnel_pair_healthy", pair=CLIENT_PAIR), 0)
         t.net.refusing.clear()
         t.net.advance(1)
         self.assertEqual(get(site, b"/status")[0], 200)
@@ -178,7 +184,7 @@ class HealthTests(SynchronousTestCase):
         t.start()
         t.tb_client()
         found = samples(get(make_site([t.client], None), b"/metrics")[2].decode())
-        self.assertEqual(value(found, "tigertunnel_sessions_refused_total", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_sessions_refused_total", pair=CLIENT_PAIR,
                                reason="no_pool"), 1)
 
     def test_stopping_is_unhealthy(self) -> None:
@@ -233,3 +239,70 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual([(p, i) for p, _, _, i in reactor.tcpServers],
                          [(4000, "127.0.0.1"), (9101, "127.0.0.1")])
         self.assertEqual([type(s) for s in service.late], [MetricsService])
+
+
+class ContentTests(SynchronousTestCase):
+    """Families present before their first event, build info, key ids as strings."""
+
+    def setUp(self) -> None:
+        self.t = Tunnel()
+        self.t.start()
+
+    def test_known_reasons_at_zero(self) -> None:
+        """Every handshake-failure and refusal reason of the role is served at 0 before it occurs."""
+        client = samples(get(make_site([self.t.client], None), b"/metrics")[2].decode())
+        server = samples(get(make_site([self.t.server], None), b"/metrics")[2].decode())
+
+        def reasons(found: List[Sample], name: str) -> Dict[str, float]:
+            return {labels["reason"]: v for n, labels, v in found if n == name}
+
+        self.assertEqual(reasons(client, "tigertunnel_handshake_failures_total"), dict.fromkeys(
+            ["timeout", "server_auth", "invalid_status", "rejected_unknown_key",
+             "rejected_server_error", "rejected_unknown_kem_key",
+             "rejected_client_auth_failed", "rejected_timestamp_invalid"], 0))
+        self.assertEqual(reasons(server, "tigertunnel_handshake_failures_total"), dict.fromkeys(
+            ["timeout", "bad_version", "bad_operation", "unknown_key", "bad_hash",
+             "timestamp", "replay", "replay_cache_full", "replay_cache_error",
+             "kem_required", "kem"], 0))
+        self.assertEqual(reasons(client, "tigertunnel_sessions_refused_total"),
+                         {"stopping": 0, "no_pool": 0, "max_sessions": 0})
+        self.assertEqual(reasons(server, "tigertunnel_sessions_refused_total"),
+                         {"stopping": 0, "max_sessions": 0})
+
+    def test_build_info(self) -> None:
+        """tigertunnel_build_info names the version, the data path in use and the ML-KEM implementation."""
+        from tigertunnel import __version__
+        from tigertunnel.wire import datapath
+
+        found = samples(get(make_site([self.t.client], None), b"/metrics")[2].decode())
+        info = [labels for n, labels, v in found if n == "tigertunnel_build_info" and v == 1]
+        self.assertEqual(len(info), 1)
+        self.assertEqual(info[0]["version"], __version__)
+        self.assertEqual(info[0]["datapath"], datapath.ACTIVE.name)
+        self.assertIn(info[0]["datapath"], ("c", "python"))
+        self.assertIn(info[0]["mlkem"], ("cryptography", "kyber-py", "none"))
+
+    def test_key_ids_are_strings(self) -> None:
+        """Every key id in /status is a JSON string, exact above 2^53 (jq reads numbers as doubles)."""
+        key_id = 1796677740593560132  # jq 1.6 prints 1796677740593560000 for this number
+        self.assertNotEqual(float(key_id), key_id)
+        t = Tunnel(psk=psk_store(f"{key_id}:{'ab' * 32}\n".encode()))
+        t.start()
+        for mux in (t.client, t.server):
+            body = get(make_site([mux], None), b"/status")[2]
+            doc = json.loads(body)
+            self.assertEqual(doc["keys"]["psk"], [str(key_id)])
+            self.assertEqual({link["key_id"] for link in doc["pairs"][0]["links"]},
+                             {str(key_id)})
+            self.assertEqual(doc["pairs"][0]["key_ids"], {str(key_id): 2})
+            self.assertIn(f'"{key_id}"'.encode(), body)
+
+    def test_pair_label_is_what_the_pair_reaches(self) -> None:
+        """The pair label and /status name are the pair's target address, or its name= when given."""
+        found = samples(get(make_site([self.t.client], None), b"/metrics")[2].decode())
+        self.assertEqual({labels["pair"] for n, labels, _ in found
+                          if n == "tigertunnel_pair_info"}, {CLIENT_PAIR})
+        t = Tunnel()
+        named = ServerMultiplexer(t.server.config, replace(t.server.pair, label="replica2"),
+                                  t.clock, t.net.endpoint_for)
+        self.assertEqual(status([named], None)["pairs"][0]["name"], "replica2")

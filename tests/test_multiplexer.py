@@ -9,7 +9,7 @@ from tests.memnet import BackendFactory, TBPeer, Tunnel
 from tests.strategies import make_tb_frame
 from tigertunnel.config.model import Address, ProxyPair
 from tigertunnel.net.backoff import BACKOFF_INITIAL, BACKOFF_MAX, backoff_policy
-from tigertunnel.net.admission import DEFAULT_PER_SOURCE
+from tigertunnel.net.admission import DEFAULT_PER_GROUP
 from tigertunnel.net.multiplexer import target_host
 
 
@@ -341,14 +341,14 @@ class ServerLimitTests(SynchronousTestCase):
         """Past the per-source cap, each new silent pool connection from that source drops the source's oldest silent one."""
         t = Tunnel()
         t.start()
-        silent = [TBPeer() for _ in range(DEFAULT_PER_SOURCE + 3)]
+        silent = [TBPeer() for _ in range(DEFAULT_PER_GROUP + 3)]
         for peer in silent:
             t.net.dial(t.server_addr, peer)
         t.net.flush()
         self.assertEqual([p.lost for p in silent],
-                         [True] * 3 + [False] * DEFAULT_PER_SOURCE)
+                         [True] * 3 + [False] * DEFAULT_PER_GROUP)
         self.assertEqual(t.server.evictions, 3)
-        self.assertEqual(len(t.server.pending), DEFAULT_PER_SOURCE)
+        self.assertEqual(len(t.server.pending), DEFAULT_PER_GROUP)
         self.assertEqual(len(t.server.pool_connections), 2)  # the client's own pool is untouched
         client, _ = t.tb_client()
         client.send(tb_frame(5))

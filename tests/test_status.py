@@ -52,6 +52,19 @@ class RenderTests(SynchronousTestCase):
         self.assertEqual(len([line for line in text.splitlines()
                               if line.strip().startswith(("register", "lookup_"))]), 3)
 
+    def test_backend_reachability(self) -> None:
+        """A server pair's backend shows as reachable, or UNREACHABLE with the reason."""
+        t = Tunnel()
+        t.start()
+        self.assertNotIn("backend", render(status([t.server], None), "u", 200))
+        t.server.backend.record(True, 1.0)
+        self.assertIn("  backend 127.0.0.1:3001: reachable\n",
+                      render(status([t.server], None), "u", 200))
+        t.server.backend.record(False, 2.0, "Connection refused")
+        text = render(status([t.server], None), "u", 503)
+        self.assertIn("  backend 127.0.0.1:3001: UNREACHABLE (Connection refused)\n", text)
+        self.assertIn("UNHEALTHY (HTTP 503)", text)
+
     def test_unhealthy(self) -> None:
         """A 503 document is shown as UNHEALTHY, shutting down when it says so."""
         text = render({"role": "server", "healthy": False, "stopping": True, "pairs": []},
@@ -104,6 +117,26 @@ class ArgumentTests(SynchronousTestCase):
             self.assertEqual(main(argv, io.StringIO(), err), 2)
             self.assertEqual(len(err.getvalue().splitlines()), 1)
             self.assertIn(bad, err.getvalue())
+
+    def test_tls_options(self) -> None:
+        """--ca, --cert and --key need an https:// URL, --cert and --key each other: one line, exit 2."""
+        for argv, expected in (
+                (["--ca", "ca.pem", "http://h:9101"],
+                 "--ca is for an https:// URL, not 'http://h:9101/status'"),
+                (["--cert", "c.pem", "https://h:9101"], "--cert needs --key"),
+                (["--key", "c.key", "https://h:9101"], "--key needs --cert")):
+            err = io.StringIO()
+            self.assertEqual(main(argv, io.StringIO(), err), 2)
+            self.assertEqual(err.getvalue(), f"tigertunnel: error: status: {expected}\n")
+
+    def test_unusable_ca_file(self) -> None:
+        """An unreadable --ca file is one line naming it, exit 2, before any connection."""
+        missing = self.mktemp()
+        err = io.StringIO()
+        self.assertEqual(main(["--ca", missing, "https://127.0.0.1:1"], io.StringIO(), err), 2)
+        self.assertEqual(len(err.getvalue().splitlines()), 1)
+        self.assertTrue(repr(missing) in err.getvalue() or "pyOpenSSL" in err.getvalue(),
+                        err.getvalue())
 
     def test_help(self) -> None:
         """--help exits 0 after printing the synopsis and examples."""

@@ -2,12 +2,14 @@
 
 import os
 import socket
-from typing import List
+from typing import List, Sequence
 
 from twisted.application.internet import TimerService
+from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.python.systemd import ListenFDs
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tigertunnel import tap
 from tigertunnel.config.model import parse_proxy
@@ -15,9 +17,11 @@ from tigertunnel.ops.reload import ReloadService
 from tigertunnel.ops.shutdown import TunnelService
 from tigertunnel.errors import ConfigError
 from tigertunnel.ops.systemd import (
+    InheritedSocket,
     Notifier,
     SystemdService,
     adopted_listen_descriptions,
+    inherited_sockets,
     watchdog_interval,
 )
 
@@ -165,21 +169,26 @@ class WatchdogIntervalTests(SynchronousTestCase):
             self.assertIsNone(watchdog_interval(env))
 
 
+def passed(fds: Sequence[int], names: Sequence[str] = ()) -> List[InheritedSocket]:
+    """Inherited sockets on ``fds``, in order, named ``names`` (none if empty)."""
+    return [InheritedSocket(i, fd, names[i] if names else "") for i, fd in enumerate(fds)]
+
+
 class SocketActivationTests(SynchronousTestCase):
     """--systemd-sockets maps each pair to an inherited socket, checking its address."""
 
-    def listening(self, count: int) -> List[socket.socket]:
-        """``count`` sockets bound to 127.0.0.1 (stand-ins for inherited ones)."""
+    def listening(self, count: int, host: str = "127.0.0.1") -> List[socket.socket]:
+        """``count`` sockets bound to ``host`` (stand-ins for inherited ones)."""
         socks = []
         for _ in range(count):
-            s = socket.socket()
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
             self.addCleanup(s.close)
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             socks.append(s)
         return socks
 
     def test_descriptions(self) -> None:
-        """Each pair gets systemd:domain=INET:index=N for the N-th inherited socket."""
+        """Without names, each pair gets systemd:domain=INET:index=N for the N-th inherited socket."""
         (local,) = self.listening(1)
         any_iface = socket.socket()
         self.addCleanup(any_iface.close)
@@ -187,7 +196,64 @@ class SocketActivationTests(SynchronousTestCase):
         pairs = [parse_proxy(f"127.0.0.1:{local.getsockname()[1]},:1", 0),
                  parse_proxy(f":{any_iface.getsockname()[1]},:1", 1)]
         fds = [local.fileno(), any_iface.fileno()]
-        self.assertEqual(adopted_listen_descriptions(pairs, fds.__getitem__),
+        self.assertEqual(adopted_listen_descriptions(pairs, passed(fds)),
+                         {0: "systemd:domain=INET:index=0", 1: "systemd:domain=INET:index=1"})
+
+    def test_by_name_in_any_order(self) -> None:
+        """Sockets named after their pair's LISTEN port are taken by name, whatever their order."""
+        first, second, metrics = self.listening(3)
+        ports = [s.getsockname()[1] for s in (first, second)]
+        pairs = [parse_proxy(f"127.0.0.1:{port},:1", i) for i, port in enumerate(ports)]
+        inherited = passed([metrics.fileno(), second.fileno(), first.fileno()],
+                           ["metrics", str(ports[1]), str(ports[0])])
+        self.assertEqual(adopted_listen_descriptions(pairs, inherited),
+                         {0: "systemd:domain=INET:index=2", 1: "systemd:domain=INET:index=1"})
+
+    def test_same_name_picked_by_address(self) -> None:
+        """Of two sockets with one name (one port, IPv4 and IPv6), each pair takes the one on its address."""
+        (v4,) = self.listening(1)
+        port = v4.getsockname()[1]
+        v6 = socket.socket(socket.AF_INET6)
+        self.addCleanup(v6.close)
+        try:
+            v6.bind(("::1", port))
+        except OSError as e:
+            raise SkipTest(f"no IPv6 loopback here: {e}") from None
+        pairs = [parse_proxy(f"[::1]:{port},:1", 0), parse_proxy(f"127.0.0.1:{port},:1", 1)]
+        inherited = passed([v4.fileno(), v6.fileno()], [str(port), str(port)])
+        self.assertEqual(adopted_listen_descriptions(pairs, inherited),
+                         {0: "systemd:domain=INET6:index=1", 1: "systemd:domain=INET:index=0"})
+
+    def test_missing_name(self) -> None:
+        """When sockets are named but one pair's name is absent, one line names the missing name."""
+        first, other = self.listening(2)
+        port = first.getsockname()[1]
+        pairs = [parse_proxy(f"127.0.0.1:{port},:1", 0), parse_proxy("127.0.0.1:4001,:1", 1)]
+        with self.assertRaises(ConfigError) as caught:
+            adopted_listen_descriptions(pairs, passed([first.fileno(), other.fileno()],
+                                                      [str(port), "stray"]))
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn(f"no inherited socket named '4001' for pair1 (127.0.0.1:4001); "
+                      f"systemd passed '{port}', 'stray'", message)
+
+    def test_named_socket_on_wrong_address(self) -> None:
+        """A socket named after a pair but bound elsewhere is refused, naming both."""
+        (sock,) = self.listening(1)
+        pair = parse_proxy("127.0.0.1:4000,:2", 0)
+        with self.assertRaises(ConfigError) as caught:
+            adopted_listen_descriptions([pair], passed([sock.fileno()], ["4000"]))
+        self.assertIn("pair0 listens on 127.0.0.1:4000 but inherited socket '4000' is bound to",
+                      str(caught.exception))
+
+    def test_unit_names_fall_back_to_order(self) -> None:
+        """Names that are no pair's port (a .socket unit without FileDescriptorName=) mean: in order."""
+        first, second = self.listening(2)
+        pairs = [parse_proxy(f"127.0.0.1:{s.getsockname()[1]},:1", i)
+                 for i, s in enumerate((first, second))]
+        inherited = passed([first.fileno(), second.fileno()],
+                           ["tigertunnel-client.socket"] * 2)
+        self.assertEqual(adopted_listen_descriptions(pairs, inherited),
                          {0: "systemd:domain=INET:index=0", 1: "systemd:domain=INET:index=1"})
 
     def test_wrong_address(self) -> None:
@@ -195,7 +261,7 @@ class SocketActivationTests(SynchronousTestCase):
         (sock,) = self.listening(1)
         pair = parse_proxy("127.0.0.1:1,:2", 0)
         with self.assertRaises(ConfigError) as caught:
-            adopted_listen_descriptions([pair], [sock.fileno()].__getitem__)
+            adopted_listen_descriptions([pair], passed([sock.fileno()]))
         self.assertIn("pair0 listens on 127.0.0.1:1 but inherited socket 0 is bound to", str(caught.exception))
 
     def test_too_few(self) -> None:
@@ -204,7 +270,7 @@ class SocketActivationTests(SynchronousTestCase):
         pairs = [parse_proxy(f"127.0.0.1:{sock.getsockname()[1]},:2", 0),
                  parse_proxy("127.0.0.1:5,:2", 1)]
         with self.assertRaises(ConfigError) as caught:
-            adopted_listen_descriptions(pairs, [sock.fileno()].__getitem__)
+            adopted_listen_descriptions(pairs, passed([sock.fileno()]))
         self.assertIn("systemd passed 1 sockets for 2 proxy pairs", str(caught.exception))
 
     def test_not_a_socket(self) -> None:
@@ -213,8 +279,19 @@ class SocketActivationTests(SynchronousTestCase):
         self.addCleanup(os.close, read)
         self.addCleanup(os.close, write)
         with self.assertRaises(ConfigError) as caught:
-            adopted_listen_descriptions([parse_proxy(":1,:2", 0)], [read].__getitem__)
-        self.assertIn("is not a socket", str(caught.exception))
+            adopted_listen_descriptions([parse_proxy(":1,:2", 0)], passed([read]))
+        self.assertIn(f"inherited descriptor {read} (for pair0) is not a socket", str(caught.exception))
+
+    def test_inherited_sockets_with_names(self) -> None:
+        """The descriptors Twisted took from LISTEN_FDS, named from LISTEN_FDNAMES."""
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([3, 4], ("a", "b")))
+        self.assertEqual(inherited_sockets({"LISTEN_FDNAMES": "4000:4001"}),
+                         [InheritedSocket(0, 3, "4000"), InheritedSocket(1, 4, "4001")])
+        # Names that do not match the descriptors are ignored (not trusted).
+        self.assertEqual(inherited_sockets({"LISTEN_FDNAMES": "4000"}),
+                         [InheritedSocket(0, 3, ""), InheritedSocket(1, 4, "")])
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([], ()))
+        self.assertEqual(inherited_sockets({"LISTEN_FDNAMES": "4000"}), [])
 
 
 class MakeServiceTests(SynchronousTestCase):

@@ -131,6 +131,15 @@ class DefaultsTests(OptionsTestCase):
             (Address("", 4001), Address("::1", 3000)),
             (Address("127.0.0.1", 4002), Address("10.0.0.3", 3000))])
 
+    def test_pair_names(self) -> None:
+        """-p ...,name=NAME labels a pair; a name used twice is a one-line error naming it."""
+        options = parse(["client", "-k", self.keys.psk, "-p", ":4000,r0.example:3000,name=east",
+                         "-p", ":4001,r1.example:3000"])
+        self.assertEqual([p.label for p in options.subOptions.config.pairs],
+                         ["east", "r1.example:3000"])
+        self.usage_error(["client", "-k", self.keys.psk, "-p", ":4000,a.example:1,name=x",
+                          "-p", ":4001,b.example:1,name=x"], "two proxy pairs are named 'x'")
+
     def test_sixteen_pairs(self) -> None:
         """Sixteen pairs are the most accepted."""
         argv = ["client", "--plaintext"]

@@ -85,11 +85,11 @@ class ObservedTrafficTests(SynchronousTestCase):
         self.round_trips(t, [CREATE_TRANSFERS, LOOKUP_ACCOUNTS, LOOKUP_ACCOUNTS])
         site = make_site([t.client], None, recorders)
         found = samples(get(site, b"/metrics")[2].decode())
-        self.assertEqual(value(found, "tigertunnel_tb_requests_total", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_tigerbeetle_requests_total", pair="127.0.0.1:3000",
                                operation="lookup_accounts"), 2)
-        self.assertEqual(value(found, "tigertunnel_tb_request_duration_seconds_count",
-                               pair="pair0", operation="create_transfers"), 1)
-        self.assertEqual(value(found, "tigertunnel_tb_frames_total", pair="pair0",
+        self.assertEqual(value(found, "tigertunnel_tigerbeetle_request_duration_seconds_count",
+                               pair="127.0.0.1:3000", operation="create_transfers"), 1)
+        self.assertEqual(value(found, "tigertunnel_tigerbeetle_frames_total", pair="127.0.0.1:3000",
                                command="reply", direction="from_tunnel"), 3)
         doc: Dict[str, Any] = json.loads(get(site, b"/status")[2])
         tb = doc["pairs"][0]["tb"]

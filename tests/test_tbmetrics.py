@@ -59,7 +59,7 @@ class ExpositionTests(SynchronousTestCase):
 
     def test_histogram_counts(self) -> None:
         """The histogram counts one round trip per reply of each operation."""
-        counts = values(self.found, "tigertunnel_tb_request_duration_seconds_count",
+        counts = values(self.found, "tigertunnel_tigerbeetle_request_duration_seconds_count",
                         "operation", pair="pair0")
         self.assertEqual(counts, stated_ops(SINGLE, "reply"))
 
@@ -73,39 +73,43 @@ class ExpositionTests(SynchronousTestCase):
         for op, a, b in zip(ops, sent, got):
             durations.setdefault(op, []).append(b - a)
         for op, seen in durations.items():
-            buckets = values(self.found, "tigertunnel_tb_request_duration_seconds_bucket",
+            buckets = values(self.found, "tigertunnel_tigerbeetle_request_duration_seconds_bucket",
                              "le", pair="pair0", operation=op)
             self.assertEqual(len(buckets), len(BUCKETS) + 1)
             self.assertEqual(buckets["+Inf"], len(seen))
             for bound in BUCKETS:
                 self.assertEqual(buckets[repr(bound)], sum(1 for d in seen if d <= bound))
-            total = values(self.found, "tigertunnel_tb_request_duration_seconds_sum",
+            total = values(self.found, "tigertunnel_tigerbeetle_request_duration_seconds_sum",
                            "operation", pair="pair0")[op]
             self.assertAlmostEqual(total, sum(seen), places=9)
 
     def test_requests_and_frames(self) -> None:
         """Request frames per operation and frames per command and direction equal the summary."""
-        self.assertEqual(values(self.found, "tigertunnel_tb_requests_total", "operation",
+        self.assertEqual(values(self.found, "tigertunnel_tigerbeetle_requests_total", "operation",
                                 pair="pair0"), stated_ops(SINGLE, "request"))
         frames = {(l["command"], l["direction"]): v for n, l, v in self.found
-                  if n == "tigertunnel_tb_frames_total"}
+                  if n == "tigertunnel_tigerbeetle_frames_total"}
         stated = {(c, "to_tunnel" if d == "up" else "from_tunnel"): n
                   for (_, d, c), n in tbdata.summary(SINGLE)["link dir command"].items()}
         self.assertEqual(frames, stated)
 
     def test_view_and_zero_counters(self) -> None:
-        """The view gauge is the replies' view; mismatches are 0 and evictions absent."""
+        """The view gauge is the replies' view; mismatches and every known eviction reason are 0."""
         view = max(r["view"] for r in self.records if r["command_name"] == "reply")
-        self.assertEqual(values(self.found, "tigertunnel_tb_view", "pair"), {"pair0": view})
-        self.assertEqual(values(self.found, "tigertunnel_tb_cluster_mismatch_total", "pair"),
+        self.assertEqual(values(self.found, "tigertunnel_tigerbeetle_view", "pair"), {"pair0": view})
+        self.assertEqual(values(self.found, "tigertunnel_tigerbeetle_cluster_mismatch_total", "pair"),
                          {"pair0": 0})
-        self.assertEqual(values(self.found, "tigertunnel_tb_evictions_total", "reason"), {})
+        self.assertEqual(values(self.found, "tigertunnel_tigerbeetle_evictions_total", "reason"),
+                         dict.fromkeys(["no_session", "client_release_too_low",
+                                        "client_release_too_high", "invalid_request_operation",
+                                        "invalid_request_body", "invalid_request_body_size",
+                                        "session_too_low", "session_release_mismatch"], 0))
 
     def test_no_view_before_replies(self) -> None:
         """A pair that has seen no reply has no view sample."""
         found = exposition(TBCollector.of_recorders([TBRecorder("idle")]))
-        self.assertEqual(values(found, "tigertunnel_tb_view", "pair"), {})
-        self.assertEqual(values(found, "tigertunnel_tb_cluster_mismatch_total", "pair"),
+        self.assertEqual(values(found, "tigertunnel_tigerbeetle_view", "pair"), {})
+        self.assertEqual(values(found, "tigertunnel_tigerbeetle_cluster_mismatch_total", "pair"),
                          {"idle": 0})
 
     def test_snapshot_is_json(self) -> None:
@@ -145,8 +149,10 @@ class RecorderTests(SynchronousTestCase):
         self.assertEqual((warnings[0]["pair"], warnings[0]["client"], warnings[0]["replica"],
                           warnings[0]["reason"]), ("pair1", 99, 1, "client_release_too_low"))
         found = exposition(TBCollector.of_recorders([self.recorder]))
-        self.assertEqual(values(found, "tigertunnel_tb_evictions_total", "reason", pair="pair1"),
-                         {"client_release_too_low": 1})
+        evictions = values(found, "tigertunnel_tigerbeetle_evictions_total", "reason", pair="pair1")
+        self.assertEqual(evictions["client_release_too_low"], 1)
+        self.assertEqual({r: n for r, n in evictions.items() if r != "client_release_too_low"},
+                         dict.fromkeys(set(evictions) - {"client_release_too_low"}, 0))
 
     def test_view_change_logged_once(self) -> None:
         """A rise of the view logs one line; the first view and repeats log nothing."""
@@ -161,7 +167,7 @@ class RecorderTests(SynchronousTestCase):
         self.recorder.watch.cluster_mismatch(0, 5)
         self.recorder.watch.cluster_mismatch(0, 6)
         found = exposition(TBCollector.of_recorders([self.recorder]))
-        self.assertEqual(values(found, "tigertunnel_tb_cluster_mismatch_total", "pair"),
+        self.assertEqual(values(found, "tigertunnel_tigerbeetle_cluster_mismatch_total", "pair"),
                          {"pair1": 2})
 
 
@@ -259,7 +265,7 @@ class MergeTests(SynchronousTestCase):
         self.assertEqual(merged["p0"]["latency"]["create_accounts"]["count"], 2)
         self.assertEqual(merged["p1"], merge_snapshots([only.snapshot()]))
         found = exposition(TBCollector(lambda: merged))
-        self.assertEqual(values(found, "tigertunnel_tb_request_duration_seconds_count", "pair"),
+        self.assertEqual(values(found, "tigertunnel_tigerbeetle_request_duration_seconds_count", "pair"),
                          {"p0": 2, "p1": 1})
 
     def test_bad_merges(self) -> None:

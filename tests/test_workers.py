@@ -259,6 +259,25 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(got["stream"], 7)
         self.assertEqual(got["log_system"], "worker 2/tigertunnel.x#warn")
 
+    def test_report_parts_kept_not_logged(self) -> None:
+        """A worker's report arrives in parts (one log line each): each kind is kept,
+        the latest replacing the one before, nothing is logged; an ended worker's report is dropped."""
+        from tigertunnel.ops.workers.logpipe import report_figures
+
+        self.sup.startService()
+        w = self.worker(1)
+        for part in ({"pair a": {"status": {"n": 1}}}, {"pair b": {"status": {"n": 2}}},
+                     {"process": {"x": []}}, {"pair a": {"status": {"n": 3}}}):
+            sent: List[Dict[str, Any]] = []
+            report_figures(part, sent.append)
+            w.childDataReceived(1, eventAsJSON(sent[0]).encode() + b"\n")
+        self.assertEqual(self.events, [])
+        self.assertEqual(self.sup.figures, {1: {"pair a": {"status": {"n": 3}},
+                                                "pair b": {"status": {"n": 2}},
+                                                "process": {"x": []}}})
+        w.processEnded(exited(1))
+        self.assertEqual(self.sup.figures, {})
+
     def test_plain_lines_relayed_as_warnings(self) -> None:
         """Text on stderr (or non-JSON stdout) becomes a warning event, and a
         last line without newline is kept until the worker ends."""

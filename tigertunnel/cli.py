@@ -116,15 +116,21 @@ class StatusOptions(usage.Options):
                 "Examples:\n  tigertunnel status\n  tigertunnel status http://10.0.0.5:9101\n"
                 "  tigertunnel status --json | jq '.pairs[].pool'")
     optFlags = [["json", None, "Print the /status JSON as received."]]
-    optParameters = [["timeout", "t", "5", "Seconds to wait for the answer."]]
+    optParameters = [["timeout", "t", "5", "Seconds to wait for the answer."],
+                     ["ca", None, None, "https: PEM CA certificates the endpoint's "
+                      "certificate must chain to (default: the system's)."],
+                     ["cert", None, None, "https: a PEM client certificate to show."],
+                     ["key", None, None, "https: the PEM private key of --cert."]]
 
     def parseArgs(self, url: Optional[str] = None) -> None:
         self["url"] = url
 
     def argv(self) -> List[str]:
         """The arguments for :func:`tigertunnel.tools.status.main`."""
+        tls = [f"--{name}={self[name]}" for name in ("ca", "cert", "key")
+               if self[name] is not None]
         return ([self["url"]] if self["url"] else []) + (
-            ["--json"] if self["json"] else []) + ["--timeout", self["timeout"]]
+            ["--json"] if self["json"] else []) + ["--timeout", self["timeout"]] + tls
 
 
 class Options(tap.Options, _CommandOptions):
@@ -252,7 +258,7 @@ def describe_run(options: usage.Options) -> List[str]:
     lines = [f"{cfg.role}: {len(cfg.pairs)} proxy pairs; "
              f"{describe(keys, cfg.role)}"]
     for pair in cfg.pairs:
-        lines.append(f"  {pair.name}: {pair.listen} -> {pair.target}")
+        lines.append(f"  {pair.name}: {pair.listen} -> {pair.target} (pair={pair.label})")
     if sub.operations.metrics:
         lines.append(f"  metrics: {sub.operations.metrics}")
     if cfg.workers > 1:

@@ -244,8 +244,8 @@ class PoolHost(Protocol[C_contra]):
     def handshake_started(self, connection: C_contra) -> None:
         """The connection started its handshake."""
 
-    def handshake_progress(self, connection: C_contra) -> None:
-        """The connection received its first handshake bytes."""
+    def handshake_progress(self, connection: C_contra, count: int) -> None:
+        """The connection received ``count`` handshake bytes."""
 
     def handshake_ended(self, connection: C_contra) -> None:
         """The handshake finished, failed or was cut."""

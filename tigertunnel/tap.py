@@ -48,6 +48,7 @@ from tigertunnel.errors import ConfigError, KeyFileError
 
 if TYPE_CHECKING:
     from tigertunnel.ops.shutdown import ProcessReactor, TunnelService
+    from tigertunnel.ops.tls import ServerTLS
     from tigertunnel.ops.workers import AcceptBalancer, AcceptBoard
 
 #: Default seconds a graceful shutdown (SIGTERM) may take.
@@ -63,6 +64,8 @@ class Operations:
     systemd_sockets: bool = False
     #: The ``--replay-file`` value as given (``None``: not given).
     replay_file: Optional[str] = None
+    #: ``--metrics`` over HTTPS (``--metrics-tls-cert`` and ``-key``).
+    metrics_tls: "Optional[ServerTLS]" = None
 
 
 def _positive_int(name: str, text: str, limit: int = 2 ** 32 - 1) -> int:
@@ -100,9 +103,12 @@ class _EndOptions(ExampleOptions):
         ["plaintext", None, "Run without encryption (no -k). Only for "
          "testing on a trusted network: nothing is authenticated."],
         ["systemd-sockets", None, "Listen on the sockets systemd passes "
-         "(socket activation): one ListenStream= per -p, in order."],
+         "(socket activation): each -p on the one named after its LISTEN "
+         "port (FileDescriptorName=), else one ListenStream= per -p, in "
+         "order."],
         ["metrics-public", None, "Allow --metrics on an address other hosts "
-         "can reach (the endpoint has no authentication)."],
+         "can reach (the endpoint has no authentication unless "
+         "--metrics-tls-client-ca)."],
     ]
     optParameters = [
         ["key", "k", None, "PSK key file (tigertunnel keygen)."],
@@ -116,6 +122,12 @@ class _EndOptions(ExampleOptions):
         ["metrics", None, None, "Serve /metrics (Prometheus) and /status "
          "(JSON) over HTTP on this endpoint, e.g. tcp:9101:interface=127.0.0.1 "
          "(loopback or a UNIX socket unless --metrics-public)."],
+        ["metrics-tls-cert", None, None, "Serve --metrics over HTTPS with this "
+         "PEM certificate (then its intermediates)."],
+        ["metrics-tls-key", None, None, "The PEM private key of "
+         "--metrics-tls-cert (a secret file: mode 0600)."],
+        ["metrics-tls-client-ca", None, None, "Require a client certificate "
+         "signed by a CA of this PEM file on --metrics (mutual TLS)."],
         ["shutdown-timeout", None, str(DEFAULT_SHUTDOWN_TIMEOUT),
          "Seconds a graceful shutdown (SIGTERM) may take before connections "
          "are aborted."],
@@ -166,7 +178,9 @@ class _EndOptions(ExampleOptions):
                    "kemsecret": lambda path: load_kem_secret_file(path, owners),
                    "kempublic": load_kem_public_file}
         try:
-            if key in loaders:
+            if key in _TLS_FILE_OPTIONS:
+                _check_tls_file(key, value, owners)
+            elif key in loaders:
                 loaders[key](value)
             elif not config_file_options()[key].flag:
                 probe = type(self)()
@@ -184,7 +198,8 @@ class _EndOptions(ExampleOptions):
         return trusted_owners(() if uid is None else (int(uid),))
 
     def opt_proxy(self, value: str) -> None:
-        """LISTEN,TARGET proxy pair (repeat for several replicas)."""
+        """LISTEN,TARGET[,name=NAME] proxy pair (repeat for several
+        replicas; NAME labels its metrics, default: TARGET)."""
         if len(self["proxies"]) >= MAX_PROXY_PAIRS:
             raise usage.UsageError(f"too many proxy pairs (max "
                                    f"{MAX_PROXY_PAIRS})")
@@ -210,7 +225,10 @@ class _EndOptions(ExampleOptions):
                 listen_description(pair.listen)  # resolves a listen host name
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
-        cfg = TunnelConfig(role=Role.parse(self.role), pairs=list(self["proxies"]))
+        try:
+            cfg = TunnelConfig(role=Role.parse(self.role), pairs=list(self["proxies"]))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
         cfg.max_sessions = _positive_int("max-sessions",
                                          self["max-sessions"])
         try:
@@ -284,12 +302,20 @@ class _EndOptions(ExampleOptions):
                                        f"{ops.metrics!r}: {e or type(e).__name__}"
                                        f" (example: tcp:9101:interface="
                                        f"127.0.0.1)") from None
-            if not local and not self["metrics-public"]:
+            ops.metrics_tls = self.check_metrics_tls()
+            authenticated = (ops.metrics_tls is not None
+                             and ops.metrics_tls.requires_client_certificate)
+            if not local and not authenticated and not self["metrics-public"]:
                 raise usage.UsageError(
                     f"--metrics {ops.metrics!r} can be reached from other "
                     f"hosts and has no authentication: give "
-                    f"interface=127.0.0.1 (or a unix: socket), or add "
+                    f"interface=127.0.0.1 (or a unix: socket), require client "
+                    f"certificates with --metrics-tls-client-ca, or add "
                     f"--metrics-public to serve it there on purpose")
+        else:
+            for name in _TLS_FILE_OPTIONS:
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} needs --metrics")
         try:
             ops.shutdown_timeout = float(self["shutdown-timeout"])
             if not 0 < ops.shutdown_timeout <= 3600:
@@ -307,6 +333,26 @@ class _EndOptions(ExampleOptions):
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
         return ops
+
+    def check_metrics_tls(self) -> "Optional[ServerTLS]":
+        """Read and check the --metrics-tls-* files (``None``: plain HTTP)."""
+        from tigertunnel.ops.tls import read_server_tls
+
+        cert, key = self["metrics-tls-cert"], self["metrics-tls-key"]
+        client_ca = self["metrics-tls-client-ca"]
+        if cert is None and key is None:
+            if client_ca is not None:
+                raise usage.UsageError("--metrics-tls-client-ca needs "
+                                       "--metrics-tls-cert and --metrics-tls-key")
+            return None
+        if cert is None or key is None:
+            given, missing = (("cert", "key") if key is None else ("key", "cert"))
+            raise usage.UsageError(f"--metrics-tls-{given} needs "
+                                   f"--metrics-tls-{missing}")
+        try:
+            return read_server_tls(cert, key, client_ca, self.key_owners())
+        except ConfigError as e:
+            raise usage.UsageError(f"--metrics TLS: {e}") from None
 
     def load_role_keys(self, cfg: TunnelConfig) -> None:
         """Load and check the KEM key file of this role."""
@@ -448,6 +494,28 @@ def _twistd_options(options: Optional[usage.Options]) -> Optional[usage.Options]
     return None
 
 
+#: The options naming the files of ``--metrics`` over TLS.
+_TLS_FILE_OPTIONS = ("metrics-tls-cert", "metrics-tls-key", "metrics-tls-client-ca")
+
+
+def _check_tls_file(option: str, path: str, owners: FrozenSet[int]) -> None:
+    """Check one --metrics-tls-* file of a cluster config file on its own
+    (whether the key is the certificate's is checked with both).
+
+    :raises usage.UsageError: naming the problem.
+    """
+    from tigertunnel.ops.tls import read_certificates
+
+    try:
+        if option == "metrics-tls-key":
+            from tigertunnel.keys.files import read_key_file
+            read_key_file(path, secret=True, owners=owners)
+        else:
+            read_certificates(path)
+    except (ConfigError, KeyFileError) as e:
+        raise usage.UsageError(str(e)) from None
+
+
 #: A proxy pair that lets a probe parse reach the option being checked.
 _PROBE_PAIR = "127.0.0.1:1,127.0.0.1:2"
 #: Long options a cluster config file cannot set: what picks the file and
@@ -481,7 +549,10 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     from tigertunnel.ops import hardening
     from tigertunnel.ops.memory import freeze_startup_heap, memory_trimmer, tune_malloc
     from tigertunnel.ops.metrics import MetricsService
-    from tigertunnel.ops.tbmetrics import figures_reporter, watch_pairs
+    from tigertunnel.ops.backend import backend_probes
+    from tigertunnel.ops.figures import figures_reporter
+    from tigertunnel.ops.metrics import process_collectors
+    from tigertunnel.ops.tbmetrics import watch_pairs
     from tigertunnel.ops.reload import KeyReloader, ReloadService
     from tigertunnel.ops.replay import ReplayCacheService, create_shared_memory, replay_path
     from tigertunnel.ops.shutdown import TunnelService
@@ -551,8 +622,9 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
                                            int(sub["worker-index"] or 0),
                                            IReactorTime(reactor)))
     if config.workers > 1 and sub["worker-index"] is not None:
-        # A worker: its TB figures go to worker 0, which serves the sum.
-        top.add_operation(figures_reporter(recorders, IReactorTime(reactor)))
+        # A worker: its figures go to worker 0, which serves the sum.
+        top.add_operation(figures_reporter(top.multiplexers, recorders,
+                                           IReactorTime(reactor), process_collectors()))
     if config.workers > 1 and sub["worker-index"] is None:
         supervisor = WorkerSupervisor(
             IReactorProcess(reactor), worker_command(worker_args),
@@ -563,10 +635,14 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
         top.add_operation(supervisor, stop_last=True)
     top.add_operation(ReloadService(reloader, reactor, listeners))
     if ops.metrics is not None:
-        others = (lambda: list(supervisor.figures.values())) if supervisor else tuple
+        others = (lambda: supervisor.figures) if supervisor is not None else None
         top.add_operation(MetricsService(ops.metrics, top.multiplexers,
-                                         reloader, reactor, recorders, others),
+                                         reloader, reactor, recorders, others,
+                                         tls=ops.metrics_tls),
                           stop_last=True)
+        # A server's /metrics and /status tell whether its replica is up.
+        for probe in backend_probes(top.multiplexers, reactor):
+            top.add_operation(probe)
     if systemd is not None:
         top.add_operation(systemd)
     return top

@@ -8,7 +8,7 @@ established TB connections (the *veterans*), then opens more connections to
 the limited end's listener than its descriptors allow: TB connections to the
 client's listener, raw TCP connections (that never send a hello) to the
 server's, from :data:`SOURCES` addresses (the server admits at most 16
-pending handshakes per source address, so from one address the flood would
+pending handshakes per IPv4 address, so from one address the flood would
 be evicted before it could use up the descriptors). It then checks:
 
 1. the process keeps running and does not spin: its CPU time over a second

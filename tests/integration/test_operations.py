@@ -208,12 +208,12 @@ class RotationTests(_OperationsCase):
         second = await self.tb_session(client_port)
         await self.round_trip(second, frames(3, 3))
         doc = json.loads((await http_get(status_url))[1])
-        self.assertEqual(doc["keys"]["psk"], [NEW])
+        self.assertEqual(doc["keys"]["psk"], [str(NEW)])
         self.assertTrue(doc["reload"]["ok"])
         links = doc["pairs"][0]["links"]
-        self.assertIn({"key_id": OLD, "state": "draining", "sessions": 1},
+        self.assertIn({"key_id": str(OLD), "state": "draining", "sessions": 1},
                       [{k: link[k] for k in ("key_id", "state", "sessions")} for link in links])
-        self.assertIn({"key_id": NEW, "state": "healthy", "sessions": 1},
+        self.assertIn({"key_id": str(NEW), "state": "healthy", "sessions": 1},
                       [{k: link[k] for k in ("key_id", "state", "sessions")} for link in links])
 
         # A broken key file: old keys kept, reason logged and reported.
@@ -222,7 +222,7 @@ class RotationTests(_OperationsCase):
         await procs.wait_for_text(clog, "key reload failed, keeping the old keys", 10)
         self.assertIn(f"{client_key}:2: InvalidKeySize", procs.read_text(clog))
         doc = json.loads((await http_get(status_url))[1])
-        self.assertEqual((doc["reload"]["ok"], doc["keys"]["psk"]), (False, [NEW]))
+        self.assertEqual((doc["reload"]["ok"], doc["keys"]["psk"]), (False, [str(NEW)]))
         self.assertIn("InvalidKeySize", doc["reload"]["error"])
         text = (await http_get(f"http://127.0.0.1:{cmetrics}/metrics"))[1].decode()
         self.assertEqual(metric(text, "tigertunnel_key_reload_last_success"), 0)

@@ -70,6 +70,8 @@ class TBMetricsTests(_OperationsCase):
         key = self.write_keys("secret.key", 1_700_000_000_000_000_001)
         server_port, client_port, cmetrics = procs.free_ports(3)
         self.client_port = client_port
+        #: The client pair's ``pair`` label: the address it reaches.
+        self.pair = f"127.0.0.1:{server_port}"
         spid = await self.daemon("server", "-p", f"127.0.0.1:{server_port},{self.backend}",
                                  "-k", key, *extra)
         cpid = await self.daemon("client", "-p", f"127.0.0.1:{client_port},127.0.0.1:{server_port}",
@@ -114,24 +116,24 @@ class TBMetricsTests(_OperationsCase):
         return text[0]
 
     def check_counts(self, text: str, sessions: int) -> None:
-        self.assertEqual(metric(text, "tigertunnel_tb_requests_total", pair="pair0",
+        self.assertEqual(metric(text, "tigertunnel_tigerbeetle_requests_total", pair=self.pair,
                                 operation="create_transfers"), 2 * sessions)
-        self.assertEqual(metric(text, "tigertunnel_tb_requests_total", pair="pair0",
+        self.assertEqual(metric(text, "tigertunnel_tigerbeetle_requests_total", pair=self.pair,
                                 operation="lookup_accounts"), sessions)
-        self.assertEqual(metric(text, "tigertunnel_tb_request_duration_seconds_count",
-                                pair="pair0", operation="create_transfers"), 2 * sessions)
-        self.assertEqual(metric(text, "tigertunnel_tb_request_duration_seconds_count",
-                                pair="pair0", operation="lookup_accounts"), sessions)
-        self.assertEqual(metric(text, "tigertunnel_tb_frames_total", pair="pair0",
+        self.assertEqual(metric(text, "tigertunnel_tigerbeetle_request_duration_seconds_count",
+                                pair=self.pair, operation="create_transfers"), 2 * sessions)
+        self.assertEqual(metric(text, "tigertunnel_tigerbeetle_request_duration_seconds_count",
+                                pair=self.pair, operation="lookup_accounts"), sessions)
+        self.assertEqual(metric(text, "tigertunnel_tigerbeetle_frames_total", pair=self.pair,
                                 command="reply", direction="from_tunnel"), 3 * sessions)
-        self.assertEqual(metric(text, "tigertunnel_tb_view", pair="pair0"), 7)
+        self.assertEqual(metric(text, "tigertunnel_tigerbeetle_view", pair=self.pair), 7)
 
     async def test_one_process_per_end(self) -> None:
         """Requests by operation, their durations and reply frames are counted; status and dashboard agree."""
         port = await self.run_ends()
         await self.sessions(4)
-        text = await self.scrape_until(port, "tigertunnel_tb_requests_total", 4,
-                                       pair="pair0", operation="lookup_accounts")
+        text = await self.scrape_until(port, "tigertunnel_tigerbeetle_requests_total", 4,
+                                       pair=self.pair, operation="lookup_accounts")
         self.check_counts(text, 4)
         # Every metric the Grafana dashboard queries exists in this /metrics
         # (after a key reload, so that the reload figures exist too; a
@@ -162,6 +164,21 @@ class TBMetricsTests(_OperationsCase):
         port = await self.run_ends("--workers", "2")
         await procs.wait_for_text(self.path("client.log"), " up (key id ", 20, count=4)
         await self.sessions(16)
-        text = await self.scrape_until(port, "tigertunnel_tb_requests_total", 16,
-                                       pair="pair0", operation="lookup_accounts")
+        text = await self.scrape_until(port, "tigertunnel_tigerbeetle_requests_total", 16,
+                                       pair=self.pair, operation="lookup_accounts")
         self.check_counts(text, 16)
+        # Every family is the sum over both workers, not worker 0's share.
+        text = await self.scrape_until(port, "tigertunnel_frames_total", 48,
+                                       pair=self.pair, direction="from_tunnel")
+        self.assertEqual(metric(text, "tigertunnel_sessions_opened_total", pair=self.pair), 16)
+        self.assertEqual(metric(text, "tigertunnel_sessions", pair=self.pair), 16)
+        self.assertEqual(metric(text, "tigertunnel_frames_total", pair=self.pair,
+                                direction="to_tunnel"), 48)
+        # -n 2 in each of 2 workers (a worker reports every 2 s: wait for it)
+        text = await self.scrape_until(port, "tigertunnel_pool_connections", 4,
+                                       pair=self.pair, state="healthy")
+        self.assertEqual(metric(text, "tigertunnel_pool_connections", pair=self.pair,
+                                state="healthy"), 4)
+        self.assertEqual(metric(text, "tigertunnel_pool_size", pair=self.pair), 4)
+        for worker in ("0", "1"):
+            self.assertGreater(metric(text, "process_cpu_seconds_total", worker=worker), 0)

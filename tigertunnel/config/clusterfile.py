@@ -67,7 +67,8 @@ from tigertunnel.errors import ConfigError
 
 _REPLICA = re.compile(r"replica (\d+)\Z")
 #: [tunnel] keys that name files: relative paths are from the file's directory.
-PATH_OPTIONS = frozenset({"key", "kemsecret", "kempublic"})
+PATH_OPTIONS = frozenset({"key", "kemsecret", "kempublic", "metrics-tls-cert",
+                          "metrics-tls-key", "metrics-tls-client-ca"})
 _LOCAL_KEYS = {"local-host", "local-port"}
 _REPLICA_KEYS = {"tunnel", "backend", "listen", "local"}
 
@@ -145,7 +146,8 @@ class ClusterFile:
         return ConfigFileError(f"{self.path}: {where}: {message}")
 
     def pairs(self, role: str, replica: Optional[int]) -> List[str]:
-        """The ``-p LISTEN,TARGET`` values of ``role`` (next to ``replica``).
+        """The ``-p LISTEN,TARGET,name=replicaN`` values of ``role`` (next to
+        ``replica``): each pair is named for the replica it reaches.
 
         :raises ConfigFileError: ``replica`` is not in the file, or a server
             without ``--replica`` in a file with several replicas.
@@ -161,8 +163,8 @@ class ClusterFile:
                                           f"--replica N (which replica it fronts)")
                 replica = 0
             r = self.replicas[replica]
-            return [f"{r.listen},{r.backend}"]
-        return [f"{r.local},{r.tunnel}" for r in self.replicas
+            return [f"{r.listen},{r.backend},name=replica{r.index}"]
+        return [f"{r.local},{r.tunnel},name=replica{r.index}" for r in self.replicas
                 if r.index != replica]
 
     def argv(self, role: str, replica: Optional[int]) -> List[str]:

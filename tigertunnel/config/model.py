@@ -13,8 +13,9 @@ bad value raises :class:`~tigertunnel.errors.ConfigError` naming it.
 
 import enum
 import ipaddress
+import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Mapping, Optional, Tuple, Union
 
 from tigertunnel.keys.format import KeyStore
@@ -161,13 +162,27 @@ def _is_ip(host: str) -> bool:
         return False
 
 
+#: A pair name given with ``-p LISTEN,TARGET,name=NAME``: letters, digits,
+#: ``_ . : -``, 1 to 64 characters.
+_PAIR_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+
+
 @dataclass(frozen=True)
 class ProxyPair:
-    """One ``-p LISTEN,TARGET`` pair (target = backend or tunnel server)."""
+    """One ``-p LISTEN,TARGET[,name=NAME]`` pair (target = backend or tunnel server).
+
+    :ivar given_name: the ``name=`` of ``-p`` (a cluster config file gives
+        ``replicaN``), or ``None``.
+    :ivar label: what the pair reaches, as metrics and ``/status`` name it
+        (label ``pair``): the given name, else the target address; set by
+        :class:`TunnelConfig` (:func:`label_pairs`), ``""`` before.
+    """
 
     index: int
     listen: Address
     target: Address
+    given_name: Optional[str] = None
+    label: str = ""
 
     @property
     def name(self) -> str:
@@ -176,16 +191,55 @@ class ProxyPair:
 
 
 def parse_proxy(text: str, index: int) -> ProxyPair:
-    """Parse ``LISTEN,TARGET`` (split at the first comma).
+    """Parse ``LISTEN,TARGET`` or ``LISTEN,TARGET,name=NAME``.
 
     :raises ConfigError: naming the bad part.
     """
     listen, sep, target = text.partition(",")
+    target, _, suffix = target.partition(",")
     if not sep or not listen or not target:
         raise ConfigError(f"invalid proxy pair {text!r}: expected "
-                          f"LISTEN,TARGET such as :4000,127.0.0.1:3000")
+                          f"LISTEN,TARGET[,name=NAME] such as :4000,127.0.0.1:3000")
+    given: Optional[str] = None
+    if suffix or text.count(",") > 1:
+        key, eq, given = suffix.partition("=")
+        if key != "name" or not eq:
+            raise ConfigError(f"invalid proxy pair {text!r}: after LISTEN,TARGET "
+                              f"only name=NAME may follow, not {suffix!r}")
+        if not _PAIR_NAME.match(given):
+            raise ConfigError(f"invalid proxy pair name {given!r}: 1 to 64 "
+                              f"letters, digits, '_', '.', ':' or '-'")
     return ProxyPair(index, parse_address(listen, "listen address"),
-                     parse_address(target, "target address"))
+                     parse_address(target, "target address"), given)
+
+
+def label_pairs(pairs: List[ProxyPair]) -> List[ProxyPair]:
+    """``pairs`` with their :attr:`~ProxyPair.label` set.
+
+    A pair is labelled with its given name, else its target address; pairs
+    without a name that reach the same address get ``#INDEX`` appended
+    (``127.0.0.1:3001#1``), so every label is unique.
+
+    :raises ConfigError: two pairs would have the same label (the same
+        given name, or a given name that is another pair's label).
+    """
+    defaults = [str(pair.target) for pair in pairs]
+    labelled = []
+    for pair, default in zip(pairs, defaults):
+        if pair.given_name is not None:
+            label = pair.given_name
+        elif sum(1 for p, d in zip(pairs, defaults)
+                 if p.given_name is None and d == default) > 1:
+            label = f"{default}#{pair.index}"
+        else:
+            label = default
+        labelled.append(replace(pair, label=label))
+    labels = [pair.label for pair in labelled]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ConfigError(f"two proxy pairs are named {label!r} (give each "
+                              f"its own -p ...,name=NAME)")
+    return labelled
 
 
 @dataclass
@@ -219,3 +273,4 @@ class TunnelConfig:
 
     def __post_init__(self) -> None:
         self.role = Role.parse(self.role)
+        self.pairs = label_pairs(self.pairs)

@@ -13,9 +13,10 @@ One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
   opens one backend connection per stream (``-m`` streams per pair at most)
   once the stream has proven itself (see
   :mod:`~tigertunnel.net.tunnel_protocol`). Pending handshakes are admitted
-  fairly (:mod:`~tigertunnel.net.admission`: per source address, silent
-  connections evicted first, from the source holding most), and every
-  pool connection of the tunnel end checks hellos against one replay cache.
+  fairly (:mod:`~tigertunnel.net.admission`: per source group, the one that
+  made least progress toward its hello evicted first, after its waiting
+  bytes were read), and every pool connection of the tunnel end checks
+  hellos against one replay cache.
 
 Failed handshakes are counted one by one in the metrics but logged at most
 :data:`HANDSHAKE_LOG_BURST` times per :data:`HANDSHAKE_LOG_INTERVAL` per
@@ -33,6 +34,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
 from weakref import WeakKeyDictionary
 
 from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError
+from twisted.python.failure import Failure
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -50,7 +53,7 @@ from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol, Prebuilt
 from tigertunnel.net.listeners import ListenerService, pair_listener, start_listening
 from tigertunnel.net.pool import PoolSlot
 from tigertunnel.wire.tbwatch import TBWatch
-from tigertunnel.net.stats import HandshakeFailure, Refusal, Stats
+from tigertunnel.net.stats import HandshakeFailure, Reachability, Refusal, Stats
 from tigertunnel.net.tunnel_protocol import TunnelFactory, TunnelProtocol
 from tigertunnel.wire.handshake import (
     EXTENDED_VERSION,
@@ -148,6 +151,11 @@ class SessionMultiplexer(MultiService):
         return self.pair.name
 
     @property
+    def pair_label(self) -> str:
+        """What the pair reaches, as metrics name it (label ``pair``)."""
+        return self.pair.label or self.pair.name
+
+    @property
     def cluster_value(self) -> int:
         """The configured cluster id, 0 when none (PROTOCOL.md section 7.6)."""
         return self.config.cluster_id or 0
@@ -192,8 +200,8 @@ class SessionMultiplexer(MultiService):
     def handshake_started(self, connection: TunnelProtocol) -> None:
         """A pool connection started its handshake."""
 
-    def handshake_progress(self, connection: TunnelProtocol) -> None:
-        """A pool connection received its first handshake bytes."""
+    def handshake_progress(self, connection: TunnelProtocol, count: int) -> None:
+        """A pool connection received ``count`` handshake bytes."""
 
     def handshake_ended(self, connection: TunnelProtocol) -> None:
         """A pool connection's handshake finished, failed or was cut."""
@@ -375,13 +383,16 @@ class ServerMultiplexer(SessionMultiplexer):
         self.replay_cache: HelloReplayCache = (
             replay_cache if replay_cache is not None
             else ReplayCache(now=reactor.seconds))
-        self.admission: "Admission[TunnelProtocol]" = admission or Admission()
+        self.admission: "Admission[TunnelProtocol]" = (
+            admission or Admission(reactor.seconds))
         #: Pool connections in their handshake, oldest first.
         self.pending: Dict[TunnelProtocol, None] = {}
         self.evictions = 0
         self.tunnel_factory = TunnelFactory(self, self._make_handshake, self,
                                             self.pair_name)
         self.listener = pair_listener(config, pair, self.tunnel_factory, reactor)
+        #: The outcome of the last backend connect (sessions and probe).
+        self.backend = Reachability()
         self.listener.setServiceParent(self)
 
     def accept_load(self) -> Optional[int]:
@@ -403,26 +414,41 @@ class ServerMultiplexer(SessionMultiplexer):
                                versions=(PROTOCOL_VERSION, EXTENDED_VERSION))
 
     def handshake_started(self, connection: TunnelProtocol) -> None:
-        """Track a pending handshake; past a limit, evict a silent one
-        (the admission policy picks it, possibly ``connection`` itself)."""
+        """Track a pending handshake; past a cap, evict the one the
+        admission policy picks (possibly ``connection`` itself).
+
+        Each pick's waiting bytes are read first (once): a hello that has
+        arrived but that the reactor has not read yet runs its handshake
+        now, which may complete it, and the policy picks again.
+        """
         self.pending[connection] = None
         admission = self.admission
-        for victim in admission.connection_made(connection, connection.peer_host):
+        admission.connection_made(connection, connection.peer_host)
+        read: Set[TunnelProtocol] = set()
+        victim = admission.victim()
+        while victim is not None:
+            if victim not in read:
+                read.add(victim)
+                if victim.read_waiting():
+                    victim = admission.victim()
+                    continue
+            admission.evict(victim)
             self.pending.pop(victim, None)
             self.evictions += 1
             self.stats.handshake_evictions += 1
             self.limit_log("server {pair}: too many pending handshakes ({max} "
-                           "in all, {per_source} per source address); "
-                           "dropping silent ones from the busiest source, "
-                           "such as {peer} ({count} so far)", pair=self.name,
+                           "in all, {per_group} per source group); dropping "
+                           "those with least progress toward a hello, such as "
+                           "{peer} ({count} so far)", pair=self.name,
                            max=admission.max_pending,
-                           per_source=admission.per_source,
+                           per_group=admission.per_group,
                            peer=victim.peer_host, count=self.evictions)
             victim.evict()
+            victim = admission.victim()
 
-    def handshake_progress(self, connection: TunnelProtocol) -> None:
-        """A pending connection sent bytes: it is no longer evicted first."""
-        self.admission.data_received(connection)
+    def handshake_progress(self, connection: TunnelProtocol, count: int) -> None:
+        """A pending connection sent ``count`` bytes of its hello."""
+        self.admission.data_received(connection, count)
 
     def handshake_ended(self, connection: TunnelProtocol) -> None:
         """Forget a handshake that is no longer pending."""
@@ -455,8 +481,15 @@ class ServerMultiplexer(SessionMultiplexer):
 
         def connected(proto: Any) -> None:
             session.connecting = None
+            self.backend.record(True, self.clock.seconds())
 
-        d.addCallbacks(connected, session.connect_failed)
+        def failed(reason: Failure) -> None:
+            if not reason.check(CancelledError):
+                self.backend.record(False, self.clock.seconds(),
+                                    reason.getErrorMessage())
+            session.connect_failed(reason)
+
+        d.addCallbacks(connected, failed)
         return session
 
 

@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tigertunnel.config.model import Role
 from tigertunnel.wire.handshake import RejectKind, Status
 
 
@@ -68,6 +69,23 @@ class Refusal(enum.Enum):
     MAX_SESSIONS = "max_sessions"
 
 
+def handshake_reasons(role: Role) -> "tuple[HandshakeFailure, ...]":
+    """Every reason a handshake of a ``role`` tunnel end can fail for."""
+    if role is Role.CLIENT:
+        found = [HandshakeFailure.TIMEOUT, HandshakeFailure.SERVER_AUTH,
+                 HandshakeFailure.INVALID_STATUS, *_BY_STATUS.values()]
+    else:
+        found = [HandshakeFailure.TIMEOUT, *_BY_REJECTION.values()]
+    return tuple(dict.fromkeys(found))
+
+
+def refusal_reasons(role: Role) -> "tuple[Refusal, ...]":
+    """Every reason a ``role`` tunnel end can refuse a session or stream for."""
+    if role is Role.CLIENT:
+        return tuple(Refusal)
+    return (Refusal.STOPPING, Refusal.MAX_SESSIONS)
+
+
 @dataclass(slots=True, eq=False)
 class Stats:
     """Monotonic counters of one proxy pair.
@@ -100,3 +118,27 @@ class Stats:
     backend_connect_failures: int = 0
     handshake_failures: "Counter[HandshakeFailure]" = field(default_factory=Counter)
     sessions_refused: "Counter[Refusal]" = field(default_factory=Counter)
+
+
+@dataclass(slots=True, eq=False)
+class Reachability:
+    """Whether a tunnel server pair's backend (its replica) took the last connect.
+
+    Written by the pair's sessions (each connects the backend) and by the
+    periodic probe of :mod:`tigertunnel.ops.backend`; read by ``/metrics``
+    and ``/status``.
+
+    :ivar reachable: the last connect's outcome, ``None`` before the first.
+    :ivar checked: when it ended (the reactor's seconds), ``None`` before.
+    :ivar error: why it failed (empty when it succeeded).
+    """
+
+    reachable: Optional[bool] = None
+    checked: Optional[float] = None
+    error: str = ""
+
+    def record(self, ok: bool, now: float, error: str = "") -> None:
+        """Keep the outcome of a backend connect that ended at ``now``."""
+        self.reachable = ok
+        self.checked = now
+        self.error = "" if ok else error

@@ -95,6 +95,10 @@ _DATA = int(FrameType.DATA)
 #: reconnect instead of waiting on a stream that would never open.
 MAX_UNPROVEN_STREAMS = 64
 
+#: Bytes :meth:`TunnelProtocol.read_waiting` reads at most: a KEM
+#: ClientHello and then some (the rest waits for the reactor).
+WAITING_READ = 1 << 16
+
 log = logger("tigertunnel.tunnel")
 
 Handshake = Union[ClientHandshake, ServerHandshake]
@@ -199,7 +203,6 @@ class TunnelProtocol(Protocol):
         self.unproven: Set[int] = set()
         #: Version 2: the liveness timer, while it runs.
         self.heartbeat: Optional[Heartbeat] = None
-        self._spoke = False
         #: Called once the connection is lost (a pool slot reconnects).
         self.on_lost: Optional[Callable[["TunnelProtocol"], None]] = None
         self._close_timer: Optional[IDelayedCall] = None
@@ -343,9 +346,7 @@ class TunnelProtocol(Protocol):
     # -- handshake ----------------------------------------------------------
 
     def _handshake_data(self, data: bytes) -> None:
-        if not self._spoke:
-            self._spoke = True
-            self.host.handshake_progress(self)
+        self.host.handshake_progress(self, len(data))
         hs = self._handshake
         try:
             if isinstance(hs, ClientHandshake):
@@ -469,6 +470,34 @@ class TunnelProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def read_waiting(self) -> bool:
+        """Handle now what the peer sent during the handshake that the
+        reactor has not read yet (the kernel holds it).
+
+        Reads what is waiting on the socket once, without blocking, and
+        feeds it to :meth:`dataReceived`, in order before anything the
+        reactor reads later. Admission calls it before evicting this
+        connection, so that a hello that has arrived is handled rather
+        than dropped unread.
+
+        :returns: whether bytes were read (``False`` for a transport
+            without a socket, outside the handshake, with nothing waiting,
+            at end of file or on a socket error: the reactor sees those).
+        """
+        if self.state is not _HANDSHAKING:
+            return False
+        sock = getattr(self._tcp, "socket", None)
+        if sock is None:
+            return False
+        try:
+            data = sock.recv(WAITING_READ)
+        except OSError:  # nothing waiting (EAGAIN) or an error
+            return False
+        if not data:
+            return False
+        self.dataReceived(data)
+        return True
 
     def evict(self) -> None:
         """Drop this connection before its handshake finished (too many pending)."""

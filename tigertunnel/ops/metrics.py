@@ -5,14 +5,24 @@
 
 * ``/metrics`` — the Prometheus exposition (``prometheus_client`` encodes
   it, with content negotiation for OpenMetrics), per proxy pair (label
-  ``pair``): pool connections by state and by key id, active sessions,
-  frames and bytes in each direction, handshake failures by reason, pool
-  connects, reconnects, losses and failures, refused and overflowed
-  sessions, backend connect failures; plus the key reload results and the
-  configured key ids, and prometheus_client's process metrics.
-* ``/status`` — the same figures as JSON, answered with status 503 when a
-  tunnel client's proxy pair has no established pool connection (the server
-  is down or refuses us) or the tunnel end is shutting down, else 200.
+  ``pair``: what the pair reaches, see
+  :func:`~tigertunnel.config.model.label_pairs`): pool connections by
+  state and by key id, active sessions, frames and bytes in each
+  direction, handshake failures and refused sessions by reason (every
+  reason the role knows, from 0), pool connects, reconnects, losses and
+  failures, overflowed sessions, backend connect failures and, on a
+  server, whether the backend is reachable; plus ``tigertunnel_build_info``,
+  the key reload results and the configured key ids, and
+  prometheus_client's process metrics. Every name passes ``promtool check
+  metrics`` (:mod:`tigertunnel.tools.promlint` checks the same rules).
+* ``/status`` — the same figures as JSON (:mod:`tigertunnel.ops.figures`),
+  answered with status 503 when a tunnel client's proxy pair has no
+  established pool connection (the server is down or refuses us), a tunnel
+  server's backend refused its last connect, or the tunnel end is shutting
+  down, else 200.
+
+With ``--workers N`` worker 0 serves the sum of every worker's figures,
+and the process metrics of each with a ``worker`` label.
 
 Figures are read from the multiplexers' counters in the reactor thread
 when a request comes in (prometheus_client's own Twisted resource runs the
@@ -20,8 +30,7 @@ collection in a thread pool, which would race with the reactor).
 """
 
 import json
-from collections import Counter
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -31,171 +40,79 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IProtocolFactory, IReactorCore
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from tigertunnel import __version__
 from tigertunnel.config.model import Role
+from tigertunnel.crypto import kem
 from tigertunnel.interfaces import Reactor
 from tigertunnel.net.listeners import start_listening
-from tigertunnel.net.multiplexer import (
-    ClientMultiplexer,
-    ServerMultiplexer,
-    SessionMultiplexer,
+from tigertunnel.net.multiplexer import SessionMultiplexer
+from tigertunnel.net.stats import handshake_reasons, refusal_reasons
+from tigertunnel.ops.figures import (
+    COUNTER_NAMES,
+    SIMPLE_COUNTERS,
+    WorkerProcessCollector,
+    WorkerReports,
+    counters,
+    merge_pair_documents,
+    pair_status,
+    report_pairs,
+    report_tb,
+    status,
 )
-from tigertunnel.net.stats import Stats
 from tigertunnel.ops.reload import KeyReloader
 from tigertunnel.ops.tbmetrics import Snapshot, TBCollector, TBRecorder, merge_pair_snapshots
+from tigertunnel.ops.tls import ServerTLS
+from tigertunnel.wire import datapath
+
+__all__ = ["DIRECTIONS", "build_info", "counters", "pair_status", "status",
+           "TunnelCollector", "make_registry", "make_site", "MetricsService"]
+
+
+def _known(reasons: Sequence[str], counts: Mapping[str, int]) -> Dict[str, int]:
+    """``counts`` with every known reason present (0 when it never occurred)."""
+    found = {reason: 0 for reason in reasons}
+    found.update(counts)
+    return found
+
+
+def _no_workers() -> Mapping[int, Mapping[str, Any]]:
+    return {}
+
 
 #: Directions of traffic, as named in the counters: ``to_tunnel`` = read from
 #: the TB side and sent into the tunnel, ``from_tunnel`` = the reverse.
 DIRECTIONS = ("to_tunnel", "from_tunnel")
 
-_SIMPLE_COUNTERS = (
-    # (Stats attribute, metric name, help)
-    ("sessions_opened", "sessions_opened", "Sessions (streams) opened."),
-    ("sessions_overflowed", "sessions_overflowed",
-     "Sessions closed because their TB peer stopped reading."),
-    ("pool_connects", "pool_connects",
-     "Pool connections established (handshake completed)."),
-    ("pool_reconnects", "pool_reconnects",
-     "Pool connections re-established by a pool slot that was up before."),
-    ("pool_losses", "pool_losses", "Established pool connections lost."),
-    ("pool_failures", "pool_failures",
-     "Pool connections closed for a protocol or authentication error."),
-    ("handshake_evictions", "handshake_evictions",
-     "Pending handshakes dropped because too many were pending."),
-    ("backend_connect_failures", "backend_connect_failures",
-     "Backend (replica) connections that could not be made."),
-)
 
-
-#: Names of the /status ``counters`` entries that differ from the Stats
-#: attribute.
-_COUNTER_NAMES = {"pool_failures": "link_failures"}
-
-
-def counters(stats: Stats) -> Dict[str, int]:
-    """Every counter that moved, by name, sorted (the /status ``counters``):
-    the plain counters, ``handshake_failures_<reason>`` and
-    ``sessions_refused_<reason>``."""
-    flat: Dict[str, int] = {}
-    for attribute in ("frames_to_tunnel", "bytes_to_tunnel",
-                      "frames_from_tunnel", "bytes_from_tunnel",
-                      *(key for key, _, _ in _SIMPLE_COUNTERS)):
-        value = getattr(stats, attribute)
-        if value:
-            flat[_COUNTER_NAMES.get(attribute, attribute)] = value
-    for reason, count in stats.handshake_failures.items():
-        if count:
-            flat[f"handshake_failures_{reason.value}"] = count
-    for why, count in stats.sessions_refused.items():
-        if count:
-            flat[f"sessions_refused_{why.value}"] = count
-    return dict(sorted(flat.items()))
-
-
-def _by_reason(counts: "Counter[Any]") -> Dict[str, int]:
-    """``{label: count}`` of the reasons that occurred, sorted by label."""
-    return {reason.value: count for reason, count
-            in sorted(counts.items(), key=lambda item: item[0].value) if count}
-
-
-def pair_status(mux: SessionMultiplexer) -> Dict[str, Any]:
-    """The figures of one proxy pair (the ``/status`` JSON of that pair)."""
-    stats = mux.stats
-    established = [c for c in mux.pool_connections if c.established]
-    draining = [c for c in established if c in mux.draining]
-    by_key: Dict[str, int] = {}
-    for connection in established:
-        key = str(connection.key_id) if connection.key_id is not None else "none"
-        by_key[key] = by_key.get(key, 0) + 1
-    client = isinstance(mux, ClientMultiplexer)
-    handshaking = 0
-    if isinstance(mux, ClientMultiplexer):
-        handshaking = sum(1 for slot in mux.pool
-                          if slot.connection is not None
-                          and not slot.connection.established)
-    elif isinstance(mux, ServerMultiplexer):
-        handshaking = len(mux.pending)
-    pool: Dict[str, Any] = {
-        "healthy": len(established) - len(draining),
-        "draining": len(draining),
-        "handshaking": handshaking,
-    }
-    if client:
-        pool["size"] = mux.config.pool_size
-    return {
-        "name": mux.name,
-        "listen": str(mux.pair.listen),
-        "target": str(mux.pair.target),
-        # A server has no pool of its own: it is healthy while it listens.
-        "healthy": bool(established) if client else not mux.stopping,
-        "pool": pool,
-        "links": [{"name": connection.name, "key_id": connection.key_id,
-                   "sessions": len(connection.streams),
-                   "state": "draining" if connection in mux.draining else "healthy"}
-                  for connection in established],
-        "key_ids": by_key,
-        "sessions": len(mux.sessions),
-        "sessions_opened": stats.sessions_opened,
-        "frames": {"to_tunnel": stats.frames_to_tunnel,
-                   "from_tunnel": stats.frames_from_tunnel},
-        "bytes": {"to_tunnel": stats.bytes_to_tunnel,
-                  "from_tunnel": stats.bytes_from_tunnel},
-        "handshake_failures": _by_reason(stats.handshake_failures),
-        "sessions_refused": _by_reason(stats.sessions_refused),
-        "reconnects": stats.pool_reconnects,
-        "counters": counters(stats),
-    }
-
-
-def status(muxes: List[SessionMultiplexer],
-           reloader: Optional[KeyReloader],
-           tb: Optional[Mapping[str, Snapshot]] = None) -> Dict[str, Any]:
-    """The whole ``/status`` document (JSON-serialisable).
-
-    :param tb: the TB figures of each pair by pair name (``"tb"`` of that
-        pair's entry), when the tunnel end records them.
-    """
-    role = muxes[0].role.value if muxes else ""
-    config = muxes[0].config if muxes else None
-    keys: Dict[str, Any] = {"psk": None, "kem": None}
-    if config is not None and config.psk is not None:
-        ids = config.psk.ids()
-        keys["psk"] = ids[:1] if config.role is Role.CLIENT else ids
-        if config.kem_public is not None:
-            keys["kem"] = [config.kem_public[0]]
-        elif config.kem_secret is not None:
-            keys["kem"] = config.kem_secret.ids()
-    pairs = [pair_status(mux) for mux in muxes]
-    if tb is not None:
-        for pair in pairs:
-            if pair["name"] in tb:
-                pair["tb"] = tb[pair["name"]]
-    stopping = any(mux.stopping for mux in muxes)
-    return {
-        "role": role,
-        "healthy": bool(pairs) and all(p["healthy"] for p in pairs) and not stopping,
-        "stopping": stopping,
-        "keys": keys,
-        "reload": reloader.status() if reloader is not None else None,
-        "pairs": pairs,
-    }
+def build_info() -> Dict[str, str]:
+    """The labels of ``tigertunnel_build_info``: the version, the data path
+    in use (``c`` compiled, ``python``) and the ML-KEM implementation
+    (``cryptography`` native, ``kyber-py`` (tests only) or ``none``)."""
+    if kem.HAVE_NATIVE_MLKEM:
+        mlkem = "cryptography"
+    else:
+        mlkem = "kyber-py" if kem.kyber_allowed() else "none"
+    return {"version": __version__, "datapath": datapath.ACTIVE.name, "mlkem": mlkem}
 
 
 class TunnelCollector:
     """A prometheus_client collector over the multiplexers' counters.
 
     :param recorders: the pairs' TB figures (:func:`~tigertunnel.ops.tbmetrics.watch_pairs`).
+    :param other_workers: worker 0 of ``--workers N``: the last report of
+        each other worker (:func:`~tigertunnel.ops.figures.report_parts`),
+        added to this process's figures.
     """
 
     def __init__(self, muxes: List[SessionMultiplexer],
                  reloader: Optional[KeyReloader],
                  recorders: Sequence[TBRecorder] = (),
-                 other_workers: Callable[[], Iterable[Mapping[str, Snapshot]]] = tuple
-                 ) -> None:
+                 other_workers: WorkerReports = _no_workers) -> None:
         self.muxes = muxes
         self.reloader = reloader
         self.recorders = list(recorders)
@@ -205,24 +122,38 @@ class TunnelCollector:
         """The TB figures of every recorded pair, by pair name, read now:
         this process's, summed with the last ones the other workers reported."""
         own = {r.pair: r.snapshot() for r in self.recorders}
-        others = list(self.other_workers())
+        others = [report_tb(report) for report in self.other_workers().values()]
         return merge_pair_snapshots([own] + others) if others else own
+
+    def pairs(self) -> List[Dict[str, Any]]:
+        """The pair documents, read now (summed over the workers)."""
+        own = [pair_status(mux) for mux in self.muxes]
+        others = self.other_workers()
+        if not others:
+            return own
+        return merge_pair_documents({0: own, **{index: report_pairs(report)
+                                                for index, report in others.items()}})
 
     def status(self) -> Dict[str, Any]:
         """The ``/status`` document, read now."""
         return status(self.muxes, self.reloader,
-                      self.tb_snapshots() if self.recorders else None)
+                      self.tb_snapshots() if self.recorders else None, self.pairs())
 
     def collect(self) -> Iterator[Metric]:
         """Yield every metric family, read now."""
-        doc = status(self.muxes, self.reloader)
+        doc = status(self.muxes, self.reloader, pairs=self.pairs())
+        role = self.muxes[0].role if self.muxes else Role.CLIENT
         pair = ["pair"]
         info = GaugeMetricFamily("tigertunnel_pair_info", "A proxy pair of this "
                                  "tunnel end.", labels=["pair", "role", "listen",
                                                         "target"])
         healthy = GaugeMetricFamily("tigertunnel_pair_healthy", "1 when the pair "
                                     "can take sessions (a client has an "
-                                    "established pool connection).", labels=pair)
+                                    "established pool connection; a server's "
+                                    "backend took the last connect).", labels=pair)
+        reachable = GaugeMetricFamily("tigertunnel_backend_reachable", "1 when the "
+                                      "server pair's backend (replica) took the "
+                                      "last connect, 0 when it failed.", labels=pair)
         pool_size = GaugeMetricFamily("tigertunnel_pool_size", "Configured pool "
                                       "connections (-n) of a client pair.",
                                       labels=pair)
@@ -248,11 +179,16 @@ class TunnelCollector:
                                       labels=["pair", "reason"])
         simple = {name: CounterMetricFamily(f"tigertunnel_{name}", text,
                                             labels=pair)
-                  for _, name, text in _SIMPLE_COUNTERS}
+                  for _, name, text in SIMPLE_COUNTERS}
+        known_failures = [r.value for r in handshake_reasons(role)]
+        known_refusals = [r.value for r in refusal_reasons(role)]
         for mux, p in zip(self.muxes, doc["pairs"]):
             name = p["name"]
             info.add_metric([name, mux.role.value, p["listen"], p["target"]], 1)
             healthy.add_metric([name], 1 if p["healthy"] else 0)
+            backend = p.get("backend")
+            if backend is not None and backend["reachable"] is not None:
+                reachable.add_metric([name], 1 if backend["reachable"] else 0)
             if "size" in p["pool"]:
                 pool_size.add_metric([name], p["pool"]["size"])
             for state in ("healthy", "draining", "handshaking"):
@@ -263,16 +199,22 @@ class TunnelCollector:
             for d in DIRECTIONS:
                 frames.add_metric([name, d], p["frames"][d])
                 octets.add_metric([name, d], p["bytes"][d])
-            for reason, count in p["handshake_failures"].items():
+            for reason, count in _known(known_failures, p["handshake_failures"]).items():
                 failures.add_metric([name, reason], count)
-            for reason, count in p["sessions_refused"].items():
+            for reason, count in _known(known_refusals, p["sessions_refused"]).items():
                 refused.add_metric([name, reason], count)
-            for key, metric, _ in _SIMPLE_COUNTERS:
-                simple[metric].add_metric([name], getattr(mux.stats, key))
-        yield from (info, healthy, pool_size, pool, by_key, sessions, frames,
+            for key, metric, _ in SIMPLE_COUNTERS:
+                simple[metric].add_metric([name], p["counters"].get(
+                    COUNTER_NAMES.get(key, key), 0))
+        labels = build_info()
+        build = GaugeMetricFamily("tigertunnel_build_info", "The tunnel's version, "
+                                  "data path (c or python) and ML-KEM "
+                                  "implementation.", labels=list(labels))
+        build.add_metric(list(labels.values()), 1)
+        yield build
+        yield from (info, healthy, reachable, pool_size, pool, by_key, sessions, frames,
                     octets, failures, refused, *simple.values())
         yield from self._keys_and_reloads(doc)
-
     def _keys_and_reloads(self, doc: Dict[str, Any]) -> Iterator[Metric]:
         keys = GaugeMetricFamily("tigertunnel_key_info", "Key ids in use: the "
                                  "client's first PSK, every PSK a server "
@@ -298,17 +240,31 @@ class TunnelCollector:
                                     value=1 if reload["ok"] else 0)
 
 
-def make_registry(collector: TunnelCollector,
-                  process_metrics: bool = True) -> CollectorRegistry:
-    """A registry of our collector (plus process, platform and GC metrics)."""
+def process_collectors() -> List[Any]:
+    """This process's process and GC collectors (in a registry of their own)."""
+    aside = CollectorRegistry(auto_describe=False)
+    return [ProcessCollector(registry=aside), GCCollector(registry=aside)]
+
+
+def make_registry(collector: TunnelCollector, process_metrics: bool = True,
+                  per_worker: bool = False) -> CollectorRegistry:
+    """A registry of our collector (plus process, platform and GC metrics).
+
+    :param per_worker: worker 0 of ``--workers N``: the process and GC
+        metrics of every worker, with a ``worker`` label.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     if collector.recorders:
         registry.register(TBCollector(collector.tb_snapshots))
     if process_metrics:
-        ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
+        if per_worker:
+            registry.register(WorkerProcessCollector(process_collectors(),
+                                                     collector.other_workers))
+        else:
+            for each in process_collectors():
+                registry.register(each)
     return registry
 
 
@@ -356,22 +312,24 @@ class MetricsSite(Site):
 def make_site(muxes: List[SessionMultiplexer],
               reloader: Optional[KeyReloader],
               recorders: Sequence[TBRecorder] = (),
-              other_workers: Callable[[], Iterable[Mapping[str, Snapshot]]] = tuple
-              ) -> Site:
+              other_workers: Optional[WorkerReports] = None) -> Site:
     """The HTTP site serving ``/metrics`` and ``/status``.
 
-    :param other_workers: the TB figures the other worker processes of
-        ``--workers N`` reported last (summed with this process's).
+    :param other_workers: worker 0 of ``--workers N``: the last reports of
+        the other worker processes (summed with this process's figures).
     """
-    collector = TunnelCollector(muxes, reloader, recorders, other_workers)
+    collector = TunnelCollector(muxes, reloader, recorders,
+                                other_workers or _no_workers)
     root = Resource()
-    root.putChild(b"metrics", MetricsPage(make_registry(collector)))
+    root.putChild(b"metrics", MetricsPage(make_registry(
+        collector, per_worker=other_workers is not None)))
     root.putChild(b"status", StatusPage(collector))
     return MetricsSite(root)
 
 
 class MetricsService(MultiService):
-    """The listener of ``--metrics DESCRIPTION``.
+    """The listener of ``--metrics DESCRIPTION``: HTTP, or HTTPS with ``tls``
+    (``--metrics-tls-*``, :mod:`tigertunnel.ops.tls`).
 
     A port that cannot be bound is fatal at start-up, as for the tunnel's
     own listeners (:class:`ListenError`, one line naming the endpoint).
@@ -380,12 +338,18 @@ class MetricsService(MultiService):
     def __init__(self, description: str, muxes: List[SessionMultiplexer],
                  reloader: Optional[KeyReloader], reactor: Reactor,
                  recorders: Sequence[TBRecorder] = (),
-                 other_workers: Callable[[], Iterable[Mapping[str, Snapshot]]] = tuple
-                 ) -> None:
+                 other_workers: Optional[WorkerReports] = None,
+                 tls: Optional[ServerTLS] = None) -> None:
         super().__init__()
         self.description = description
         self.site = make_site(muxes, reloader, recorders, other_workers)
-        strports.service(description, self.site,
+        # With TLS the site is served inside TLSMemoryBIOProtocol, on any
+        # endpoint (tcp:, unix:, a systemd: socket).
+        factory: IProtocolFactory = self.site
+        if tls is not None:
+            from twisted.protocols.tls import TLSMemoryBIOFactory  # needs pyOpenSSL
+            factory = TLSMemoryBIOFactory(tls.options(), False, self.site)
+        strports.service(description, factory,
                          reactor=IReactorCore(reactor)).setServiceParent(self)
 
     def privilegedStartService(self) -> None:

@@ -11,18 +11,23 @@ so nothing changes outside systemd):
 * ``WATCHDOG=1`` every half ``WATCHDOG_USEC`` when systemd asks for it
   (``WatchdogSec=``), from the reactor thread, so a stuck reactor stops it.
 
-Socket activation: with ``--systemd-sockets`` pair *i* adopts the *i*-th
-socket systemd passes (``ListenStream=`` lines, in order) through
-Twisted's ``systemd:domain=INET:index=i`` endpoint;
-:func:`adopted_listen_descriptions` checks that each inherited socket is
-bound to the address the pair names.
+Socket activation: with ``--systemd-sockets`` each proxy pair adopts the
+inherited socket named after its LISTEN port (``FileDescriptorName=4000``
+for ``-p 127.0.0.1:4000,...``, as ``LISTEN_FDNAMES`` passes it), whatever
+the order systemd passes the sockets in. When no inherited socket bears such
+a name (a ``.socket`` unit without ``FileDescriptorName=`` names its sockets
+after itself), pair *i* takes the *i*-th socket, in ``ListenStream=`` order.
+Either way :func:`adopted_listen_descriptions` checks that each socket is
+bound to the address its pair names, and the pair listens on it through
+Twisted's ``systemd:domain=INET:index=N`` endpoint.
 """
 
 import ipaddress
 import os
 import socket
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorCore, IReactorTime
@@ -190,48 +195,114 @@ def bound_to_pair(pair: ProxyPair, bound: Any) -> bool:
     return ipaddress.ip_address(bound[0].split("%")[0]) == wanted
 
 
-def inherited_fileno(index: int) -> int:
-    """The file descriptor of the ``index``-th socket systemd passed.
+@dataclass(frozen=True)
+class InheritedSocket:
+    """One socket systemd passed (``sd_listen_fds_with_names(3)``)."""
 
-    Asks Twisted's ``systemd:`` endpoint parser, which read (and removed)
-    ``LISTEN_FDS`` when ``twisted.internet.endpoints`` was imported.
+    #: Its position among the passed sockets (``systemd:...:index=N``).
+    index: int
+    fileno: int
+    #: Its ``FileDescriptorName=`` (``""`` when systemd passed no names).
+    name: str = ""
 
-    :raises IndexError: fewer sockets were passed.
+
+def socket_name(pair: ProxyPair) -> str:
+    """The ``FileDescriptorName=`` of ``pair``'s socket: its LISTEN port."""
+    return str(pair.listen.port)
+
+
+def inherited_sockets(environ: Optional[Mapping[str, str]] = None) -> List[InheritedSocket]:
+    """The sockets systemd passed to this process, in order, with their names.
+
+    The descriptors come from Twisted's ``systemd:`` endpoint parser, which
+    read (and removed) ``LISTEN_PID`` and ``LISTEN_FDS`` when
+    ``twisted.internet.endpoints`` was imported; the names from
+    ``LISTEN_FDNAMES``, which it leaves in the environment.
     """
     from twisted.internet.endpoints import serverFromString
 
-    endpoint = serverFromString(None, f"systemd:domain=INET:index={index}")
-    return int(endpoint.fileno)
+    filenos: List[int] = []
+    while True:
+        try:
+            endpoint = serverFromString(
+                None, f"systemd:domain=INET:index={len(filenos)}")
+        except IndexError:
+            break
+        filenos.append(int(endpoint.fileno))
+    text = (os.environ if environ is None else environ).get("LISTEN_FDNAMES", "")
+    names = text.split(":") if text else []
+    if len(names) != len(filenos):
+        names = [""] * len(filenos)
+    return [InheritedSocket(i, fd, name)
+            for i, (fd, name) in enumerate(zip(filenos, names))]
+
+
+def _family(sock: InheritedSocket, pair: ProxyPair) -> Tuple[str, Any]:
+    """``(INET or INET6, getsockname())`` of ``sock``.
+
+    :raises ConfigError: it is not a socket.
+    """
+    try:
+        bound = _bound_address(sock.fileno)
+    except OSError as e:
+        raise ConfigError(f"--systemd-sockets: inherited descriptor "
+                          f"{sock.fileno} (for {pair.name}) is not a socket: "
+                          f"{e.strerror}") from None
+    return ("INET6" if ":" in str(bound[0] if isinstance(bound, tuple) else "")
+            else "INET"), bound
 
 
 def adopted_listen_descriptions(
         pairs: Sequence[ProxyPair],
-        fileno: Callable[[int], int] = inherited_fileno) -> Dict[int, str]:
+        inherited: Optional[Sequence[InheritedSocket]] = None) -> Dict[int, str]:
     """Map each pair index to the ``systemd:`` endpoint of its inherited socket.
 
-    :param fileno: the descriptor of the *n*-th inherited socket; raises
-        ``IndexError`` past the last.
+    A pair takes the socket named :func:`socket_name` (of the sockets with
+    that name, the one bound to its LISTEN address); when no passed socket
+    bears the name of any pair, pair *i* takes the *i*-th socket.
+
+    :param inherited: the passed sockets (:func:`inherited_sockets` by
+        default).
     :returns: ``{pair index: "systemd:domain=INET:index=N"}``.
-    :raises ConfigError: fewer sockets than pairs, or a socket bound to
-        another address than its pair's listen address.
+    :raises ConfigError: one line: a pair's named socket is missing (naming
+        the name and the names passed), fewer sockets than pairs, or a
+        socket bound to another address than its pair's LISTEN address.
     """
+    if inherited is None:
+        inherited = inherited_sockets()
+    by_name = any(s.name == socket_name(p) for s in inherited for p in pairs)
+    taken: Set[int] = set()
     result = {}
-    for index, pair in enumerate(pairs):
-        try:
-            fd = fileno(index)
-        except IndexError:
-            raise ConfigError(f"--systemd-sockets: systemd passed {index} "
-                              f"sockets for {len(pairs)} proxy pairs (one "
-                              f"ListenStream= per -p, in order)") from None
-        try:
-            bound = _bound_address(fd)
-        except OSError as e:
-            raise ConfigError(f"--systemd-sockets: inherited descriptor {fd} "
-                              f"is not a socket: {e.strerror}") from None
-        if not bound_to_pair(pair, bound):
+    for position, pair in enumerate(pairs):
+        if by_name:
+            name = socket_name(pair)
+            candidates = [s for s in inherited
+                          if s.name == name and s.index not in taken]
+            if not candidates:
+                passed = ", ".join(repr(s.name) for s in inherited) or "none"
+                raise ConfigError(
+                    f"--systemd-sockets: no inherited socket named {name!r} "
+                    f"for {pair.name} ({pair.listen}); systemd passed {passed} "
+                    f"(FileDescriptorName= of each .socket unit: the LISTEN "
+                    f"port of its pair)")
+        elif position < len(inherited):
+            candidates = [inherited[position]]
+        else:
+            raise ConfigError(f"--systemd-sockets: systemd passed "
+                              f"{len(inherited)} sockets for {len(pairs)} proxy "
+                              f"pairs (name each after its pair's LISTEN port "
+                              f"with FileDescriptorName=, or give one "
+                              f"ListenStream= per -p, in order)")
+        found = [(sock, *_family(sock, pair)) for sock in candidates]
+        chosen = [(sock, family) for sock, family, bound in found
+                  if bound_to_pair(pair, bound)]
+        if not chosen:
+            sock, _, bound = found[0]
+            what = f"socket {sock.name!r}" if by_name else f"socket {sock.index}"
             raise ConfigError(f"--systemd-sockets: {pair.name} listens on "
-                              f"{pair.listen} but inherited socket {index} is "
-                              f"bound to {bound!r}")
-        family = "INET6" if ":" in str(bound[0]) else "INET"
-        result[pair.index] = f"systemd:domain={family}:index={index}"
+                              f"{pair.listen} but inherited {what} is bound "
+                              f"to {bound!r}")
+        sock, family = chosen[0]
+        taken.add(sock.index)
+        result[pair.index] = f"systemd:domain={family}:index={sock.index}"
     return result

@@ -8,25 +8,28 @@ view in replies is logged once, cluster mismatches are counted.
 
 Families (label ``pair`` on each):
 
-``tigertunnel_tb_request_duration_seconds{operation}`` (histogram)
+``tigertunnel_tigerbeetle_request_duration_seconds{operation}`` (histogram)
     from the first time a request was seen to its first reply;
     :data:`BUCKETS` run from 100 µs to 10 s.
-``tigertunnel_tb_requests_total{operation}``
+``tigertunnel_tigerbeetle_requests_total{operation}``
     ``request`` frames forwarded, resent and hedged copies included (a
     client of a cluster sends each request to the primary and a backup), so
     it is at least the histogram's count; ``op_<n>`` for unknown numbers.
-``tigertunnel_tb_frames_total{command,direction}``
+``tigertunnel_tigerbeetle_frames_total{command,direction}``
     every TB frame by command (``request``, ``reply``, ``ping``,
     ``prepare`` ... ``cmd_<n>``) and direction (``to_tunnel``,
     ``from_tunnel``).
-``tigertunnel_tb_evictions_total{reason}``, ``tigertunnel_tb_cluster_mismatch_total``
-``tigertunnel_tb_view`` (gauge)
+``tigertunnel_tigerbeetle_evictions_total{reason}``
+    every reason TB 0.17 names, at 0 until its first eviction.
+``tigertunnel_tigerbeetle_cluster_mismatch_total``
+``tigertunnel_tigerbeetle_view`` (gauge)
     the highest view seen in replies, absent before the first reply.
 
 The families are rendered from :meth:`TBRecorder.snapshot` documents, the
 JSON-able form that ``/status`` shows under each pair's ``tb`` key (and
 ``tigertunnel status`` reads). With ``--workers N`` each worker
-sends its snapshots to worker 0, which adds them up with
+sends its snapshots to worker 0 (:mod:`tigertunnel.ops.figures`), which
+adds them up with
 :func:`merge_pair_snapshots` / :func:`merge_snapshots` (counters and
 histogram buckets add, the view is the highest) and renders the sum:
 p50 and p99 are recomputed from the summed buckets, never averaged.
@@ -43,12 +46,9 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.utils import floatToGoString
 
-from twisted.application.internet import TimerService
-from twisted.internet.interfaces import IReactorTime
-
 from tigertunnel.logs import logger
 from tigertunnel.wire.tbheader import (COMMAND_NAMES, EVICTION_REASON_NAMES,
-                                       OPERATION_NAMES)
+                                       EVICTION_REASONS, OPERATION_NAMES)
 from tigertunnel.wire.tbwatch import DIRECTIONS, InFlight, TBWatch
 
 __all__ = ["BUCKETS", "TBRecorder", "quantile", "merge_snapshots",
@@ -289,26 +289,39 @@ def merge_pair_snapshots(workers: Sequence[Mapping[str, Snapshot]]) -> Dict[str,
             for name in names}
 
 
+#: The eviction reasons a TB 0.17 replica sends, present at 0 in
+#: ``tigertunnel_tigerbeetle_evictions_total`` before the first eviction
+#: (``reserved`` is never sent).
+KNOWN_EVICTION_REASONS = tuple(name for name, n in sorted(EVICTION_REASONS.items(),
+                                                          key=lambda item: item[1]) if n)
+
+
+def _with_known_reasons(counts: Mapping[str, int]) -> Dict[str, int]:
+    found = {reason: 0 for reason in KNOWN_EVICTION_REASONS}
+    found.update(counts)
+    return found
+
+
 def tb_families(pairs: Mapping[str, Snapshot]) -> Iterator[Metric]:
     """Yield the TB metric families of ``{pair: snapshot}``."""
     duration = HistogramMetricFamily(
-        "tigertunnel_tb_request_duration_seconds", "TB request round trips, "
+        "tigertunnel_tigerbeetle_request_duration_seconds", "TB request round trips, "
         "from the request first seen to its first reply, by operation.",
         labels=["pair", "operation"])
     requests = CounterMetricFamily(
-        "tigertunnel_tb_requests", "TB request frames forwarded (resent and "
+        "tigertunnel_tigerbeetle_requests", "TB request frames forwarded (resent and "
         "hedged copies included), by operation.", labels=["pair", "operation"])
     frames = CounterMetricFamily(
-        "tigertunnel_tb_frames", "TB frames forwarded, by command and direction "
+        "tigertunnel_tigerbeetle_frames", "TB frames forwarded, by command and direction "
         "(to_tunnel: read from the TB side).", labels=["pair", "command", "direction"])
     evictions = CounterMetricFamily(
-        "tigertunnel_tb_evictions", "TB eviction frames (a replica dropped a "
+        "tigertunnel_tigerbeetle_evictions", "TB eviction frames (a replica dropped a "
         "client session), by reason.", labels=["pair", "reason"])
     mismatches = CounterMetricFamily(
-        "tigertunnel_tb_cluster_mismatch", "TB frames whose cluster is not the "
+        "tigertunnel_tigerbeetle_cluster_mismatch", "TB frames whose cluster is not the "
         "configured one (each closes its session).", labels=["pair"])
     view = GaugeMetricFamily(
-        "tigertunnel_tb_view", "The highest TB view seen in replies.",
+        "tigertunnel_tigerbeetle_view", "The highest TB view seen in replies.",
         labels=["pair"])
     for pair, snap in pairs.items():
         les = [_le(b) for b in snap["bounds"]] + ["+Inf"]
@@ -325,7 +338,7 @@ def tb_families(pairs: Mapping[str, Snapshot]) -> Iterator[Metric]:
             for direction, n in by_dir.items():
                 if n:
                     frames.add_metric([pair, command, direction], n)
-        for reason, n in snap["evictions"].items():
+        for reason, n in _with_known_reasons(snap["evictions"]).items():
             evictions.add_metric([pair, reason], n)
         mismatches.add_metric([pair], snap["cluster_mismatches"])
         if snap["view"] is not None:
@@ -359,8 +372,8 @@ class PairWatched(Protocol):
     """A proxy pair the TB figures can be attached to (a multiplexer)."""
 
     @property
-    def pair_name(self) -> str:
-        """The proxy pair's name (label ``pair``)."""
+    def pair_label(self) -> str:
+        """What the pair reaches (label ``pair``)."""
 
     tb_watch: "TBWatch | None"
 
@@ -378,30 +391,7 @@ def watch_pairs(muxes: Iterable[PairWatched],
     in_flight = InFlight()
     recorders = []
     for mux in muxes:
-        recorder = TBRecorder(mux.pair_name, in_flight, clock)
+        recorder = TBRecorder(mux.pair_label, in_flight, clock)
         mux.tb_watch = recorder.watch
         recorders.append(recorder)
     return recorders
-
-
-#: Seconds between two reports of a worker's TB figures to worker 0 (so
-#: worker 0's /metrics and /status lag the other workers by at most this).
-FIGURES_INTERVAL = 2.0
-
-
-def figures_reporter(recorders: Sequence[TBRecorder], clock: IReactorTime,
-                     report: "Callable[[Dict[str, Any]], None] | None" = None
-                     ) -> TimerService:
-    """In a worker of ``--workers N``: a service sending its TB figures to
-    worker 0 every :data:`FIGURES_INTERVAL` seconds (over its log pipe)."""
-    if report is None:
-        from tigertunnel.ops.workers.logpipe import report_figures
-        report = report_figures
-    send = report
-
-    def tick() -> None:
-        send({r.pair: r.snapshot() for r in recorders})
-
-    service = TimerService(FIGURES_INTERVAL, tick)
-    service.clock = clock
-    return service

@@ -3,12 +3,19 @@
 Fetches the ``/status`` JSON of a tunnel end started with ``--metrics``
 (default ``http://127.0.0.1:9101/status``; a URL without a path gets
 ``/status``) and prints its proxy pairs, their pool connections (key id,
-state, sessions), sessions, and, where the tunnel end reports them, the
+state, sessions), sessions, a tunnel server's backend reachability, and,
+where the tunnel end reports them, the
 TigerBeetle request latencies (p50/p99 per operation), evictions, cluster
 mismatches and view. ``--json`` prints the document as received instead.
 
+An ``https://`` URL (``--metrics`` with ``--metrics-tls-cert``) is fetched
+by :mod:`tigertunnel.tools.https`, which checks the endpoint's certificate
+against ``--ca FILE`` and its host name, and shows ``--cert FILE --key
+FILE`` to an endpoint that requires a client certificate.
+
 Exit status: 0 when the tunnel end is healthy (HTTP 200), 1 when it is not
-(503: a client pair has no pool connection, or it is shutting down) or
+(503: a client pair has no pool connection, a server's replica is
+unreachable, or it is shutting down) or
 cannot be read (one line naming the URL), 2 for a bad option or URL.
 """
 
@@ -19,7 +26,12 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, List, Mapping, NoReturn, Optional, TextIO, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NoReturn, Optional, TextIO, Tuple
+
+from tigertunnel.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tigertunnel.tools.https import ClientFiles
 
 DEFAULT_URL = "http://127.0.0.1:9101/status"
 
@@ -46,7 +58,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         epilog="""Examples:
   tigertunnel status
   tigertunnel status http://10.0.0.5:9101
-  tigertunnel status --json | jq '.pairs[].pool'""",
+  tigertunnel status --json | jq '.pairs[].pool'
+  tigertunnel status https://tunnel0.example:9101 --ca metrics-ca.pem \\
+      --cert scraper.pem --key scraper.key""",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url", nargs="?", default=DEFAULT_URL,
                         help=f"the /status URL (default {DEFAULT_URL})")
@@ -54,6 +68,13 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         help="print the /status JSON as received")
     parser.add_argument("-t", "--timeout", default="5",
                         help="seconds to wait for the answer (default 5)")
+    parser.add_argument("--ca", metavar="FILE",
+                        help="https: the PEM CA certificates the endpoint's "
+                             "certificate must chain to (default: the system's)")
+    parser.add_argument("--cert", metavar="FILE",
+                        help="https: a PEM client certificate to show (with --key)")
+    parser.add_argument("--key", metavar="FILE",
+                        help="https: the PEM private key of --cert (mode 0600)")
     args = parser.parse_args(argv)
     raw = args.timeout
     try:
@@ -64,7 +85,22 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         raise UsageError(f"--timeout must be a number of seconds in (0, 300], "
                          f"not {raw!r}")
     args.url = status_url(args.url)
+    check_tls_arguments(args)
     return args
+
+
+def check_tls_arguments(args: argparse.Namespace) -> None:
+    """--ca, --cert and --key go with an https:// URL; --cert with --key.
+
+    :raises UsageError: naming the misplaced option.
+    """
+    https = urllib.parse.urlsplit(args.url).scheme == "https"
+    for name in ("ca", "cert", "key"):
+        if getattr(args, name) is not None and not https:
+            raise UsageError(f"--{name} is for an https:// URL, not {args.url!r}")
+    if (args.cert is None) != (args.key is None):
+        given, missing = ("cert", "key") if args.key is None else ("key", "cert")
+        raise UsageError(f"--{given} needs --{missing}")
 
 
 def status_url(url: str) -> str:
@@ -80,12 +116,21 @@ def status_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts)
 
 
-def fetch(url: str, timeout: float) -> Tuple[int, Dict[str, Any]]:
+def fetch(url: str, timeout: float,
+          tls: "Optional[ClientFiles]" = None) -> Tuple[int, Dict[str, Any]]:
     """GET ``url``: (HTTP status, the JSON document).
 
+    :param tls: for an ``https://`` URL, the ``--ca``, ``--cert`` and
+        ``--key`` files (:mod:`tigertunnel.tools.https`).
+    :raises ConfigError: one of those files is unusable.
     :raises OSError: if the tunnel end cannot be reached or answers
         something other than a ``/status`` JSON object (the message says why).
     """
+    if urllib.parse.urlsplit(url).scheme == "https":
+        from tigertunnel.tools import https
+
+        code, body = https.fetch(url, timeout, tls or https.ClientFiles())
+        return code, _document(code, body)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             code, body = response.status, response.read()
@@ -96,13 +141,27 @@ def fetch(url: str, timeout: float) -> Tuple[int, Dict[str, Any]]:
         raise OSError(str(e.reason)) from None
     except http.client.HTTPException as e:
         raise OSError(f"not an HTTP answer ({type(e).__name__})") from None
+    return code, _document(code, body)
+
+
+def _client_files(args: argparse.Namespace) -> "ClientFiles":
+    from tigertunnel.tools.https import ClientFiles
+
+    return ClientFiles(args.ca, args.cert, args.key)
+
+
+def _document(code: int, body: bytes) -> Dict[str, Any]:
+    """The /status JSON object of an answer.
+
+    :raises OSError: it is not one.
+    """
     try:
         doc = json.loads(body)
     except ValueError:
         raise OSError(f"HTTP {code}, not JSON") from None
     if not isinstance(doc, dict):
         raise OSError(f"HTTP {code}, not a /status document")
-    return code, doc
+    return doc
 
 
 def _ms(seconds: Optional[float]) -> str:
@@ -127,6 +186,11 @@ def _pair_lines(pair: Mapping[str, Any]) -> List[str]:
         lines.append(f"  pool: {pool.get('healthy', 0)}{size} healthy, "
                      f"{pool.get('draining', 0)} draining, "
                      f"{pool.get('handshaking', 0)} handshaking")
+    backend = pair.get("backend")
+    if isinstance(backend, Mapping) and backend.get("reachable") is not None:
+        lines.append(f"  backend {pair.get('target', '?')}: "
+                     + ("reachable" if backend["reachable"]
+                        else f"UNREACHABLE ({backend.get('error') or 'connect failed'})"))
     for link in pair.get("links") or ():
         key = link.get("key_id")
         lines.append(f"    {link.get('name', '?'):<12} key {key if key is not None else '-'}"
@@ -199,7 +263,10 @@ def main(argv: List[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
         return int(e.code or 0)
     url = args.url
     try:
-        code, doc = fetch(url, args.timeout)
+        code, doc = fetch(url, args.timeout, _client_files(args))
+    except ConfigError as e:
+        err.write(f"tigertunnel: error: status: {e}\n")
+        return 2
     except OSError as e:
         err.write(f"tigertunnel: error: status: cannot read {url}: {e}\n")
         return 1

@@ -1573,11 +1573,87 @@ static PyObject *bind_aegis(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+#ifdef TIGERTUNNEL_SANITIZE
+/* Only in the sanitizer build (setup.py, TIGERTUNNEL_SANITIZE=1): commit
+ * one memory error or undefined behaviour on purpose, so the fuzz
+ * environment can show that ASan and UBSan really watch this module (the
+ * call must abort the process). Never compiled into a normal build. */
+static PyObject *sanitizer_selftest(PyObject *module, PyObject *arg)
+{
+    const char *kind = PyUnicode_AsUTF8(arg);
+    if (kind == NULL)
+        return NULL;
+    if (strcmp(kind, "heap-read") == 0) {
+        volatile Py_ssize_t past = 16;
+        uint8_t *block = PyMem_Malloc(16);
+        if (block == NULL)
+            return PyErr_NoMemory();
+        memset(block, 0, 16);
+        uint8_t byte = block[past]; /* one byte past the block */
+        PyMem_Free(block);
+        return PyLong_FromLong(byte);
+    }
+    if (strcmp(kind, "shift") == 0) {
+        volatile int bits = 40;
+        return PyLong_FromLong(1 << bits); /* shift wider than an int */
+    }
+    PyErr_Format(PyExc_ValueError, "unknown self-test %R", arg);
+    return NULL;
+}
+#endif
+
 static PyMethodDef module_methods[] = {
     {"bind_aegis", bind_aegis, METH_VARARGS,
      "bind_aegis(encrypt_address, decrypt_address): the addresses of libaegis' "
      "aegis128x2_encrypt_detached and aegis128x2_decrypt_detached."},
+#ifdef TIGERTUNNEL_SANITIZE
+    {"_sanitizer_selftest", sanitizer_selftest, METH_O,
+     "_sanitizer_selftest(kind): a deliberate heap over-read ('heap-read') or "
+     "undefined shift ('shift'); sanitizer build only."},
+#endif
     {NULL}};
+
+/* What the compiler applied to this module, from its predefined macros
+ * (setup.py asks for each where the toolchain has it). */
+static PyObject *build_features(void)
+{
+    const char *names[8];
+    int n = 0;
+#if defined(__SSP_STRONG__)
+    names[n++] = "stack-protector-strong";
+#elif defined(__SSP_ALL__) || defined(__SSP__)
+    names[n++] = "stack-protector";
+#endif
+#if defined(__USE_FORTIFY_LEVEL) && __USE_FORTIFY_LEVEL > 0
+    names[n++] = __USE_FORTIFY_LEVEL >= 3 ? "fortify-3" : __USE_FORTIFY_LEVEL == 2
+        ? "fortify-2" : "fortify-1";
+#endif
+#if defined(__CET__)
+    names[n++] = "cf-protection";
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+    names[n++] = "address-sanitizer";
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+    names[n++] = "address-sanitizer";
+#endif
+#endif
+#ifdef TIGERTUNNEL_SANITIZE
+    names[n++] = "sanitizer-selftest";
+#endif
+    PyObject *t = PyTuple_New(n);
+    if (t == NULL)
+        return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *s = PyUnicode_FromString(names[i]);
+        if (s == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, s);
+    }
+    return t;
+}
 
 static struct PyModuleDef hotpath_module = {
     PyModuleDef_HEAD_INIT,
@@ -1618,6 +1694,12 @@ PyMODINIT_FUNC PyInit__hotpath(void)
             Py_DECREF(m);
             return NULL;
         }
+    }
+    PyObject *features = build_features();
+    if (features == NULL || PyModule_AddObject(m, "BUILD_FEATURES", features) < 0) {
+        Py_XDECREF(features);
+        Py_DECREF(m);
+        return NULL;
     }
     return m;
 }

@@ -2,6 +2,10 @@
 # has the API of its pure-Python twin.
 from typing import Callable, List, Optional, Tuple
 
+#: What the compiler applied to the module: "stack-protector-strong",
+#: "fortify-2", "cf-protection", "address-sanitizer", "sanitizer-selftest".
+BUILD_FEATURES: Tuple[str, ...]
+
 def bind_aegis(encrypt_address: int, decrypt_address: int) -> None: ...
 
 class FrameParser:

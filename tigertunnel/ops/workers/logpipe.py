@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 #: The field of the event a worker publishes once it serves.
 READY_FIELD = "tigertunnel_worker_ready"
-#: The field of the event with a worker's TB figures (:func:`report_figures`).
+#: The field of the event with a worker's figures (:func:`report_figures`).
 FIGURES_FIELD = "tigertunnel_worker_figures"
 #: Longest line kept from a worker's output.
 MAX_LINE = 64 * 1024
@@ -120,7 +120,8 @@ def announce_ready(publish: Callable[[LogEvent], None] = globalLogPublisher) -> 
 
 def report_figures(figures: Dict[str, Any],
                    publish: Callable[[LogEvent], None] = globalLogPublisher) -> None:
-    """In a worker: send its TB figures (``{pair: snapshot}``) to the supervisor.
+    """In a worker: send a part of its report
+    (:func:`tigertunnel.ops.figures.report_parts`) to the supervisor.
 
     Like the ready event it bypasses the log level, and the supervisor keeps
     it instead of logging it.
@@ -131,7 +132,7 @@ def report_figures(figures: Dict[str, Any],
 
 
 def figures_of(event: LogEvent) -> Optional[Dict[str, Any]]:
-    """The TB figures a worker's event carries, or ``None`` for any other event."""
+    """The figures a worker's event carries, or ``None`` for any other event."""
     figures = event.get(FIGURES_FIELD)
     return figures if isinstance(figures, dict) else None
 

@@ -147,7 +147,9 @@ class WorkerSupervisor(Service):
         self.board = board
         self.replay = replay
         self.workers: Dict[int, _WorkerProtocol] = {}
-        #: The last TB figures each running worker reported (``{pair: snapshot}``).
+        #: The last report of each running worker, by worker index: the
+        #: parts it sent (:func:`tigertunnel.ops.figures.report_parts`), the
+        #: latest of each kind.
         self.figures: Dict[int, Dict[str, Any]] = {}
         self.restarts = 0
         #: SIGHUP reloads so far (a worker that was starting gets one more).
@@ -317,8 +319,8 @@ class WorkerSupervisor(Service):
             self._ready(worker)
             return
         figures = figures_of(event)
-        if figures is not None:
-            self.figures[worker.index] = figures
+        if figures is not None:  # a part of the worker's report
+            self.figures.setdefault(worker.index, {}).update(figures)
             return
         event["log_system"] = worker_system(worker.index, event)
         try:

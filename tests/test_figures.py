@@ -1,0 +1,217 @@
+"""Tests for :mod:`tigertunnel.ops.figures`: the /status document and its sum over ``--workers``."""
+
+import json
+from typing import Any, Dict, List
+
+from twisted.internet.task import Clock
+from twisted.logger import eventAsJSON
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.memnet import Tunnel
+from tigertunnel.config.model import Address, ProxyPair, TunnelConfig
+from tigertunnel.net.multiplexer import ClientMultiplexer
+from tests.test_metrics import CLIENT_PAIR, SERVER_PAIR, frame, get, samples, value
+from tigertunnel.net.stats import HandshakeFailure
+from tigertunnel.ops.figures import (
+    FIGURES_INTERVAL,
+    WorkerProcessCollector,
+    figures_reporter,
+    merge_pair_documents,
+    pair_status,
+    report_pairs,
+    report_parts,
+    report_tb,
+)
+from tigertunnel.ops.metrics import make_site, process_collectors
+from tigertunnel.ops.tbmetrics import watch_pairs
+from tigertunnel.ops.workers.logpipe import MAX_LINE, decode_line, figures_of, report_figures
+from tigertunnel.wire.tbheader import OPERATIONS
+from tigertunnel.wire.tbwatch import FROM_TUNNEL, TO_TUNNEL
+from tests import tbdata
+
+
+def busy_tunnel(sessions: int) -> Tunnel:
+    """An in-memory tunnel that carried ``sessions`` sessions of two frames each."""
+    t = Tunnel()
+    t.start()
+    for i in range(sessions):
+        peer, _ = t.tb_client()
+        peer.send(frame(10, i), frame(20, i))
+    t.net.flush()
+    return t
+
+
+class MergeTests(SynchronousTestCase):
+    """Pair documents of several workers add up."""
+
+    def test_counts_add_health_ands(self) -> None:
+        """Counts add, a pair is healthy only if healthy in every worker, pool connections name their worker."""
+        one, two = busy_tunnel(1), busy_tunnel(2)
+        a, b = pair_status(one.client), pair_status(two.client)
+        b["healthy"] = False
+        merged = merge_pair_documents({0: [a], 3: [b]})
+        self.assertEqual(len(merged), 1)
+        pair = merged[0]
+        self.assertEqual(pair["name"], CLIENT_PAIR)
+        self.assertEqual(pair["sessions"], 3)
+        self.assertEqual(pair["frames"], {"to_tunnel": 6, "from_tunnel": 6})
+        self.assertEqual(pair["pool"], {"healthy": 4, "draining": 0, "handshaking": 0, "size": 4})
+        self.assertEqual(pair["counters"]["sessions_opened"], 3)
+        self.assertFalse(pair["healthy"])
+        self.assertEqual(sorted(link["worker"] for link in pair["links"]), [0, 0, 3, 3])
+        self.assertEqual(pair["listen"], a["listen"])
+
+    def test_newest_backend_record(self) -> None:
+        """Of the workers' backend records, the most recent one is kept."""
+        one, two = busy_tunnel(0), busy_tunnel(0)
+        one.server.backend.record(True, 10.0)
+        two.server.backend.record(False, 20.0, "refused")
+        merged = merge_pair_documents({0: [pair_status(one.server)],
+                                       1: [pair_status(two.server)]})
+        self.assertEqual(merged[0]["backend"],
+                         {"reachable": False, "checked": 20.0, "error": "refused"})
+        self.assertFalse(merged[0]["healthy"])
+        merged = merge_pair_documents({0: [pair_status(two.server)],
+                                       1: [pair_status(one.server)]})
+        self.assertEqual(merged[0]["backend"]["checked"], 20.0)
+        # A worker's old failure does not outlive a newer success elsewhere.
+        one.server.backend.record(True, 30.0)
+        merged = merge_pair_documents({0: [pair_status(one.server)],
+                                       1: [pair_status(two.server)]})
+        self.assertEqual(merged[0]["backend"]["reachable"], True)
+        self.assertTrue(merged[0]["healthy"])
+        # A stopping worker still makes the pair unhealthy.
+        one.server.stopping = True
+        merged = merge_pair_documents({0: [pair_status(one.server)],
+                                       1: [pair_status(two.server)]})
+        self.assertFalse(merged[0]["healthy"])
+
+    def test_reasons_union(self) -> None:
+        """Failure reasons seen by only one worker are kept, shared ones add."""
+        one, two = busy_tunnel(0), busy_tunnel(0)
+        one.server.stats.handshake_failures[HandshakeFailure.BAD_HASH] += 2
+        two.server.stats.handshake_failures[HandshakeFailure.BAD_HASH] += 1
+        two.server.stats.handshake_failures[HandshakeFailure.REPLAY] += 4
+        merged = merge_pair_documents({0: [pair_status(one.server)],
+                                       1: [pair_status(two.server)]})
+        self.assertEqual(merged[0]["handshake_failures"], {"bad_hash": 3, "replay": 4})
+
+
+class WorkerZeroTests(SynchronousTestCase):
+    """Worker 0 serves the sum of its own figures and the other workers' reports."""
+
+    def setUp(self) -> None:
+        self.zero, self.other = busy_tunnel(1), busy_tunnel(3)
+        other_recorders = watch_pairs([self.other.client])
+        # The parts travel as log events' JSON, as over the log pipe, and
+        # are kept as the supervisor keeps them.
+        report: Dict[str, Any] = {}
+        for part in report_parts([self.other.client], other_recorders, process_collectors()):
+            events: List[Dict[str, Any]] = []
+            report_figures(part, events.append)
+            line = eventAsJSON(events[0]).encode()
+            got = figures_of(decode_line(1, line, 0.0))
+            assert got is not None
+            report.update(got)
+        self.reports = {1: report}
+        self.recorders = watch_pairs([self.zero.client])
+        self.site = make_site([self.zero.client], None, self.recorders,
+                              lambda: self.reports)
+
+    def test_metrics_summed(self) -> None:
+        """Sessions, frames, bytes, pool connections and counters are the sum over workers."""
+        found = samples(get(self.site, b"/metrics")[2].decode())
+        self.assertEqual(value(found, "tigertunnel_sessions", pair=CLIENT_PAIR), 4)
+        self.assertEqual(value(found, "tigertunnel_sessions_opened_total", pair=CLIENT_PAIR), 4)
+        self.assertEqual(value(found, "tigertunnel_frames_total", pair=CLIENT_PAIR,
+                               direction="to_tunnel"), 8)
+        self.assertEqual(value(found, "tigertunnel_pool_connections", pair=CLIENT_PAIR,
+                               state="healthy"), 4)
+        self.assertEqual(value(found, "tigertunnel_pool_connects_total", pair=CLIENT_PAIR), 4)
+        self.assertEqual(value(found, "tigertunnel_pool_size", pair=CLIENT_PAIR), 4)
+
+    def test_process_metrics_per_worker(self) -> None:
+        """Process metrics carry a worker label: worker 0's own and each reporting worker's."""
+        found = samples(get(self.site, b"/metrics")[2].decode())
+        workers = {labels.get("worker") for name, labels, _ in found
+                   if name == "process_resident_memory_bytes"}
+        self.assertEqual(workers, {"0", "1"})
+        self.assertEqual({labels.get("worker") for name, labels, _ in found
+                          if name.startswith("python_gc_")}, {"0", "1"})
+
+    def test_status_summed(self) -> None:
+        """/status shows the summed pair with every worker's pool connections."""
+        doc = json.loads(get(self.site, b"/status")[2])
+        pair = doc["pairs"][0]
+        self.assertEqual(pair["sessions"], 4)
+        self.assertEqual(sorted({link["worker"] for link in pair["links"]}), [0, 1])
+        self.assertTrue(doc["healthy"])
+
+    def test_worker_gone(self) -> None:
+        """A worker that stopped reporting drops out of the sum."""
+        self.reports.clear()
+        found = samples(get(self.site, b"/metrics")[2].decode())
+        self.assertEqual(value(found, "tigertunnel_sessions", pair=CLIENT_PAIR), 1)
+        self.assertEqual({labels.get("worker") for name, labels, _ in found
+                          if name == "process_resident_memory_bytes"}, {"0"})
+
+
+class ReporterTests(SynchronousTestCase):
+    """A worker reports its figures every FIGURES_INTERVAL seconds."""
+
+    def test_reports_on_clock(self) -> None:
+        """The reporter sends every part of its report at start and then every interval."""
+        t = busy_tunnel(1)
+        recorders = watch_pairs([t.server])
+        sent: List[Dict[str, Any]] = []
+        clock = Clock()
+        service = figures_reporter([t.server], recorders, clock, process_collectors(),
+                                   sent.append)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual([list(part) for part in sent], [[f"pair {SERVER_PAIR}"], ["process"]])
+        clock.advance(FIGURES_INTERVAL)
+        self.assertEqual(len(sent), 4)
+        report: Dict[str, Any] = {}
+        for part in sent:
+            report.update(part)
+        self.assertEqual([p["name"] for p in report_pairs(report)], [SERVER_PAIR])
+        self.assertEqual(list(report_tb(report)), [SERVER_PAIR])
+        self.assertIn("process_cpu_seconds", report["process"])
+        json.dumps(report)  # it must cross the log pipe as JSON
+
+    def test_parts_fit_a_log_line(self) -> None:
+        """With 16 pairs that saw every TB operation, each part stays far below the log
+        pipe's line limit, though the whole report would not fit in one line."""
+        config = TunnelConfig("client", [ProxyPair(i, Address("127.0.0.1", 4000 + i),
+                                                   Address("127.0.0.1", 3000 + i))
+                                         for i in range(16)])
+        clock = Clock()
+        muxes = [ClientMultiplexer(config, pair, clock) for pair in config.pairs]
+        recorders = watch_pairs(muxes)
+        for recorder in recorders:
+            number = 0
+            for operation in OPERATIONS:
+                for i in range(16):
+                    number += 1
+                    recorder.watch.frame(TO_TUNNEL, tbdata.request(number, 1, operation), 0.0)
+                    recorder.watch.frame(FROM_TUNNEL, tbdata.reply(number, 1, operation),
+                                         0.0001 * 2 ** i)
+        parts = report_parts(muxes, recorders, process_collectors())
+        self.assertEqual(len(parts), 17)
+        self.assertEqual(len(report_tb(parts[0])["127.0.0.1:3000"]["latency"]),
+                         len(set(OPERATIONS.values())))
+        sizes = []
+        for part in parts:
+            events: List[Dict[str, Any]] = []
+            report_figures(part, events.append)
+            sizes.append(len(eventAsJSON(events[0]).encode()))
+        self.assertLess(max(sizes), MAX_LINE // 4)
+        self.assertGreater(sum(sizes), MAX_LINE)
+
+    def test_process_collector_without_reports(self) -> None:
+        """Without other workers, the process families have worker 0's samples only."""
+        families = list(WorkerProcessCollector(process_collectors(), dict).collect())
+        self.assertTrue(families)
+        for family in families:
+            self.assertEqual({s.labels["worker"] for s in family.samples}, {"0"})
