@@ -629,8 +629,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
         supervisor = WorkerSupervisor(
             IReactorProcess(reactor), worker_command(worker_args),
             config.workers, partial(_listening_descriptors, top), sub.cwd,
-            ops.shutdown_timeout, board=board,
-            replay=shared_replay if sub["worker-index"] is None else None)
+            ops.shutdown_timeout, board=board, replay=shared_replay)
         listeners.append(supervisor)  # SIGHUP goes to the workers too
         top.add_operation(supervisor, stop_last=True)
     top.add_operation(ReloadService(reloader, reactor, listeners))
