@@ -10,6 +10,7 @@ from tigertunnel.wire import handshake as hs
 from tigertunnel.crypto import kem
 from tigertunnel.crypto.kdf import SessionKeys, derive_session_keys
 from tigertunnel.errors import HandshakeError
+from tigertunnel.wire.replaywindow import Verdict
 
 HELLO = load_vectors("hello")
 SESSIONS = [load_vectors("session_psk"), load_vectors("session_kem")]
@@ -64,6 +65,16 @@ def kem_hello(kem_key_id: int = KEM_KEY_ID, ciphertext: bytes | None = None) -> 
     if ciphertext is None:
         ciphertext = fixed_encapsulate(KEM_PUBLIC)[0]
     return hs.build_kemconnect_hello(1, KEY_ID, PSK, kem_key_id, CR, NOW, ciphertext)
+
+
+class FixedVerdictCache:
+    """A replay cache that always gives one verdict."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        self.verdict = verdict
+
+    def check_and_add(self, digest: bytes, timestamp: int) -> Verdict:
+        return self.verdict
 
 
 def feed_chunks(machine: Any, data: bytes, cuts: List[int]) -> tuple[List[Any], int]:
@@ -435,6 +446,9 @@ class ServerRejectionTests(SynchronousTestCase):
         bad_ciphertext = fixed_encapsulate(KEM_PUBLIC)[0][:1088] + bytes(32)
         cache = hs.ReplayCache(now=lambda: NOW)
         make_server(replay_cache=cache).feed(connect_hello())
+        full = hs.ReplayCache(buckets=1, slots=1, now=lambda: NOW)
+        full.check_and_add(b"x" * 32, NOW)
+        failing = FixedVerdictCache(Verdict.FAILED)
         cases = [
             (make_server(versions=(1, 2)).feed(b"\x07"), hs.RejectKind.BAD_VERSION),
             (make_server().feed(b"\x01\x09"), hs.RejectKind.BAD_OPERATION),
@@ -444,6 +458,10 @@ class ServerRejectionTests(SynchronousTestCase):
             (make_server().feed(connect_hello(psk=OTHER_PSK)), hs.RejectKind.BAD_HASH),
             (make_server().feed(connect_hello(timestamp=NOW - 4000)), hs.RejectKind.TIMESTAMP),
             (make_server(replay_cache=cache).feed(connect_hello()), hs.RejectKind.REPLAY),
+            (make_server(replay_cache=full).feed(connect_hello()),
+             hs.RejectKind.REPLAY_CACHE_FULL),
+            (make_server(replay_cache=failing).feed(connect_hello()),
+             hs.RejectKind.REPLAY_CACHE_ERROR),
             (make_server(require_kem=True).feed(connect_hello()), hs.RejectKind.KEM_REQUIRED),
             (make_server().feed(kem_hello()), hs.RejectKind.KEM),
             (make_server({KEM_KEY_ID: KEM_SEED}).feed(kem_hello(kem_key_id=5)),
@@ -609,17 +627,35 @@ class HardeningTests(SynchronousTestCase):
         self.assertEqual(again.status, hs.Status.CLIENT_AUTH_FAILED)
         self.assertIn("replayed", again.reason)
 
-    def test_replay_cache_forgets_expired_and_is_bounded(self) -> None:
-        """Entries older than the timestamp window are dropped, and the cache never exceeds its size."""
+    def test_replay_cache_forgets_expired_and_refuses_when_full(self) -> None:
+        """Entries older than the timestamp window are forgotten; a full cache refuses new hellos and never forgets an unexpired one."""
         clock = [1000.0]
-        cache = hs.ReplayCache(max_entries=3, now=lambda: clock[0])
-        for i in range(5):
-            self.assertTrue(cache.check_and_add(bytes([i]) * 32, 1000))
-        self.assertLessEqual(len(cache), 3)
-        self.assertFalse(cache.check_and_add(bytes([4]) * 32, 1000))
+        cache = hs.ReplayCache(buckets=1, slots=3, now=lambda: clock[0])
+        verdicts = [cache.check_and_add(bytes([i]) * 32, 1000) for i in range(5)]
+        self.assertEqual(verdicts, [Verdict.FRESH] * 3 + [Verdict.FULL] * 2)
+        self.assertEqual(len(cache), 3)
+        self.assertIs(cache.check_and_add(bytes([0]) * 32, 1000), Verdict.REPLAYED)
         clock[0] += hs.TIMESTAMP_TOLERANCE + 5
-        self.assertTrue(cache.check_and_add(b"x" * 32, int(clock[0])))
+        self.assertIs(cache.check_and_add(b"x" * 32, int(clock[0])), Verdict.FRESH)
         self.assertEqual(len(cache), 1)
+
+    def test_full_cache_refuses_hello(self) -> None:
+        """A hello the replay cache has no room for is refused with status 2 (server error), kind REPLAY_CACHE_FULL, and is not a replay."""
+        cache = hs.ReplayCache(buckets=1, slots=1, now=lambda: NOW)
+        cache.check_and_add(b"x" * 32, NOW)
+        result = make_server(replay_cache=cache).feed(connect_hello())
+        self.assertIsInstance(result, hs.Rejected)
+        self.assertEqual(result.reply, bytes((hs.Status.SERVER_ERROR,)))
+        self.assertIs(result.kind, hs.RejectKind.REPLAY_CACHE_FULL)
+        self.assertIn("replay cache full", result.reason)
+
+    def test_cache_error_refuses_hello(self) -> None:
+        """A hello the replay cache cannot record (an I/O error) is refused with status 2, kind REPLAY_CACHE_ERROR."""
+
+        result = make_server(replay_cache=FixedVerdictCache(Verdict.FAILED)).feed(connect_hello())
+        self.assertIsInstance(result, hs.Rejected)
+        self.assertEqual(result.reply, bytes((hs.Status.SERVER_ERROR,)))
+        self.assertIs(result.kind, hs.RejectKind.REPLAY_CACHE_ERROR)
 
     def test_unknown_key_hidden(self) -> None:
         """With hide_unknown_key an unknown key id gets status 4, like a bad hash."""

@@ -262,7 +262,8 @@ class ContentTests(SynchronousTestCase):
              "rejected_client_auth_failed", "rejected_timestamp_invalid"], 0))
         self.assertEqual(reasons(server, "tigertunnel_handshake_failures_total"), dict.fromkeys(
             ["timeout", "bad_version", "bad_operation", "unknown_key", "bad_hash",
-             "timestamp", "replay", "kem_required", "kem"], 0))
+             "timestamp", "replay", "replay_cache_full", "replay_cache_error",
+             "kem_required", "kem"], 0))
         self.assertEqual(reasons(client, "tigertunnel_sessions_refused_total"),
                          {"stopping": 0, "no_pool": 0, "max_sessions": 0})
         self.assertEqual(reasons(server, "tigertunnel_sessions_refused_total"),

@@ -4,6 +4,7 @@ key file, --metrics-public, and hardening before keys are read (tap, cli, keys.f
 import hashlib
 import os
 import sys
+import time
 from typing import Any, List
 
 from twisted.application import app
@@ -23,6 +24,7 @@ from tigertunnel.net.listeners import endpoint_is_local
 from tigertunnel.ops import hardening, replay, startup
 from tigertunnel.ops.hardening import Hardening
 from tigertunnel.ops.replay import ReplayCacheService, replay_path
+from tigertunnel.wire.replaywindow import Verdict
 
 #: A user id no file here belongs to (the tests run as root or as a user).
 STRANGER = 54321
@@ -224,17 +226,78 @@ class ReplayPathTests(KeyDirCase):
         self.addCleanup(top.stopService)
         self.assertTrue(os.path.exists(service.path))
         digest = hashlib.sha256(b"hello").digest()
-        self.assertTrue(service.check_and_add(digest, 1_900_000_000))
-        self.assertFalse(service.check_and_add(digest, 1_900_000_000))
+        stamp = int(time.time())
+        self.assertIs(service.check_and_add(digest, stamp), Verdict.FRESH)
+        self.assertIs(service.check_and_add(digest, stamp), Verdict.REPLAYED)
         # Another process (a worker, or this server after a restart) sees it.
         other = replay.FileReplayCache(service.path)
         self.addCleanup(other.close)
-        self.assertFalse(other.check_and_add(digest, 1_900_000_000))
+        self.assertIs(other.check_and_add(digest, stamp), Verdict.REPLAYED)
 
     def test_console_script_in_memory(self) -> None:
-        """Without a pidfile or --replay-file the cache is in memory, and workers are told so."""
+        """Without a pidfile or --replay-file, one process keeps the cache in its memory."""
         top = self.make(["server", "-p", PAIR, "--plaintext"])
-        self.assertIsNone(self.replay_service(top).path)
+        service = self.replay_service(top)
+        self.assertIsNone(service.path)
+        self.assertIsNone(service.descriptor)
+
+    def test_workers_share_memory_without_file(self) -> None:
+        """Without a pidfile or --replay-file, --workers 2 makes one shared-memory table that worker 0 uses and hands to its workers."""
+        from tigertunnel.ops.workers import WorkerSupervisor
+
+        top = self.make(["server", "-p", PAIR, "--plaintext", "--workers", "2"])
+        service = self.replay_service(top)
+        supervisor, = [s for s in top.late if isinstance(s, WorkerSupervisor)]
+        self.assertIsNone(service.path)
+        self.assertIsNotNone(service.descriptor)
+        self.assertEqual(supervisor.replay, service.descriptor)
+        self.addCleanup(os.close, service.descriptor)
+        self.assertIn("--replay-file=memory", supervisor.command)
+        top.startService()
+        self.addCleanup(top.stopService)
+        # A worker's view of the same table (what --worker-index opens).
+        worker = replay.FileReplayCache.from_descriptor(service.descriptor)
+        self.addCleanup(worker.close)
+        digest = hashlib.sha256(b"hello").digest()
+        stamp = int(time.time())
+        self.assertIs(service.check_and_add(digest, stamp), Verdict.FRESH)
+        self.assertIs(worker.check_and_add(digest, stamp), Verdict.REPLAYED)
+
+    def test_worker_opens_handed_memory(self) -> None:
+        """A server worker started without a replay file opens the shared memory worker 0 handed it (named by TIGERTUNNEL_REPLAY_FD)."""
+        import socket
+
+        from tigertunnel.ops.workers import (
+            BOARD_FD_ENV,
+            LISTEN_FDS_ENV,
+            REPLAY_FD_ENV,
+            create_board,
+        )
+
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        board_fd, _ = create_board(1, 2)
+        self.addCleanup(os.close, board_fd)
+        shared = replay.create_shared_memory()
+        self.addCleanup(os.close, shared)
+        self.patch(os, "environ", dict(os.environ, **{
+            LISTEN_FDS_ENV: str(sock.fileno()), BOARD_FD_ENV: str(board_fd),
+            REPLAY_FD_ENV: str(shared)}))
+        pair = f"127.0.0.1:{sock.getsockname()[1]},127.0.0.1:3001"
+        top = self.make(["server", "-p", pair, "--plaintext", "--workers", "2",
+                         "--worker-index", "1", "--replay-file=memory"])
+        service = self.replay_service(top)
+        self.assertEqual((service.path, service.descriptor), (None, shared))
+        service.startService()
+        self.addCleanup(service.stopService)
+        worker0 = replay.FileReplayCache.from_descriptor(shared)
+        self.addCleanup(worker0.close)
+        digest = hashlib.sha256(b"hello").digest()
+        stamp = int(time.time())
+        self.assertIs(worker0.check_and_add(digest, stamp), Verdict.FRESH)
+        self.assertIs(service.check_and_add(digest, stamp), Verdict.REPLAYED)
 
     def test_explicit_file_passed_to_workers(self) -> None:
         """--replay-file F (or the pidfile default) is passed to the worker processes explicitly."""

@@ -23,13 +23,14 @@ class HandshakeFailureTests(SynchronousTestCase):
             self.assertEqual(HandshakeFailure.rejected(kind).value, kind.value)
 
     def test_label_set(self) -> None:
-        """The labels are exactly the reasons /metrics has always reported."""
+        """The labels are exactly the reasons /metrics reports."""
         self.assertEqual({f.value for f in HandshakeFailure}, {
             "timeout", "server_auth", "invalid_status", "rejected_unknown_key",
             "rejected_server_error", "rejected_unknown_kem_key",
             "rejected_client_auth_failed", "rejected_timestamp_invalid",
             "bad_version", "bad_operation", "unknown_key", "bad_hash", "timestamp",
-            "replay", "kem_required", "kem"})
+            "replay", "replay_cache_full", "replay_cache_error", "kem_required",
+            "kem"})
         self.assertEqual({r.value for r in Refusal}, {"stopping", "no_pool", "max_sessions"})
 
 

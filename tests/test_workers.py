@@ -12,9 +12,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tigertunnel.ops.workers import (
+    BOARD_FD_ENV,
     KILL_GRACE,
     LISTEN_FDS_ENV,
     PRIVATE_ENV,
+    REPLAY_FD_ENV,
     SUPERVISOR_ENV,
     WorkerSupervisor,
     announce_ready,
@@ -110,6 +112,19 @@ class SupervisorTests(SynchronousTestCase):
             self.assertEqual(fds, {0: "w", 1: "r", 2: "r", 3: 7, 4: 9})
         self.assertEqual(sorted(self.sup.workers), [1, 2])
         self.assertEqual(len(self.clock.triggers), 1)
+
+    def test_board_and_replay_cache_handed_over(self) -> None:
+        """With an accept board and a shared replay cache, each worker gets
+        both after its listening sockets (fds 5 and 6), named in its
+        environment."""
+        sup = WorkerSupervisor(self.clock, ["python", "-m", "tigertunnel", "server"],
+                               2, lambda: [7, 9], "/srv/tt", shutdown_timeout=10.0,
+                               publish=self.events.append, environ={},
+                               board=(11, None), replay=12)  # type: ignore[arg-type]
+        sup.startService()
+        (_, _, env, fds), = self.clock.spawned
+        self.assertEqual(fds, {0: "w", 1: "r", 2: "r", 3: 7, 4: 9, 5: 11, 6: 12})
+        self.assertEqual((env[BOARD_FD_ENV], env[REPLAY_FD_ENV]), ("5", "6"))
 
     def test_restart_backoff_and_reset(self) -> None:
         """A worker that exits comes back after 1, 2, 4 ... 30 s; one that

@@ -16,8 +16,10 @@ from tigertunnel.ops.workers.balance import create_board
 from tigertunnel.ops.workers.bootstrap import (
     BOARD_FD_ENV,
     LISTEN_FDS_ENV,
+    REPLAY_FD_ENV,
     SUPERVISOR_ENV,
     inherited_listen_fds,
+    inherited_replay_descriptor,
     safe_path_flag,
     supervisor_alive,
     worker_command,
@@ -102,6 +104,19 @@ class InheritedSocketTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as ctx:
                 inherited_listen_fds(pairs, env)
             self.assertIn(text, str(ctx.exception))
+
+
+class ReplayDescriptorTests(SynchronousTestCase):
+    """A server worker's shared replay cache, named by its environment."""
+
+    def test_descriptor(self) -> None:
+        """The variable names the descriptor; without it there is none; a malformed one is refused in one line."""
+        self.assertEqual(inherited_replay_descriptor({REPLAY_FD_ENV: "6"}), 6)
+        self.assertIsNone(inherited_replay_descriptor({}))
+        with self.assertRaises(ConfigError) as ctx:
+            inherited_replay_descriptor({REPLAY_FD_ENV: "six"})
+        self.assertIn("TIGERTUNNEL_REPLAY_FD='six' does not name the replay cache",
+                      str(ctx.exception))
 
 
 class WorkerOptionTests(SynchronousTestCase):

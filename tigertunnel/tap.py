@@ -146,6 +146,9 @@ class _EndOptions(ExampleOptions):
         self.given: FrozenSet[str] = frozenset()
         #: A worker's accept board, inherited from worker 0 (``--workers``).
         self.board: Optional["AcceptBoard"] = None
+        #: A server worker's replay cache in shared memory, inherited from
+        #: worker 0 (``--workers`` without a replay file).
+        self.replay_descriptor: Optional[int] = None
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """Parse, with ``--config FILE`` expanded in front of the arguments."""
@@ -264,7 +267,11 @@ class _EndOptions(ExampleOptions):
         cfg.workers = _positive_int("workers", self["workers"], MAX_WORKERS)
         index = self["worker-index"]
         if index is not None:
-            from tigertunnel.ops.workers import inherited_board, inherited_listen_fds
+            from tigertunnel.ops.workers import (
+                inherited_board,
+                inherited_listen_fds,
+                inherited_replay_descriptor,
+            )
 
             if cfg.workers < 2:
                 raise usage.UsageError("--worker-index needs --workers 2 or more")
@@ -274,6 +281,7 @@ class _EndOptions(ExampleOptions):
             try:
                 cfg.inherited_fds = inherited_listen_fds(cfg.pairs)
                 self.board = inherited_board(len(cfg.pairs), cfg.workers)
+                self.replay_descriptor = inherited_replay_descriptor()
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
 
@@ -576,7 +584,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     from tigertunnel.ops.metrics import process_collectors
     from tigertunnel.ops.tbmetrics import watch_pairs
     from tigertunnel.ops.reload import KeyReloader, ReloadService
-    from tigertunnel.ops.replay import ReplayCacheService, replay_path
+    from tigertunnel.ops.replay import ReplayCacheService, create_shared_memory, replay_path
     from tigertunnel.ops.shutdown import TunnelService
     from tigertunnel.ops.startup import (
         bind_before_daemonizing,
@@ -600,12 +608,19 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
                 "process hardening incomplete: {problem}", problem=problem)
     top = TunnelService(reactor, ops.shutdown_timeout, handle_sigterm=True)
     replay: Optional[ReplayCacheService] = None
+    shared_replay: Optional[int] = None
     worker_args = [sub.role] + sub.raw_args
     if config.role is Role.SERVER:
         twistd = _twistd_options(options)
         path = replay_path(ops.replay_file,
                            twistd.get("pidfile") if twistd is not None else None)
-        replay = ReplayCacheService(path)
+        # One table per tunnel end: without a file, worker 0 makes shared
+        # memory for its workers (they inherit it, as the accept board).
+        if path is None and config.workers > 1 and sub["worker-index"] is None:
+            shared_replay = create_shared_memory()
+        elif path is None:
+            shared_replay = sub.replay_descriptor
+        replay = ReplayCacheService(path, shared_replay)
         # Workers have no pidfile of their own: they open worker 0's file.
         worker_args.append(f"--replay-file={path or 'memory'}")
     build_service(config, reactor, top=top, replay_cache=replay)
@@ -649,7 +664,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
         supervisor = WorkerSupervisor(
             IReactorProcess(reactor), worker_command(worker_args),
             config.workers, partial(_listening_descriptors, top), sub.cwd,
-            ops.shutdown_timeout, board=board)
+            ops.shutdown_timeout, board=board, replay=shared_replay)
         listeners.append(supervisor)  # SIGHUP goes to the workers too
         top.add_operation(supervisor, stop_last=True)
     top.add_operation(ReloadService(reloader, reactor, listeners))

@@ -34,6 +34,8 @@ class HandshakeFailure(enum.Enum):
     BAD_HASH = "bad_hash"
     TIMESTAMP = "timestamp"
     REPLAY = "replay"
+    REPLAY_CACHE_FULL = "replay_cache_full"
+    REPLAY_CACHE_ERROR = "replay_cache_error"
     KEM_REQUIRED = "kem_required"
     KEM = "kem"
 

@@ -55,12 +55,12 @@ Our extensions, all invisible to a reference peer:
 * Hardening (PROTOCOL.md section 11, items 1, 6 and 7): ``versions``
   restricts the version byte (our server accepts 1 and 2 only, and closes
   anything else, such as an HTTP request or a TLS ClientHello, at its first
-  byte); with a
-  :class:`ReplayCache` the server refuses a byte-identical ClientHello seen
-  before inside the timestamp window (status 4); with ``hide_unknown_key``
-  an unknown key id gets the same status (4) as a bad hash, so a stranger
-  cannot learn which key ids exist. The reference client treats every
-  failure status alike, so both stay compatible.
+  byte); with a :class:`ReplayCache` the server refuses a byte-identical
+  ClientHello seen before inside the timestamp window (status 4), and any
+  hello the cache cannot record (full, or an I/O error: status 2); with
+  ``hide_unknown_key`` an unknown key id gets the same status (4) as a bad
+  hash, so a stranger cannot learn which key ids exist. The reference
+  client treats every failure status alike, so both stay compatible.
 """
 
 from __future__ import annotations
@@ -70,13 +70,19 @@ import functools
 import hmac
 import os
 import time
-from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, Mapping, Protocol, Tuple
+from typing import Callable, Mapping, Protocol
 
 from tigertunnel.crypto import kdf, kem
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import HandshakeError, KEMError
+from tigertunnel.wire.replaywindow import (
+    DEFAULT_BUCKETS,
+    DEFAULT_SLOTS,
+    MemoryBuckets,
+    ReplayTable,
+    Verdict,
+)
 
 # Wire facts, PROTOCOL.md sections 1 and 3.
 PROTOCOL_VERSION = 1
@@ -153,6 +159,10 @@ class RejectKind(enum.Enum):
     BAD_HASH = "bad_hash"
     TIMESTAMP = "timestamp"
     REPLAY = "replay"
+    #: The replay cache had no room for the hello (it is full of unexpired ones).
+    REPLAY_CACHE_FULL = "replay_cache_full"
+    #: The replay cache could not record the hello (an I/O error).
+    REPLAY_CACHE_ERROR = "replay_cache_error"
     KEM_REQUIRED = "kem_required"
     KEM = "kem"
 
@@ -368,45 +378,41 @@ class ClientHandshake:
 
 class HelloReplayCache(Protocol):
     """What :class:`ServerHandshake` needs of a replay cache: this
-    in-memory :class:`ReplayCache`, or the file shared by the processes of a
-    tunnel end (:class:`tigertunnel.ops.replay.FileReplayCache`)."""
+    in-memory :class:`ReplayCache`, or the file or shared memory of a
+    tunnel end's processes (:class:`tigertunnel.ops.replay.FileReplayCache`)."""
 
-    def check_and_add(self, digest: bytes, timestamp: int) -> bool:
-        """Record a hello by its hash; return ``False`` if it was seen before."""
+    def check_and_add(self, digest: bytes, timestamp: int) -> Verdict:
+        """Record a hello by its hash; say whether it is fresh, a replay, or
+        cannot be recorded (then it is refused)."""
 
 
 class ReplayCache:
-    """Remembers authenticated ClientHellos for as long as they could be replayed.
+    """Remembers authenticated ClientHellos for as long as they could be
+    replayed, in this process's memory.
 
     A hello is only accepted within :data:`TIMESTAMP_TOLERANCE` seconds of
     its timestamp, so an entry can be forgotten once its timestamp is more
-    than that in the past. Only hellos whose hash verified are recorded, so
-    strangers cannot fill the cache; past ``max_entries`` the oldest entry is
-    dropped.
+    than that in the past (:mod:`tigertunnel.wire.replaywindow`, shared with
+    the file cache). Only hellos whose hash verified are recorded, so
+    strangers cannot fill the cache; a hello that finds no room is refused
+    (:attr:`Verdict.FULL`), an unexpired one is never dropped.
     """
 
-    def __init__(self, max_entries: int = 65536,
+    def __init__(self, buckets: int = DEFAULT_BUCKETS, slots: int = DEFAULT_SLOTS,
                  now: Callable[[], float] = time.time) -> None:
-        self._max = max_entries
         self._now = now
-        self._seen: Dict[bytes, int] = {}
-        self._order: Deque[Tuple[int, bytes]] = deque()
+        self._buckets = MemoryBuckets(slots)
+        self.table = ReplayTable(self._buckets, buckets, slots, TIMESTAMP_TOLERANCE)
 
     def __len__(self) -> int:
-        return len(self._seen)
+        """The number of hellos in the window."""
+        now = self._now()
+        return sum(self.table.live_in(bucket, now)
+                   for _, bucket in self._buckets.written())
 
-    def check_and_add(self, digest: bytes, timestamp: int) -> bool:
-        """Record a hello by its hash; return ``False`` if it was seen before."""
-        horizon = int(self._now()) - TIMESTAMP_TOLERANCE - 1
-        order, seen = self._order, self._seen
-        while order and (order[0][0] < horizon or len(seen) >= self._max):
-            _, old = order.popleft()
-            seen.pop(old, None)
-        if digest in seen:
-            return False
-        seen[digest] = timestamp
-        order.append((timestamp, digest))
-        return True
+    def check_and_add(self, digest: bytes, timestamp: int) -> Verdict:
+        """Record a hello by its hash (see :class:`Verdict`)."""
+        return self.table.check_and_add(digest, timestamp, self._now())
 
 
 @functools.lru_cache(maxsize=64)
@@ -546,11 +552,21 @@ class ServerHandshake:
                 f"ClientHello timestamp is {skew:+d} s off the server clock "
                 f"(tolerance {TIMESTAMP_TOLERANCE} s)", RejectKind.TIMESTAMP,
                 skew=skew)
-        if (self._replay_cache is not None
-                and not self._replay_cache.check_and_add(digest, timestamp)):
-            return self._reject(Status.CLIENT_AUTH_FAILED,
-                                f"replayed ClientHello for key id {key_id}",
-                                RejectKind.REPLAY)
+        if self._replay_cache is not None:
+            verdict = self._replay_cache.check_and_add(digest, timestamp)
+            if verdict is Verdict.REPLAYED:
+                return self._reject(Status.CLIENT_AUTH_FAILED,
+                                    f"replayed ClientHello for key id {key_id}",
+                                    RejectKind.REPLAY)
+            if verdict is Verdict.FULL:
+                return self._reject(Status.SERVER_ERROR,
+                                    "replay cache full of unexpired ClientHellos: "
+                                    "new hellos are refused until some expire",
+                                    RejectKind.REPLAY_CACHE_FULL)
+            if verdict is not Verdict.FRESH:
+                return self._reject(Status.SERVER_ERROR,
+                                    "replay cache cannot record the ClientHello",
+                                    RejectKind.REPLAY_CACHE_ERROR)
 
         kem_secret: bytes | None = None
         if kem_key_id is None:

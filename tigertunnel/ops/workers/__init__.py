@@ -53,10 +53,12 @@ from tigertunnel.ops.workers.bootstrap import (
     LISTEN_FDS_ENV,
     MAX_WORKERS,
     PRIVATE_ENV,
+    REPLAY_FD_ENV,
     SUPERVISOR_ENV,
     die_with_supervisor,
     inherited_board,
     inherited_listen_fds,
+    inherited_replay_descriptor,
     supervisor_alive,
     worker_command,
 )
@@ -71,8 +73,9 @@ from tigertunnel.ops.workers.supervisor import KILL_GRACE, WorkerSupervisor
 __all__ = [
     "AcceptBalancer", "AcceptBoard", "BOARD_FD_ENV", "PairGate",
     "create_board", "inherited_board", "KILL_GRACE", "LISTEN_FDS_ENV", "LOG_BUFFER_LIMIT", "MAX_WORKERS",
-    "PRIVATE_ENV", "SUPERVISOR_ENV", "WorkerSupervisor", "announce_ready",
+    "PRIVATE_ENV", "REPLAY_FD_ENV", "SUPERVISOR_ENV", "WorkerSupervisor", "announce_ready",
     "report_figures",
-    "die_with_supervisor", "inherited_listen_fds", "supervisor_alive",
+    "die_with_supervisor", "inherited_listen_fds", "inherited_replay_descriptor",
+    "supervisor_alive",
     "worker_command", "worker_log_observer",
 ]

@@ -6,7 +6,9 @@ sockets as descriptors 3, 4, ... (one per proxy pair, named by
 :data:`LISTEN_FDS_ENV`), the accept board next (:data:`BOARD_FD_ENV`) and
 its own pid in :data:`SUPERVISOR_ENV`. The worker checks each socket against
 its pair (:func:`inherited_listen_fds`), maps the board
-(:func:`inherited_board`) and arranges to end with its supervisor
+(:func:`inherited_board`), finds a tunnel server's shared replay cache when
+there is one (:data:`REPLAY_FD_ENV`, :func:`inherited_replay_descriptor`)
+and arranges to end with its supervisor
 (:func:`die_with_supervisor`).
 """
 
@@ -33,6 +35,10 @@ FIRST_FD = 3
 #: Environment variable naming a worker's inherited accept board (the
 #: descriptor after the listening sockets; see :mod:`.balance`).
 BOARD_FD_ENV = "TIGERTUNNEL_BOARD_FD"
+#: Environment variable naming a worker's inherited replay cache (the
+#: shared memory worker 0 makes when the server has no replay file; see
+#: :mod:`tigertunnel.ops.replay`).
+REPLAY_FD_ENV = "TIGERTUNNEL_REPLAY_FD"
 #: Environment variables a worker must not inherit: systemd's notification
 #: socket, watchdog and socket-activation variables belong to worker 0.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
@@ -120,6 +126,24 @@ def inherited_board(pairs: int, workers: int,
                           f"name the accept board (workers are started by "
                           f"--workers, not by hand)")
     return open_board(int(text), pairs, workers)
+
+
+def inherited_replay_descriptor(environ: Optional[Mapping[str, str]] = None
+                                ) -> Optional[int]:
+    """In a worker: the replay cache worker 0 handed over, if any (a tunnel
+    server without a replay file).
+
+    :raises ConfigError: the variable is malformed.
+    """
+    env = os.environ if environ is None else environ
+    text = env.get(REPLAY_FD_ENV)
+    if text is None:
+        return None
+    if not text.isdigit():
+        raise ConfigError(f"--worker-index: {REPLAY_FD_ENV}={text!r} does not "
+                          f"name the replay cache (workers are started by "
+                          f"--workers, not by hand)")
+    return int(text)
 
 
 def supervisor_alive(environ: Optional[Mapping[str, str]] = None) -> bool:

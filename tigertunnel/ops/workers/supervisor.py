@@ -39,6 +39,7 @@ from tigertunnel.ops.workers.bootstrap import (
     FIRST_FD,
     LISTEN_FDS_ENV,
     PRIVATE_ENV,
+    REPLAY_FD_ENV,
     SUPERVISOR_ENV,
 )
 from tigertunnel.ops.workers.logpipe import (
@@ -117,6 +118,8 @@ class WorkerSupervisor(Service):
         :data:`~tigertunnel.ops.workers.bootstrap.PRIVATE_ENV`).
     :param board: the accept board and its memfd, handed to each worker
         (a worker that exits is withdrawn from it at once).
+    :param replay: a tunnel server's replay cache in shared memory (when
+        it has no replay file), handed to each worker.
     """
 
     name = "workers"
@@ -126,7 +129,8 @@ class WorkerSupervisor(Service):
                  shutdown_timeout: float,
                  publish: Callable[[LogEvent], None] = globalLogPublisher,
                  environ: Optional[Mapping[str, str]] = None,
-                 board: Optional[Tuple[int, AcceptBoard]] = None) -> None:
+                 board: Optional[Tuple[int, AcceptBoard]] = None,
+                 replay: Optional[int] = None) -> None:
         self.processes = reactor
         self.clock = IReactorTime(reactor)
         self.core = IReactorCore(reactor)
@@ -141,6 +145,7 @@ class WorkerSupervisor(Service):
             env.pop(key, None)
         self.env = env
         self.board = board
+        self.replay = replay
         self.workers: Dict[int, _WorkerProtocol] = {}
         #: The last report of each running worker, by worker index: the
         #: parts it sent (:func:`tigertunnel.ops.figures.report_parts`), the
@@ -243,10 +248,14 @@ class WorkerSupervisor(Service):
         env = dict(self.env, **{
             SUPERVISOR_ENV: str(os.getpid()),
             LISTEN_FDS_ENV: ",".join(str(FIRST_FD + i) for i in range(len(fds)))})
+        handed = FIRST_FD + len(fds)
         if self.board is not None:
-            board_fd = FIRST_FD + len(fds)
-            child_fds[board_fd] = self.board[0]
-            env[BOARD_FD_ENV] = str(board_fd)
+            child_fds[handed] = self.board[0]
+            env[BOARD_FD_ENV] = str(handed)
+            handed += 1
+        if self.replay is not None:
+            child_fds[handed] = self.replay
+            env[REPLAY_FD_ENV] = str(handed)
         try:
             self.processes.spawnProcess(worker, argv[0], argv, env=env,
                                         path=self.cwd, childFDs=child_fds)
