@@ -34,8 +34,66 @@ class MainTests(KeyDirCase):
         return status, lines[0][len("tigertunnel: error: "):]
 
     def test_version(self) -> None:
-        """--version prints ``tigertunnel <version>`` and exits 0."""
-        self.assertEqual(self.run_main("--version"), (0, f"tigertunnel {__version__}\n", ""))
+        """--version, alone or after any command, prints tigertunnel's version, data path and ML-KEM backend, and exits 0."""
+        from tigertunnel.wire.datapath import ACTIVE
+        for args in (["--version"], ["server", "--version"], ["client", "--version"],
+                     ["keygen", "--version"], ["check-config", "--version"],
+                     ["status", "--version"], ["demo", "--version"], ["bench", "--version"],
+                     ["echo", "--version"]):
+            status, out, err = self.run_main(*args)
+            self.assertEqual((status, err), (0, ""), args)
+            self.assertEqual(len(out.splitlines()), 1, out)
+            self.assertTrue(out.startswith(f"tigertunnel {__version__}; data path: {ACTIVE.name}"),
+                            (args, out))
+            self.assertIn("; ML-KEM: native (cryptography ", out)
+
+    def test_unknown_option(self) -> None:
+        """An unknown flag before any command is an unknown option, not an unknown command."""
+        self.assertEqual(self.error_line("--bogus"),
+                         (2, "unknown option: '--bogus' (see tigertunnel --help)"))
+
+    def test_help_examples_one_per_line(self) -> None:
+        """The examples of status, bench, demo and echo --help stand one command per line."""
+        for command, example in (("status", "  tigertunnel status 10.0.0.5:9101\n"),
+                                 ("bench", "  tigertunnel bench\n"),
+                                 ("demo", "  tigertunnel demo --sessions 32 --rounds 5\n"),
+                                 ("echo", "  tigertunnel echo 3001 &\n")):
+            status, out, _ = self.run_main(command, "--help")
+            self.assertEqual(status, 0)
+            self.assertIn("\nExample", out)
+            self.assertIn(example, out)
+
+    def test_internal_option_hidden(self) -> None:
+        """server and client --help do not show --worker-index."""
+        for command in ("server", "client"):
+            status, out, _ = self.run_main(command, "--help")
+            self.assertEqual(status, 0)
+            self.assertIn("--workers=", out)
+            self.assertNotIn("worker-index", out)
+
+    def test_echo_usage_errors(self) -> None:
+        """echo needs one port number, 1 to 65535."""
+        self.assertEqual(self.error_line("echo"),
+                         (2, "echo: give the PORT to listen on (127.0.0.1:PORT)"))
+        self.assertEqual(self.error_line("echo", "70000"),
+                         (2, "echo: invalid port: '70000' (1 to 65535)"))
+
+    def test_broken_pipe_is_quiet(self) -> None:
+        """A reader that stops reading ends the command with status 141 and nothing on stderr."""
+        class Closed(io.StringIO):
+            def write(self, text: str) -> int:
+                raise BrokenPipeError(32, "Broken pipe")
+
+            def flush(self) -> None:
+                raise BrokenPipeError(32, "Broken pipe")
+
+        keygen(self.path("k"), key_id=5)
+        err = io.StringIO()
+        self.patch(sys, "stdout", Closed())
+        self.patch(sys, "stderr", err)
+        status = cli.main(["check-config", "server", "-p", ":3000,127.0.0.1:3001",
+                           "-k", self.path("k")])
+        self.assertEqual((status, err.getvalue()), (141, ""))
 
     def test_help_lists_every_command(self) -> None:
         """No arguments, help, -h and --help print the commands and the twistd forms, status 0."""

@@ -210,6 +210,17 @@ class AvailabilityTests(SynchronousTestCase):
         self.assertIn(kem.ALLOW_KYBER_ENV, text)
         self.assertIsInstance(error, KEMError)
 
+    def test_backend_description(self) -> None:
+        """--version's ML-KEM part names the backend: native, the test-only kyber-py, or unavailable."""
+        import cryptography
+        self.assertEqual(kem.backend_description(), f"native (cryptography {cryptography.__version__})")
+        self.without_native(allow_kyber=True)
+        self.assertIn(f"kyber-py (not constant time; {kem.ALLOW_KYBER_ENV}=1, tests only)",
+                      kem.backend_description())
+        self.without_native()
+        self.assertTrue(kem.backend_description().startswith("unavailable ("))
+        self.assertIn("KEM keys are refused at start", kem.backend_description())
+
     def test_switch_must_be_one(self) -> None:
         """Only the value 1 turns the kyber-py fallback on."""
         self.without_native()

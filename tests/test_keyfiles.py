@@ -96,6 +96,47 @@ class LoadTests(KeyDirCase):
         self.assertEqual(err.reason, "InvalidKeyFormat")
 
 
+class KindTests(KeyDirCase):
+    """A key file given to an option of another kind says so first."""
+
+    def kem_pair(self, prefix: str) -> str:
+        """Write kemgen-style PREFIX.pub (0644) and PREFIX.key (0600); return the prefix path."""
+        case = XWING["cases"][0]
+        path = self.path(prefix)
+        write_public_file(path + ".pub", case["pub_file"])
+        write_secret_file(path + ".key", case["key_file"])
+        return path
+
+    def test_public_key_as_psk_before_permissions(self) -> None:
+        """A 0644 .pub given as -k or --kemsecret is named a KEM public key, not told to chmod 600."""
+        pub = self.kem_pair("server-kem") + ".pub"
+        for loader, wanted in ((load_psk_file, "-k takes a PSK file from tigertunnel keygen"),
+                               (load_kem_secret_file, "--kemsecret takes kemgen's PREFIX.key")):
+            err = self.assertRaises(KeyFileError, loader, pub)
+            self.assertEqual(err.reason, "WrongKeyKind")
+            self.assertIn("a KEM public key, kemgen's PREFIX.pub for the client's --kempublic",
+                          err.detail)
+            self.assertIn(wanted, err.detail)
+            self.assertNotIn("chmod", str(err))
+
+    def test_kem_secret_key_as_psk(self) -> None:
+        """A kemgen PREFIX.key (its PREFIX.pub beside it, same key id) given as -k is named a KEM secret key."""
+        prefix = self.kem_pair("server-kem")
+        err = self.assertRaises(KeyFileError, load_psk_file, prefix + ".key")
+        self.assertEqual(err.reason, "WrongKeyKind")
+        self.assertIn(f"a KEM secret key, kemgen's PREFIX.key paired with {prefix}.pub "
+                      f"for the server's --kemsecret", err.detail)
+        # Given where it belongs, it loads.
+        self.assertEqual(len(load_kem_secret_file(prefix + ".key")), 1)
+
+    def test_psk_next_to_an_unrelated_pub_loads(self) -> None:
+        """A PSK file whose name ends in .key loads when the .pub beside it has another key id."""
+        prefix = self.kem_pair("server-kem")
+        write_secret_file(self.path("psk.key"), format_key_line(5, bytes(32)))
+        os.rename(prefix + ".pub", self.path("psk.pub"))
+        self.assertEqual(load_psk_file(self.path("psk.key")).ids(), [5])
+
+
 class WriteTests(KeyDirCase):
     """Writing key files: exact modes, no silent overwrite, atomic replacement."""
 

@@ -21,7 +21,7 @@ from tigertunnel.keys import files
 from tigertunnel.keys.files import load_kem_secret_file, load_psk_file, trusted_owners
 from tigertunnel.keys.generate import keygen
 from tigertunnel.net.listeners import endpoint_is_local
-from tigertunnel.ops import hardening, replay
+from tigertunnel.ops import hardening, replay, startup
 from tigertunnel.ops.hardening import Hardening
 from tigertunnel.ops.replay import ReplayCacheService, replay_path
 from tigertunnel.wire.replaywindow import Verdict
@@ -196,6 +196,10 @@ class ReplayPathTests(KeyDirCase):
         """makeService on a MemoryReactorClock; return the service tree."""
         self.patch(hardening, "harden_process", lambda: Hardening(True, True))
         self.patch(hardening, "_applied", None)
+        # These tests read the service tree; binding under twistd (on this
+        # memory reactor, whose ports cannot take an accept gate) is tested
+        # in test_tap and test_startup.
+        self.patch(startup, "bind_before_daemonizing", lambda top: None)
         self.addCleanup(logs.set_level, "info")
         options = twistd_parse(argv, twistd) if twistd is not None else tap.Options()
         if twistd is None:

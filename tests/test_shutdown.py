@@ -165,3 +165,32 @@ class OperationsOrderTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(events[3:], ["stop systemd", "stop reload", "stop metrics"])
         self.assertTrue(t.client.stopping)
+
+
+class Binding(Service):
+    """A service that counts its bindings (``privilegedStartService``)."""
+
+    def __init__(self) -> None:
+        self.bindings = 0
+
+    def privilegedStartService(self) -> None:
+        self.bindings += 1
+
+
+class BindOnceTests(SynchronousTestCase):
+    """The ports are bound once, however often privilegedStartService is called."""
+
+    def test_second_call_binds_nothing(self) -> None:
+        """Bound before twistd daemonized, twistd's own call later binds nothing again; after a stop it binds anew."""
+        t = Tunnel()
+        top = TunnelService(t.clock)
+        child, operation = Binding(), Binding()
+        child.setServiceParent(top)
+        top.add_operation(operation, stop_last=True)
+        top.privilegedStartService()
+        top.privilegedStartService()
+        top.startService()
+        self.assertEqual((child.bindings, operation.bindings), (1, 1))
+        self.successResultOf(top.stopService())
+        top.privilegedStartService()
+        self.assertEqual((child.bindings, operation.bindings), (2, 2))

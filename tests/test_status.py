@@ -102,9 +102,17 @@ class ArgumentTests(SynchronousTestCase):
         self.assertEqual(status_url("http://h:1/"), "http://h:1/status")
         self.assertEqual(status_url("https://h/x/status?a=1"), "https://h/x/status?a=1")
 
+    def test_host_and_port(self) -> None:
+        """HOST:PORT (a name, IPv4, [IPv6] or a bare IPv6 address) means http://HOST:PORT/status."""
+        self.assertEqual(status_url("10.0.0.5:9101"), "http://10.0.0.5:9101/status")
+        self.assertEqual(status_url("localhost:9101"), "http://localhost:9101/status")
+        self.assertEqual(status_url("[::1]:9101"), "http://[::1]:9101/status")
+        self.assertEqual(status_url("::1:9101"), "http://[::1]:9101/status")
+
     def test_bad_url(self) -> None:
-        """A URL that is not http(s) with a host is a usage error naming it."""
-        for url in ("ftp://h/status", "127.0.0.1:9101", "http:///status"):
+        """A URL that is not http(s) with a host, nor HOST:PORT, is a usage error naming it."""
+        for url in ("ftp://h/status", "127.0.0.1", "127.0.0.1:99999", "h:port",
+                    "http:///status"):
             error = self.assertRaises(UsageError, status_url, url)
             self.assertIn(repr(url), str(error))
 

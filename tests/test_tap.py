@@ -1,6 +1,8 @@
 """Tests for :mod:`tigertunnel.tap` (twistd options and service wiring) and the plugin."""
 
+import io
 import os
+import sys
 from typing import Any, List, Optional, Sequence, Tuple
 
 from twisted.application.service import IServiceMaker, MultiService
@@ -473,6 +475,75 @@ class MakeServiceTests(SynchronousTestCase):
         self.reactor.advance(60)
         self.assertEqual(len(self.reactor.tcpClients), 2)
 
+    def test_twistd_binds_in_make_service(self) -> None:
+        """Under twistd the ports are bound by makeService (before twistd daemonizes), once."""
+        from twisted.application import app
+        from tigertunnel.ops import hardening
+        self.patch(hardening, "harden_once", lambda: None)
+        options = tap.Options()
+        options.parent = app.ServerOptions()
+        options.parseOptions(["server", "--plaintext", "-p", ":3000,127.0.0.1:3001",
+                              "-p", "127.0.0.1:3002,127.0.0.1:3003"])
+        service = tap.makeService(options, reactor=self.reactor)
+        self.assertEqual([port for port, _, _, _ in self.reactor.tcpServers], [3000, 3002])
+        service.privilegedStartService()  # what twistd does after daemonizing
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(len(self.reactor.tcpServers), 2)
+
+    def test_twistd_tries_the_replay_file_unless_switching_users(self) -> None:
+        """Under twistd a foreign --replay-file stops makeService (exit 1); with twistd -u it is left to the service's start, as that user."""
+        from twisted.application import app
+        from tigertunnel.ops import hardening
+        self.patch(hardening, "harden_once", lambda: None)
+        self.patch(sys, "stderr", io.StringIO())
+        foreign = self.keys.write("foreign.replay", "something else entirely\n")
+        for uid, exits in ((None, True), (os.getuid(), False)):
+            options = tap.Options()
+            options.parent = app.ServerOptions()
+            options.parent["uid"] = uid
+            options.parseOptions(["server", "--plaintext", "-p", ":3000,127.0.0.1:3001",
+                                  "--replay-file", foreign])
+            if exits:
+                error = self.assertRaises(SystemExit, tap.makeService, options,
+                                          reactor=MemoryReactorClock())
+                self.assertEqual(error.code, 1)
+                self.assertIn(f"{foreign}: not a tigertunnel replay cache", sys.stderr.getvalue())
+            else:
+                tap.makeService(options, reactor=MemoryReactorClock())
+
+    def test_console_binds_at_start(self) -> None:
+        """Without twistd makeService binds nothing: the console script starts the service."""
+        tap.makeService(parse(["server", "--plaintext", "-p", ":3000,127.0.0.1:3001"]),
+                        reactor=self.reactor)
+        self.assertEqual(self.reactor.tcpServers, [])
+
+    def warnings(self, argv: List[str]) -> List[str]:
+        from twisted.logger import formatEvent, globalLogPublisher
+        events: List[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.start(argv)
+        return [formatEvent(e) for e in events
+                if e.get("log_namespace") == "tigertunnel.ops.startup"]
+
+    def test_client_on_all_interfaces_warns_once(self) -> None:
+        """Pairs on :PORT, 0.0.0.0 and :: are named in one warning; the loopback pair is not."""
+        lines = self.warnings(["client", "--plaintext", "-n", "1",
+                               "-p", ":4000,127.0.0.1:3000", "-p", "127.0.0.1:4001,127.0.0.1:3001",
+                               "-p", "0.0.0.0:4002,127.0.0.1:3002", "-p", "[::]:4003,127.0.0.1:3003"])
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("TB-side listener reachable beyond loopback: *:4000 (all IPv4 "
+                      "interfaces), 0.0.0.0:4002, [::]:4003;", lines[0])
+        self.assertNotIn("4001", lines[0])
+
+    def test_loopback_client_and_server_do_not_warn(self) -> None:
+        """A client on 127.0.0.1 and ::1, and a server on all interfaces, log no such warning."""
+        self.assertEqual(self.warnings(["client", "--plaintext", "-n", "1",
+                                        "-p", "127.0.0.1:4000,127.0.0.1:3000",
+                                        "-p", "[::1]:4001,127.0.0.1:3001"]), [])
+        self.assertEqual(self.warnings(["server", "--plaintext", "-p", ":3000,127.0.0.1:3001"]), [])
+
 
 class PluginTests(SynchronousTestCase):
     """twistd finds the plugin."""
@@ -484,3 +555,95 @@ class PluginTests(SynchronousTestCase):
         maker = makers["tigertunnel"]
         self.assertIs(maker.options, tap.Options)
         self.assertEqual(maker.makeService, tap.makeService)
+
+
+class KemAvailabilityTests(OptionsTestCase):
+    """A KEM key file where ML-KEM cannot run is refused while the options are parsed."""
+
+    def without_native_mlkem(self) -> None:
+        """Make this process look like one whose cryptography has no ML-KEM."""
+        from tigertunnel.crypto import kem
+        self.patch(kem, "HAVE_NATIVE_MLKEM", False)
+        self.patch(os, "environ", {k: v for k, v in os.environ.items()
+                                   if k != kem.ALLOW_KYBER_ENV})
+
+    def test_both_ends_refuse_kem_without_native_mlkem(self) -> None:
+        """--kemsecret (server) and --kempublic (client) are refused with one line naming the option and what to install."""
+        self.without_native_mlkem()
+        self.usage_error(["server", "-p", PAIR, "-k", self.keys.psk, "--kemsecret",
+                          self.keys.kem_secret], "cannot use --kemsecret",
+                         "no native ML-KEM-768", "cryptography 47 or later")
+        self.usage_error(["client", "-p", PAIR, "-k", self.keys.psk, "--kempublic",
+                          self.keys.kem_public], "cannot use --kempublic",
+                         "no native ML-KEM-768", "cryptography 47 or later")
+
+    def test_psk_only_runs_without_native_mlkem(self) -> None:
+        """Without a KEM key file the missing ML-KEM is no reason to refuse."""
+        self.without_native_mlkem()
+        self.assertIsNone(parse(["server", "-p", PAIR, "-k", self.keys.psk]).subOptions.config.kem_secret)
+        self.assertIsNone(parse(["client", "-p", PAIR, "-k", self.keys.psk]).subOptions.config.kem_public)
+
+
+class UnderTwistdTests(OptionsTestCase):
+    """Parsed by ``twistd tigertunnel``: a usage error is one line on stderr and exit status 1."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from tigertunnel.ops import hardening
+        self.patch(hardening, "harden_once", lambda: None)  # keep the test runner debuggable
+        self.err = io.StringIO()
+        self.out = io.StringIO()
+        self.patch(sys, "stderr", self.err)
+        self.patch(sys, "stdout", self.out)
+
+    def twistd_parse(self, argv: List[str]) -> Any:
+        from twisted.scripts._twistd_unix import ServerOptions
+        config = ServerOptions()
+        config.parseOptions(["tigertunnel", *argv])
+        return config
+
+    def test_usage_error_is_one_line(self) -> None:
+        """An unknown option and a public key given as -k each exit 1 with one stderr line, without the option list."""
+        for argv, expected in ((["server", "-p", PAIR, "-k", self.keys.psk, "--bogus"],
+                                "option --bogus not recognized"),
+                               (["client", "-p", PAIR, "-k", self.keys.kem_public],
+                                f"{self.keys.kem_public}: WrongKeyKind")):
+            self.err.truncate(0)
+            self.err.seek(0)
+            error = self.assertRaises(SystemExit, self.twistd_parse, argv)
+            self.assertEqual(error.code, 1)
+            lines = self.err.getvalue().splitlines()
+            self.assertEqual(len(lines), 1, lines)
+            self.assertTrue(lines[0].startswith("tigertunnel: error: "), lines[0])
+            self.assertIn(expected, lines[0])
+            self.assertEqual(self.out.getvalue(), "")
+
+    def test_valid_options_parse(self) -> None:
+        """Valid options under twistd parse as before."""
+        config = self.twistd_parse(["server", "-p", PAIR, "-k", self.keys.psk])
+        self.assertEqual(config.subOptions.subOptions.config.psk.ids(), [11])
+
+
+class HelpAndVersionTests(SynchronousTestCase):
+    """--help hides the internal option; --version says tigertunnel's version everywhere."""
+
+    def test_worker_index_hidden(self) -> None:
+        """--worker-index is accepted but not in server or client --help; --workers is."""
+        for options in (tap.ServerOptions(), tap.ClientOptions()):
+            text = str(options)
+            self.assertNotIn("worker-index", text)
+            self.assertIn("--workers=", text)
+
+    def test_version_everywhere(self) -> None:
+        """--version of the plugin, server and client prints the tigertunnel version line and exits 0."""
+        from tigertunnel import __version__
+        for argv in (["--version"], ["server", "--version"], ["client", "--version"]):
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            error = self.assertRaises(SystemExit, parse, argv)
+            self.assertEqual(error.code, 0)
+            self.assertTrue(out.getvalue().startswith(f"tigertunnel {__version__}; data path: "),
+                            out.getvalue())
+            self.assertIn("ML-KEM: native", out.getvalue())
+            self.assertNotIn("Twisted version:", out.getvalue())
+

@@ -13,25 +13,30 @@
 * ``tigertunnel bench`` — the benchmark (see :mod:`tigertunnel.tools.bench`).
 * ``tigertunnel status [URL]`` — a running tunnel end's /status in a terminal
   (see :mod:`tigertunnel.tools.status`).
-* ``tigertunnel --version``.
+* ``tigertunnel echo PORT`` — a TB-frame echo backend on 127.0.0.1 (see
+  :mod:`tigertunnel.tools.echo`).
+* ``tigertunnel --version`` (and ``--version`` after any command) — the
+  version, the data path and the ML-KEM backend
+  (:func:`tigertunnel.tools.options.version_line`).
 
 The commands are the ``subCommands`` of :class:`Options` (which extends the
 twistd plugin's options, so ``server`` and ``client`` parse exactly as under
 twistd); :data:`COMMANDS` says how each one runs once parsed. Errors print
 one line ``tigertunnel: error: ...`` and exit with status 1 (2 for a usage
-error; check-config exits 1 for any invalid configuration).
+error; check-config exits 1 for any invalid configuration). A reader that
+stops reading the output (``| head -1``) ends a command quietly, with
+status 141 as if SIGPIPE had ended it.
 """
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NoReturn, Optional
+from typing import Callable, Dict, List, Optional
 
 from twisted.python import usage
 
-import tigertunnel
 from tigertunnel import tap
 from tigertunnel.errors import ConfigError, KeyFileError
-from tigertunnel.tap import ExampleOptions
+from tigertunnel.tools.options import ExampleOptions
 
 
 class _GenOptions(ExampleOptions):
@@ -106,15 +111,18 @@ def _bench_options() -> usage.Options:
     return BenchOptions()
 
 
-class StatusOptions(usage.Options):
+class StatusOptions(ExampleOptions):
     """Options of ``tigertunnel status`` (checked by :mod:`tigertunnel.tools.status`)."""
 
-    synopsis = "[options] [URL]"
+    synopsis = "[options] [URL | HOST:PORT]"
     longdesc = ("Show a running tunnel end's /status (its --metrics listener): pairs, "
-                "pool connections, sessions, TB request p50/p99 per operation.\n"
-                "Exit status 0 when healthy, 1 when not or unreachable, 2 for a bad option.\n"
-                "Examples:\n  tigertunnel status\n  tigertunnel status http://10.0.0.5:9101\n"
-                "  tigertunnel status --json | jq '.pairs[].pool'")
+                "pool connections, sessions, TB request p50/p99 per operation. "
+                "Exit status 0 when healthy, 1 when not or unreachable, 2 for a bad option.")
+    examples = """Examples:
+  tigertunnel status
+  tigertunnel status 10.0.0.5:9101
+  tigertunnel status http://10.0.0.5:9101/status
+  tigertunnel status --json | jq '.pairs[].pool'"""
     optFlags = [["json", None, "Print the /status JSON as received."]]
     optParameters = [["timeout", "t", "5", "Seconds to wait for the answer."],
                      ["ca", None, None, "https: PEM CA certificates the endpoint's "
@@ -133,6 +141,25 @@ class StatusOptions(usage.Options):
             ["--json"] if self["json"] else []) + ["--timeout", self["timeout"]] + tls
 
 
+class EchoOptions(ExampleOptions):
+    """Options of ``tigertunnel echo``."""
+
+    synopsis = "PORT"
+    longdesc = ("Run a TB-frame echo backend on 127.0.0.1:PORT (a stand-in for a "
+                "replica: every complete TB frame goes straight back). Exits 1 with "
+                "one line when the port cannot be bound; SIGTERM or Ctrl-C stops it.")
+    examples = """Example (a tunnel server in front of it):
+  tigertunnel echo 3001 &
+  tigertunnel server -p :3000,127.0.0.1:3001 -k secret.key"""
+
+    def parseArgs(self, port: Optional[str] = None) -> None:
+        if port is None:
+            raise usage.UsageError("give the PORT to listen on (127.0.0.1:PORT)")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise usage.UsageError(f"invalid port: {port!r} (1 to 65535)")
+        self["port"] = int(port)
+
+
 class Options(tap.Options, _CommandOptions):
     """tigertunnel: an encrypted tunnel for TigerBeetle traffic."""
 
@@ -140,7 +167,7 @@ class Options(tap.Options, _CommandOptions):
     examples = """'tigertunnel COMMAND --help' lists the options of a command, with examples.
 The same server/client run under twistd:
   twistd -n tigertunnel server -p :3000,127.0.0.1:3001 -k secret.key
-  twistd --pidfile tt.pid tigertunnel client -p :4000,HOST:3000 -k secret.key
+  twistd --pidfile tt.pid tigertunnel client -p 127.0.0.1:4000,HOST:3000 -k secret.key
   twistd -n tigertunnel client --config cluster.ini
 """
     subCommands = [
@@ -154,14 +181,11 @@ The same server/client run under twistd:
         ["bench", None, _bench_options, "Benchmark: tunnel vs direct, CPU per round trip."],
         ["status", None, StatusOptions, "Show a running tunnel end's health and "
          "figures (its /status); exit 0 when healthy."],
+        ["echo", None, EchoOptions, "Run a TB-frame echo backend on 127.0.0.1 "
+         "(a stand-in replica for trying the tunnel)."],
     ]
 
     opt_h = usage.Options.opt_help
-
-    def opt_version(self) -> NoReturn:
-        """Print the version and exit."""
-        print(f"tigertunnel {tigertunnel.__version__}")
-        sys.exit(0)
 
     def postOptions(self) -> None:
         if self.subCommand is None:
@@ -228,13 +252,15 @@ def _run_end(options: Options) -> int:
         observer = worker_log_observer()
     else:
         observer = output_observer(sys.stderr, options.subOptions["log-format"])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     service = tap.makeService(options)
     try:
         service.privilegedStartService()
         service.startService()
     except Exception as e:  # a start-up failure is one line, not a traceback
         return _fail(f"cannot start: {e}")
+    # Twisted keeps the events of the start-up until now: a failed start
+    # shows only its error line, not the ports that did open before it.
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     # The line twistd writes at start-up, so both ways of running say it
     # (once started: a start-up error stays the only line).
@@ -308,6 +334,12 @@ def _bench(options: Options) -> int:
     return run(options.subOptions)
 
 
+def _echo(options: Options) -> int:
+    from tigertunnel.tools.echo import serve
+    install_reactor()
+    return serve(options.subOptions["port"])
+
+
 def _status(options: Options) -> int:
     from tigertunnel.tools.status import main as status_main
     sub = options.subOptions
@@ -339,6 +371,7 @@ COMMANDS: Dict[str, Command] = {
     "demo": Command(_demo, usage_prefix="demo: "),
     "bench": Command(_bench, usage_prefix="bench: "),
     "status": Command(_status, usage_prefix="status: "),
+    "echo": Command(_echo, usage_prefix="echo: "),
 }
 
 
@@ -360,16 +393,41 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout.write(str(options))
         return 0
     try:
-        options.parseOptions(args)
-    except usage.UsageError as e:
-        if options.subCommand is None:
-            return _fail(f"unknown command: {args[0]!r} (see tigertunnel --help)", 2)
-        command = COMMANDS[options.subCommand]
-        return _fail(f"{command.usage_prefix}{e}", command.usage_status)
-    except SystemExit as e:  # --help, --version
-        return int(e.code or 0)
-    assert options.subCommand is not None  # postOptions made sure
-    return COMMANDS[options.subCommand].run(options)
+        try:
+            options.parseOptions(args)
+        except usage.UsageError as e:
+            if options.subCommand is None:
+                kind = "option" if args[0].startswith("-") else "command"
+                return _fail(f"unknown {kind}: {args[0]!r} (see tigertunnel --help)", 2)
+            command = COMMANDS[options.subCommand]
+            return _fail(f"{command.usage_prefix}{e}", command.usage_status)
+        except SystemExit as e:  # --help, --version
+            sys.stdout.flush()
+            return int(e.code or 0)
+        assert options.subCommand is not None  # postOptions made sure
+        status = COMMANDS[options.subCommand].run(options)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+def _quiet_broken_pipe() -> int:
+    """Whoever read our output stopped reading (``| head``): exit quietly.
+
+    Python would report the lost output at exit; stdout is pointed at
+    ``/dev/null`` so that the final flush has nowhere to fail.
+
+    :returns: 141, the status of a process ended by SIGPIPE.
+    """
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # no real stdout (a test's StringIO): nothing is left to flush
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,12 +1,17 @@
 """twistd plugin options and service maker for ``twistd tigertunnel``.
 
 ``twistd [-n] [--pidfile F] tigertunnel server -p :3000,127.0.0.1:3001 -k K``
-``twistd [-n] [--pidfile F] tigertunnel client -p :4000,HOST:3000 -k K``
+``twistd [-n] [--pidfile F] tigertunnel client -p 127.0.0.1:4000,HOST:3000 -k K``
 ``twistd [-n] [--pidfile F] tigertunnel client --config cluster.ini``
 
 Every option, address and key file is validated while the options are
-parsed, so a bad value stops start-up with a one-line message naming it and a
-non-zero exit status, before anything listens or daemonizes.
+parsed (a KEM key file also needs native ML-KEM), so a bad value stops
+start-up with a one-line message naming it and a non-zero exit status,
+before anything listens or daemonizes; under twistd that line is
+``tigertunnel: error: ...`` on stderr, as from the console script. Under
+twistd ``makeService`` also binds the listening ports, before twistd
+daemonizes (:mod:`tigertunnel.ops.startup`), so a port in use is the same
+one line.
 
 Under twistd the process is hardened (not dumpable, no core files:
 :mod:`tigertunnel.ops.hardening`) as soon as twistd hands the arguments to
@@ -44,6 +49,7 @@ from tigertunnel.keys.files import (
     trusted_owners,
 )
 from tigertunnel.keys.format import parse_int
+from tigertunnel.tools.options import ExampleOptions
 from tigertunnel.errors import ConfigError, KeyFileError
 
 if TYPE_CHECKING:
@@ -80,25 +86,11 @@ def _positive_int(name: str, text: str, limit: int = 2 ** 32 - 1) -> int:
     return value
 
 
-class ExampleOptions(usage.Options):
-    """Options whose ``--help`` ends with :attr:`examples`, verbatim.
-
-    (Twisted re-wraps ``longdesc``, which would mangle command lines.)
-    """
-
-    examples = ""
-
-    def getUsage(self, width: Optional[int] = None) -> str:
-        text: str = super().getUsage(width)
-        if self.examples:
-            text = text.rstrip("\n") + "\n\n" + self.examples.strip("\n") + "\n"
-        return text
-
-
 class _EndOptions(ExampleOptions):
     """Options shared by ``server`` and ``client``."""
 
     role = ""
+    hidden = ("worker-index",)
     optFlags = [
         ["plaintext", None, "Run without encryption (no -k). Only for "
          "testing on a trusted network: nothing is authenticated."],
@@ -408,6 +400,7 @@ SIGHUP reloads the key files; SIGTERM drains and exits."""
                                    "requires encryption)")
         cfg.kem_secret = load_kem_secret_file(path, self.key_owners())
         cfg.kem_path = path
+        _require_kem("--kemsecret")
 
     def check_replay_file(self) -> None:
         """Check that ``--replay-file`` names a file in an existing directory."""
@@ -435,9 +428,9 @@ to its peers) and carry them over a pool of encrypted connections to the
 tunnel server of each proxy pair. SIGHUP reloads the key files; SIGTERM
 drains and exits."""
     examples = """Examples:
-  twistd --pidfile tt.pid tigertunnel client -p :4000,tunnel.example.org:3000 -k secret.key
+  twistd --pidfile tt.pid tigertunnel client -p 127.0.0.1:4000,tunnel.example.org:3000 -k secret.key
   twistd -n tigertunnel client -k secret.key --kempublic server-kem.pub \\
-      -p :4000,r0.example:3000 -p :4001,r1.example:3000 -p :4002,r2.example:3000
+      -p 127.0.0.1:4000,r0.example:3000 -p 127.0.0.1:4001,r1.example:3000 -p 127.0.0.1:4002,r2.example:3000
   twistd -n tigertunnel client --config cluster.ini               (TB clients)
   twistd -n tigertunnel client --config cluster.ini --replica 1   (replica 1's peers)
   tigertunnel check-config client --config cluster.ini
@@ -459,6 +452,7 @@ drains and exits."""
                                    "requires encryption)")
         cfg.kem_public = load_kem_public_file(path)
         cfg.kem_path = path
+        _require_kem("--kempublic")
 
 
 class Options(ExampleOptions):
@@ -467,7 +461,7 @@ class Options(ExampleOptions):
     synopsis = "server|client [options]"
     examples = """Examples:
   twistd -n tigertunnel server -p :3000,127.0.0.1:3001 -k secret.key
-  twistd --pidfile tt.pid tigertunnel client -p :4000,HOST:3000 -k secret.key
+  twistd --pidfile tt.pid tigertunnel client -p 127.0.0.1:4000,HOST:3000 -k secret.key
 'twistd tigertunnel server --help' and 'client --help' list the options.
 """
     subCommands = [
@@ -479,11 +473,19 @@ class Options(ExampleOptions):
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """Parse; under twistd, harden the process first (keys are read
-        while the sub-options are parsed)."""
-        if _twistd_options(self.parent) is not None:
-            from tigertunnel.ops.hardening import harden_once
-            harden_once()
-        super().parseOptions(options)
+        while the sub-options are parsed), and make a usage error one line
+        on stderr and exit status 1 (:func:`tigertunnel.ops.startup.fail`)."""
+        if _twistd_options(self.parent) is None:
+            super().parseOptions(options)
+            return
+        from tigertunnel.ops.hardening import harden_once
+        from tigertunnel.ops.startup import fail
+        harden_once()
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            # twistd would print every option of the mode before the message.
+            fail(str(e))
 
     def postOptions(self) -> None:
         if self.subCommand is None:
@@ -493,6 +495,20 @@ class Options(ExampleOptions):
             # twistd opens its log with our observer (--log-level on every
             # line, --log-format, the journal's priorities); --logger wins.
             logs.use_for_twistd(twistd, self.subOptions["log-format"])
+
+
+def _require_kem(option: str) -> None:
+    """Refuse a KEM key file where ML-KEM cannot run (no native ML-KEM).
+
+    :raises usage.UsageError: naming the option and what to install.
+    """
+    from tigertunnel.crypto.kem import check_available
+    from tigertunnel.errors import KEMUnavailableError
+
+    try:
+        check_available()
+    except KEMUnavailableError as e:
+        raise usage.UsageError(f"cannot use {option}: {e}") from None
 
 
 def _twistd_options(options: Optional[usage.Options]) -> Optional[usage.Options]:
@@ -551,6 +567,10 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     key reload on SIGHUP, the optional metrics listener and, under systemd,
     the notifications as its operations services.
 
+    Under twistd the ports are bound here (a port that cannot be bound
+    exits with one line); a client names its TB-side listeners reachable
+    beyond loopback in one warning.
+
     :param reactor: the global reactor by default; tests pass a
         ``MemoryReactorClock``.
     """
@@ -566,6 +586,11 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     from tigertunnel.ops.reload import KeyReloader, ReloadService
     from tigertunnel.ops.replay import ReplayCacheService, create_shared_memory, replay_path
     from tigertunnel.ops.shutdown import TunnelService
+    from tigertunnel.ops.startup import (
+        bind_before_daemonizing,
+        probe_replay_file,
+        warn_reachable_tb_listeners,
+    )
     from tigertunnel.ops.systemd import Notifier, SystemdService, watchdog_interval
     from tigertunnel.ops.workers import WorkerSupervisor, create_board, worker_command
 
@@ -654,6 +679,17 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
             top.add_operation(probe)
     if systemd is not None:
         top.add_operation(systemd)
+    if sub["worker-index"] is None:
+        warn_reachable_tb_listeners(config)
+        twistd = _twistd_options(options)
+        if twistd is not None:
+            # Ports bound (and an existing replay file tried, where twistd
+            # keeps user, root and directory) before twistd daemonizes: an
+            # error is one line.
+            bind_before_daemonizing(top)
+            if (replay is not None and replay.path and twistd.get("uid") is None
+                    and twistd.get("chroot") is None and twistd.get("rundir", ".") == "."):
+                probe_replay_file(replay.path)
     return top
 
 

@@ -124,7 +124,8 @@ class _Collector(ProcessProtocol):
 
 
 async def run(args: Sequence[str], timeout: float = 30.0,
-              umask: Optional[int] = None) -> Result:
+              umask: Optional[int] = None, env: Optional[Dict[str, str]] = None,
+              stdout_fd: Optional[int] = None, cwd: Optional[str] = None) -> Result:
     """Run a child to completion, collecting its output.
 
     The child runs in our working directory (give it absolute paths): with
@@ -132,6 +133,11 @@ async def run(args: Sequence[str], timeout: float = 30.0,
     this (possibly large, threaded) test process.
 
     :param umask: the child's umask (ours is restored right after spawning).
+    :param env: the child's environment (default :func:`child_env`).
+    :param stdout_fd: a descriptor of ours to give the child as its stdout
+        (default: a pipe whose output the result holds).
+    :param cwd: the child's working directory (default: ours; giving one
+        makes Twisted fork instead of ``posix_spawn``).
     :returns: the child's :class:`Result`.
     :raises WaitTimeout: the child did not finish within ``timeout`` seconds
         (it has been killed with SIGKILL).
@@ -140,8 +146,10 @@ async def run(args: Sequence[str], timeout: float = 30.0,
     proto = _Collector()
     old = os.umask(umask) if umask is not None else None
     try:
+        fds: Dict[int, Any] = {0: "w", 1: "r" if stdout_fd is None else stdout_fd, 2: "r"}
         transport = reactor.spawnProcess(proto, args[0], list(args),
-                                         env=child_env())
+                                         env=child_env() if env is None else env,
+                                         path=cwd, childFDs=fds)
     finally:
         if old is not None:
             os.umask(old)

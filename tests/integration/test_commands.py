@@ -1,4 +1,4 @@
-"""The two user-facing jobs run end to end: ``tigertunnel demo`` and ``tigertunnel bench``.
+"""The user-facing commands run end to end: ``tigertunnel demo``, ``bench``, ``echo``.
 
 Small workloads only: these check that the commands work and report what
 they measured, not how fast anything is (the benchmark is the place for
@@ -7,11 +7,14 @@ that).
 
 import json
 import os
+import signal
+import socket
 import sys
 
 from twisted.trial.unittest import TestCase
 
 from tests.integration import procs
+from tigertunnel.keys.generate import keygen
 
 
 class CommandTests(TestCase):
@@ -80,3 +83,68 @@ class CommandTests(TestCase):
                                   "--against", "/bin/false"], timeout=90)
         self.assertEqual(result.status, 1, result.describe())
         self.assertIn("the --against tunnel's log", result.stderr)
+
+
+class SmallCommandTests(TestCase):
+    """tigertunnel echo and the quiet end of a command whose reader left, as real processes."""
+
+    timeout = 60
+
+    async def test_echo_serves_and_stops_on_sigterm(self) -> None:
+        """tigertunnel echo PORT echoes TB frames byte-identical and exits 0 on SIGTERM with nothing on stderr."""
+        from twisted.internet import reactor, task
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+        from twisted.internet.error import ConnectionRefusedError
+
+        from tests.integration.test_sockets import PeerFactory, digest
+        from tigertunnel.tools.traces import SINGLE, load_trace
+
+        (port,) = procs.free_ports(1)
+        echo = procs.spawn([procs.executable("tigertunnel"), "echo", str(port)])
+        self.addCleanup(echo.kill)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+        peer = None
+        deadline = reactor.seconds() + 20
+        while peer is None:  # bounded: until the echo backend listens
+            try:
+                peer = await endpoint.connect(PeerFactory())
+            except ConnectionRefusedError:
+                self.assertLess(reactor.seconds(), deadline, echo.output)
+                self.assertTrue(echo.running, echo.output)
+                await task.deferLater(reactor, 0.05, lambda: None)
+        frames = [f.data for f in load_trace(SINGLE) if f.dir == "up"][:8]
+        peer.transport.writeSequence(frames)
+        await procs.wait_until(lambda: len(peer.digests) >= len(frames), 15, "the echoed frames")
+        self.assertEqual(peer.digests, [digest(f) for f in frames])
+        peer.transport.loseConnection()
+        self.assertEqual(await echo.kill(signal.SIGTERM, timeout=10), 0, echo.output)
+        self.assertEqual(echo.output, "")
+
+    async def test_echo_port_taken(self) -> None:
+        """tigertunnel echo on a port in use exits 1 at once with one line naming it."""
+        busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = await procs.run([procs.executable("tigertunnel"), "echo", str(port)],
+                                 timeout=20)
+        self.assertEqual(result.status, 1, result.describe())
+        self.assertEqual(result.stderr, f"tigertunnel: error: echo: cannot listen on "
+                                        f"127.0.0.1:{port}: Address already in use\n")
+
+    async def test_broken_pipe_is_quiet(self) -> None:
+        """check-config writing into a pipe nobody reads (| head -1 having exited) ends quietly with status 141."""
+        keys = os.path.abspath(self.mktemp())
+        os.makedirs(keys)
+        psk = os.path.join(keys, "psk.key")
+        keygen(psk)
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first write
+        try:
+            result = await procs.run([procs.executable("tigertunnel"), "check-config",
+                                      "server", "-p", "127.0.0.1:3000,127.0.0.1:3001",
+                                      "-k", psk], stdout_fd=write_end)
+        finally:
+            os.close(write_end)
+        self.assertEqual((result.status, result.stderr), (141, ""), result.describe())

@@ -147,7 +147,7 @@ class ConsoleWorkersTests(TestCase):
                              f"127.0.0.1:{port},127.0.0.1:{backend.port_number}",
                              "-k", key, "--workers", "2"])
         self.addCleanup(child.kill, signal.SIGKILL, 15)
-        await procs.wait_for_output(child, "[worker 1/tigertunnel.replay#info] "
+        await procs.wait_for_output(child, "[worker 1/tigertunnel.ops.replay#info] "
                                     "replay cache", 30)
 
         def fresh() -> bytes:

@@ -1,17 +1,13 @@
 """Real processes: daemonized ``twistd tigertunnel`` and the console script.
 
-Where the messages go (checked here):
-
-* a bad option, address or key file is found while twistd parses its
-  options, before it daemonizes: twistd exits 1 and prints its usage text
-  followed by one line ``<argv[0]> <argv[1]>: <message>`` on **stdout**
-  (that is twistd's own behaviour, ``twisted.application.app.run``);
-* a port that cannot be bound is found after twistd daemonized: the parent
-  exits 1 and prints ``An error has occurred: b"<first 100 bytes of the
-  exception line>"`` on **stderr**, and the log file gets the traceback
-  ending in the full ``CannotListenError`` line;
-* the console script (``tigertunnel server|client``) prints exactly one
-  line ``tigertunnel: error: <message>`` on stderr for every start-up error.
+Where the messages go (checked here): every start-up error is found before
+twistd daemonizes (a bad option, address or key file while twistd parses
+the options; a port that cannot be bound, the tunnel's or the metrics
+endpoint's, in ``makeService``; KEM keys without native ML-KEM while the
+options are parsed), so ``twistd tigertunnel`` (daemonized or ``-n``) and
+the console script (``tigertunnel server|client``) alike print exactly one
+line ``tigertunnel: error: <message>`` on stderr, exit non-zero and leave no
+pidfile and no process behind.
 
 Every process a test starts is stopped in a cleanup (SIGTERM, then SIGKILL),
 found by its pidfile or by the test's unique directory in its command line.
@@ -21,7 +17,7 @@ import os
 import re
 import socket
 import stat
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -71,16 +67,18 @@ class _ProcessTestCase(TestCase):
 
     async def twistd(self, *args: str, pidfile: Optional[str] = None,
                      logfile: Optional[str] = None,
-                     options: Sequence[str] = ()) -> procs.Result:
-        """Run ``twistd --pidfile P --logfile L [OPTIONS] tigertunnel ARGS`` daemonized."""
+                     options: Sequence[str] = (),
+                     env: Optional[Dict[str, str]] = None) -> procs.Result:
+        """Run ``twistd --pidfile P --logfile L [OPTIONS] tigertunnel ARGS`` (daemonized unless OPTIONS has -n)."""
         return await procs.run(
             [procs.executable("twistd"), "--pidfile", pidfile or self.pidfile,
              "--logfile", logfile or self.logfile, *options, "tigertunnel",
-             *args])
+             *args], env=env)
 
-    async def console(self, *args: str) -> procs.Result:
+    async def console(self, *args: str,
+                      env: Optional[Dict[str, str]] = None) -> procs.Result:
         """Run the console script ``tigertunnel ARGS`` in the foreground."""
-        return await procs.run([procs.executable("tigertunnel"), *args])
+        return await procs.run([procs.executable("tigertunnel"), *args], env=env)
 
 
 class DaemonTests(_ProcessTestCase):
@@ -163,27 +161,43 @@ class StartupErrorTests(_ProcessTestCase):
         self.assertTrue(err[0].startswith("tigertunnel: error: "), err[0])
         self.assertIn(expected, err[0])
 
-    def check_twistd_usage(self, result: procs.Result, expected: str) -> None:
-        """twistd refused the options before daemonizing (message on stdout)."""
-        self.assertNotEqual(result.status, 0, result.describe())
-        self.assertNotIn("Traceback", result.stdout + result.stderr,
-                         result.describe())
-        out = lines(result.stdout)
-        self.assertTrue(out, result.describe())
-        self.assertIn(expected, out[-1])
-        self.assertFalse(os.path.exists(self.pidfile), "pidfile left behind")
+    def check_twistd(self, result: procs.Result, expected: str, form: str,
+                     pidfile: str, logfile: str) -> None:
+        """twistd failed with the console script's one line, before it daemonized."""
+        what = f"{form}: {result.describe()}"
+        self.assertEqual(result.status, 1, what)
+        self.assertEqual(result.stdout, "", what)
+        err = lines(result.stderr)
+        self.assertEqual(len(err), 1, what)
+        self.assertTrue(err[0].startswith("tigertunnel: error: "), what)
+        self.assertIn(expected, err[0], what)
+        self.assertFalse(os.path.exists(pidfile), f"{form}: pidfile left behind")
+        self.assertNotIn("Traceback", procs.read_text(logfile), form)
 
-    async def refused(self, role: str, args: Sequence[str],
-                      expected: str) -> None:
-        """Run both forms at once and check the usage-error outcome."""
-        daemon, console = await defer.gatherResults([
-            defer.ensureDeferred(self.twistd(role, *args)),
-            defer.ensureDeferred(self.console(role, *args)),
-        ], consumeErrors=True)
-        self.check_twistd_usage(daemon, expected)
+    async def refused(self, role: str, args: Sequence[str], expected: str,
+                      env: Optional[Dict[str, str]] = None,
+                      one_by_one: bool = False) -> None:
+        """Run twistd daemonized, twistd -n and the console script (at once
+        unless ``one_by_one``: their valid ports would collide); each must
+        fail with one ``tigertunnel: error:`` line containing ``expected``."""
+        files = {form: (self.path(f"{form}.pid"), self.path(f"{form}.log"))
+                 for form in ("daemon", "nodaemon")}
+        runs = [
+            lambda: self.twistd(role, *args, pidfile=files["daemon"][0],
+                                logfile=files["daemon"][1], env=env),
+            lambda: self.twistd(role, *args, pidfile=files["nodaemon"][0],
+                                logfile=files["nodaemon"][1], options=["-n"], env=env),
+            lambda: self.console(role, *args, env=env),
+        ]
+        if one_by_one:
+            daemon, nodaemon, console = [await run() for run in runs]
+        else:
+            daemon, nodaemon, console = await defer.gatherResults(
+                [defer.ensureDeferred(run()) for run in runs], consumeErrors=True)
+        self.check_twistd(daemon, expected, "twistd", *files["daemon"])
+        self.check_twistd(nodaemon, expected, "twistd -n", *files["nodaemon"])
         self.check_console(console, expected)
         await self.no_process_left()
-        self.assertFalse(os.path.exists(self.pidfile), "pidfile left behind")
 
     async def test_bad_listen_address(self) -> None:
         """A -p with port 99999 is refused, naming the address."""
@@ -248,33 +262,96 @@ class StartupErrorTests(_ProcessTestCase):
         await self.refused("client", ["-p", self.pair()],
                            "no key file: give -k KEYFILE")
 
-    async def test_port_already_bound(self) -> None:
-        """A listen port already in use is fatal for both roles and both run forms."""
+    def busy_port(self) -> int:
+        """A port on 127.0.0.1 that a socket of this test listens on."""
         busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(busy.close)
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
-        address = f"127.0.0.1:{busy.getsockname()[1]}"
-        expected = f"cannot listen on {address}: Address already in use"
+        port: int = busy.getsockname()[1]
+        return port
+
+    async def test_port_already_bound(self) -> None:
+        """A listen port already in use is one line and exit 1 for both roles, daemonized, -n and the console script."""
+        address = f"127.0.0.1:{self.busy_port()}"
         for role in ("server", "client"):
-            pidfile, logfile = self.path(f"{role}.pid"), self.path(f"{role}.log")
-            daemon, console = await defer.gatherResults([
-                defer.ensureDeferred(self.twistd(
-                    role, "-p", f"{address},{self.backend}", "-k", self.psk,
-                    pidfile=pidfile, logfile=logfile)),
-                defer.ensureDeferred(self.console(
-                    role, "-p", f"{address},{self.backend}", "-k", self.psk)),
-            ], consumeErrors=True)
-            self.check_console(console, expected)
-            # Found after daemonizing: twistd's parent reports our one-line
-            # ListenError on stderr; the log file has it too.
-            self.assertNotEqual(daemon.status, 0, daemon.describe())
-            self.assertIn(expected, daemon.stderr, daemon.describe())
-            # The daemon writes its log after its parent has already exited.
-            log = await procs.wait_for_text(logfile, f"ListenError: {expected}", 5)
-            self.assertIn("Address already in use", log)
-            await self.no_process_left()
-            self.assertFalse(os.path.exists(pidfile), f"{role} pidfile left")
+            await self.refused(role, ["-p", f"{address},{self.backend}", "-k", self.psk],
+                               f"cannot start: cannot listen on {address}: Address "
+                               f"already in use")
+
+    async def test_metrics_port_taken(self) -> None:
+        """A --metrics port in use is one line with the whole message (not cut at 100 bytes), in every run form."""
+        port = self.busy_port()
+        await self.refused("server", ["-p", self.pair(), "-k", self.psk, "--metrics",
+                                      f"tcp:{port}:interface=127.0.0.1"],
+                           f"cannot start: cannot listen on metrics endpoint "
+                           f"tcp:{port}:interface=127.0.0.1: Address already in use",
+                           one_by_one=True)
+
+    async def test_replay_file_not_a_cache(self) -> None:
+        """A --replay-file that is not a replay cache stops the server with one line naming it, in every run form."""
+        foreign = self.path("foreign.replay")
+        with open(foreign, "wb") as f:
+            f.write(b"something else entirely")
+        await self.refused("server", ["-p", self.pair(), "-k", self.psk, "--replay-file",
+                                      foreign],
+                           f"cannot start: {foreign}: not a tigertunnel replay cache",
+                           one_by_one=True)
+
+    async def test_kem_without_native_mlkem(self) -> None:
+        """Where cryptography has no ML-KEM, a KEM key file stops both ends at start with one line, in every run form."""
+        # This Python cannot import cryptography's ML-KEM module: what
+        # tigertunnel/crypto/kem.py sees with a cryptography older than 47.
+        fixture = self.path("no-mlkem")
+        os.makedirs(fixture)
+        with open(os.path.join(fixture, "sitecustomize.py"), "w") as f:
+            f.write(NO_MLKEM)
+        env = procs.child_env()
+        env.pop("TIGERTUNNEL_ALLOW_KYBER_PY", None)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [fixture] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        await self.refused("server", ["-p", self.pair(), "-k", self.psk, "--kemsecret",
+                                      self.kem_key], "cannot use --kemsecret: KEM is "
+                           "configured but the installed cryptography", env=env)
+        await self.refused("client", ["-p", self.pair(), "-k", self.psk, "--kempublic",
+                                      self.kem_pub], "cannot use --kempublic: KEM is "
+                           "configured but the installed cryptography", env=env)
+        # The same Python runs a PSK-only end: the fixture hides ML-KEM only.
+        check = await self.console("check-config", "client", "-p", self.pair(),
+                                   "-k", self.psk, env=env)
+        self.assertEqual(check.status, 0, check.describe())
+
+    async def test_public_key_given_as_psk(self) -> None:
+        """A KEM public key (mode 0644) given as -k is named as one, not sent to chmod 600."""
+        await self.refused("client", ["-p", self.pair(), "-k", self.kem_pub],
+                           f"{self.kem_pub}: WrongKeyKind (a KEM public key")
+
+    async def test_version(self) -> None:
+        """twistd tigertunnel [server] --version prints tigertunnel's version line, not Twisted's."""
+        from tigertunnel import __version__
+        for args in (["--version"], ["server", "--version"], ["client", "--version"]):
+            result = await procs.run([procs.executable("twistd"), "tigertunnel", *args])
+            self.assertEqual(result.status, 0, result.describe())
+            self.assertTrue(result.stdout.startswith(f"tigertunnel {__version__}; data path: "),
+                            result.describe())
+            self.assertNotIn("Twisted version:", result.stdout)
+
+
+#: A sitecustomize.py that makes cryptography's ML-KEM module unimportable.
+NO_MLKEM = """
+import sys
+
+
+class _NoMLKEM:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "cryptography.hazmat.primitives.asymmetric.mlkem":
+            raise ModuleNotFoundError(f"No module named {name!r} (test fixture)")
+        return None
+
+
+sys.meta_path.insert(0, _NoMLKEM)
+"""
 
 
 class KeygenCommandTests(_ProcessTestCase):

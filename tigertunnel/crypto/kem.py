@@ -24,8 +24,10 @@ only when asked for explicitly:
 
 Otherwise a KEM operation without native ML-KEM raises
 :class:`tigertunnel.errors.KEMUnavailableError` (a :class:`KEMError`) with a
-message saying what to install, so a tunnel end configured with a KEM key
-refuses to start when it loads its keys. ``cryptography``'s
+message saying what to install. Both tunnel ends call :func:`check_available`
+when their options name a KEM key file (``tigertunnel/tap.py``), so a tunnel
+end configured with a KEM key refuses to start, with one line, instead of
+failing every handshake. ``cryptography``'s
 ``UnsupportedAlgorithm`` never escapes this module.
 
 Every other failure (a wrong length, an invalid ML-KEM public key, an
@@ -139,6 +141,17 @@ def check_available() -> None:
     :raises KEMUnavailableError: no native ML-KEM and no fallback allowed.
     """
     use_native()
+
+
+def backend_description() -> str:
+    """How ML-KEM-768 runs here, for ``--version``: ``native (cryptography X)``,
+    ``kyber-py (tests only, ...)`` or ``unavailable (...)``."""
+    if HAVE_NATIVE_MLKEM:
+        return f"native (cryptography {cryptography.__version__})"
+    if kyber_allowed():
+        return f"kyber-py (not constant time; {ALLOW_KYBER_ENV}=1, tests only)"
+    return (f"unavailable (cryptography {cryptography.__version__} has no native "
+            f"ML-KEM-768: KEM keys are refused at start)")
 
 
 def _check_length(name: str, value: bytes, size: int) -> None:

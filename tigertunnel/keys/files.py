@@ -23,9 +23,9 @@ import tempfile
 from typing import Iterable
 
 from tigertunnel.crypto.kdf import PSK_SIZE
-from tigertunnel.crypto.kem import SECRET_KEY_SIZE
+from tigertunnel.crypto.kem import PUBLIC_KEY_SIZE, SECRET_KEY_SIZE
 from tigertunnel.errors import KeyFileError
-from tigertunnel.keys.format import KeyStore, parse_key_text, parse_public_key_text
+from tigertunnel.keys.format import KeyStore, first_key, parse_key_text, parse_public_key_text
 
 #: Guard against pointing a key option at a huge file or a device such as
 #: ``/dev/zero``; a full file of 16 public keys with comments is ~40 KiB.
@@ -47,8 +47,46 @@ def _user_name(uid: int) -> str:
         return "no such user"
 
 
+#: The kinds of key file, by the option that takes them.
+PSK = "-k"
+KEM_SECRET = "--kemsecret"
+KEM_PUBLIC = "--kempublic"
+
+
+def _wrong_kind(path: str, data: bytes, kind: str) -> "KeyFileError | None":
+    """The error for a key file of another kind than ``kind``, if it is one.
+
+    A KEM public key is told by its size (1216 bytes); a KEM secret key has
+    the size of a PSK (32 bytes) and is told by the ``PREFIX.pub`` that
+    kemgen wrote next to it with the same key id.
+    """
+    found = first_key(data)
+    if found is None:
+        return None
+    key_id, size = found
+    wanted = {PSK: "-k takes a PSK file from tigertunnel keygen",
+              KEM_SECRET: "--kemsecret takes kemgen's PREFIX.key"}.get(kind, "")
+    if size == PUBLIC_KEY_SIZE and kind != KEM_PUBLIC:
+        return KeyFileError(path, "WrongKeyKind", None,
+                            f"a KEM public key, kemgen's PREFIX.pub for the "
+                            f"client's --kempublic; {wanted}")
+    if size == SECRET_KEY_SIZE and kind == PSK and path.endswith(".key"):
+        public = path[:-len(".key")] + ".pub"
+        try:
+            with open(public, "rb") as f:
+                public_id, _ = parse_public_key_text(f.read(MAX_KEY_FILE_SIZE), public)
+        except (OSError, KeyFileError):
+            return None
+        if public_id == key_id:
+            return KeyFileError(path, "WrongKeyKind", None,
+                                f"a KEM secret key, kemgen's PREFIX.key paired "
+                                f"with {public} for the server's --kemsecret; {wanted}")
+    return None
+
+
 def read_key_file(path: str, secret: bool,
-                  owners: "Iterable[int] | None" = None) -> bytes:
+                  owners: "Iterable[int] | None" = None,
+                  kind: "str | None" = None) -> bytes:
     """Return the whole content of a key file.
 
     :param secret: refuse the file if group or others have any access to it
@@ -57,12 +95,20 @@ def read_key_file(path: str, secret: bool,
         in ``owners``.
     :param owners: the users a secret file may belong to
         (:func:`trusted_owners` by default).
-    :raises KeyFileError: ``Unreadable``, ``InsecurePermissions``,
-        ``InsecureOwner``, or ``InvalidKeyFormat`` for a file over
-        :data:`MAX_KEY_FILE_SIZE` bytes.
+    :param kind: the option the file was given to (:data:`PSK`,
+        :data:`KEM_SECRET`, :data:`KEM_PUBLIC`): a key file of another kind
+        is refused as ``WrongKeyKind`` first, before its permissions are
+        looked at (a public key needs no ``chmod``).
+    :raises KeyFileError: ``Unreadable``, ``WrongKeyKind``,
+        ``InsecurePermissions``, ``InsecureOwner``, or ``InvalidKeyFormat``
+        for a file over :data:`MAX_KEY_FILE_SIZE` bytes.
     """
     try:
         with open(path, "rb") as f:
+            data = f.read(MAX_KEY_FILE_SIZE + 1)
+            wrong = _wrong_kind(path, data, kind) if kind is not None else None
+            if wrong is not None:
+                raise wrong
             if secret and os.name == "posix":
                 st = os.fstat(f.fileno())
                 if st.st_mode & _INSECURE_BITS:
@@ -75,7 +121,6 @@ def read_key_file(path: str, secret: bool,
                         f"owned by uid {st.st_uid} ({_user_name(st.st_uid)}), "
                         f"not by this user (uid {os.geteuid()}) or root; chown "
                         f"it to the user the tunnel runs as")
-            data = f.read(MAX_KEY_FILE_SIZE + 1)
     except OSError as e:
         raise KeyFileError(path, "Unreadable", None,
                            e.strerror or str(e)) from None
@@ -93,8 +138,8 @@ def load_psk_file(path: str, owners: "Iterable[int] | None" = None) -> KeyStore:
     :raises KeyFileError: see :func:`~tigertunnel.keys.format.parse_key_text`
         and :func:`read_key_file`.
     """
-    return parse_key_text(read_key_file(path, secret=True, owners=owners), path,
-                          PSK_SIZE)
+    return parse_key_text(read_key_file(path, secret=True, owners=owners, kind=PSK),
+                          path, PSK_SIZE)
 
 
 def load_kem_secret_file(path: str, owners: "Iterable[int] | None" = None) -> KeyStore:
@@ -104,8 +149,8 @@ def load_kem_secret_file(path: str, owners: "Iterable[int] | None" = None) -> Ke
     :return: the X-Wing seeds in file order.
     :raises KeyFileError: see :func:`load_psk_file`.
     """
-    return parse_key_text(read_key_file(path, secret=True, owners=owners), path,
-                          SECRET_KEY_SIZE)
+    return parse_key_text(read_key_file(path, secret=True, owners=owners,
+                                        kind=KEM_SECRET), path, SECRET_KEY_SIZE)
 
 
 def load_kem_public_file(path: str) -> tuple[int, bytes]:
@@ -116,7 +161,8 @@ def load_kem_public_file(path: str) -> tuple[int, bytes]:
         :func:`~tigertunnel.keys.format.parse_public_key_text`, and
         ``Unreadable``.
     """
-    return parse_public_key_text(read_key_file(path, secret=False), path)
+    return parse_public_key_text(read_key_file(path, secret=False, kind=KEM_PUBLIC),
+                                 path)
 
 
 def _unwritable(path: str, error: OSError) -> KeyFileError:

@@ -213,6 +213,27 @@ def parse_public_key_text(text: bytes, path: str) -> tuple[int, bytes]:
     return found
 
 
+def first_key(text: bytes) -> "tuple[int, int] | None":
+    """The key id and key size (bytes) of the first key line, to tell what
+    kind of key file ``text`` is before checking it for one kind.
+
+    Lenient: a line that does not look like ``<key_id>:<hex>`` is skipped,
+    and ``None`` means no line does.
+    """
+    for raw in text.split(b"\n"):
+        line = raw.strip(_STRIP)
+        if not line or line[:1] == b"#":
+            continue
+        id_part, colon, hex_part = line.partition(b":")
+        if not colon or not hex_part or len(hex_part) % 2 or not set(hex_part) <= _HEX_DIGITS:
+            continue
+        try:
+            return parse_int(id_part.decode("latin-1"), 64), len(hex_part) // 2
+        except ValueError:
+            continue
+    return None
+
+
 def format_key_line(key_id: int, key: bytes) -> str:
     """Return one key-file line, ``<decimal key_id>:<lowercase hex>\\n``.
 

@@ -88,6 +88,8 @@ class TunnelService(MultiService):
         self._aborted = False
         self._given_up = False
         self._waiters: List["defer.Deferred[None]"] = []
+        #: The ports are bound (``privilegedStartService`` ran).
+        self.bound = False
 
     @property
     def multiplexers(self) -> List[SessionMultiplexer]:
@@ -99,6 +101,12 @@ class TunnelService(MultiService):
         (self.late if stop_last else self.early).append(service)
 
     def privilegedStartService(self) -> None:
+        """Bind the ports, once: under twistd they are bound before it
+        daemonizes (:mod:`tigertunnel.ops.startup`), and twistd's own call
+        afterwards does nothing."""
+        if self.bound:
+            return
+        self.bound = True
         super().privilegedStartService()
         for service in self.late + self.early:
             service.privilegedStartService()
@@ -135,6 +143,7 @@ class TunnelService(MultiService):
     def stopService(self) -> "defer.Deferred[None]":
         """Drain and stop (see the module docstring); never fails."""
         Service.stopService(self)
+        self.bound = False
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:

@@ -34,18 +34,22 @@ from tigertunnel.interfaces import Reactor
 from tigertunnel.keys.generate import kemgen, keygen
 from tigertunnel.net.multiplexer import SessionMultiplexer, build_service
 from tigertunnel.tools.echo import EchoFactory
+from tigertunnel.tools.options import ExampleOptions
 from tigertunnel.tools.ports import free_port
 from tigertunnel.tools.traces import SINGLE, load_trace
 from tigertunnel.wire.frames import FrameParser
 
 
-class DemoOptions(usage.Options):
+class DemoOptions(ExampleOptions):
     """Options of ``tigertunnel demo``."""
 
     synopsis = "[--sessions N] [--rounds N]"
     longdesc = ("Loopback demo: fresh keys, an echo backend, a tunnel server "
                 "and client on 127.0.0.1, real TigerBeetle frames checked byte "
-                "for byte.\nExample: tigertunnel demo --sessions 32 --rounds 5")
+                "for byte.")
+    examples = """Examples:
+  tigertunnel demo
+  tigertunnel demo --sessions 32 --rounds 5"""
 
     optParameters = [
         ["sessions", "s", "8", "Concurrent TB sessions."],

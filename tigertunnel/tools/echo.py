@@ -3,12 +3,15 @@
 Stands in for a replica in the demo, the benchmark and the tests. It checks
 frame sizes like the tunnel does and closes a connection that sends a frame
 outside 256 B ... 1 MiB.
+
+``tigertunnel echo PORT`` (or ``python -m tigertunnel.tools.echo PORT``) runs
+one on 127.0.0.1 (:func:`serve`).
 """
 
+import sys
 from typing import Any
 
-from twisted.internet.protocol import Factory, Protocol
-from twisted.python.failure import Failure
+from twisted.internet.protocol import Protocol, ServerFactory
 
 from tigertunnel.errors import FrameError
 from tigertunnel.wire.frames import FrameParser
@@ -38,7 +41,7 @@ class EchoProtocol(Protocol):
             transport.writeSequence(frames)
 
 
-class EchoFactory(Factory):
+class EchoFactory(ServerFactory):
     """Factory of :class:`EchoProtocol`; counts connections."""
 
     protocol = EchoProtocol
@@ -52,32 +55,38 @@ class EchoFactory(Factory):
         return EchoProtocol()
 
 
-def main(argv: "list[str] | None" = None) -> int:
-    """``python -m tigertunnel.tools.echo PORT``: run an echo backend on 127.0.0.1."""
-    import sys
+def serve(port: int) -> int:
+    """Run an echo backend on 127.0.0.1:``port`` until SIGTERM or SIGINT.
 
+    :returns: 0 once stopped; 1 after one line on stderr when the port
+        cannot be bound (nothing runs then).
+    """
     from twisted.internet import reactor
-    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.internet.error import CannotListenError
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not args[0].isdigit():
-        sys.stderr.write("usage: python -m tigertunnel.tools.echo PORT\n")
-        return 2
     from tigertunnel.config.model import LISTEN_BACKLOG
+    from tigertunnel.net.listeners import listen_error
     from tigertunnel.ops.memory import tune_malloc
+
     tune_malloc()
-    status = [0]
-
-    def failed(failure: Failure) -> None:
-        sys.stderr.write(f"echo: {failure.getErrorMessage()}\n")
-        status[0] = 1
-        reactor.stop()
-
-    d = TCP4ServerEndpoint(reactor, int(args[0]), backlog=LISTEN_BACKLOG,
-                           interface="127.0.0.1").listen(EchoFactory())
-    d.addErrback(failed)
+    try:
+        reactor.listenTCP(port, EchoFactory(), backlog=LISTEN_BACKLOG,
+                          interface="127.0.0.1")
+    except CannotListenError as e:
+        sys.stderr.write(f"tigertunnel: error: echo: "
+                         f"{listen_error(f'127.0.0.1:{port}', e)}\n")
+        return 1
     reactor.run()
-    return status[0]
+    return 0
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    """``python -m tigertunnel.tools.echo PORT``: :func:`serve` (``tigertunnel echo PORT``)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit() or not 1 <= int(args[0]) <= 65535:
+        sys.stderr.write("usage: tigertunnel echo PORT (1 to 65535)\n")
+        return 2
+    return serve(int(args[0]))
 
 
 if __name__ == "__main__":  # pragma: no cover

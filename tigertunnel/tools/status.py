@@ -2,9 +2,9 @@
 
 Fetches the ``/status`` JSON of a tunnel end started with ``--metrics``
 (default ``http://127.0.0.1:9101/status``; a URL without a path gets
-``/status``) and prints its proxy pairs, their pool connections (key id,
-state, sessions), sessions, a tunnel server's backend reachability, and,
-where the tunnel end reports them, the
+``/status``, ``HOST:PORT`` means ``http://HOST:PORT/status``) and prints its
+proxy pairs, their pool connections (key id, state, sessions), sessions, a
+tunnel server's backend reachability, and, where the tunnel end reports them, the
 TigerBeetle request latencies (p50/p99 per operation), evictions, cluster
 mismatches and view. ``--json`` prints the document as received instead.
 
@@ -57,13 +57,14 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                     "2 for a bad option.",
         epilog="""Examples:
   tigertunnel status
-  tigertunnel status http://10.0.0.5:9101
+  tigertunnel status 10.0.0.5:9101
+  tigertunnel status http://10.0.0.5:9101/status
   tigertunnel status --json | jq '.pairs[].pool'
   tigertunnel status https://tunnel0.example:9101 --ca metrics-ca.pem \\
       --cert scraper.pem --key scraper.key""",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url", nargs="?", default=DEFAULT_URL,
-                        help=f"the /status URL (default {DEFAULT_URL})")
+                        help=f"the /status URL, or HOST:PORT (default {DEFAULT_URL})")
     parser.add_argument("--json", action="store_true",
                         help="print the /status JSON as received")
     parser.add_argument("-t", "--timeout", default="5",
@@ -104,13 +105,21 @@ def check_tls_arguments(args: argparse.Namespace) -> None:
 
 
 def status_url(url: str) -> str:
-    """``url`` with ``/status`` as its path when it has none.
+    """The ``/status`` URL of ``url``: an http(s) URL (``/status`` added when
+    it has no path), or ``HOST:PORT`` / ``[IPv6]:PORT`` (``http://HOST:PORT/status``).
 
-    :raises UsageError: if ``url`` is not an http(s) URL with a host.
+    :raises UsageError: naming ``url`` if it is neither.
     """
+    if "://" not in url:
+        host, colon, port = url.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise UsageError(f"not an http:// URL or HOST:PORT: {url!r}")
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # a bare IPv6 address
+        url = f"http://{host}:{int(port)}"
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(f"not an http:// URL: {url!r}")
+        raise UsageError(f"not an http:// URL or HOST:PORT: {url!r}")
     if parts.path in ("", "/"):
         parts = parts._replace(path="/status")
     return urllib.parse.urlunsplit(parts)

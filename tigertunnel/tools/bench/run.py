@@ -26,6 +26,7 @@ from twisted.python import usage
 from tigertunnel.ops.memory import tune_malloc
 from tigertunnel.ops.workers import MAX_WORKERS
 from tigertunnel.tools.bench.load import LoadRun, own_cpu
+from tigertunnel.tools.options import ExampleOptions
 from tigertunnel.tools.ports import free_port
 from tigertunnel.tools.bench.report import Cell, print_report
 from tigertunnel.tools.procs import (
@@ -42,13 +43,15 @@ DEFAULT_SESSIONS = "1,16,256"
 MODES = ("psk", "kem")
 
 
-class BenchOptions(usage.Options):
+class BenchOptions(ExampleOptions):
     """Options of ``tigertunnel bench``."""
 
     synopsis = "[options]"
     longdesc = ("Tunnel vs direct on 127.0.0.1, CPU per round trip of the tunnel "
-                "processes.\nExamples:\n  tigertunnel bench\n  tigertunnel bench "
-                "--sizes 1048576 --sessions 16 --modes psk --json out.json")
+                "processes.")
+    examples = """Examples:
+  tigertunnel bench
+  tigertunnel bench --sizes 1048576 --sessions 16 --modes psk --json out.json"""
 
     optParameters = [
         ["sizes", None, DEFAULT_SIZES, "TB frame sizes in bytes (256..1048576)."],
