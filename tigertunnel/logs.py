@@ -2,9 +2,9 @@
 
 Every module gets its logger from :func:`logger` (``logger(__name__)``: the
 namespace of a line is the module that logs it); those loggers publish
-through a single :class:`FilteringLogObserver` whose level ``--log-level``
+through a single :class:`~twisted.logger.FilteringLogObserver` whose level ``--log-level``
 sets. The observer that writes the log (:func:`output_observer`, which
-``twistd`` gets through :func:`twistd_observer_factory` and the console
+``twistd`` gets through :func:`twistd_log_observer` and the console
 script builds itself) applies the same level to every event, Twisted's own
 start-up and shutdown lines included, and writes one of:
 
@@ -417,7 +417,7 @@ def filter_port_messages() -> None:
     Replaces the ``log`` module reference of ``twisted.internet.tcp`` (a
     name private to Twisted, looked up at every call, like ``tcp.Port._logger``
     in :func:`limit_accept_errors`; ``tests/test_logs.py`` would catch a
-    change) with :class:`_PortChatter`. Idempotent.
+    change) with :class:`~tigertunnel.logs._PortChatter`. Idempotent.
     """
     from twisted.internet import tcp
 

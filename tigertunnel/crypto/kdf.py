@@ -18,6 +18,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
+#: Bytes of a PSK.
 PSK_SIZE = 32
 RANDOM_SIZE = 16
 KEY_SIZE = 16

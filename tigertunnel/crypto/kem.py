@@ -23,7 +23,7 @@ only when asked for explicitly:
   lets the KEM run on kyber-py instead of refusing.
 
 Otherwise a KEM operation without native ML-KEM raises
-:class:`tigertunnel.errors.KEMUnavailableError` (a :class:`KEMError`) with a
+:class:`tigertunnel.errors.KEMUnavailableError` (a :class:`~tigertunnel.errors.KEMError`) with a
 message saying what to install. Both tunnel ends call :func:`check_available`
 when their options name a KEM key file (``tigertunnel/tap.py``), so a tunnel
 end configured with a KEM key refuses to start, with one line, instead of
@@ -81,7 +81,9 @@ def _probe_native() -> bool:
 HAVE_NATIVE_MLKEM = _probe_native()
 
 # Sizes from PROTOCOL.md section 1 / section 5.
+#: Bytes of an X-Wing public key.
 PUBLIC_KEY_SIZE = 1216
+#: Bytes of an X-Wing secret key (the seed everything is derived from).
 SECRET_KEY_SIZE = 32
 CIPHERTEXT_SIZE = 1120
 SHARED_SECRET_SIZE = 32

@@ -49,7 +49,9 @@ def _user_name(uid: int) -> str:
 
 #: The kinds of key file, by the option that takes them.
 PSK = "-k"
+#: The option that names a KEM secret key file.
 KEM_SECRET = "--kemsecret"
+#: The option that names a KEM public key file.
 KEM_PUBLIC = "--kempublic"
 
 
@@ -96,7 +98,7 @@ def read_key_file(path: str, secret: bool,
     :param owners: the users a secret file may belong to
         (:func:`trusted_owners` by default).
     :param kind: the option the file was given to (:data:`PSK`,
-        :data:`KEM_SECRET`, :data:`KEM_PUBLIC`): a key file of another kind
+        :data:`~tigertunnel.keys.files.KEM_SECRET`, :data:`~tigertunnel.keys.files.KEM_PUBLIC`): a key file of another kind
         is refused as ``WrongKeyKind`` first, before its permissions are
         looked at (a public key needs no ``chmod``).
     :raises KeyFileError: ``Unreadable``, ``WrongKeyKind``,
@@ -134,7 +136,7 @@ def load_psk_file(path: str, owners: "Iterable[int] | None" = None) -> KeyStore:
     """Load a PSK file (``-k``).
 
     :param owners: see :func:`read_key_file`.
-    :return: the keys in file order; a client uses :meth:`KeyStore.first`.
+    :return: the keys in file order; a client uses :meth:`~tigertunnel.keys.format.KeyStore.first`.
     :raises KeyFileError: see :func:`~tigertunnel.keys.format.parse_key_text`
         and :func:`read_key_file`.
     """

@@ -19,7 +19,7 @@ One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
   hellos against one replay cache.
 
 Failed handshakes are counted one by one in the metrics but logged at most
-:data:`HANDSHAKE_LOG_BURST` times per :data:`HANDSHAKE_LOG_INTERVAL` per
+:data:`~tigertunnel.net.multiplexer.HANDSHAKE_LOG_BURST` times per :data:`HANDSHAKE_LOG_INTERVAL` per
 pair (a flood must not flood the log); the next line logged says how many
 were left out. Limits hit (no pool connection, ``-m`` sessions, pending
 handshakes, file descriptors) are warnings at most once per
@@ -73,6 +73,7 @@ LIMIT_LOG_INTERVAL = 10.0
 #: "Handshake failed" log lines of one pair: at most HANDSHAKE_LOG_BURST
 #: per HANDSHAKE_LOG_INTERVAL seconds.
 HANDSHAKE_LOG_INTERVAL = 10.0
+#: Failed handshakes logged per pair and interval.
 HANDSHAKE_LOG_BURST = 5
 
 log = logger(__name__)

@@ -56,7 +56,7 @@ _log = logger(__name__)
 
 
 class LeanEPollReactor(EPollReactor):
-    """:class:`EPollReactor` without a logging context per socket event."""
+    """:class:`~twisted.internet.epollreactor.EPollReactor` without a logging context per socket event."""
 
     def doPoll(self, timeout: Optional[float]) -> None:
         """Poll for events and handle each one; ``None`` waits indefinitely."""

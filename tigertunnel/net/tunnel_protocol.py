@@ -15,7 +15,7 @@ handshake deadline. Once established, received bytes go through the
   an unproven stream forgets it. (A TB peer always sends first on a new
   connection, so TB never notices the later connect; in plaintext mode
   nothing is authenticated and the backend is opened at once.)
-* ``data``: the TB frame goes to the stream's :class:`FrameProtocol`;
+* ``data``: the TB frame goes to the stream's :class:`~tigertunnel.net.frame_protocol.FrameProtocol`;
 * ``stream_close``: that session is closed;
 * ``ping`` (version 2): answered with a ``pong``.
 
@@ -38,7 +38,7 @@ the handshake failed or the connection failed or was closed before it was
 established (nothing it receives is used any more), and ``CLOSED`` once
 the connection is lost.
 
-The streams on a pool connection live in its :class:`StreamTable`: the
+The streams on a pool connection live in its :class:`~tigertunnel.net.streams.StreamTable`: the
 client opens them (:meth:`TunnelProtocol.open_stream`), the server accepts
 those the client opened (:meth:`TunnelProtocol.accept_stream`).
 """
@@ -216,7 +216,7 @@ class TunnelProtocol(Protocol):
     @property
     def ready(self) -> "Deferred[TunnelProtocol]":
         """A new Deferred that fires with this pool connection once its
-        handshake completed, or fails with :class:`HandshakeError`."""
+        handshake completed, or fails with :class:`~tigertunnel.errors.HandshakeError`."""
         if self._outcome is None:
             d: Deferred[TunnelProtocol] = Deferred()
             self._waiters.append(d)

@@ -8,7 +8,7 @@ What a reload does (the README's "Key rotation" section is the user's side):
    public key must accept an encapsulation. Any error keeps the old keys
    and is logged with the reason (file, line, error name; never key
    material).
-2. The new keys replace the old ones in the :class:`TunnelConfig` every
+2. The new keys replace the old ones in the :class:`~tigertunnel.config.model.TunnelConfig` every
    multiplexer shares; new handshakes are built from it, so new client hellos
    use the new first PSK and servers accept exactly the keys now in the file.
 3. Established pool connections keep working. Those keyed with a key that

@@ -31,4 +31,5 @@ def _load() -> Tuple[Optional[ModuleType], str]:
     return _hotpath, ""
 
 
+#: The extension module, or ``None``; and why not, or ``""``.
 hotpath, reason = _load()

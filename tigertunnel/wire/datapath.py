@@ -65,7 +65,7 @@ class FrameEncoder:
     """Turn the bytes a session's TB peer sent into pool-connection wire bytes.
 
     :param stream_id: the session's stream id (a u32).
-    :param sealer: the pool connection's sending :class:`FrameSealer`, or
+    :param sealer: the pool connection's sending :class:`~tigertunnel.crypto.aead.FrameSealer`, or
         ``None`` in plaintext mode.
     :param check: apply :func:`~tigertunnel.wire.frames.check_frame` to
         every frame (padding, ``nonce_reserved``, cluster); the tunnel does
@@ -160,7 +160,7 @@ class FrameEncoder:
 class MuxReceiver:
     """Turn the bytes read from a pool connection into opened mux frames.
 
-    :param opener: the pool connection's receiving :class:`FrameOpener`,
+    :param opener: the pool connection's receiving :class:`~tigertunnel.crypto.aead.FrameOpener`,
         or ``None`` in plaintext mode.
     :param extended: also accept the version-2 frame types (sealed
         ``stream_open`` 3, ping 4, pong 5; encrypted mode only), whose

@@ -138,7 +138,7 @@ class FrameParser:
     Feed it whatever the transport delivered; it returns the frames that are
     complete and keeps the rest.  A ``size`` outside ``256 ... max_size`` is
     an error as soon as the four size bytes have arrived.  After an error the
-    parser is dead: every later :meth:`feed` raises :class:`FrameError`.
+    parser is dead: every later :meth:`feed` raises :class:`~tigertunnel.errors.FrameError`.
 
     Frames that precede a bad header in the same :meth:`feed` call are not
     returned (the caller ends the session on the error anyway).

@@ -40,7 +40,7 @@ Narrative, once per pool connection (only in encrypted mode, ``-k``):
 Our extensions, all invisible to a reference peer:
 
 * The version byte.  The reference sends 1 and never checks it (it is only
-  hashed).  Our client sends :data:`EXTENDED_VERSION` (2) by default, which a
+  hashed).  Our client sends :data:`~tigertunnel.wire.handshake.EXTENDED_VERSION` (2) by default, which a
   reference server accepts; our server accepts any version and reports it as
   :attr:`Established.peer_version`, so the layers above can tell one of our
   clients (2) from a reference client (1) and only use behaviour a reference
@@ -86,12 +86,14 @@ from tigertunnel.wire.replaywindow import (
 
 # Wire facts, PROTOCOL.md sections 1 and 3.
 PROTOCOL_VERSION = 1
+#: The version byte of a ClientHello from one of our clients (version 2).
 EXTENDED_VERSION = 2
 OP_CONNECT = 0
 OP_KEMCONNECT = 1
 CONNECT_HELLO_SIZE = 66
 KEMCONNECT_HELLO_SIZE = 1194
 SERVER_HELLO_SIZE = 49
+#: Seconds a ClientHello's timestamp may be off, either way.
 TIMESTAMP_TOLERANCE = 3600
 
 _RANDOM_SIZE = kdf.RANDOM_SIZE
@@ -379,7 +381,7 @@ class ClientHandshake:
 class HelloReplayCache(Protocol):
     """What :class:`ServerHandshake` needs of a replay cache: this
     in-memory :class:`ReplayCache`, or the file or shared memory of a
-    tunnel end's processes (:class:`tigertunnel.ops.replay.FileReplayCache`)."""
+    tunnel end's processes (:class:`tigertunnel.ops.replayfile.FileReplayCache`)."""
 
     def check_and_add(self, digest: bytes, timestamp: int) -> Verdict:
         """Record a hello by its hash; say whether it is fresh, a replay, or
@@ -390,12 +392,12 @@ class ReplayCache:
     """Remembers authenticated ClientHellos for as long as they could be
     replayed, in this process's memory.
 
-    A hello is only accepted within :data:`TIMESTAMP_TOLERANCE` seconds of
+    A hello is only accepted within :data:`~tigertunnel.wire.handshake.TIMESTAMP_TOLERANCE` seconds of
     its timestamp, so an entry can be forgotten once its timestamp is more
     than that in the past (:mod:`tigertunnel.wire.replaywindow`, shared with
     the file cache). Only hellos whose hash verified are recorded, so
     strangers cannot fill the cache; a hello that finds no room is refused
-    (:attr:`Verdict.FULL`), an unexpired one is never dropped.
+    (:attr:`~tigertunnel.wire.replaywindow.Verdict.FULL`), an unexpired one is never dropped.
     """
 
     def __init__(self, buckets: int = DEFAULT_BUCKETS, slots: int = DEFAULT_SLOTS,
@@ -411,7 +413,7 @@ class ReplayCache:
                    for _, bucket in self._buckets.written())
 
     def check_and_add(self, digest: bytes, timestamp: int) -> Verdict:
-        """Record a hello by its hash (see :class:`Verdict`)."""
+        """Record a hello by its hash (see :class:`~tigertunnel.wire.replaywindow.Verdict`)."""
         return self.table.check_and_add(digest, timestamp, self._now())
 
 

@@ -225,7 +225,7 @@ class MuxDecoder:
     Feed it the bytes received after the handshake (or from the start in
     plaintext mode).  It returns the frames that are complete and keeps the
     rest.  After an error the decoder is dead: every later :meth:`feed`
-    raises :class:`MuxError`.  Frames that precede the error in the same
+    raises :class:`~tigertunnel.errors.MuxError`.  Frames that precede the error in the same
     :meth:`feed` call are not returned.
     """
 

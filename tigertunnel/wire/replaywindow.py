@@ -9,7 +9,7 @@ only place it is written; :class:`ReplayTable` applies it to every cache of
 the package: the in-memory one of a single process
 (:class:`~tigertunnel.wire.handshake.ReplayCache`) and the file or shared
 memory every process of a tunnel end uses
-(:class:`~tigertunnel.ops.replay.FileReplayCache`).
+(:class:`~tigertunnel.ops.replayfile.FileReplayCache`).
 
 The table is a fixed number of *buckets* of *slots*; a slot is one record::
 
@@ -26,7 +26,7 @@ than an unexpired one forgotten (forgetting it would let that one be
 replayed). Nothing ever has to be compacted: expired slots are reused in
 place.
 
-Capacity. With :data:`DEFAULT_BUCKETS` buckets of :data:`DEFAULT_SLOTS`
+Capacity. With :data:`DEFAULT_BUCKETS` buckets of :data:`~tigertunnel.wire.replaywindow.DEFAULT_SLOTS`
 slots (262,144 slots, 10 MiB as a file) the hashes fall into the buckets
 like a Poisson process: the chance that one of 60,000 hellos in the window
 found its bucket full is 3 in 100 million, of 80,000 3 in 100,000, of
@@ -71,6 +71,7 @@ _TIMESTAMPS = struct.Struct("<32xQ")
 #: Buckets and slots per bucket of a cache made with the defaults (see
 #: "Capacity" above).
 DEFAULT_BUCKETS = 8192
+#: Slots per bucket of a cache made with the defaults.
 DEFAULT_SLOTS = 32
 _MAX_U64 = (1 << 64) - 1
 _EMPTY = bytes(DIGEST_SIZE)
