@@ -6,14 +6,23 @@ other packages cannot be resolved offline (no intersphinx), so they alone are
 ignored below; a ``tigertunnel.*`` name that does not resolve is an error.
 """
 
-import tigertunnel
+import os
+
+# The API reference documents the pure-Python data path, the reference the
+# compiled twins of tigertunnel/wire/_hotpath.c follow: with the extension
+# in use, those names are bound to its classes, which carry no docstrings.
+os.environ["TIGERTUNNEL_PURE"] = "1"
+
+import tigertunnel  # noqa: E402
 
 project = "tigertunnel"
 author = "the tigertunnel authors"
 copyright = "the tigertunnel authors, ISC licence"
 release = version = tigertunnel.__version__
 
-extensions = ["sphinx.ext.autodoc"]
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.autosectionlabel"]
+#: A section is :ref:`page:Title`.
+autosectionlabel_prefix_document = True
 
 root_doc = "index"
 exclude_patterns = ["_build"]

@@ -1,6 +1,6 @@
 """MLKEM768-X25519 ("X-Wing") hybrid KEM, as the Zig reference uses it.
 
-Implements PROTOCOL.md section 5.  The secret key is a 32-byte seed ``sk``;
+Implements docs/protocol.rst §5.  The secret key is a 32-byte seed ``sk``;
 everything else is re-derived from it::
 
     E = SHAKE256(sk)[0:96]
@@ -80,7 +80,7 @@ def _probe_native() -> bool:
 #: ``cryptography`` offers a working native ML-KEM-768.
 HAVE_NATIVE_MLKEM = _probe_native()
 
-# Sizes from PROTOCOL.md section 1 / section 5.
+# Sizes from docs/protocol.rst §§1 and 5.
 #: Bytes of an X-Wing public key.
 PUBLIC_KEY_SIZE = 1216
 #: Bytes of an X-Wing secret key (the seed everything is derived from).

@@ -1,6 +1,6 @@
 """Reading and writing key files, with their permissions.
 
-Deliberate differences from the reference (PROTOCOL.md section 11, items 9
+Deliberate differences from the reference (docs/protocol.rst §11, items 9
 and 29): the whole file is read (the reference silently truncates at 2048,
 1376 or 2454 bytes); secret files are created with mode 0600 and refused when
 group or others have any access to them, or when they belong to a user

@@ -160,7 +160,7 @@ class SessionMultiplexer(MultiService):
 
     @property
     def cluster_value(self) -> int:
-        """The configured cluster id, 0 when none (PROTOCOL.md section 7.6)."""
+        """The configured cluster id, 0 when none (docs/protocol.rst §7.6)."""
         return self.config.cluster_id or 0
 
     @property

@@ -1,4 +1,4 @@
-"""TunnelProtocol: one pool connection, at either end (PROTOCOL.md sections 3-7).
+"""TunnelProtocol: one pool connection, at either end (docs/protocol.rst §§3-7).
 
 After connectionMade the pool connection runs its handshake (client: send
 the ClientHello, wait for the ServerHello; server: the reverse), under the

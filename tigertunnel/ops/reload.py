@@ -1,6 +1,6 @@
 """Live key reload (SIGHUP): re-read the key files and swap them atomically.
 
-What a reload does (the README's "Key rotation" section is the user's side):
+What a reload does (docs/operations.rst, "Key rotation", is the user's side):
 
 1. Every key file named in the configuration (``-k``, ``--kemsecret`` on a
    server, ``--kempublic`` on a client) is read and validated completely:

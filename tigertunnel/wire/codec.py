@@ -1,4 +1,4 @@
-"""The sans-IO codec of one established pool connection (PROTOCOL.md section 7).
+"""The sans-IO codec of one established pool connection (docs/protocol.rst §7).
 
 After the handshake a pool connection carries mux frames: a 12-byte mux
 header (magic ``XUMZ``, stream id, frame type) followed by a payload.
@@ -8,7 +8,7 @@ header (magic ``XUMZ``, stream id, frame type) followed by a payload.
   direction's keys and the next counter; AD = the mux header.
 * ``stream_close``: client to server, a 256-byte encrypted pseudo-frame.
 
-Version 2 (README.rst, "Protocol extension"), only between two of our ends
+Version 2 (docs/protocol.rst §12), only between two of our ends
 and only in encrypted mode. A client that sent version byte 2 in its
 ClientHello accepts from the server:
 

@@ -1,4 +1,4 @@
-"""Sans-IO parsing of TigerBeetle (TB) frames (PROTOCOL.md sections 6.1 and 7.7).
+"""Sans-IO parsing of TigerBeetle (TB) frames (docs/protocol.rst §§6.1 and 7.7).
 
 A TB frame is a 256-byte header followed by a body; the header's ``size``
 field (u32 little-endian at offset 96) is the total length, header included,
@@ -37,7 +37,7 @@ __all__ = [
     "FrameParser", "PyFrameParser",
 ]
 
-# Wire facts, source of truth: PROTOCOL.md section 6.1 (TB header layout).
+# Wire facts, source of truth: docs/protocol.rst §6.1 (TB header layout).
 HEADER_SIZE = 256
 MIN_FRAME_SIZE = 256
 MAX_FRAME_SIZE = 1 << 20
@@ -79,7 +79,7 @@ def frame_cluster(frame: bytes) -> int:
 def check_padding(frame: bytes) -> None:
     """Check that both padding fields of a TB header are zero.
 
-    This is the reference's ``InvalidPadding`` rule (PROTOCOL.md 6.2).
+    This is the reference's ``InvalidPadding`` rule (docs/protocol.rst §6.2).
 
     :param frame: a TB frame (at least its 256-byte header).
     :raises FrameError: if ``checksum_padding`` or ``checksum_body_padding``

@@ -1,6 +1,6 @@
 """The pool-connection handshake as a sans-IO state machine.
 
-Implements PROTOCOL.md section 3 (messages, checks, status codes) and uses the
+Implements docs/protocol.rst §3 (messages, checks, status codes) and uses the
 key derivation of section 4 and the X-Wing KEM of section 5.  Nothing here
 touches a socket, the reactor, the clock or the random source directly: bytes
 go in through ``feed()``, bytes to send and events come out, and time and
@@ -52,7 +52,7 @@ Our extensions, all invisible to a reference peer:
   decoder.
 * ``require_kem``: a server may refuse PSK-only (``connect``) hellos, with
   status 4, once their hash has verified.
-* Hardening (PROTOCOL.md section 11, items 1, 6 and 7): ``versions``
+* Hardening (docs/protocol.rst §11, items 1, 6 and 7): ``versions``
   restricts the version byte (our server accepts 1 and 2 only, and closes
   anything else, such as an HTTP request or a TLS ClientHello, at its first
   byte); with a :class:`ReplayCache` the server refuses a byte-identical
@@ -84,7 +84,7 @@ from tigertunnel.wire.replaywindow import (
     Verdict,
 )
 
-# Wire facts, PROTOCOL.md sections 1 and 3.
+# Wire facts, docs/protocol.rst §§1 and 3.
 PROTOCOL_VERSION = 1
 #: The version byte of a ClientHello from one of our clients (version 2).
 EXTENDED_VERSION = 2
@@ -103,7 +103,7 @@ _MAX_U64 = (1 << 64) - 1
 
 
 class Status(enum.IntEnum):
-    """ServerHello status codes (PROTOCOL.md section 3.4)."""
+    """ServerHello status codes (docs/protocol.rst §3.4)."""
 
     OK = 0
     UNKNOWN_KEY = 1

@@ -1,7 +1,7 @@
 """The replay window: which accepted ClientHellos must be remembered, and the table that holds them.
 
 A tunnel server accepts a ClientHello only within a tolerance of its
-timestamp (``TIMESTAMP_TOLERANCE``, PROTOCOL.md section 3.3, defined in
+timestamp (``TIMESTAMP_TOLERANCE``, docs/protocol.rst §3.3, defined in
 :mod:`tigertunnel.wire.handshake`), so a hello must be remembered, to
 refuse its replay, until its timestamp is more than the tolerance in the
 past, and may be forgotten afterwards. :func:`oldest_live` is that rule, the
