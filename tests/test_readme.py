@@ -15,6 +15,7 @@ PACKAGE = ROOT / "tigertunnel"
 README = ROOT / "README.rst"
 DEVELOPMENT = ROOT / "docs" / "development.rst"
 PROTOCOL = ROOT / "docs" / "protocol.rst"
+API = ROOT / "docs" / "api.rst"
 CI_RUN = ROOT / ".ci" / "run"
 
 #: The longest the front page may grow; the rest belongs in docs/.
@@ -126,6 +127,35 @@ class ModuleMapTests(SynchronousTestCase):
         """A README without the section is an error naming the section."""
         error = self.assertRaises(ValueError, module_map, "Development\n-----------\n")
         self.assertIn("'Module map'", str(error))
+
+
+def module_name(path: str) -> str:
+    """The dotted name of a module path relative to ``tigertunnel/``: ``wire/frames.py``
+    is ``tigertunnel.wire.frames``, ``ops/workers/__init__.py`` ``tigertunnel.ops.workers``."""
+    parts = ["tigertunnel"] + path[:-len(".py")].split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+class APIReferenceTests(SynchronousTestCase):
+    """docs/api.rst documents every Python module of the package, and nothing else."""
+
+    def test_every_module_documented(self) -> None:
+        """Each module (but ``__main__``) has an ``automodule`` in docs/api.rst;
+        each ``automodule`` there is a module or package of the package."""
+        documented = set(re.findall(r"^\.\. automodule:: (\S+)$",
+                                    API.read_text(encoding="utf-8"), re.M))
+        modules = {module_name(path) for path in package_modules()
+                   if path.endswith(".py") and path != "__main__.py"}
+        packages = {module_name(init.relative_to(PACKAGE).as_posix())
+                    for init in PACKAGE.rglob("__init__.py")}
+        self.assertEqual(sorted(modules - documented), [])
+        self.assertEqual(sorted(documented - modules - packages), [])
+
+    def test_module_name(self) -> None:
+        """Paths map to dotted names; a package's ``__init__.py`` is the package."""
+        self.assertEqual([module_name(p) for p in ("tap.py", "wire/frames.py",
+                                                   "ops/workers/__init__.py")],
+                         ["tigertunnel.tap", "tigertunnel.wire.frames", "tigertunnel.ops.workers"])
 
 
 class FrontPageTests(SynchronousTestCase):
