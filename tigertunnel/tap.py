@@ -36,6 +36,7 @@ from tigertunnel.config.model import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_SESSIONS,
     DEFAULT_POOL_SIZE,
+    DEFAULT_SHUTDOWN_TIMEOUT,
     MAX_PROXY_PAIRS,
     Role,
     TunnelConfig,
@@ -56,10 +57,6 @@ if TYPE_CHECKING:
     from tigertunnel.ops.shutdown import ProcessReactor, TunnelService
     from tigertunnel.ops.tls import ServerTLS
     from tigertunnel.ops.workers import AcceptBalancer, AcceptBoard
-
-#: Default seconds a graceful shutdown (SIGTERM) may take.
-DEFAULT_SHUTDOWN_TIMEOUT = 10.0
-
 
 @dataclass
 class Operations:

@@ -25,6 +25,9 @@ MAX_PROXY_PAIRS = 16
 DEFAULT_POOL_SIZE = 4
 DEFAULT_MAX_SESSIONS = 1000
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Default seconds a graceful shutdown (SIGTERM) may take before connections
+#: are aborted (``--shutdown-timeout``).
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
 
 class Role(str, enum.Enum):
