@@ -2,6 +2,7 @@
 
 import os
 import signal
+from dataclasses import FrozenInstanceError
 from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.logger import globalLogPublisher
@@ -219,6 +220,19 @@ class ClientRotationTests(ReloadCase):
         self.t.net.advance(12)
         self.assertTrue(peer.lost)
         self.assertEqual(self.client_key_ids(), [NEW, NEW])
+
+    def test_reload_swaps_the_keyring_not_the_settings(self) -> None:
+        """A reload gives the multiplexer a new frozen KeyRing; the settings
+        (the same object) keep the keys read at start-up."""
+        config, before = self.t.client.config, self.t.client.keyring
+        self.rotate()
+        self.assertIs(self.t.client.config, config)
+        self.assertEqual(config.psk.first()[0], OLD)
+        self.assertIsNot(self.t.client.keyring, before)
+        self.assertEqual(self.t.client.keyring.psk.first()[0], NEW)
+        self.assertEqual(before.psk.first()[0], OLD)
+        with self.assertRaises(FrozenInstanceError):
+            self.t.client.keyring.psk = None  # type: ignore[misc]
 
     def test_reload_state_recorded(self) -> None:
         """A reload records its time and result, and the new client hello uses the new key id."""

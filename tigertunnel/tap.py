@@ -4,20 +4,16 @@
 ``twistd [-n] [--pidfile F] tigertunnel client -p 127.0.0.1:4000,HOST:3000 -k K``
 ``twistd [-n] [--pidfile F] tigertunnel client --config cluster.ini``
 
-Parse, then plan, then build. The options only parse and check values,
-each through the one table of option values
-(:data:`tigertunnel.ops.validators.VALIDATORS`, shared with the cluster
-config file), into frozen settings: a key file is checked by reading it (a
-KEM key file also needs native ML-KEM). ``makeService`` then makes the
-start-up plan (:func:`tigertunnel.ops.plan.make_plan`: listen host names
-resolved, systemd or worker sockets adopted) and assembles the services
-from it (:func:`tigertunnel.ops.assemble.assemble`). A bad value stops
-start-up with a one-line message naming it and a non-zero exit status,
-before anything listens or daemonizes; under twistd that line is
-``tigertunnel: error: ...`` on stderr, as from the console script. Under
-twistd ``makeService`` also binds the listening ports, before twistd
-daemonizes (:mod:`tigertunnel.ops.startup`), so a port in use is the same
-one line.
+Parse, then plan, then build. The options only parse and check values
+(:data:`tigertunnel.ops.validators.VALIDATORS`, the table the cluster
+config file uses too; a key file is checked by reading it) into frozen
+settings. ``makeService`` makes the start-up plan
+(:func:`tigertunnel.ops.plan.make_plan`: host names resolved, inherited
+sockets adopted), assembles it (:func:`tigertunnel.ops.assemble.assemble`)
+and, under twistd, binds the ports before twistd daemonizes
+(:mod:`tigertunnel.ops.startup`). Any bad value or unusable port stops
+start-up with one line naming it (``tigertunnel: error: ...`` on stderr,
+under twistd as from the console script) and a non-zero exit status.
 
 Under twistd the process is hardened (not dumpable, no core files:
 :mod:`tigertunnel.ops.hardening`) as soon as twistd hands the arguments to
@@ -50,7 +46,14 @@ from tigertunnel.config.model import (
 )
 from tigertunnel.keys.files import trusted_owners
 from tigertunnel.ops.plan import Operations
-from tigertunnel.ops.validators import VALIDATORS, check_value, whole_number
+from tigertunnel.ops.validators import (
+    VALIDATORS,
+    check_metrics_exposure,
+    check_value,
+    metrics_tls,
+    require_native_kem,
+    whole_number,
+)
 from tigertunnel.tools.options import ExampleOptions
 from tigertunnel.errors import ConfigError, KeyFileError
 
@@ -222,15 +225,9 @@ class _EndOptions(ExampleOptions):
         metrics = self.value("metrics")
         tls: "Optional[ServerTLS]" = None
         if metrics is not None:
-            tls = self.check_metrics_tls()
-            authenticated = tls is not None and tls.requires_client_certificate
-            if not metrics.local and not authenticated and not self["metrics-public"]:
-                raise usage.UsageError(
-                    f"--metrics {metrics.description!r} can be reached from other "
-                    f"hosts and has no authentication: give "
-                    f"interface=127.0.0.1 (or a unix: socket), require client "
-                    f"certificates with --metrics-tls-client-ca, or add "
-                    f"--metrics-public to serve it there on purpose")
+            tls = metrics_tls(self["metrics-tls-cert"], self["metrics-tls-key"],
+                              self["metrics-tls-client-ca"], self.key_owners())
+            check_metrics_exposure(metrics, tls, bool(self["metrics-public"]))
         else:
             for name in _TLS_FILE_OPTIONS:
                 if self[name] is not None:
@@ -242,26 +239,6 @@ class _EndOptions(ExampleOptions):
             shutdown_timeout=self.value("shutdown-timeout"),
             systemd_sockets=bool(self["systemd-sockets"]) and not worker,
             metrics_tls=tls)
-
-    def check_metrics_tls(self) -> "Optional[ServerTLS]":
-        """Read and check the --metrics-tls-* files (``None``: plain HTTP)."""
-        from tigertunnel.ops.tls import read_server_tls
-
-        cert, key = self["metrics-tls-cert"], self["metrics-tls-key"]
-        client_ca = self["metrics-tls-client-ca"]
-        if cert is None and key is None:
-            if client_ca is not None:
-                raise usage.UsageError("--metrics-tls-client-ca needs "
-                                       "--metrics-tls-cert and --metrics-tls-key")
-            return None
-        if cert is None or key is None:
-            given, missing = (("cert", "key") if key is None else ("key", "cert"))
-            raise usage.UsageError(f"--metrics-tls-{given} needs "
-                                   f"--metrics-tls-{missing}")
-        try:
-            return read_server_tls(cert, key, client_ca, self.key_owners())
-        except ConfigError as e:
-            raise usage.UsageError(f"--metrics TLS: {e}") from None
 
     def role_settings(self, encrypted: bool) -> Dict[str, Any]:
         """The settings of this role's own options (its KEM key file)."""
@@ -311,7 +288,7 @@ SIGHUP reloads the key files; SIGTERM drains and exits."""
             raise usage.UsageError("--kemsecret requires -k (KEM mode "
                                    "requires encryption)")
         kem_secret = self.value("kemsecret")
-        _require_kem("--kemsecret")
+        require_native_kem("--kemsecret")
         return {"require_kem": require_kem, "kem_secret": kem_secret, "kem_path": path}
 
 
@@ -348,7 +325,7 @@ drains and exits."""
             raise usage.UsageError("--kempublic requires -k (KEM mode "
                                    "requires encryption)")
         settings.update(kem_public=self.value("kempublic"), kem_path=path)
-        _require_kem("--kempublic")
+        require_native_kem("--kempublic")
         return settings
 
 
@@ -392,20 +369,6 @@ class Options(ExampleOptions):
             # twistd opens its log with our observer (--log-level on every
             # line, --log-format, the journal's priorities); --logger wins.
             logs.use_for_twistd(twistd, self.subOptions["log-format"])
-
-
-def _require_kem(option: str) -> None:
-    """Refuse a KEM key file where ML-KEM cannot run (no native ML-KEM).
-
-    :raises usage.UsageError: naming the option and what to install.
-    """
-    from tigertunnel.crypto.kem import check_available
-    from tigertunnel.errors import KEMUnavailableError
-
-    try:
-        check_available()
-    except KEMUnavailableError as e:
-        raise usage.UsageError(f"cannot use {option}: {e}") from None
 
 
 def _twistd_options(options: Optional[usage.Options]) -> Optional[usage.Options]:

@@ -19,7 +19,7 @@ certificate file is its check; nothing here listens, resolves or inherits
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, FrozenSet, Mapping, Tuple
+from typing import TYPE_CHECKING, Any, Callable, FrozenSet, Mapping, Optional, Tuple
 
 from twisted.python import usage
 
@@ -32,6 +32,9 @@ from tigertunnel.keys.files import (
     read_key_file,
 )
 from tigertunnel.keys.format import KeyStore, parse_int
+
+if TYPE_CHECKING:
+    from tigertunnel.ops.tls import ServerTLS
 
 #: Parses and checks one option value: ``(text, key file owners) -> value``.
 Validator = Callable[[str, FrozenSet[int]], Any]
@@ -175,6 +178,61 @@ def _kem_secret_file(path: str, owners: FrozenSet[int]) -> KeyStore:
 
 def _kem_public_file(path: str, _owners: FrozenSet[int]) -> Tuple[int, bytes]:
     return load_kem_public_file(path)
+
+
+def metrics_tls(cert: Optional[str], key: Optional[str], client_ca: Optional[str],
+                owners: FrozenSet[int]) -> "Optional[ServerTLS]":
+    """Read and check the ``--metrics-tls-*`` files together (``None``:
+    plain HTTP).
+
+    :raises usage.UsageError: one is missing its pair, or a file is unusable.
+    """
+    from tigertunnel.ops.tls import read_server_tls
+
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise usage.UsageError("--metrics-tls-client-ca needs "
+                                   "--metrics-tls-cert and --metrics-tls-key")
+        return None
+    if cert is None or key is None:
+        given, missing = (("cert", "key") if key is None else ("key", "cert"))
+        raise usage.UsageError(f"--metrics-tls-{given} needs "
+                               f"--metrics-tls-{missing}")
+    try:
+        return read_server_tls(cert, key, client_ca, owners)
+    except ConfigError as e:
+        raise usage.UsageError(f"--metrics TLS: {e}") from None
+
+
+def check_metrics_exposure(metrics: MetricsEndpoint, tls: "Optional[ServerTLS]",
+                           public: bool) -> None:
+    """Refuse ``--metrics`` that other hosts can reach without
+    authentication, unless ``--metrics-public``.
+
+    :raises usage.UsageError: naming the endpoint and the three ways out.
+    """
+    authenticated = tls is not None and tls.requires_client_certificate
+    if not metrics.local and not authenticated and not public:
+        raise usage.UsageError(
+            f"--metrics {metrics.description!r} can be reached from other "
+            f"hosts and has no authentication: give "
+            f"interface=127.0.0.1 (or a unix: socket), require client "
+            f"certificates with --metrics-tls-client-ca, or add "
+            f"--metrics-public to serve it there on purpose")
+
+
+def require_native_kem(option: str) -> None:
+    """Refuse a KEM key file where ML-KEM cannot run (no native ML-KEM).
+
+    :raises usage.UsageError: naming the option and what to install.
+    """
+    from tigertunnel.crypto.kem import check_available
+    from tigertunnel.errors import KEMUnavailableError
+
+    try:
+        check_available()
+    except KEMUnavailableError as e:
+        raise usage.UsageError(f"cannot use {option}: {e}") from None
 
 
 #: Every option that takes a value, by long name: its validator.
