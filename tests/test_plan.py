@@ -6,6 +6,7 @@ import os
 import socket
 from typing import Any, List, Tuple
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -65,6 +66,19 @@ class ParseThenPlanTests(SynchronousTestCase):
         self.assertEqual(pair_listen_description(plan.config, pair),
                          "tcp:4000:interface=127.0.0.1:backlog=1024")
         self.assertEqual(len(self.resolver.asked), 1)
+
+    def test_make_service_resolves_once(self) -> None:
+        """Building and starting a client looks its listen host up once in
+        all (the plan), and listens on that answer."""
+        reactor = MemoryReactorClock()
+        service = tap.makeService(parse("client", "--plaintext", "-n", "1", "-p",
+                                        "tunnel-host.example:4000,127.0.0.1:3000"),
+                                  reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(self.resolver.asked, [("tunnel-host.example", 4000)])
+        self.assertEqual([(port, interface) for port, _, _, interface in reactor.tcpServers],
+                         [(4000, "127.0.0.1")])
 
     def test_plan_names_the_unresolvable_host(self) -> None:
         """A name that does not resolve fails the plan with one line naming it."""
