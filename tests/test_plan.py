@@ -94,7 +94,8 @@ class ParseThenPlanTests(SynchronousTestCase):
         self.assertIn("'nowhere.invalid'", str(refused.exception))
 
     def test_server_replay_file_in_the_plan(self) -> None:
-        """A server's replay file is named by the plan (next to the pidfile), and its workers are told it."""
+        """A server's replay file is named by the plan (next to the pidfile),
+        and its workers are told it."""
         key = self.mktemp()
         keygen(key)
         options = parse("server", "-k", key, "-p", "127.0.0.1:3000,127.0.0.1:3001")

@@ -354,8 +354,9 @@ def given_options(options: usage.Options, args: Sequence[str]) -> Given:
         found, rest = getopt.getopt(list(args), options.shortOpt, options.longOpt)
     except getopt.error:
         return Given({}, [], list(args))
+    short = options.shortOpt
     takes_value = {f"--{name.rstrip('=')}" for name in options.longOpt if name.endswith("=")}
-    takes_value |= {f"-{letter}" for letter, colon in zip(options.shortOpt, options.shortOpt[1:] + " ")
+    takes_value |= {f"-{letter}" for letter, colon in zip(short, short[1:] + " ")
                     if letter != ":" and colon == ":"}
     values: Dict[str, str] = {}
     spelled: List[Tuple[str, Optional[str]]] = []
