@@ -19,6 +19,7 @@ from tests.memnet import (
 )
 from tigertunnel.crypto.kem import public_key_from_seed
 from tigertunnel.keys.format import parse_key_text
+from tigertunnel.keys.ring import KeyRing
 from tigertunnel.net.frame_protocol import SESSION_BUFFER_LIMIT
 from tigertunnel.tools.tbframes import sized_tb_frame
 from tigertunnel.tools.traces import CLUSTER3, SINGLE, load_trace
@@ -358,7 +359,7 @@ class FailClosedTests(SynchronousTestCase):
         """A client with an unknown key never gets a pool connection and retries with growing delays."""
         other = psk_store(b"5:" + b"b2" * 32 + b"\n")
         t = Tunnel(client_cfg={})
-        t.client.config.psk = other
+        t.client.keyring = KeyRing(other)
         t.start()
         self.assertEqual(t.client.pool_connections, [])
         attempts = len(t.net.connect_attempts)

@@ -2,6 +2,7 @@
 
 import os
 import signal
+from dataclasses import FrozenInstanceError
 from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.logger import globalLogPublisher
@@ -220,12 +221,25 @@ class ClientRotationTests(ReloadCase):
         self.assertTrue(peer.lost)
         self.assertEqual(self.client_key_ids(), [NEW, NEW])
 
+    def test_reload_swaps_the_keyring_not_the_settings(self) -> None:
+        """A reload gives the multiplexer a new frozen KeyRing; the settings
+        (the same object) keep the keys read at start-up."""
+        config, before = self.t.client.config, self.t.client.keyring
+        self.rotate()
+        self.assertIs(self.t.client.config, config)
+        self.assertEqual(config.psk.first()[0], OLD)
+        self.assertIsNot(self.t.client.keyring, before)
+        self.assertEqual(self.t.client.keyring.psk.first()[0], NEW)
+        self.assertEqual(before.psk.first()[0], OLD)
+        with self.assertRaises(FrozenInstanceError):
+            self.t.client.keyring.psk = None  # type: ignore[misc]
+
     def test_reload_state_recorded(self) -> None:
         """A reload records its time and result, and the new client hello uses the new key id."""
         self.rotate()
         self.assertEqual(self.client.status(), {"time": 1234.5, "ok": True, "error": None,
                                                 "results": {"ok": 1, "error": 0}})
-        self.assertEqual(self.t.client.config.psk.first()[0], NEW)
+        self.assertEqual(self.t.client.keyring.psk.first()[0], NEW)
 
 
 class ServerRetireTests(ReloadCase):
@@ -313,13 +327,13 @@ class ReplacedBytesTests(ReloadCase):
 class BrokenFileTests(ReloadCase):
     """A bad key file keeps the old keys and says why."""
 
-    def check_refused(self, reloader: KeyReloader, config: Any, expected: str) -> None:
+    def check_refused(self, reloader: KeyReloader, mux: Any, expected: str) -> None:
         """The reload failed with ``expected`` in its reason and changed nothing."""
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        before = (config.psk, config.kem_public, config.kem_secret)
+        before = mux.keyring
         links = list(self.t.client.pool_connections)
         self.assertFalse(reloader.reload())
-        self.assertEqual((config.psk, config.kem_public, config.kem_secret), before)
+        self.assertIs(mux.keyring, before)
         self.assertEqual(self.t.client.pool_connections, links)
         self.assertFalse(reloader.status()["ok"])
         self.assertIn(expected, reloader.status()["error"])
@@ -331,17 +345,17 @@ class BrokenFileTests(ReloadCase):
     def test_file_without_key_line_refused(self) -> None:
         """A key file without a key line is refused, naming file, line and reason."""
         path = self.keys.write("client.key", "# rotated\nnot a key\n")
-        self.check_refused(self.client, self.t.client.config, f"{path}:2: InvalidKeyFormat")
+        self.check_refused(self.client, self.t.client, f"{path}:2: InvalidKeyFormat")
 
     def test_missing_file(self) -> None:
         """A deleted key file is refused as unreadable."""
         os.remove(self.t.server.config.key_path)
-        self.check_refused(self.server, self.t.server.config, "Unreadable")
+        self.check_refused(self.server, self.t.server, "Unreadable")
 
     def test_loose_permissions(self) -> None:
         """A key file readable by others is refused."""
         self.keys.write("client.key", format_key_line(NEW, KEYS[NEW]), 0o644)
-        self.check_refused(self.client, self.t.client.config, "InsecurePermissions")
+        self.check_refused(self.client, self.t.client, "InsecurePermissions")
 
 
 class KemReloadTests(ReloadCase):
@@ -399,7 +413,7 @@ class KemReloadTests(ReloadCase):
             load_keys(self.t.client.config)
         self.assertIn("unusable KEM public key", str(caught.exception))
         self.assertFalse(self.client.reload())
-        self.assertEqual(self.t.client.config.kem_public[0], KEM_KEY_ID)
+        self.assertEqual(self.t.client.keyring.kem_public[0], KEM_KEY_ID)
 
 
 class PlaintextTests(SynchronousTestCase):
@@ -411,7 +425,7 @@ class PlaintextTests(SynchronousTestCase):
         t.start()
         reloader = KeyReloader([t.client], t.clock)
         self.assertTrue(reloader.reload())
-        self.assertIsNone(t.client.config.psk)
+        self.assertIsNone(t.client.keyring.psk)
         reloader.stop()
 
 
@@ -459,9 +473,9 @@ class ReloadServiceTests(ReloadCase):
         self.addCleanup(signal.signal, signal.SIGHUP, previous)
         self.keys.psk("client.key", NEW)
         os.kill(os.getpid(), signal.SIGHUP)
-        self.assertEqual(self.t.client.config.psk.first()[0], OLD)
+        self.assertEqual(self.t.client.keyring.psk.first()[0], OLD)
         reactor.run()
-        self.assertEqual(self.t.client.config.psk.first()[0], NEW)
+        self.assertEqual(self.t.client.keyring.psk.first()[0], NEW)
         self.assertEqual(recorder.events, ["reloading", "reloaded True"])
         service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
@@ -480,4 +494,4 @@ class ReloadServiceTests(ReloadCase):
         service = ReloadService(self.client, FakeReactor())
         self.keys.psk("client.key", NEW)
         self.assertFalse(service.reload())
-        self.assertEqual(self.t.client.config.psk.first()[0], OLD)
+        self.assertEqual(self.t.client.keyring.psk.first()[0], OLD)

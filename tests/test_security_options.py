@@ -21,7 +21,7 @@ from tigertunnel.keys import files
 from tigertunnel.keys.files import load_kem_secret_file, load_psk_file, trusted_owners
 from tigertunnel.keys.generate import keygen
 from tigertunnel.net.listeners import endpoint_is_local
-from tigertunnel.ops import hardening, replay, startup
+from tigertunnel.ops import hardening, replay, startup, validators
 from tigertunnel.ops.hardening import Hardening
 from tigertunnel.ops.replay import ReplayCacheService, replay_path
 from tigertunnel.wire.replaywindow import Verdict
@@ -104,13 +104,13 @@ class HardeningOrderTests(KeyDirCase):
         self.order: List[str] = []
         self.patch(hardening, "_applied", None)
         self.patch(hardening, "harden_process", self.fake_harden)
-        real = tap.load_psk_file
+        real = validators.load_psk_file
 
         def load(path: str, owners: Any = None) -> Any:
             self.order.append("keys")
             return real(path, owners)
 
-        self.patch(tap, "load_psk_file", load)
+        self.patch(validators, "load_psk_file", load)
 
     def fake_harden(self) -> Hardening:
         """Stands in for the real one, which cannot be undone in the test runner."""

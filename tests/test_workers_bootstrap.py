@@ -2,7 +2,9 @@
 
 import os
 import socket
+from typing import Any, cast
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -12,6 +14,7 @@ from tigertunnel.config.model import ProxyPair, parse_proxy
 from tigertunnel.errors import ConfigError
 from tigertunnel.keys.generate import keygen
 from tigertunnel.net.sockets import socket_family
+from tigertunnel.ops.plan import Plan, make_plan
 from tigertunnel.ops.workers.balance import create_board
 from tigertunnel.ops.workers.bootstrap import (
     BOARD_FD_ENV,
@@ -135,12 +138,14 @@ class WorkerOptionTests(SynchronousTestCase):
         return opts
 
     def test_without_options(self) -> None:
-        """Workers get the config file's values, not --config/--replica."""
+        """Workers get the command line less --config/--replica, read as
+        getopt reads it (a unique prefix such as --co or --repl is the option)."""
         args = ["-k", "k", "--config", "c.ini", "--replica=1", "--conf=x",
-                "--repl", "2", "--co", "y", "--cluster", "5", "--", "--config"]
-        self.assertEqual(clusterfile.without_options(args, ("config", "replica")),
-                         ["-k", "k", "--co", "y", "--cluster", "5", "--",
-                          "--config"])
+                "--repl", "2", "--co", "y", "--cluster", "5", "-m50", "--", "more"]
+        given = clusterfile.given_options(tap.ClientOptions(), args)
+        self.assertEqual(given.without(("config", "replica")),
+                         ["-k", "k", "--cluster", "5", "-m", "50", "--", "more"])
+        self.assertEqual(given.values["config"], "y")
 
     def test_default_one(self) -> None:
         """Without --workers a tunnel end is one process."""
@@ -154,8 +159,15 @@ class WorkerOptionTests(SynchronousTestCase):
                          ["--workers", "4", "--metrics", "tcp:0:interface=127.0.0.1"])
         self.assertEqual(opts.subOptions.operations.metrics, "tcp:0:interface=127.0.0.1")
 
+    def plan(self, opts: tap.Options) -> Plan:
+        """The start-up plan of a parsed worker."""
+        sub = opts.subOptions
+        return make_plan(sub.config, sub.operations, sub["log-level"],
+                         int(sub["worker-index"]), sub.raw_args, sub.cwd)
+
     def test_worker_has_no_metrics(self) -> None:
-        """A worker serves on the inherited socket; metrics are worker 0's."""
+        """A worker serves on the inherited socket; metrics are worker 0's.
+        Parsing inherits nothing; the plan takes the socket and the board."""
         sock = listening(socket.AF_INET, "127.0.0.1")
         self.addCleanup(sock.close)
         board_fd, board = create_board(1, 4)
@@ -166,25 +178,33 @@ class WorkerOptionTests(SynchronousTestCase):
         opts = self.parse("--workers", "4", "--metrics", "tcp:0:interface=127.0.0.1",
                           "--worker-index", "3")
         self.assertIsNone(opts.subOptions.operations.metrics)
-        self.assertEqual(opts.subOptions.config.inherited_fds,
-                         {0: sock.fileno()})
+        self.assertEqual(opts.subOptions.config.inherited_fds, {})
+        plan = self.plan(opts)
+        self.assertEqual(plan.config.inherited_fds, {0: sock.fileno()})
+        self.assertEqual(plan.worker_index, 3)
         # The worker maps worker 0's board: what one writes, the other reads.
-        inherited = opts.subOptions.board
+        inherited = plan.board
         assert inherited is not None
         inherited.publish(0, 3, 7)
         self.assertEqual(board.read(0, 3)[0], 7)
 
     def test_worker_without_board(self) -> None:
-        """A worker started without the accept board is refused in one line."""
+        """A worker started without the accept board parses (parsing inherits
+        nothing), and its plan is refused in one line; makeService says so."""
         sock = listening(socket.AF_INET, "127.0.0.1")
         self.addCleanup(sock.close)
         self.patch(os, "environ", dict(os.environ, **{
             LISTEN_FDS_ENV: str(sock.fileno())}))
         self.pair = f"127.0.0.1:{sock.getsockname()[1]},127.0.0.1:2"
-        with self.assertRaises(usage.UsageError) as ctx:
-            self.parse("--workers", "2", "--worker-index", "1")
-        self.assertIn("TIGERTUNNEL_BOARD_FD='' does not name the accept board",
-                      str(ctx.exception))
+        opts = self.parse("--workers", "2", "--worker-index", "1")
+        expected = "TIGERTUNNEL_BOARD_FD='' does not name the accept board"
+        with self.assertRaises(ConfigError) as ctx:
+            self.plan(opts)
+        self.assertIn(expected, str(ctx.exception))
+        with self.assertRaises(usage.UsageError) as caught:
+            tap.makeService(opts, reactor=cast(Any, MemoryReactorClock()))
+        self.assertIn(expected, str(caught.exception))
+        self.assertNotIn("\n", str(caught.exception))
 
     def test_bad_values(self) -> None:
         """Out-of-range or malformed --workers / --worker-index values are refused, naming the value."""

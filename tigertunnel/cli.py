@@ -252,7 +252,10 @@ def _run_end(options: Options) -> int:
         observer = worker_log_observer()
     else:
         observer = output_observer(sys.stderr, options.subOptions["log-format"])
-    service = tap.makeService(options)
+    try:
+        service = tap.makeService(options)
+    except usage.UsageError as e:  # the start-up plan: one line
+        return _fail(str(e))
     try:
         service.privilegedStartService()
         service.startService()
@@ -278,13 +281,12 @@ def describe_run(options: usage.Options) -> List[str]:
 
     :param options: options whose ``subOptions`` are a parsed tunnel end.
     """
-    from tigertunnel.ops.reload import KeySet, describe
+    from tigertunnel.ops.reload import describe
 
     sub = options.subOptions
     cfg = sub.config
-    keys = KeySet(cfg.psk, cfg.kem_public, cfg.kem_secret)
     lines = [f"{cfg.role}: {len(cfg.pairs)} proxy pairs; "
-             f"{describe(keys, cfg.role)}"]
+             f"{describe(cfg.keyring, cfg.role)}"]
     for pair in cfg.pairs:
         lines.append(f"  {pair.name}: {pair.listen} -> {pair.target} (pair={pair.label})")
     if sub.operations.metrics:
@@ -297,9 +299,14 @@ def describe_run(options: usage.Options) -> List[str]:
 
 def _check_config(options: Options) -> int:
     from tigertunnel.config import clusterfile
+    from tigertunnel.ops.plan import resolved_listen_descriptions
 
     check = options.subOptions
     if check.subCommand is not None:
+        try:
+            resolved_listen_descriptions(check.subOptions.config)  # as a run's plan does
+        except ConfigError as e:
+            return _fail(str(e))
         sys.stdout.write("ok\n")
         sys.stdout.write("".join(line + "\n" for line in describe_run(check)))
         return 0
@@ -317,7 +324,8 @@ def _check_config(options: Options) -> int:
         parsed = tap.Options()
         try:
             parsed.parseOptions(run)
-        except usage.UsageError as e:
+            resolved_listen_descriptions(parsed.subOptions.config)
+        except (usage.UsageError, ConfigError) as e:
             return _fail(str(e))
         sys.stdout.write(f"ok: {' '.join(run[1:])}\n")
         sys.stdout.write("".join(line + "\n" for line in describe_run(parsed)))

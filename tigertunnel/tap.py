@@ -4,14 +4,16 @@
 ``twistd [-n] [--pidfile F] tigertunnel client -p 127.0.0.1:4000,HOST:3000 -k K``
 ``twistd [-n] [--pidfile F] tigertunnel client --config cluster.ini``
 
-Every option, address and key file is validated while the options are
-parsed (a KEM key file also needs native ML-KEM), so a bad value stops
-start-up with a one-line message naming it and a non-zero exit status,
-before anything listens or daemonizes; under twistd that line is
-``tigertunnel: error: ...`` on stderr, as from the console script. Under
-twistd ``makeService`` also binds the listening ports, before twistd
-daemonizes (:mod:`tigertunnel.ops.startup`), so a port in use is the same
-one line.
+Parse, then plan, then build. The options only parse and check values
+(:data:`tigertunnel.ops.validators.VALIDATORS`, the table the cluster
+config file uses too; a key file is checked by reading it) into frozen
+settings. ``makeService`` makes the start-up plan
+(:func:`tigertunnel.ops.plan.make_plan`: host names resolved, inherited
+sockets adopted), assembles it (:func:`tigertunnel.ops.assemble.assemble`)
+and, under twistd, binds the ports before twistd daemonizes
+(:mod:`tigertunnel.ops.startup`). Any bad value or unusable port stops
+start-up with one line naming it (``tigertunnel: error: ...`` on stderr,
+under twistd as from the console script) and a non-zero exit status.
 
 Under twistd the process is hardened (not dumpable, no core files:
 :mod:`tigertunnel.ops.hardening`) as soon as twistd hands the arguments to
@@ -21,13 +23,12 @@ same in :func:`tigertunnel.cli.main`.
 
 import os
 import sys
-from dataclasses import dataclass
-from functools import lru_cache, partial
-from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union, cast
+from dataclasses import replace
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Optional, Sequence, cast
 
 from twisted.application import app
 from twisted.application.service import IService
-from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorTime
 from twisted.python import usage
 
 from tigertunnel import logs
@@ -36,54 +37,29 @@ from tigertunnel.config.model import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_SESSIONS,
     DEFAULT_POOL_SIZE,
+    DEFAULT_SHUTDOWN_TIMEOUT,
     MAX_PROXY_PAIRS,
     Role,
     TunnelConfig,
-    listen_description,
+    label_pairs,
     parse_proxy,
 )
-from tigertunnel.keys.files import (
-    load_kem_public_file,
-    load_kem_secret_file,
-    load_psk_file,
-    trusted_owners,
+from tigertunnel.keys.files import trusted_owners
+from tigertunnel.ops.plan import Operations
+from tigertunnel.ops.validators import (
+    VALIDATORS,
+    check_metrics_exposure,
+    check_value,
+    metrics_tls,
+    require_native_kem,
+    whole_number,
 )
-from tigertunnel.keys.format import parse_int
 from tigertunnel.tools.options import ExampleOptions
 from tigertunnel.errors import ConfigError, KeyFileError
 
 if TYPE_CHECKING:
-    from tigertunnel.ops.shutdown import ProcessReactor, TunnelService
+    from tigertunnel.ops.shutdown import ProcessReactor
     from tigertunnel.ops.tls import ServerTLS
-    from tigertunnel.ops.workers import AcceptBalancer, AcceptBoard
-
-#: Default seconds a graceful shutdown (SIGTERM) may take.
-DEFAULT_SHUTDOWN_TIMEOUT = 10.0
-
-
-@dataclass
-class Operations:
-    """Settings of the operations features (metrics, shutdown, systemd)."""
-
-    metrics: Optional[str] = None
-    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
-    systemd_sockets: bool = False
-    #: The ``--replay-file`` value as given (``None``: not given).
-    replay_file: Optional[str] = None
-    #: ``--metrics`` over HTTPS (``--metrics-tls-cert`` and ``-key``).
-    metrics_tls: "Optional[ServerTLS]" = None
-
-
-def _positive_int(name: str, text: str, limit: int = 2 ** 32 - 1) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise usage.UsageError(f"invalid {name}: {text!r} (expected a whole "
-                               f"number)") from None
-    if not 1 <= value <= limit:
-        raise usage.UsageError(f"invalid {name}: {text!r} (must be 1 to "
-                               f"{limit})")
-    return value
 
 
 class _EndOptions(ExampleOptions):
@@ -140,15 +116,11 @@ class _EndOptions(ExampleOptions):
     def __init__(self) -> None:
         super().__init__()
         self["proxies"] = []
+        #: The settings, once parsed (frozen).
         self.config: Optional[TunnelConfig] = None
         self.operations = Operations()
         #: Canonical names of the options given on the command line.
         self.given: FrozenSet[str] = frozenset()
-        #: A worker's accept board, inherited from worker 0 (``--workers``).
-        self.board: Optional["AcceptBoard"] = None
-        #: A server worker's replay cache in shared memory, inherited from
-        #: worker 0 (``--workers`` without a replay file).
-        self.replay_descriptor: Optional[int] = None
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """Parse, with ``--config FILE`` expanded in front of the arguments."""
@@ -163,25 +135,28 @@ class _EndOptions(ExampleOptions):
         super().parseOptions(expanded.args)
 
     def check_file_option(self, key: str, value: str) -> None:
-        """Check one config-file value with the code its flag goes through.
+        """Check one config-file value with the validator of its flag
+        (:data:`~tigertunnel.ops.validators.VALIDATORS`; a flag's ``yes`` or
+        ``no`` is checked by the file's reader).
 
         :raises usage.UsageError: naming the problem.
         """
-        owners = self.key_owners()
-        loaders = {"key": lambda path: load_psk_file(path, owners),
-                   "kemsecret": lambda path: load_kem_secret_file(path, owners),
-                   "kempublic": load_kem_public_file}
+        if key in VALIDATORS:
+            check_value(key, value, self.key_owners())
+
+    def value(self, name: str) -> Any:
+        """The parsed value of option ``name`` (``None``: not given).
+
+        :raises usage.UsageError: the value is refused (a key file: the
+            message says ``cannot use key file:``).
+        """
+        text = self[name]
+        if text is None:
+            return None
         try:
-            if key in _TLS_FILE_OPTIONS:
-                _check_tls_file(key, value, owners)
-            elif key in loaders:
-                loaders[key](value)
-            elif not config_file_options()[key].flag:
-                probe = type(self)()
-                usage.Options.parseOptions(probe, ["--plaintext", "-p", _PROBE_PAIR,
-                                                   f"--{key}={value}"])
+            return VALIDATORS[name](text, self.key_owners())
         except KeyFileError as e:
-            raise usage.UsageError(str(e)) from None
+            raise usage.UsageError(f"cannot use key file: {e}") from None
 
     def key_owners(self) -> FrozenSet[int]:
         """The users a secret key file may belong to: this user, root and,
@@ -210,38 +185,17 @@ class _EndOptions(ExampleOptions):
         if not self["proxies"]:
             raise usage.UsageError(f"at least one proxy pair (-p LISTEN,TARGET)"
                                    f" is required for {self.role} mode")
-        level = self["log-level"]
-        if level not in logs.LEVELS:
-            raise usage.UsageError(f"invalid log level: {level!r} (use: err, "
-                                   f"warn, info, debug)")
-        if self["log-format"] not in logs.FORMATS:
-            raise usage.UsageError(f"invalid log format: {self['log-format']!r} "
-                                   f"(use: {', '.join(logs.FORMATS)})")
-        for pair in self["proxies"]:
-            try:
-                listen_description(pair.listen)  # resolves a listen host name
-            except ConfigError as e:
-                raise usage.UsageError(str(e)) from None
+        self.value("log-level")
+        self.value("log-format")
         try:
-            cfg = TunnelConfig(role=Role.parse(self.role), pairs=list(self["proxies"]))
+            label_pairs(self["proxies"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
-        cfg.max_sessions = _positive_int("max-sessions",
-                                         self["max-sessions"])
-        try:
-            cfg.handshake_timeout = float(self["handshake-timeout"])
-            if not 0 < cfg.handshake_timeout <= 3600:
-                raise ValueError
-        except ValueError:
-            raise usage.UsageError(f"invalid handshake-timeout: "
-                                   f"{self['handshake-timeout']!r}") from None
-        if self["cluster"] is not None:
-            try:
-                cfg.cluster_id = parse_int(self["cluster"], bits=128)
-            except ValueError:
-                raise usage.UsageError(f"invalid cluster id: "
-                                       f"{self['cluster']!r} (expected a "
-                                       f"decimal u128)") from None
+        settings: Dict[str, Any] = {
+            "max_sessions": self.value("max-sessions"),
+            "handshake_timeout": self.value("handshake-timeout"),
+            "cluster_id": self.value("cluster"),
+        }
         key = self["key"]
         if key is None and not self["plaintext"]:
             raise usage.UsageError("no key file: give -k KEYFILE (see "
@@ -249,110 +203,46 @@ class _EndOptions(ExampleOptions):
                                    "run unencrypted on purpose")
         if key is not None and self["plaintext"]:
             raise usage.UsageError("-k and --plaintext exclude each other")
-        try:
-            if key is not None:
-                cfg.psk = load_psk_file(key, self.key_owners())
-                cfg.key_path = key
-            self.load_role_keys(cfg)
-        except KeyFileError as e:
-            raise usage.UsageError(f"cannot use key file: {e}") from None
-        self.operations = self.check_operations(cfg)
-        self.check_workers(cfg)
-        self.config = cfg
+        settings.update(psk=self.value("key"), key_path=key)
+        settings.update(self.role_settings(encrypted=key is not None))
+        self.operations = self.check_operations()
+        settings["workers"] = self.check_workers()
+        self.config = TunnelConfig(role=Role.parse(self.role),
+                                   pairs=list(self["proxies"]), **settings)
 
-    def check_workers(self, cfg: TunnelConfig) -> None:
-        """Check --workers and --worker-index."""
-        from tigertunnel.ops.workers import MAX_WORKERS
-
-        cfg.workers = _positive_int("workers", self["workers"], MAX_WORKERS)
+    def check_workers(self) -> int:
+        """Check --workers and --worker-index; the number of processes."""
+        workers = int(self.value("workers"))
         index = self["worker-index"]
         if index is not None:
-            from tigertunnel.ops.workers import (
-                inherited_board,
-                inherited_listen_fds,
-                inherited_replay_descriptor,
-            )
-
-            if cfg.workers < 2:
+            if workers < 2:
                 raise usage.UsageError("--worker-index needs --workers 2 or more")
-            _positive_int("worker-index", index, cfg.workers - 1)
-            # A worker serves on worker 0's sockets; metrics are worker 0's.
-            self.operations.metrics = None
-            try:
-                cfg.inherited_fds = inherited_listen_fds(cfg.pairs)
-                self.board = inherited_board(len(cfg.pairs), cfg.workers)
-                self.replay_descriptor = inherited_replay_descriptor()
-            except ConfigError as e:
-                raise usage.UsageError(str(e)) from None
+            whole_number("worker-index", index, workers - 1)
+        return workers
 
-    def check_operations(self, cfg: TunnelConfig) -> Operations:
-        """Check --metrics, --shutdown-timeout and --systemd-sockets."""
-        ops = Operations(metrics=self["metrics"])
-        if ops.metrics is not None:
-            from tigertunnel.net.listeners import endpoint_is_local
-
-            try:
-                local = endpoint_is_local(ops.metrics)
-            except (ValueError, KeyError, IndexError, TypeError,
-                    AttributeError) as e:
-                raise usage.UsageError(f"invalid --metrics endpoint "
-                                       f"{ops.metrics!r}: {e or type(e).__name__}"
-                                       f" (example: tcp:9101:interface="
-                                       f"127.0.0.1)") from None
-            ops.metrics_tls = self.check_metrics_tls()
-            authenticated = (ops.metrics_tls is not None
-                             and ops.metrics_tls.requires_client_certificate)
-            if not local and not authenticated and not self["metrics-public"]:
-                raise usage.UsageError(
-                    f"--metrics {ops.metrics!r} can be reached from other "
-                    f"hosts and has no authentication: give "
-                    f"interface=127.0.0.1 (or a unix: socket), require client "
-                    f"certificates with --metrics-tls-client-ca, or add "
-                    f"--metrics-public to serve it there on purpose")
+    def check_operations(self) -> Operations:
+        """Check --metrics (and its TLS files) and --shutdown-timeout."""
+        metrics = self.value("metrics")
+        tls: "Optional[ServerTLS]" = None
+        if metrics is not None:
+            tls = metrics_tls(self["metrics-tls-cert"], self["metrics-tls-key"],
+                              self["metrics-tls-client-ca"], self.key_owners())
+            check_metrics_exposure(metrics, tls, bool(self["metrics-public"]))
         else:
             for name in _TLS_FILE_OPTIONS:
                 if self[name] is not None:
                     raise usage.UsageError(f"--{name} needs --metrics")
-        try:
-            ops.shutdown_timeout = float(self["shutdown-timeout"])
-            if not 0 < ops.shutdown_timeout <= 3600:
-                raise ValueError
-        except ValueError:
-            raise usage.UsageError(f"invalid shutdown-timeout: "
-                                   f"{self['shutdown-timeout']!r} (seconds, "
-                                   f"more than 0, at most 3600)") from None
-        if self["systemd-sockets"] and self["worker-index"] is None:
-            from tigertunnel.ops.systemd import adopted_listen_descriptions
+        worker = self["worker-index"] is not None
+        # A worker serves on worker 0's sockets; metrics are worker 0's.
+        return Operations(
+            metrics=metrics.description if metrics is not None and not worker else None,
+            shutdown_timeout=self.value("shutdown-timeout"),
+            systemd_sockets=bool(self["systemd-sockets"]) and not worker,
+            metrics_tls=tls)
 
-            ops.systemd_sockets = True
-            try:
-                cfg.listen_overrides = adopted_listen_descriptions(cfg.pairs)
-            except ConfigError as e:
-                raise usage.UsageError(str(e)) from None
-        return ops
-
-    def check_metrics_tls(self) -> "Optional[ServerTLS]":
-        """Read and check the --metrics-tls-* files (``None``: plain HTTP)."""
-        from tigertunnel.ops.tls import read_server_tls
-
-        cert, key = self["metrics-tls-cert"], self["metrics-tls-key"]
-        client_ca = self["metrics-tls-client-ca"]
-        if cert is None and key is None:
-            if client_ca is not None:
-                raise usage.UsageError("--metrics-tls-client-ca needs "
-                                       "--metrics-tls-cert and --metrics-tls-key")
-            return None
-        if cert is None or key is None:
-            given, missing = (("cert", "key") if key is None else ("key", "cert"))
-            raise usage.UsageError(f"--metrics-tls-{given} needs "
-                                   f"--metrics-tls-{missing}")
-        try:
-            return read_server_tls(cert, key, client_ca, self.key_owners())
-        except ConfigError as e:
-            raise usage.UsageError(f"--metrics TLS: {e}") from None
-
-    def load_role_keys(self, cfg: TunnelConfig) -> None:
-        """Load and check the KEM key file of this role."""
+    def role_settings(self, encrypted: bool) -> Dict[str, Any]:
+        """The settings of this role's own options (its KEM key file)."""
+        return {}
 
 
 class ServerOptions(_EndOptions):
@@ -385,37 +275,21 @@ SIGHUP reloads the key files; SIGTERM drains and exits."""
 
     def postOptions(self) -> None:
         super().postOptions()
-        self.check_replay_file()
-        self.operations.replay_file = self["replay-file"]
+        self.operations = replace(self.operations, replay_file=self.value("replay-file"))
 
-    def load_role_keys(self, cfg: TunnelConfig) -> None:
-        cfg.require_kem = bool(self["require-kem"])
+    def role_settings(self, encrypted: bool) -> Dict[str, Any]:
+        require_kem = bool(self["require-kem"])
         path = self["kemsecret"]
         if path is None:
-            if cfg.require_kem:
+            if require_kem:
                 raise usage.UsageError("--require-kem needs --kemsecret")
-            return
-        if cfg.psk is None:
+            return {"require_kem": require_kem}
+        if not encrypted:
             raise usage.UsageError("--kemsecret requires -k (KEM mode "
                                    "requires encryption)")
-        cfg.kem_secret = load_kem_secret_file(path, self.key_owners())
-        cfg.kem_path = path
-        _require_kem("--kemsecret")
-
-    def check_replay_file(self) -> None:
-        """Check that ``--replay-file`` names a file in an existing directory."""
-        from tigertunnel.ops.replay import IN_MEMORY
-
-        value = self["replay-file"]
-        if value is None or value in IN_MEMORY:
-            return
-        folder = os.path.dirname(os.path.abspath(value))
-        if not os.path.isdir(folder):
-            raise usage.UsageError(f"invalid --replay-file {value!r}: directory "
-                                   f"{folder!r} does not exist")
-        if os.path.isdir(value):
-            raise usage.UsageError(f"invalid --replay-file {value!r}: it is a "
-                                   f"directory (give a file name)")
+        kem_secret = self.value("kemsecret")
+        require_native_kem("--kemsecret")
+        return {"require_kem": require_kem, "kem_secret": kem_secret, "kem_path": path}
 
 
 class ClientOptions(_EndOptions):
@@ -442,17 +316,17 @@ drains and exits."""
          "tigertunnel kemgen)."],
     ]
 
-    def load_role_keys(self, cfg: TunnelConfig) -> None:
-        cfg.pool_size = _positive_int("num-conns", self["num-conns"], 1024)
+    def role_settings(self, encrypted: bool) -> Dict[str, Any]:
+        settings: Dict[str, Any] = {"pool_size": self.value("num-conns")}
         path = self["kempublic"]
         if path is None:
-            return
-        if cfg.psk is None:
+            return settings
+        if not encrypted:
             raise usage.UsageError("--kempublic requires -k (KEM mode "
                                    "requires encryption)")
-        cfg.kem_public = load_kem_public_file(path)
-        cfg.kem_path = path
-        _require_kem("--kempublic")
+        settings.update(kem_public=self.value("kempublic"), kem_path=path)
+        require_native_kem("--kempublic")
+        return settings
 
 
 class Options(ExampleOptions):
@@ -497,20 +371,6 @@ class Options(ExampleOptions):
             logs.use_for_twistd(twistd, self.subOptions["log-format"])
 
 
-def _require_kem(option: str) -> None:
-    """Refuse a KEM key file where ML-KEM cannot run (no native ML-KEM).
-
-    :raises usage.UsageError: naming the option and what to install.
-    """
-    from tigertunnel.crypto.kem import check_available
-    from tigertunnel.errors import KEMUnavailableError
-
-    try:
-        check_available()
-    except KEMUnavailableError as e:
-        raise usage.UsageError(f"cannot use {option}: {e}") from None
-
-
 def _twistd_options(options: Optional[usage.Options]) -> Optional[usage.Options]:
     """twistd's own options, if ``options`` (or one of its parents) are them."""
     while options is not None:
@@ -524,26 +384,6 @@ def _twistd_options(options: Optional[usage.Options]) -> Optional[usage.Options]
 _TLS_FILE_OPTIONS = ("metrics-tls-cert", "metrics-tls-key", "metrics-tls-client-ca")
 
 
-def _check_tls_file(option: str, path: str, owners: FrozenSet[int]) -> None:
-    """Check one --metrics-tls-* file of a cluster config file on its own
-    (whether the key is the certificate's is checked with both).
-
-    :raises usage.UsageError: naming the problem.
-    """
-    from tigertunnel.ops.tls import read_certificates
-
-    try:
-        if option == "metrics-tls-key":
-            from tigertunnel.keys.files import read_key_file
-            read_key_file(path, secret=True, owners=owners)
-        else:
-            read_certificates(path)
-    except (ConfigError, KeyFileError) as e:
-        raise usage.UsageError(str(e)) from None
-
-
-#: A proxy pair that lets a probe parse reach the option being checked.
-_PROBE_PAIR = "127.0.0.1:1,127.0.0.1:2"
 #: Long options a cluster config file cannot set: what picks the file and
 #: the replica, the proxy pairs (the file's replicas give them), the process
 #: layout, and usage's own --help and --version.
@@ -560,162 +400,51 @@ def config_file_options() -> Dict[str, clusterfile.FileOption]:
 
 
 def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) -> IService:
-    """Build the tunnel service from parsed :class:`Options`.
+    """Build the tunnel service from parsed :class:`Options`: make the
+    start-up plan (:func:`~tigertunnel.ops.plan.make_plan`), then assemble
+    it (:func:`~tigertunnel.ops.assemble.assemble`).
 
-    The multiplexers are the children of a
-    :class:`~tigertunnel.ops.shutdown.TunnelService` (graceful shutdown), with
-    key reload on SIGHUP, the optional metrics listener and, under systemd,
-    the notifications as its operations services.
-
-    Under twistd the ports are bound here (a port that cannot be bound
-    exits with one line); a client names its TB-side listeners reachable
-    beyond loopback in one warning.
+    Under twistd a plan that cannot be made, or a port that cannot be
+    bound (the ports are bound here), exits with one line; a client names
+    its TB-side listeners reachable beyond loopback in one warning.
 
     :param reactor: the global reactor by default; tests pass a
         ``MemoryReactorClock``.
+    :raises usage.UsageError: (not under twistd) the plan cannot be made.
     """
-    from tigertunnel.logs import filter_port_messages, limit_accept_errors, logger
-    from tigertunnel.net.multiplexer import build_service
-    from tigertunnel.ops import hardening
-    from tigertunnel.ops.memory import freeze_startup_heap, memory_trimmer, tune_malloc
-    from tigertunnel.ops.metrics import MetricsService
-    from tigertunnel.ops.backend import backend_probes
-    from tigertunnel.ops.figures import figures_reporter
-    from tigertunnel.ops.metrics import process_collectors
-    from tigertunnel.ops.tbmetrics import watch_pairs
-    from tigertunnel.ops.reload import KeyReloader, ReloadService
-    from tigertunnel.ops.replay import ReplayCacheService, create_shared_memory, replay_path
-    from tigertunnel.ops.shutdown import TunnelService
+    from tigertunnel.ops.assemble import assemble
+    from tigertunnel.ops.plan import make_plan
     from tigertunnel.ops.startup import (
         bind_before_daemonizing,
+        fail,
         probe_replay_file,
         warn_reachable_tb_listeners,
     )
-    from tigertunnel.ops.systemd import Notifier, SystemdService, watchdog_interval
-    from tigertunnel.ops.workers import WorkerSupervisor, create_board, worker_command
 
     if reactor is None:
         from twisted.internet import reactor as _reactor
         reactor = cast("ProcessReactor", _reactor)
     sub = options.subOptions
-    config: TunnelConfig = sub.config
-    ops: Operations = sub.operations
-    logs.set_level(sub["log-level"])
-    hardened = hardening.applied()
-    if hardened is not None:
-        for problem in hardened.problems:
-            logger("tigertunnel.ops.hardening").warn(
-                "process hardening incomplete: {problem}", problem=problem)
-    top = TunnelService(reactor, ops.shutdown_timeout, handle_sigterm=True)
-    replay: Optional[ReplayCacheService] = None
-    shared_replay: Optional[int] = None
-    worker_args = [sub.role] + sub.raw_args
-    if config.role is Role.SERVER:
-        twistd = _twistd_options(options)
-        path = replay_path(ops.replay_file,
-                           twistd.get("pidfile") if twistd is not None else None)
-        # One table per tunnel end: without a file, worker 0 makes shared
-        # memory for its workers (they inherit it, as the accept board).
-        if path is None and config.workers > 1 and sub["worker-index"] is None:
-            shared_replay = create_shared_memory()
-        elif path is None:
-            shared_replay = sub.replay_descriptor
-        replay = ReplayCacheService(path, shared_replay)
-        # Workers have no pidfile of their own: they open worker 0's file.
-        worker_args.append(f"--replay-file={path or 'memory'}")
-    build_service(config, reactor, top=top, replay_cache=replay)
-    if replay is not None:
-        top.add_operation(replay, stop_last=True)
-    # Process-wide, once: malloc settings for 1 MiB frames, a periodic heap
-    # trim, and one rate-limited line for accept errors.
-    tune_malloc()
-    limit_accept_errors()
-    filter_port_messages()
-    top.add_operation(memory_trimmer(IReactorTime(reactor)))
-    reactor.callWhenRunning(freeze_startup_heap)
-    # What each pair sees of TigerBeetle: logged (evictions, view changes)
-    # and, with --metrics, served.
-    recorders = watch_pairs(top.multiplexers, reactor.seconds)
-    reloader = KeyReloader(top.multiplexers, reactor)
-    listeners: List[Union[SystemdService, WorkerSupervisor]] = []
-    notifier = Notifier.from_environment()
-    watchdog = watchdog_interval()
-    systemd: Optional[SystemdService] = None
-    if notifier.enabled:
-        systemd = SystemdService(notifier, IReactorCore(reactor), watchdog)
-        listeners.append(systemd)
-    supervisor: Optional[WorkerSupervisor] = None
-    board: "Optional[Tuple[int, AcceptBoard]]" = None
-    if config.workers > 1:
-        # New connections go to the worker that serves fewest (one board
-        # per tunnel end: worker 0 makes it, the others inherit it).
-        if sub["worker-index"] is None:
-            board = create_board(len(top.multiplexers), config.workers)
-        accept_board = board[1] if board is not None else sub.board
-        assert accept_board is not None
-        top.add_operation(_balance_accepts(top, accept_board,
-                                           int(sub["worker-index"] or 0),
-                                           IReactorTime(reactor)))
-    if config.workers > 1 and sub["worker-index"] is not None:
-        # A worker: its figures go to worker 0, which serves the sum.
-        top.add_operation(figures_reporter(top.multiplexers, recorders,
-                                           IReactorTime(reactor), process_collectors()))
-    if config.workers > 1 and sub["worker-index"] is None:
-        supervisor = WorkerSupervisor(
-            IReactorProcess(reactor), worker_command(worker_args),
-            config.workers, partial(_listening_descriptors, top), sub.cwd,
-            ops.shutdown_timeout, board=board, replay=shared_replay)
-        listeners.append(supervisor)  # SIGHUP goes to the workers too
-        top.add_operation(supervisor, stop_last=True)
-    top.add_operation(ReloadService(reloader, reactor, listeners))
-    if ops.metrics is not None:
-        others = (lambda: supervisor.figures) if supervisor is not None else None
-        top.add_operation(MetricsService(ops.metrics, top.multiplexers,
-                                         reloader, reactor, recorders, others,
-                                         tls=ops.metrics_tls),
-                          stop_last=True)
-        # A server's /metrics and /status tell whether its replica is up.
-        for probe in backend_probes(top.multiplexers, reactor):
-            top.add_operation(probe)
-    if systemd is not None:
-        top.add_operation(systemd)
-    if sub["worker-index"] is None:
-        warn_reachable_tb_listeners(config)
-        twistd = _twistd_options(options)
+    twistd = _twistd_options(options)
+    index = sub["worker-index"]
+    try:
+        plan = make_plan(sub.config, sub.operations, sub["log-level"],
+                         None if index is None else int(index), sub.raw_args, sub.cwd,
+                         twistd.get("pidfile") if twistd is not None else None)
+    except ConfigError as e:
         if twistd is not None:
-            # Ports bound (and an existing replay file tried, where twistd
-            # keeps user, root and directory) before twistd daemonizes: an
-            # error is one line.
-            bind_before_daemonizing(top)
-            if (replay is not None and replay.path and twistd.get("uid") is None
-                    and twistd.get("chroot") is None and twistd.get("rundir", ".") == "."):
-                probe_replay_file(replay.path)
+            fail(str(e))
+        raise usage.UsageError(str(e)) from None
+    top = assemble(plan, reactor)
+    if plan.is_worker:
+        return top
+    warn_reachable_tb_listeners(plan.config)
+    if twistd is not None:
+        # Ports bound (and an existing replay file tried, where twistd keeps
+        # user, root and directory) before twistd daemonizes: an error is
+        # one line.
+        bind_before_daemonizing(top)
+        if (plan.replay_path and twistd.get("uid") is None
+                and twistd.get("chroot") is None and twistd.get("rundir", ".") == "."):
+            probe_replay_file(plan.replay_path)
     return top
-
-
-def _balance_accepts(top: "TunnelService", board: "AcceptBoard", worker: int,
-                     clock: IReactorTime) -> "AcceptBalancer":
-    """Put a gate on each pair's listener; the balancer that keeps the
-    board written."""
-    from tigertunnel.ops.workers import AcceptBalancer, PairGate
-
-    gates = []
-    for pair, mux in enumerate(top.multiplexers):
-        gate = PairGate(board, pair, worker, mux)
-        mux.listener.gate = gate
-        gates.append((gate, mux.listener))
-    return AcceptBalancer(board, worker, clock, gates)
-
-
-def _listening_descriptors(top: "TunnelService") -> List[int]:
-    """The listening socket of each proxy pair, in order (handed to workers).
-
-    :raises ValueError: a pair is not listening (yet).
-    """
-    fds = []
-    for mux in top.multiplexers:
-        listener = mux.listener
-        if listener.port is None:
-            raise ValueError(f"{mux.pair.name} is not listening")
-        fds.append(int(listener.port.fileno()))
-    return fds

@@ -30,11 +30,15 @@ Which proxy pairs a tunnel end gets:
   replica N: one pair per *other* replica (replica N's ``--addresses`` lists
   its own real address and these ``local`` addresses).
 
-Other keys of ``[tunnel]`` are the long option names (``max-sessions``,
-``num-conns``, ``metrics``, ``shutdown-timeout``, ``require-kem = yes`` ...):
-the table of them (:func:`option_table`) is read off the ``server`` and
-``client`` options themselves, less the few that only a command line can
-give. Options that belong to the other role are ignored.
+Other keys of ``[tunnel]`` are the long option names, exactly as spelled
+out (``max-sessions``, ``num-conns``, ``metrics``, ``shutdown-timeout``,
+``require-kem = yes`` ...; no abbreviations): the table of them
+(:func:`option_table`) is read off the ``server`` and ``client`` options
+themselves, less the few that only a command line can give. Options that
+belong to the other role are ignored. Each value is checked by its flag's
+validator (:data:`tigertunnel.ops.validators.VALIDATORS`, passed in as
+``check``). Nothing here resolves a host name: listen addresses are
+resolved once, by the start-up plan.
 
 The file becomes command-line arguments placed *before* the real ones
 (:func:`expand_arguments`, the pre-pass of the options' parse), so it goes
@@ -62,7 +66,7 @@ from typing import (
 
 from twisted.python import usage
 
-from tigertunnel.config.model import MAX_PROXY_PAIRS, Address, listen_description, parse_address
+from tigertunnel.config.model import MAX_PROXY_PAIRS, Address, parse_address
 from tigertunnel.errors import ConfigError
 
 _REPLICA = re.compile(r"replica (\d+)\Z")
@@ -282,8 +286,6 @@ def _replica(result: ClusterFile, index: int, section: configparser.SectionProxy
             continue
         try:
             values[key] = parse_address(text, f"{key} address")
-            if key in ("listen", "local"):
-                listen_description(values[key])
         except ConfigError as e:
             raise result._error(name, key, str(e)) from None
     if local_port + index > 65535:
@@ -315,45 +317,56 @@ class Expanded:
     given: FrozenSet[str]
 
 
-def given_options(options: usage.Options, args: Sequence[str]) -> Dict[str, str]:
-    """The options in ``args``, as the parse will read them.
+@dataclass(frozen=True)
+class Given:
+    """The options of a command line, as the parse will read them.
 
-    :returns: ``{canonical name: last value}`` (``""`` for a flag); ``{}``
-        when the arguments do not parse (the parse itself reports that).
+    :ivar values: ``{canonical name: last value}`` (``""`` for a flag).
+    :ivar options: each option in order, as ``(spelled-out option, value)``:
+        long options by their full name (getopt expands a unique prefix
+        such as ``--conf``), ``value`` ``None`` for a flag.
+    :ivar rest: the arguments after the options.
+    """
+
+    values: Dict[str, str]
+    options: List[Tuple[str, Optional[str]]]
+    rest: List[str]
+
+    def without(self, names: Collection[str]) -> List[str]:
+        """The command line again, without the long options ``names`` (and
+        their values)."""
+        out: List[str] = []
+        for opt, value in self.options:
+            if opt[2:] in names and opt.startswith("--"):
+                continue
+            out += [opt] if value is None else [opt, value]
+        return out + (["--"] + self.rest if self.rest else [])
+
+
+def given_options(options: usage.Options, args: Sequence[str]) -> Given:
+    """The options in ``args``, as the parse will read them (getopt's own
+    reading: a long option may be a unique prefix of its name).
+
+    :returns: no options when the arguments do not parse (the parse itself
+        reports that).
     """
     try:
-        found, _ = getopt.getopt(list(args), options.shortOpt, options.longOpt)
+        found, rest = getopt.getopt(list(args), options.shortOpt, options.longOpt)
     except getopt.error:
-        return {}
+        return Given({}, [], list(args))
+    short = options.shortOpt
+    takes_value = {f"--{name.rstrip('=')}" for name in options.longOpt if name.endswith("=")}
+    takes_value |= {f"-{letter}" for letter, colon in zip(short, short[1:] + " ")
+                    if letter != ":" and colon == ":"}
     values: Dict[str, str] = {}
+    spelled: List[Tuple[str, Optional[str]]] = []
     for opt, value in found:
         name = opt.lstrip("-")
         name = options.synonyms.get(name, options.synonyms.get(
             name.replace("-", "_"), name))
         values[name] = value
-    return values
-
-
-def without_options(args: Sequence[str], names: Sequence[str]) -> List[str]:
-    """``args`` without the long options ``names`` (and their values).
-
-    Unique prefixes count, as getopt accepts them (``--conf F``).
-    """
-    out: List[str] = []
-    skip = False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        if arg == "--":
-            return out + list(args[i:])
-        if arg.startswith("--") and len(arg) > 2:
-            name, eq, _ = arg[2:].partition("=")
-            if len(name) >= 3 and any(n.startswith(name) for n in names):
-                skip = not eq
-                continue
-        out.append(arg)
-    return out
+        spelled.append((opt, value if opt in takes_value else None))
+    return Given(values, spelled, rest)
 
 
 #: Checks one ``[tunnel]`` value: ``(key, value)``; raises ``UsageError``.
@@ -402,11 +415,11 @@ def expand_arguments(options: usage.Options, role: str, args: Sequence[str],
         goes through.
     :raises usage.UsageError: the file or one of its values is unusable.
     """
-    values = given_options(options, args)
-    given = frozenset(values)
-    path = values.get("config")
+    found = given_options(options, args)
+    given = frozenset(found.values)
+    path = found.values.get("config")
     if path is None or "help" in given:
         return Expanded(list(args), list(args), given)
-    from_file = file_arguments(path, role, values.get("replica"), given, table, check)
+    from_file = file_arguments(path, role, found.values.get("replica"), given, table, check)
     return Expanded(from_file + list(args),
-                    from_file + without_options(args, ("config", "replica")), given)
+                    from_file + found.without(("config", "replica")), given)

@@ -19,12 +19,16 @@ from dataclasses import dataclass, field, replace
 from typing import List, Mapping, Optional, Tuple, Union
 
 from tigertunnel.keys.format import KeyStore
+from tigertunnel.keys.ring import KeyRing
 from tigertunnel.errors import ConfigError
 
 MAX_PROXY_PAIRS = 16
 DEFAULT_POOL_SIZE = 4
 DEFAULT_MAX_SESSIONS = 1000
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Default seconds a graceful shutdown (SIGTERM) may take before connections
+#: are aborted (``--shutdown-timeout``).
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
 
 class Role(str, enum.Enum):
@@ -242,12 +246,16 @@ def label_pairs(pairs: List[ProxyPair]) -> List[ProxyPair]:
     return labelled
 
 
-@dataclass
+@dataclass(frozen=True)
 class TunnelConfig:
-    """Everything one tunnel end (client or server) needs to run.
+    """The settings of one tunnel end (client or server), never changed.
 
-    ``psk`` is ``None`` only in explicit plaintext mode. ``role`` may be
-    given as its name (``"client"``); it is a :class:`Role` afterwards.
+    ``psk``, ``kem_public`` and ``kem_secret`` are the keys as read at
+    start-up (:attr:`keyring`); the keys in use may be newer (a reload
+    swaps the multiplexers' :class:`~tigertunnel.keys.ring.KeyRing`, and
+    leaves this object as it is). ``psk`` is ``None`` only in explicit
+    plaintext mode. ``role`` may be given as its name (``"client"``); it is
+    a :class:`Role` afterwards.
     """
 
     role: Role
@@ -264,13 +272,20 @@ class TunnelConfig:
     kem_path: Optional[str] = None
     #: Processes serving this tunnel end (``--workers``).
     workers: int = 1
-    #: Listen endpoint descriptions replacing a pair's own, by pair index
-    #: (``systemd:`` sockets handed over by socket activation).
+    #: The listen endpoint description of each pair, by pair index, as the
+    #: start-up plan settled it (:mod:`tigertunnel.ops.plan`): a listen host
+    #: name resolved once, or a ``systemd:`` socket handed over by socket
+    #: activation. A pair not in it listens on its own address.
     listen_overrides: Mapping[int, str] = field(default_factory=dict)
     #: Inherited listening sockets by pair index (a ``--workers`` worker
-    #: accepts on worker 0's sockets).
+    #: accepts on worker 0's sockets), set by the start-up plan.
     inherited_fds: Mapping[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.role = Role.parse(self.role)
-        self.pairs = label_pairs(self.pairs)
+        object.__setattr__(self, "role", Role.parse(self.role))
+        object.__setattr__(self, "pairs", label_pairs(self.pairs))
+
+    @property
+    def keyring(self) -> KeyRing:
+        """The keys as read at start-up."""
+        return KeyRing(self.psk, self.kem_public, self.kem_secret)

@@ -47,6 +47,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 
 from tigertunnel.config.model import ProxyPair, Role, TunnelConfig
 from tigertunnel.interfaces import Reactor, SessionPlacer
+from tigertunnel.keys.ring import KeyRing
 from tigertunnel.logs import LogRateLimit, logger
 from tigertunnel.net.admission import Admission
 from tigertunnel.net.outage import OutageReport, PoolOutage
@@ -106,6 +107,9 @@ class SessionMultiplexer(MultiService):
         super().__init__()
         self.endpoint_for: EndpointFor = endpoint_for or self._tcp_endpoint
         self.config = config
+        #: The keys in use: the start-up keys, until a reload
+        #: (:mod:`tigertunnel.ops.reload`) swaps in a newer ring.
+        self.keyring: KeyRing = config.keyring
         self.pair = pair
         self.clock = reactor
         self.reactor = reactor
@@ -170,7 +174,7 @@ class SessionMultiplexer(MultiService):
 
     def new_session(self) -> FrameProtocol:
         """Build the protocol of a TB-side connection of this pair."""
-        encrypted = self.config.psk is not None
+        encrypted = self.keyring.psk is not None
         return FrameProtocol(self, self.config.cluster_id,
                              check_cluster=encrypted or
                              self.config.cluster_id is not None,
@@ -314,16 +318,16 @@ class ClientMultiplexer(SessionMultiplexer):
         self._connection_count += 1
         name = f"{self.name}/{slot}#{self._connection_count}"
         connection = TunnelProtocol(self.role, self._make_handshake(), self, name)
-        self.handshake_kem[connection] = self.config.kem_public
+        self.handshake_kem[connection] = self.keyring.kem_public
         return connection
 
     def _make_handshake(self) -> Optional[ClientHandshake]:
-        psk = self.config.psk
-        if psk is None:
+        keys = self.keyring
+        if keys.psk is None:
             return None
-        key_id, key = psk.first()
+        key_id, key = keys.psk.first()
         return ClientHandshake(key_id, key, self.cluster_value,
-                               kem_public=self.config.kem_public,
+                               kem_public=keys.kem_public,
                                now=self.clock.seconds)
 
     def attach(self, session: FrameProtocol) -> bool:
@@ -407,10 +411,10 @@ class ServerMultiplexer(SessionMultiplexer):
         return len(self.pending) + len(self.pool_connections)
 
     def _make_handshake(self) -> Optional[ServerHandshake]:
-        psk = self.config.psk
-        if psk is None:
+        keys = self.keyring
+        if keys.psk is None:
             return None
-        return ServerHandshake(psk, self.config.kem_secret, self.cluster_value,
+        return ServerHandshake(keys.psk, keys.kem_secret, self.cluster_value,
                                now=self.clock.seconds,
                                require_kem=self.config.require_kem,
                                replay_cache=self.replay_cache,

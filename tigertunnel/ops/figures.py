@@ -216,15 +216,15 @@ def status(muxes: List[SessionMultiplexer],
         workers); those of ``muxes`` by default.
     """
     role = muxes[0].role.value if muxes else ""
-    config = muxes[0].config if muxes else None
+    ring = muxes[0].keyring if muxes else None
     keys: Dict[str, Any] = {"psk": None, "kem": None}
-    if config is not None and config.psk is not None:
-        ids = config.psk.ids()
-        keys["psk"] = _key_ids(ids[:1] if config.role is Role.CLIENT else ids)
-        if config.kem_public is not None:
-            keys["kem"] = _key_ids([config.kem_public[0]])
-        elif config.kem_secret is not None:
-            keys["kem"] = _key_ids(config.kem_secret.ids())
+    if ring is not None and ring.psk is not None:
+        ids = ring.psk.ids()
+        keys["psk"] = _key_ids(ids[:1] if muxes[0].role is Role.CLIENT else ids)
+        if ring.kem_public is not None:
+            keys["kem"] = _key_ids([ring.kem_public[0]])
+        elif ring.kem_secret is not None:
+            keys["kem"] = _key_ids(ring.kem_secret.ids())
     if pairs is None:
         pairs = [pair_status(mux) for mux in muxes]
     if tb is not None:

@@ -4,13 +4,16 @@ What a reload does (docs/operations.rst, "Key rotation", is the user's side):
 
 1. Every key file named in the configuration (``-k``, ``--kemsecret`` on a
    server, ``--kempublic`` on a client) is read and validated completely:
-   the same parsers as at start-up, every KEM secret seed is expanded, a KEM
-   public key must accept an encapsulation. Any error keeps the old keys
-   and is logged with the reason (file, line, error name; never key
-   material).
-2. The new keys replace the old ones in the :class:`~tigertunnel.config.model.TunnelConfig` every
-   multiplexer shares; new handshakes are built from it, so new client hellos
-   use the new first PSK and servers accept exactly the keys now in the file.
+   the same parsers as at start-up, then the key material itself
+   (:meth:`~tigertunnel.keys.ring.KeyRing.check`: key ids, sizes, every KEM
+   secret seed expanded), and a KEM public key must accept an
+   encapsulation. Any error keeps the old keys and is logged with the
+   reason (file, line, error name; never key material).
+2. The new :class:`~tigertunnel.keys.ring.KeyRing` replaces the old one on
+   every multiplexer of the tunnel end at once (the settings,
+   :class:`~tigertunnel.config.model.TunnelConfig`, stay as they are); new handshakes are built from
+   it, so new client hellos use the new first PSK and servers accept
+   exactly the keys now in the file.
 3. Established pool connections keep working. Those keyed with a key that
    is no longer current are *retired*:
 
@@ -46,7 +49,6 @@ import hmac
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from types import FrameType
 from typing import (
     Any,
@@ -57,7 +59,6 @@ from typing import (
     Protocol,
     Sequence,
     Set,
-    Tuple,
     Union,
 )
 from weakref import WeakSet
@@ -73,10 +74,9 @@ from tigertunnel.keys.files import (
     load_kem_secret_file,
     load_psk_file,
 )
-from tigertunnel.keys.format import KeyStore
+from tigertunnel.keys.ring import KeyRing
 from tigertunnel.errors import KEMError, KeyFileError, TunnelError
 from tigertunnel.interfaces import Clock
-from tigertunnel.wire.handshake import ClientHandshake, ServerHandshake
 from tigertunnel.logs import logger
 from tigertunnel.net.multiplexer import ClientMultiplexer, SessionMultiplexer
 from tigertunnel.net.tunnel_protocol import TunnelProtocol
@@ -106,16 +106,7 @@ class ReloadError(TunnelError):
     """The key files cannot be reloaded; the old keys stay in use."""
 
 
-@dataclass(frozen=True)
-class KeySet:
-    """The key material of one tunnel end, as read from its key files."""
-
-    psk: Optional[KeyStore]
-    kem_public: Optional[Tuple[int, bytes]] = None
-    kem_secret: Optional[KeyStore] = None
-
-
-def load_keys(config: TunnelConfig) -> KeySet:
+def load_keys(config: TunnelConfig) -> KeyRing:
     """Read and completely validate the key files ``config`` names.
 
     :returns: the new keys (nothing is changed).
@@ -123,51 +114,42 @@ def load_keys(config: TunnelConfig) -> KeySet:
         the file, the line and the reason.
     """
     if config.key_path is None:
-        return KeySet(None)
+        return KeyRing()
     try:
         psk = load_psk_file(config.key_path)
-        kem_public = kem_secret = None
+        ring = KeyRing(psk)
         if config.kem_path is not None and config.role is Role.SERVER:
-            kem_secret = load_kem_secret_file(config.kem_path)
-            for seed in kem_secret.values():
-                kem.SecretKey(seed)
-            ServerHandshake(psk, kem_secret, config.cluster_id or 0)
+            ring = KeyRing(psk, kem_secret=load_kem_secret_file(config.kem_path))
         elif config.kem_path is not None:
-            kem_public = load_kem_public_file(config.kem_path)
-            try:
-                kem.encapsulate(kem_public[1])
-            except KEMError as e:
-                raise ReloadError(f"{config.kem_path}: unusable KEM public "
-                                  f"key ({e})") from None
-        key_id, key = psk.first()
-        ClientHandshake(key_id, key, config.cluster_id or 0,
-                        kem_public=kem_public)
-    except (KeyFileError, KEMError) as e:
+            ring = KeyRing(psk, kem_public=load_kem_public_file(config.kem_path))
+    except KeyFileError as e:
         raise ReloadError(str(e)) from None
-    except ValueError as e:
-        raise ReloadError(f"{config.key_path}: {e}") from None
-    return KeySet(psk, kem_public, kem_secret)
+    # Each file's keys on their own, so that an error names its file.
+    for path, keys in ((config.key_path, KeyRing(psk)), (config.kem_path, ring)):
+        try:
+            keys.check()
+        except ValueError as e:
+            raise ReloadError(f"{path}: {e}") from None
+    if ring.kem_public is not None:
+        try:
+            kem.encapsulate(ring.kem_public[1])
+        except KEMError as e:
+            raise ReloadError(f"{config.kem_path}: unusable KEM public "
+                              f"key ({e})") from None
+    return ring
 
 
-def describe(keys: KeySet, role: Role) -> str:
+def describe(keys: KeyRing, role: Role) -> str:
     """A one-line summary of key ids for logs (never key material)."""
-    if keys.psk is None:
-        return "plaintext (no keys)"
-    ids = keys.psk.ids()
-    text = (f"psk key id {ids[0]} (of {len(ids)})" if role is Role.CLIENT
-            else f"psk key ids {ids}")
-    if keys.kem_public is not None:
-        text += f", kem public key id {keys.kem_public[0]}"
-    if keys.kem_secret is not None:
-        text += f", kem key ids {keys.kem_secret.ids()}"
-    return text
+    return keys.describe(client=role is Role.CLIENT)
 
 
 class KeyReloader:
     """Reloads the keys of a tunnel end and retires outdated pool connections.
 
-    :param muxes: the multiplexers of the tunnel end (their configs are the
-        ones reloaded; usually one shared config).
+    :param muxes: the multiplexers of the tunnel end; they share one
+        configuration, whose key files are reloaded, and take the new
+        :class:`~tigertunnel.keys.ring.KeyRing` together.
     :param clock: schedules the drain checks (the reactor).
     :param now: wall-clock time, for the reported reload time.
     """
@@ -194,40 +176,28 @@ class KeyReloader:
         self._check_call: Optional[IDelayedCall] = None
         self._sweep_call: Optional[IDelayedCall] = None
 
-    def configs(self) -> List[TunnelConfig]:
-        """The distinct configurations of the multiplexers."""
-        seen: Dict[int, TunnelConfig] = {}
-        for mux in self.muxes:
-            seen.setdefault(id(mux.config), mux.config)
-        return list(seen.values())
-
     def reload(self) -> bool:
         """Re-read every key file; swap the keys only if all of them are good.
 
         :returns: whether the new keys are in use.
         """
         self.last_time = self.now()
-        configs = self.configs()
         try:
-            loaded = [(cfg, load_keys(cfg)) for cfg in configs]
+            ring = load_keys(self.muxes[0].config) if self.muxes else KeyRing()
         except ReloadError as e:
             self.last_ok, self.last_error = False, str(e)
             self.results["error"] += 1
             log.error("key reload failed, keeping the old keys: {reason}",
                       reason=str(e))
             return False
-        if all(keys.psk is None for _, keys in loaded):
+        if ring.psk is None:
             log.info("key reload: no key files (plaintext mode)")
-        for cfg, keys in loaded:
-            if keys.psk is None:
-                continue
-            cfg.psk = keys.psk
-            if cfg.role is Role.SERVER:
-                cfg.kem_secret = keys.kem_secret
-            else:
-                cfg.kem_public = keys.kem_public
-            log.info("{role} keys reloaded: {keys}", role=cfg.role,
-                     keys=describe(keys, cfg.role))
+        else:
+            for mux in self.muxes:
+                mux.keyring = ring
+            role = self.muxes[0].config.role
+            log.info("{role} keys reloaded: {keys}", role=role,
+                     keys=describe(ring, role))
         self.last_ok, self.last_error = True, ""
         self.results["ok"] += 1
         self.sweep()
@@ -246,20 +216,21 @@ class KeyReloader:
     def outdated(self, mux: SessionMultiplexer, connection: TunnelProtocol) -> bool:
         """Whether ``connection`` was keyed with a key that is no longer
         current (a key id gone, or its bytes changed)."""
-        psk = mux.config.psk
+        keys = mux.keyring
+        psk = keys.psk
         if psk is None or connection.key_id is None:
             return False
         if isinstance(mux, ClientMultiplexer):
             key_id, key = psk.first()
             if connection.key_id != key_id or not _same_key(connection, key):
                 return True
-            used = mux.handshake_kem.get(connection, mux.config.kem_public)
-            return used != mux.config.kem_public
+            used = mux.handshake_kem.get(connection, keys.kem_public)
+            return used != keys.kem_public
         if connection.key_id not in psk:
             return True
         if not _same_key(connection, psk[connection.key_id]):
             return True
-        kem_secret = mux.config.kem_secret
+        kem_secret = keys.kem_secret
         kem_id = connection.kem_key_id
         if kem_id is None:
             return False
@@ -346,8 +317,8 @@ class KeyReloader:
                      "came up; keeping {pool_connection} (retired key id {key_id}) until "
                      "one does; check that the servers accept key id "
                      "{current}", pair=mux.name, pool_connection=connection.name,
-                     key_id=connection.key_id, current=mux.config.psk.first()[0]
-                     if mux.config.psk is not None else None)
+                     key_id=connection.key_id, current=mux.keyring.psk.first()[0]
+                     if mux.keyring.psk is not None else None)
         probing = any(c in self._closing for c in mux.draining)
         return not probing and not connection.streams
 

@@ -30,6 +30,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from tigertunnel.config.model import DEFAULT_SHUTDOWN_TIMEOUT
 from tigertunnel.interfaces import Reactor
 from tigertunnel.logs import logger
 from tigertunnel.net.multiplexer import ServerMultiplexer, SessionMultiplexer
@@ -37,8 +38,6 @@ from tigertunnel.net.pool import PoolSlot
 from tigertunnel.net.tunnel_protocol import TunnelProtocol
 from tigertunnel.ops.reload import SignalHandler
 
-#: Default seconds a graceful shutdown may take before connections are aborted.
-DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 #: Seconds between two looks at the connections still draining.
 POLL_INTERVAL = 0.02
 #: Seconds to wait for aborted connections to be gone after the timeout.

@@ -93,8 +93,12 @@ def reachable_tb_listeners(config: TunnelConfig) -> List[str]:
         return []
     reachable = []
     for pair in config.pairs:
+        # The start-up plan's resolved description, if it made one (a
+        # systemd socket's is no address: the pair's own is then used).
+        planned = config.listen_overrides.get(pair.index, "")
         try:
-            local = endpoint_is_local(listen_description(pair.listen))
+            local = endpoint_is_local(planned if planned.startswith("tcp")
+                                      else listen_description(pair.listen))
         except (ConfigError, ValueError):
             local = False
         if not local:

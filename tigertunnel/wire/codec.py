@@ -55,6 +55,7 @@ from typing import Callable, List, Optional, Union
 from tigertunnel.crypto.aead import PyFrameOpener, PyFrameSealer
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import MuxError, TunnelError
+from tigertunnel.wire.frames import MAX_U64
 from tigertunnel.wire.datapath import ACTIVE, FrameEncoder, Implementation, Item
 from tigertunnel.wire.muxframes import (
     FrameType,
@@ -70,7 +71,6 @@ SERVER = "server"
 
 #: The stream id of ping and pong frames (they belong to the pool connection).
 CONTROL_STREAM_ID = 0
-_MAX_U64 = (1 << 64) - 1
 _DATA, _OPEN, _CLOSE = int(FrameType.DATA), int(FrameType.OPEN), int(FrameType.CLOSE)
 
 #: The data-path classes a new codec uses (compiled when available; the
@@ -376,7 +376,7 @@ class PoolCodec:
         """
         if not self.can_ping:
             raise MuxError("peer does not accept pong")
-        if not 0 <= value <= _MAX_U64:
+        if not 0 <= value <= MAX_U64:
             raise ValueError(f"pong value {value} is not a u64")
         return self._seal_control(FrameType.PONG, CONTROL_STREAM_ID, value)
 

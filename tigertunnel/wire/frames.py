@@ -41,6 +41,8 @@ __all__ = [
 HEADER_SIZE = 256
 MIN_FRAME_SIZE = 256
 MAX_FRAME_SIZE = 1 << 20
+#: The largest u64 (key ids, timestamps, ping values and counters on the wire).
+MAX_U64 = (1 << 64) - 1
 SIZE_OFFSET = 96
 CLUSTER_OFFSET = 80
 CHECKSUM_PADDING = slice(16, 32)

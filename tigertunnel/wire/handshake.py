@@ -76,6 +76,7 @@ from typing import Callable, Mapping, Protocol
 from tigertunnel.crypto import kdf, kem
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import HandshakeError, KEMError
+from tigertunnel.wire.frames import MAX_U64
 from tigertunnel.wire.replaywindow import (
     DEFAULT_BUCKETS,
     DEFAULT_SLOTS,
@@ -99,7 +100,6 @@ TIMESTAMP_TOLERANCE = 3600
 _RANDOM_SIZE = kdf.RANDOM_SIZE
 _HASH_SIZE = 32
 _KEM_CIPHERTEXT_OFFSET = 74
-_MAX_U64 = (1 << 64) - 1
 
 
 class Status(enum.IntEnum):
@@ -268,12 +268,12 @@ class ClientHandshake:
             raise ValueError(f"PSK must be {kdf.PSK_SIZE} bytes")
         if not 0 <= cluster_id < 1 << 128:
             raise ValueError("cluster id must be an unsigned 128-bit integer")
-        if not 0 <= key_id <= _MAX_U64:
+        if not 0 <= key_id <= MAX_U64:
             raise ValueError("key id must be an unsigned 64-bit integer")
         if not 0 <= version <= 255:
             raise ValueError("version must fit in one byte")
         if kem_public is not None:
-            if not 0 <= kem_public[0] <= _MAX_U64:
+            if not 0 <= kem_public[0] <= MAX_U64:
                 raise ValueError("KEM key id must be an unsigned 64-bit integer")
             if len(kem_public[1]) != kem.PUBLIC_KEY_SIZE:
                 raise ValueError(f"KEM public key must be {kem.PUBLIC_KEY_SIZE} bytes")
@@ -303,7 +303,7 @@ class ClientHandshake:
             raise HandshakeError("handshake already started")
         self._state = _State.FAILED  # until the hello is built
         self._client_random = _random(self._random)
-        timestamp = max(0, min(int(self._now()), _MAX_U64))
+        timestamp = max(0, min(int(self._now()), MAX_U64))
         self._timestamp = timestamp
         if self._kem_public is None:
             hello = build_connect_hello(self._version, self._key_id, self._psk,

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from tigertunnel.errors import MuxError
+from tigertunnel.wire.frames import MAX_U64
 from tigertunnel.wire.frames import (
     MAX_CHUNKS,
     MAX_FRAME_SIZE,
@@ -84,7 +85,6 @@ CONTROL_PAYLOAD_SIZE = 256
 CONTROL_VALUE_OFFSET = 128
 
 _MAX_STREAM_ID = (1 << 32) - 1
-_MAX_U64 = (1 << 64) - 1
 _HEADER = struct.Struct("<4sIB3x")
 _u32_from = struct.Struct("<I").unpack_from
 
@@ -188,7 +188,7 @@ def build_control_plaintext(frame_type: FrameType, stream_id: int,
         raise ValueError(f"frame type {int(frame_type)} is not a control type")
     if not 0 <= stream_id <= _MAX_STREAM_ID:
         raise ValueError(f"stream_id {stream_id} is not a u32")
-    if not 0 <= value <= _MAX_U64:
+    if not 0 <= value <= MAX_U64:
         raise ValueError(f"control value {value} is not a u64")
     out = bytearray(CONTROL_PAYLOAD_SIZE)
     struct.pack_into("<I", out, SIZE_OFFSET, CONTROL_PAYLOAD_SIZE)

@@ -56,6 +56,7 @@ import struct
 from typing import Dict, Iterator, Protocol, Tuple
 
 from tigertunnel.errors import ReplayCacheError
+from tigertunnel.wire.frames import MAX_U64
 
 __all__ = ["Verdict", "oldest_live", "ReplayTable", "Buckets", "MemoryBuckets",
            "RECORD", "RECORD_SIZE", "DIGEST_SIZE", "DEFAULT_BUCKETS",
@@ -73,7 +74,6 @@ _TIMESTAMPS = struct.Struct("<32xQ")
 DEFAULT_BUCKETS = 8192
 #: Slots per bucket of a cache made with the defaults.
 DEFAULT_SLOTS = 32
-_MAX_U64 = (1 << 64) - 1
 _EMPTY = bytes(DIGEST_SIZE)
 MAGIC = b"TTREPLAY"
 VERSION = 2
@@ -190,7 +190,7 @@ class ReplayTable:
         """
         if len(digest) != DIGEST_SIZE:
             raise ValueError(f"hello hash must be {DIGEST_SIZE} bytes, got {len(digest)}")
-        if not 0 <= timestamp <= _MAX_U64:
+        if not 0 <= timestamp <= MAX_U64:
             raise ValueError(f"timestamp {timestamp} is not a u64")
         digest = bytes(digest)
         index = self.bucket_of(digest)

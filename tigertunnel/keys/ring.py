@@ -1,0 +1,83 @@
+"""The live keys of a tunnel end: one frozen :class:`KeyRing`.
+
+A tunnel end reads its key files at start-up and again on every reload
+(SIGHUP). What it read is a :class:`KeyRing`, never changed afterwards: a
+reload builds a new ring, checks it (:meth:`KeyRing.check`) and, only if
+every file is good, the multiplexers of the tunnel end take the new ring in
+one step. The settings (:class:`~tigertunnel.config.model.TunnelConfig`)
+name the key files; the ring holds what is in them.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from tigertunnel.crypto import kdf, kem
+from tigertunnel.errors import KEMError
+from tigertunnel.keys.format import KeyStore
+from tigertunnel.wire.frames import MAX_U64
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The key material of one tunnel end, as read from its key files.
+
+    :ivar psk: the PSK key file's keys (``None``: plaintext mode).
+    :ivar kem_public: a client's ``(kem key id, X-Wing public key)``.
+    :ivar kem_secret: a server's X-Wing secret keys (seeds) by key id.
+    """
+
+    psk: Optional[KeyStore] = None
+    kem_public: Optional[Tuple[int, bytes]] = None
+    kem_secret: Optional[KeyStore] = None
+
+    def check(self) -> None:
+        """Check the key material itself, as the handshakes will use it:
+        key ids are u64, PSKs are :data:`~tigertunnel.crypto.kdf.PSK_SIZE`
+        bytes, a KEM public key has the X-Wing size and a KEM secret key is
+        a seed X-Wing expands.
+
+        :raises ValueError: naming the key id and what is wrong (never key
+            bytes).
+        """
+        problems: List[str] = []
+        if self.psk is not None:
+            if not self.psk:
+                problems.append("no PSK")
+            for key_id, key in self.psk.items():
+                if not 0 <= key_id <= MAX_U64:
+                    problems.append(f"PSK key id {key_id} is not a u64")
+                if len(key) != kdf.PSK_SIZE:
+                    problems.append(f"PSK key id {key_id} is not {kdf.PSK_SIZE} bytes")
+        if self.kem_public is not None:
+            key_id, public = self.kem_public
+            if not 0 <= key_id <= MAX_U64:
+                problems.append(f"KEM key id {key_id} is not a u64")
+            if len(public) != kem.PUBLIC_KEY_SIZE:
+                problems.append(f"KEM public key id {key_id} is not "
+                                f"{kem.PUBLIC_KEY_SIZE} bytes")
+        if self.kem_secret is not None:
+            for key_id, seed in self.kem_secret.items():
+                if not 0 <= key_id <= MAX_U64:
+                    problems.append(f"KEM key id {key_id} is not a u64")
+                try:
+                    kem.SecretKey(seed)
+                except (KEMError, ValueError) as e:
+                    problems.append(f"KEM secret key id {key_id}: {e}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def describe(self, client: bool) -> str:
+        """A one-line summary of key ids for logs (never key material).
+
+        :param client: a client names the one PSK it uses.
+        """
+        if self.psk is None:
+            return "plaintext (no keys)"
+        ids = self.psk.ids()
+        text = (f"psk key id {ids[0]} (of {len(ids)})" if client
+                else f"psk key ids {ids}")
+        if self.kem_public is not None:
+            text += f", kem public key id {self.kem_public[0]}"
+        if self.kem_secret is not None:
+            text += f", kem key ids {self.kem_secret.ids()}"
+        return text
