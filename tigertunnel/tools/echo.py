@@ -3,6 +3,11 @@
 Stands in for a replica in the demo, the benchmark and the tests. It checks
 frame sizes like the tunnel does and closes a connection that sends a frame
 outside 256 B ... 1 MiB.
+
+A frame whose ``command`` is :data:`HANG_UP` (0, ``reserved``: TigerBeetle
+never sends it) is not echoed: the backend closes the connection instead,
+after echoing the frames before it. The churn of ``tigertunnel bench
+--churn`` uses it for sessions cut by the backend.
 """
 
 from typing import Any
@@ -11,7 +16,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from tigertunnel.errors import FrameError
+from tigertunnel.tools.tbframes import COMMAND_OFFSET
 from tigertunnel.wire.frames import FrameParser
+
+#: The ``command`` of a frame that makes the backend close the connection.
+HANG_UP = 0
 
 
 class EchoProtocol(Protocol):
@@ -33,6 +42,11 @@ class EchoProtocol(Protocol):
         except FrameError:
             transport.loseConnection()
             return
+        for i, frame in enumerate(frames):
+            if frame[COMMAND_OFFSET] == HANG_UP:
+                frames = frames[:i]
+                transport.loseConnection()
+                break
         if frames:
             self.frames += len(frames)
             transport.writeSequence(frames)
