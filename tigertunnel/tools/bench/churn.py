@@ -7,6 +7,10 @@ and server (the processes of :mod:`.run`) and reads the resident memory
 (``VmRSS``) of each end after a warm-up and after every 1,000 sessions.
 The kinds, in equal shares:
 
+Every session is a new TB client: its first frame is a ``request`` with a
+client id of its own, which the TB watch of each tunnel end records as in
+flight (the echo never answers it with a ``reply``).
+
 ``clean``
     one frame echoed, then the TB client closes.
 ``abandoned``
@@ -46,6 +50,7 @@ from twisted.python.failure import Failure
 from tigertunnel.tools.echo import HANG_UP
 from tigertunnel.tools.tbframes import sized_tb_frame
 from tigertunnel.wire.frames import FrameParser
+from tigertunnel.wire.tbheader import REQUEST_CLIENT_OFFSET
 
 KINDS = ("clean", "abandoned", "backend_cut", "pool_cut", "refused")
 #: Kinds served by the first proxy pair (the rest by the second, relayed one).
@@ -237,9 +242,18 @@ class Churn:
         #: Sessions by kind and outcome (``echoed+closed``, ``closed``, ...).
         self.outcomes: Dict[str, Dict[str, int]] = {k: {} for k in self.kinds}
         self.sessions = 0
-        self._frame = sized_tb_frame(4096, 1)
+        self._template = bytearray(sized_tb_frame(4096, 1))
+        self._clients = 0
         self._hang_up = sized_tb_frame(256, 2, command=HANG_UP)
         self._half = sized_tb_frame(ABANDONED_FRAME, 3)[:ABANDONED_FRAME // 2]
+
+    def _request(self) -> bytes:
+        """A 4 KiB ``request`` frame from a new TB client id."""
+        self._clients += 1
+        frame = self._template
+        frame[REQUEST_CLIENT_OFFSET:REQUEST_CLIENT_OFFSET + 16] = (
+            self._clients.to_bytes(16, "little"))
+        return bytes(frame)
 
     def _count(self, kind: str, outcome: str) -> None:
         table = self.outcomes[kind]
@@ -263,9 +277,9 @@ class Churn:
         transport = peer.transport
         assert transport is not None
         if kind == "backend_cut":
-            transport.write(self._frame + self._hang_up)
+            transport.write(self._request() + self._hang_up)
         else:
-            transport.write(self._frame)
+            transport.write(self._request())
         await _bounded(self.clock, peer.echoed(), WAIT)
         echoed = "echoed" if peer.echoes else "no echo"
         if kind == "abandoned" and not peer.lost.called:
@@ -290,7 +304,7 @@ class Churn:
                 self._count("pool_cut", "not connected")
                 continue
             assert peer.transport is not None
-            peer.transport.write(self._frame)
+            peer.transport.write(self._request())
             peers.append(peer)
         await self._all(self.clock, [p.echoed() for p in peers], WAIT)
         self.relay.down = True
@@ -333,7 +347,7 @@ class Churn:
             peer = await self._connect(self.ports[1])
             if peer is not None:
                 assert peer.transport is not None
-                peer.transport.write(self._frame)
+                peer.transport.write(self._request())
                 await _bounded(self.clock, peer.echoed(), WAIT)
                 ok = peer.echoes > 0
                 peer.transport.loseConnection()
