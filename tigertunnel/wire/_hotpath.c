@@ -10,6 +10,13 @@
  *   FrameEncoder  tigertunnel.wire.datapath.FrameEncoder (TB bytes in, wire bytes out)
  *   MuxReceiver   tigertunnel.wire.datapath.MuxReceiver  (wire bytes in, frames out)
  *
+ * Memory: FrameParser, FrameEncoder and MuxReceiver hold Python objects
+ * (a partial frame, an error message, an encoder's watch callback, which
+ * is usually a method of the session that owns the encoder) and take part
+ * in the cyclic GC (Py_TPFLAGS_HAVE_GC, tp_traverse, tp_clear); a sealer or
+ * opener holds none, and is released only by dealloc, so that a cleared
+ * encoder or receiver never becomes a plaintext one.
+ *
  * Formats: PROTOCOL.md sections 6 (TB header, encrypted frame layout,
  * nonce and counters) and 7.1-7.2 (mux header, frame kinds).
  *
