@@ -62,6 +62,9 @@ WAIT = 5.0
 #: Seconds a session waits for the tunnel to close it (this tunnel takes
 #: milliseconds; one that leaves it open costs this much per batch).
 CLOSE_WAIT = 1.0
+#: Seconds the relayed pair's pool may take to come back after a cut (the
+#: tunnel client's reconnect backoff).
+POOL_BACK = 60.0
 #: Size of the frame an abandoned session sends half of.
 ABANDONED_FRAME = 65536
 
@@ -342,7 +345,7 @@ class Churn:
 
     async def _pool_back(self) -> None:
         """Wait (bounded) until a frame makes it through the relayed pair again."""
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + POOL_BACK
         while time.monotonic() < deadline:
             peer = await self._connect(self.ports[1])
             if peer is not None:
@@ -355,7 +358,8 @@ class Churn:
                 if ok:
                     return
             await _sleep(self.clock, 0.05)
-        raise RuntimeError("the relayed pair's pool did not come back within 30 s")
+        raise RuntimeError(f"the relayed pair's pool did not come back within "
+                           f"{POOL_BACK:.0f} s")
 
     async def run(self, count: int) -> None:
         """Run about ``count`` more sessions (whole batches), the direct
