@@ -184,3 +184,11 @@ class ChurnReportTests(SynchronousTestCase):
         self.assertEqual(lines[5].split(), ["2000", "|", "3.0", "1.0", "|"])
         self.assertEqual(lines[6].split(), ["growth", "|", "+2.0", "+0.0", "|", "+0.0", "+0.0"])
         self.assertEqual(lines[8], "zig, sessions by outcome: pool_cut: 8 echoed, left open")
+
+    def test_exited_end(self) -> None:
+        """An end whose process had exited shows as such, and has no growth."""
+        theirs = {"rows": self.rows([512, -1], [256, 256]), "outcomes": {}}
+        ours = {"rows": self.rows([1024, 1024], [1024, 1024]), "outcomes": {}}
+        lines = format_churn("psk", ours, theirs, "zig").splitlines()
+        self.assertEqual(lines[4].split(), ["1000", "|", "1.0", "1.0", "|", "exited", "0.2"])
+        self.assertEqual(lines[5].split(), ["growth", "|", "+0.0", "+0.0", "|", "-", "+0.0"])

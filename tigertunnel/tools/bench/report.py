@@ -115,9 +115,13 @@ def print_report(result: Mapping[str, Any]) -> None:
 def format_churn(mode: str, ours: Mapping[str, Any],
                  against: "Mapping[str, Any] | None", command: "str | None") -> str:
     """RSS of each tunnel end after the churn's warm-up and per 1,000
-    sessions, with its growth; ``against`` side by side when given."""
+    sessions, with its growth; ``against`` side by side when given. An RSS
+    of -1 (the process had exited) shows as ``exited``."""
     def mib(kib: int) -> str:
-        return f"{kib / 1024:>7.1f}"
+        return f"{kib / 1024:>7.1f}" if kib >= 0 else f"{'exited':>7}"
+
+    def grown(first: int, last: int) -> str:
+        return f"{(last - first) / 1024:>+7.1f}" if first >= 0 and last >= 0 else f"{'-':>7}"
 
     runs = [("this tunnel", ours)] + ([(command or "against", against)] if against else [])
     head = f"{'sessions':>8} | " + " | ".join(f"{'client':>7} {'server':>7}" for _ in runs)
@@ -137,9 +141,8 @@ def format_churn(mode: str, ours: Mapping[str, Any],
         lines.append(f"{sessions:>8} | " + " | ".join(cells))
     growth = []
     for r in rows:
-        c = (r[-1]["client_rss_kib"] - r[0]["client_rss_kib"]) / 1024
-        s = (r[-1]["server_rss_kib"] - r[0]["server_rss_kib"]) / 1024
-        growth.append(f"{c:>+7.1f} {s:>+7.1f}")
+        growth.append(" ".join(grown(r[0][f"{end}_rss_kib"], r[-1][f"{end}_rss_kib"])
+                               for end in ("client", "server")))
     lines.append(f"{'growth':>8} | " + " | ".join(growth))
     for name, r in runs:
         outcomes = "; ".join(

@@ -363,8 +363,10 @@ async def _churn_one(reactor: IReactorTCP, procs: Processes,
                       opts["kinds"])
 
         def rss() -> Dict[str, int]:
-            return {"client_rss_kib": procs.largest_kib(procs.client.pid, "VmRSS"),
-                    "server_rss_kib": procs.largest_kib(procs.server.pid, "VmRSS")}
+            # -1: that end's process has exited.
+            return {f"{role}_rss_kib": procs.largest_kib(p.pid, "VmRSS")
+                    if p.poll() is None else -1
+                    for role, p in (("client", procs.client), ("server", procs.server))}
 
         rows = await churn_rss(reactor, churn, rss, opts["churn"], opts["warmup"])
         return {"rows": rows, "outcomes": churn.outcomes}
