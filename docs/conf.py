@@ -50,7 +50,7 @@ nitpick_ignore_regex = [
                r"|signal|random|hmac|hashlib|configparser|gc|socket|ssl|io|os|struct|mmap|asyncio"
                r"|concurrent|logging|json|pathlib|subprocess|threading)(\..*)?"),
     # Twisted's interfaces, as autodoc prints them in signatures.
-    (r"py:class", r"<InterfaceClass twisted\..*>"),
+    (r"py:class", r"<InterfaceClass twisted\..*"),
 ]
 #: Names of other packages that autodoc writes unqualified in signatures.
 nitpick_ignore = [

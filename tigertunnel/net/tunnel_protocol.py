@@ -325,8 +325,19 @@ class TunnelProtocol(Protocol):
                 f"connection lost during handshake: {reason.getErrorMessage()}")))
         for session in streams:
             session.close_by_peer(abort=True)
-        if self.on_lost is not None:
-            self.on_lost(self)
+        on_lost, self.on_lost = self.on_lost, None
+        self._release()
+        if on_lost is not None:
+            on_lost(self)
+
+    def _release(self) -> None:
+        """Drop what the connection holds once it is gone: its codec (keys,
+        a partial mux frame), handshake, timers, the transport's sender, and
+        the callbacks that refer back to its owners."""
+        self.codec = None
+        self._handshake = None
+        self._opener = None
+        self._send = _not_connected
 
     # -- IPushProducer: our socket to the peer tunnel end -------------------
 

@@ -6,6 +6,11 @@ outside 256 B ... 1 MiB.
 
 ``tigertunnel echo PORT`` (or ``python -m tigertunnel.tools.echo PORT``) runs
 one on 127.0.0.1 (:func:`serve`).
+
+A frame whose ``command`` is :data:`HANG_UP` (0, ``reserved``: TigerBeetle
+never sends it) is not echoed: the backend closes the connection instead,
+after echoing the frames before it. The churn of ``tigertunnel bench
+--churn`` uses it for sessions cut by the backend.
 """
 
 import sys
@@ -14,7 +19,11 @@ from typing import Any
 from twisted.internet.protocol import Protocol, ServerFactory
 
 from tigertunnel.errors import FrameError
+from tigertunnel.tools.tbframes import COMMAND_OFFSET
 from tigertunnel.wire.frames import FrameParser
+
+#: The ``command`` of a frame that makes the backend close the connection.
+HANG_UP = 0
 
 
 class EchoProtocol(Protocol):
@@ -36,6 +45,11 @@ class EchoProtocol(Protocol):
         except FrameError:
             transport.loseConnection()
             return
+        for i, frame in enumerate(frames):
+            if frame[COMMAND_OFFSET] == HANG_UP:
+                frames = frames[:i]
+                transport.loseConnection()
+                break
         if frames:
             self.frames += len(frames)
             transport.writeSequence(frames)

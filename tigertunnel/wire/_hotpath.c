@@ -10,8 +10,15 @@
  *   FrameEncoder  tigertunnel.wire.datapath.FrameEncoder (TB bytes in, wire bytes out)
  *   MuxReceiver   tigertunnel.wire.datapath.MuxReceiver  (wire bytes in, frames out)
  *
- * Formats: docs/protocol.rst §§6 (TB header, encrypted frame layout,
- * nonce and counters) and 7.1-7.2 (mux header, frame kinds).
+ * Memory: FrameParser, FrameEncoder and MuxReceiver hold Python objects
+ * (a partial frame, an error message, an encoder's watch callback, which
+ * is usually a method of the session that owns the encoder) and take part
+ * in the cyclic GC (Py_TPFLAGS_HAVE_GC, tp_traverse, tp_clear); a sealer or
+ * opener holds none, and is released only by dealloc, so that a cleared
+ * encoder or receiver never becomes a plaintext one.
+ *
+ * Formats: docs/protocol.rst §6 (TB header, encrypted frame layout,
+ * nonce and counters) and §§7.1-7.2 (mux header, frame kinds).
  *
  * AEGIS-128X2 is libaegis, the copy pyaegis installs: crypto/aead.py hands
  * the addresses of aegis128x2_encrypt_detached and
@@ -880,10 +887,24 @@ static int Parser_init(ParserObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static void Parser_dealloc(ParserObject *self)
+static int Parser_traverse(ParserObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->scan.pend.obj);
+    Py_VISIT(self->scan.error);
+    return 0;
+}
+
+static int Parser_clear(ParserObject *self)
 {
     tbscan_reset(&self->scan);
     Py_CLEAR(self->scan.error);
+    return 0;
+}
+
+static void Parser_dealloc(ParserObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Parser_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -945,7 +966,10 @@ static PyTypeObject ParserType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "tigertunnel.wire._hotpath.FrameParser",
     .tp_basicsize = sizeof(ParserObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Parser_traverse,
+    .tp_clear = (inquiry)Parser_clear,
+    .tp_free = PyObject_GC_Del,
     .tp_doc = "Cut a byte stream into complete TB frames (compiled).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Parser_init,
@@ -1016,12 +1040,34 @@ static int Encoder_init(EncoderObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static void Encoder_dealloc(EncoderObject *self)
+/* The watch is usually a bound method of the session that owns the
+ * encoder (session -> encoder -> watch -> session): only the cyclic GC can
+ * free that cycle, so it must see through the encoder. */
+static int Encoder_traverse(EncoderObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->watch);
+    Py_VISIT(self->sealer);
+    Py_VISIT(self->scan.pend.obj);
+    Py_VISIT(self->scan.error);
+    return 0;
+}
+
+/* Breaks a cycle through the watch. The sealer holds no Python object, so
+ * it cannot be part of a cycle: it stays until dealloc, and an encoder is
+ * never left without its sealer (which would make it a plaintext one). */
+static int Encoder_clear(EncoderObject *self)
 {
     tbscan_reset(&self->scan);
     Py_CLEAR(self->scan.error);
-    Py_CLEAR(self->sealer);
     Py_CLEAR(self->watch);
+    return 0;
+}
+
+static void Encoder_dealloc(EncoderObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Encoder_clear(self);
+    Py_CLEAR(self->sealer);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1188,7 +1234,10 @@ static PyTypeObject EncoderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "tigertunnel.wire._hotpath.FrameEncoder",
     .tp_basicsize = sizeof(EncoderObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Encoder_traverse,
+    .tp_clear = (inquiry)Encoder_clear,
+    .tp_free = PyObject_GC_Del,
     .tp_doc = "TB bytes of one stream in, pool-connection wire bytes out (compiled).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Encoder_init,
@@ -1314,11 +1363,33 @@ static int Receiver_init(ReceiverObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+static int Receiver_traverse(ReceiverObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->opener);
+    Py_VISIT(self->pend.obj);
+    Py_VISIT(self->error);
+    for (int t = 0; t <= MAX_TYPE; t++)
+        Py_VISIT(self->type_ints[t]);
+    return 0;
+}
+
+/* What a receiver holds (an opener, bytes, a str, ints) cannot refer back
+ * to it; clearing drops the buffered frame. The opener and the type ints
+ * stay until dealloc, so a receiver is never left without its opener
+ * (which would make it a plaintext one). */
+static int Receiver_clear(ReceiverObject *self)
+{
+    self->stage_len = 0;
+    pending_clear(&self->pend);
+    Py_CLEAR(self->error);
+    return 0;
+}
+
 static void Receiver_dealloc(ReceiverObject *self)
 {
-    pending_clear(&self->pend);
+    PyObject_GC_UnTrack(self);
+    Receiver_clear(self);
     Py_CLEAR(self->opener);
-    Py_CLEAR(self->error);
     for (int t = 0; t <= MAX_TYPE; t++)
         Py_CLEAR(self->type_ints[t]);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -1548,7 +1619,10 @@ static PyTypeObject ReceiverType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "tigertunnel.wire._hotpath.MuxReceiver",
     .tp_basicsize = sizeof(ReceiverObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Receiver_traverse,
+    .tp_clear = (inquiry)Receiver_clear,
+    .tp_free = PyObject_GC_Del,
     .tp_doc = "Pool-connection wire bytes in, opened mux frames out (compiled).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Receiver_init,
