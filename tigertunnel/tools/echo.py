@@ -14,14 +14,14 @@ from typing import Any
 from twisted.internet.protocol import Protocol, ServerFactory
 
 from tigertunnel.errors import FrameError
-from tigertunnel.wire.frames import FrameParser
+from tigertunnel.wire.implementation import ACTIVE
 
 
 class EchoProtocol(Protocol):
     """Echo each complete TB frame back to the sender, unchanged."""
 
     def __init__(self) -> None:
-        self._parser = FrameParser()
+        self._parser = ACTIVE.FrameParser()
         self.frames = 0
 
     def connectionMade(self) -> None:
