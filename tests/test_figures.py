@@ -11,7 +11,7 @@ from tests.memnet import Tunnel
 from tigertunnel.config.model import Address, ProxyPair, TunnelConfig
 from tigertunnel.net.multiplexer import ClientMultiplexer
 from tests.test_metrics import CLIENT_PAIR, SERVER_PAIR, frame, get, samples, value
-from tigertunnel.net.stats import HandshakeFailure
+from tigertunnel.stats import HandshakeFailure
 from tigertunnel.ops.figures import (
     FIGURES_INTERVAL,
     WorkerProcessCollector,

@@ -56,7 +56,7 @@ from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol, Prebuilt
 from tigertunnel.net.listeners import ListenerService, pair_listener, start_listening
 from tigertunnel.net.pool import PoolSlot
 from tigertunnel.wire.tbwatch import TBWatch
-from tigertunnel.net.stats import HandshakeFailure, Reachability, Refusal, Stats
+from tigertunnel.stats import HandshakeFailure, Reachability, Refusal, Stats
 from tigertunnel.net.tunnel_protocol import TunnelFactory, TunnelProtocol
 from tigertunnel.wire.handshake import (
     EXTENDED_VERSION,

@@ -67,7 +67,7 @@ from tigertunnel.net.frame_protocol import CLOSE_TIMEOUT
 from tigertunnel.net.heartbeat import Heartbeat
 from tigertunnel.net.sockets import direct_sender, not_connected as _not_connected, tune_socket
 from tigertunnel.net.states import TransitionError, Transitions
-from tigertunnel.net.stats import HandshakeFailure
+from tigertunnel.stats import HandshakeFailure
 from tigertunnel.net.streams import StreamTable
 from tigertunnel.wire.codec import (
     CLIENT,
@@ -553,19 +553,6 @@ class TunnelProtocol(Protocol):
         (tunnel server)."""
         self.streams.attach(stream_id, session)
         session.attached(self, stream_id)
-
-    def send_data(self, stream_id: int, frame: bytes) -> None:
-        """Send one TB frame of ``stream_id`` to the peer.
-
-        :raises FrameError: the frame cannot be encrypted (padding); the
-            caller closes its session, the pool connection is unaffected.
-        """
-        codec = self.codec
-        tcp = self._tcp
-        if codec is None or tcp is None:
-            return
-        chunks = codec.encode_data(stream_id, frame)
-        self._send(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def frame_encoder(self, stream_id: int, check: bool, cluster_id: Optional[int],
                       watch: "Optional[Callable[[bytes], object]]") -> FrameEncoder:

@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 
 from tigertunnel.errors import FrameError
 from tigertunnel.tools.tbframes import COMMAND_OFFSET
-from tigertunnel.wire.frames import FrameParser
+from tigertunnel.wire.implementation import ACTIVE
 
 #: The ``command`` of a frame that makes the backend close the connection.
 HANG_UP = 0
@@ -30,7 +30,7 @@ class EchoProtocol(Protocol):
     """Echo each complete TB frame back to the sender, unchanged."""
 
     def __init__(self) -> None:
-        self._parser = FrameParser()
+        self._parser = ACTIVE.FrameParser()
         self.frames = 0
 
     def connectionMade(self) -> None:

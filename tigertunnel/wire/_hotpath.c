@@ -1,8 +1,9 @@
 /*
  * tigertunnel.wire._hotpath: the per-frame data path, compiled.
  *
- * The same objects as the pure-Python modules, with the same behaviour,
- * byte for byte and error for error (the test suite runs both):
+ * The same objects as the pure-Python modules (the reference), with the
+ * same behaviour, byte for byte and error for error (the test suite runs
+ * both); tigertunnel.wire.implementation picks one set or the other:
  *
  *   FrameParser   tigertunnel.wire.frames.FrameParser
  *   FrameSealer   tigertunnel.crypto.aead.FrameSealer
@@ -20,11 +21,16 @@
  * Formats: docs/protocol.rst §6 (TB header, encrypted frame layout,
  * nonce and counters) and §§7.1-7.2 (mux header, frame kinds).
  *
- * AEGIS-128X2 is libaegis, the copy pyaegis installs: crypto/aead.py hands
- * the addresses of aegis128x2_encrypt_detached and
- * aegis128x2_decrypt_detached to bind_aegis() at import, and this module
- * calls them directly. Nothing here links against libaegis or contains
- * any of it.
+ * AEGIS-128X2 is libaegis, the copy pyaegis installs:
+ * tigertunnel.wire.implementation hands the addresses of
+ * aegis128x2_encrypt_detached and aegis128x2_decrypt_detached (found and
+ * checked by tigertunnel.crypto.libaegis) to bind_aegis() at import, and
+ * this module calls them directly. Nothing here links against libaegis or
+ * contains any of it.
+ *
+ * The wire constants below are exported as module attributes, with
+ * BUILD_HASH (the SHA-256 of this file, from setup.py): the import compares
+ * them with the Python modules and refuses a module that differs.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -535,10 +541,10 @@ static int Opener_init(OpenerObject *self, PyObject *args, PyObject *kwds)
     return dirkeys_init(&self->keys, key, nonce, counter);
 }
 
-/* open_buffer / open: decrypt `payload` after the checks, in the pure
- * order. A bytearray payload is decrypted in place (as_bytes false). */
-static PyObject *open_common(OpenerObject *self, PyObject *const *args, Py_ssize_t nargs,
-                             int as_bytes)
+/* open_buffer: decrypt `payload` after the checks, in the pure order. A
+ * bytearray payload is decrypted in place. */
+static PyObject *Opener_open_buffer(OpenerObject *self, PyObject *const *args,
+                                    Py_ssize_t nargs)
 {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "expected (mux_header, payload)");
@@ -562,7 +568,7 @@ static PyObject *open_common(OpenerObject *self, PyObject *const *args, Py_ssize
     }
     uint8_t ad[MUX_HEADER_SIZE];
     memcpy(ad, hb.buf, MUX_HEADER_SIZE);
-    if (!as_bytes && PyByteArray_CheckExact(args[1])) {
+    if (PyByteArray_CheckExact(args[1])) {
         out = args[1];
         Py_INCREF(out);
         uint8_t *p = (uint8_t *)PyByteArray_AS_STRING(out);
@@ -570,11 +576,10 @@ static PyObject *open_common(OpenerObject *self, PyObject *const *args, Py_ssize
             Py_CLEAR(out);
         goto done;
     }
-    out = as_bytes ? PyBytes_FromStringAndSize(NULL, pb.len)
-                   : PyByteArray_FromStringAndSize(NULL, pb.len);
+    out = PyByteArray_FromStringAndSize(NULL, pb.len);
     if (out == NULL)
         goto done;
-    uint8_t *d = (uint8_t *)(as_bytes ? PyBytes_AS_STRING(out) : PyByteArray_AS_STRING(out));
+    uint8_t *d = (uint8_t *)PyByteArray_AS_STRING(out);
     memcpy(d, pb.buf, CIPHERTEXT_OFFSET);
     if (open_into(&self->keys, self->cluster, d, pb.buf, (size_t)pb.len, ad) < 0)
         Py_CLEAR(out);
@@ -582,17 +587,6 @@ done:
     PyBuffer_Release(&hb);
     PyBuffer_Release(&pb);
     return out;
-}
-
-static PyObject *Opener_open_buffer(OpenerObject *self, PyObject *const *args,
-                                    Py_ssize_t nargs)
-{
-    return open_common(self, args, nargs, 0);
-}
-
-static PyObject *Opener_open(OpenerObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    return open_common(self, args, nargs, 1);
 }
 
 static PyObject *Opener_get_counter(OpenerObject *self, void *closure)
@@ -609,8 +603,6 @@ static PyMethodDef Opener_methods[] = {
     {"open_buffer", (PyCFunction)(void (*)(void))Opener_open_buffer, METH_FASTCALL,
      "open_buffer(mux_header, payload) -> bytearray: the rebuilt TB frame "
      "(a bytearray payload is decrypted in place and returned)."},
-    {"open", (PyCFunction)(void (*)(void))Opener_open, METH_FASTCALL,
-     "open(mux_header, payload) -> bytes: like open_buffer; never touches payload."},
     {NULL}};
 
 static PyGetSetDef Opener_getset[] = {
@@ -1729,6 +1721,53 @@ static PyObject *build_features(void)
     return t;
 }
 
+/* The build's identity: the SHA-256 of the _hotpath.c it was compiled
+ * from, which setup.py computes and passes in. */
+#ifndef TIGERTUNNEL_SOURCE_SHA256
+#define TIGERTUNNEL_SOURCE_SHA256 ""
+#endif
+
+/* The wire facts this module was compiled with, exported as module
+ * attributes of the same names: tigertunnel.wire.implementation compares
+ * each with the Python value and refuses the module on any difference. */
+static const struct {
+    const char *name;
+    long value;
+} WIRE_CONSTANTS[] = {
+    {"HEADER_SIZE", HEADER_SIZE},
+    {"MIN_FRAME_SIZE", MIN_FRAME_SIZE},
+    {"MAX_FRAME_SIZE", (long)MAX_FRAME_SIZE},
+    {"SIZE_OFFSET", SIZE_OFFSET},
+    {"SIZE_END", SIZE_END},
+    {"MUX_HEADER_SIZE", MUX_HEADER_SIZE},
+    {"TAG_SIZE", TAG_SIZE},
+    {"KEY_SIZE", KEY_SIZE},
+    {"NONCE_SIZE", NONCE_SIZE},
+    {"CLEAR_SIZE_OFFSET", CLEAR_SIZE_OFFSET},
+    {"CIPHERTEXT_OFFSET", CIPHERTEXT_OFFSET},
+    {"CLOSE_PAYLOAD_SIZE", CLOSE_PAYLOAD_SIZE},
+    {"CONTROL_PAYLOAD_SIZE", CONTROL_PAYLOAD_SIZE},
+    {"TYPE_DATA", TYPE_DATA},
+    {"TYPE_OPEN", TYPE_OPEN},
+    {"TYPE_CLOSE", TYPE_CLOSE},
+    {"REFERENCE_MAX_TYPE", REFERENCE_MAX_TYPE},
+    {"MAX_TYPE", MAX_TYPE},
+};
+
+static int add_constants(PyObject *m)
+{
+    size_t n = sizeof WIRE_CONSTANTS / sizeof WIRE_CONSTANTS[0];
+    for (size_t i = 0; i < n; i++)
+        if (PyModule_AddIntConstant(m, WIRE_CONSTANTS[i].name, WIRE_CONSTANTS[i].value) < 0)
+            return -1;
+    PyObject *magic = PyBytes_FromStringAndSize((const char *)MAGIC, sizeof MAGIC);
+    if (magic == NULL || PyModule_AddObject(m, "MAGIC", magic) < 0) {
+        Py_XDECREF(magic);
+        return -1;
+    }
+    return PyModule_AddStringConstant(m, "BUILD_HASH", TIGERTUNNEL_SOURCE_SHA256);
+}
+
 static struct PyModuleDef hotpath_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "tigertunnel.wire._hotpath",
@@ -1768,6 +1807,10 @@ PyMODINIT_FUNC PyInit__hotpath(void)
             Py_DECREF(m);
             return NULL;
         }
+    }
+    if (add_constants(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
     }
     PyObject *features = build_features();
     if (features == NULL || PyModule_AddObject(m, "BUILD_FEATURES", features) < 0) {
