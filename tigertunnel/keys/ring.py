@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 from tigertunnel.crypto import kdf, kem
 from tigertunnel.errors import KEMError
 from tigertunnel.keys.format import KeyStore
-from tigertunnel.wire.frames import MAX_U64
+from tigertunnel.crypto.layout import MAX_U64
 
 
 @dataclass(frozen=True)
