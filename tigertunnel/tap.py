@@ -546,7 +546,7 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     :param reactor: the global reactor by default; tests pass a
         ``MemoryReactorClock``.
     """
-    from tigertunnel.logs import filter_port_messages, limit_accept_errors, logger
+    from tigertunnel.logs import logger
     from tigertunnel.net.multiplexer import build_service
     from tigertunnel.ops import hardening
     from tigertunnel.ops.memory import freeze_startup_heap, memory_trimmer, tune_malloc
@@ -587,10 +587,8 @@ def makeService(options: Options, reactor: "Optional[ProcessReactor]" = None) ->
     if replay is not None:
         top.add_operation(replay, stop_last=True)
     # Process-wide, once: malloc settings for 1 MiB frames, a periodic heap
-    # trim, and one rate-limited line for accept errors.
+    # trim.
     tune_malloc()
-    limit_accept_errors()
-    filter_port_messages()
     top.add_operation(memory_trimmer(IReactorTime(reactor)))
     reactor.callWhenRunning(freeze_startup_heap)
     # What each pair sees of TigerBeetle: logged (evictions, view changes)
