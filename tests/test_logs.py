@@ -163,10 +163,12 @@ class PortMessageTests(SynchronousTestCase):
         self.assertEqual(self.listen_and_stop(), [])
 
     def test_shown_at_info(self) -> None:
-        """At info level both lines are written."""
+        """At info level both lines are written, as [NAMESPACE#LEVEL] like every line."""
         logs.set_level("info")
         lines = self.listen_and_stop()
         self.assertEqual(len(lines), 2, lines)
+        self.assertEqual([line.split("] ")[0].split(" [")[1] for line in lines],
+                         ["log_legacy#info"] * 2, lines)
 
 
 class PerKindRateLimitTests(SynchronousTestCase):

@@ -17,7 +17,10 @@ What counts as a Twisted private name (checked from the source, with
    installed ``twisted`` package, its tests left out) defines or uses as an
    attribute, and that this package does not define itself
    (``tcp.Port._logger``, ``getattr(endpoint, "_interface")``), the
-   documented namedtuple methods (:data:`NAMEDTUPLE`) excepted;
+   documented namedtuple methods (:data:`NAMEDTUPLE`) excepted (what this
+   package defines: its functions, classes, arguments, imports-as, names
+   it assigns and attributes it assigns on ``self``/``cls``; not an
+   attribute it assigns on another object, such as ``tcp.Port._logger``);
 4. the public-looking attributes that are Twisted implementation details
    (:data:`DETAILS`: a transport's write queue, a port's accept count);
 5. replacing what the reactor calls on a live object (an assignment or
@@ -33,7 +36,6 @@ import ast
 import importlib
 import importlib.util
 import os
-import sys
 import types
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
@@ -122,8 +124,11 @@ def own_names(skip: str = QUARANTINE) -> Set[str]:
         for node in ast.walk(_parse(path)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 found.add(node.name)
-            elif isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, ast.Store):
-                found.add(node.id if isinstance(node, ast.Name) else node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                found.add(node.id)
+            elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                  and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.add(node.attr)  # set on another object, it is not ours
             elif isinstance(node, ast.alias) and node.asname:
                 found.add(node.asname)
             elif isinstance(node, ast.arg):

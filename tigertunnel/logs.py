@@ -52,6 +52,9 @@ LEVELS = {
     "debug": LogLevel.debug,
 }
 
+#: The namespace of the events of Twisted's legacy ``log.msg``.
+LEGACY = "log_legacy"
+
 #: ``--log-format`` values.
 FORMATS = ("text", "json")
 
@@ -166,6 +169,10 @@ def format_line(event: LogEvent, fmt: str = "text", journal: bool = False) -> Op
     :param journal: no timestamp (journald keeps its own) and the sd-daemon
         ``<N>`` priority in front of every line of it.
     """
+    if event.get("log_namespace") == LEGACY and event.get("log_system") == "-":
+        # A legacy log.msg outside any logging context (a port's "starting
+        # on"): [log_legacy#info] like every other line, not Twisted's [-].
+        event = {key: value for key, value in event.items() if key != "log_system"}
     if fmt == "json":
         body = format_json(event)
     elif journal:
