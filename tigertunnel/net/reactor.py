@@ -29,7 +29,8 @@ left in Python.
   loop goes on.
 
 Both read the reactor's private state, so the loop itself lives in
-:mod:`tigertunnel.net.twisted_private` (:class:`LeanLoop`), which checks
+:mod:`tigertunnel.net.twisted_private`
+(:class:`~tigertunnel.net.twisted_private.LeanLoop`), which checks
 at import that the installed Twisted has what it reads; if not,
 :func:`install` installs Twisted's stock epoll reactor instead (and that
 module logs one warning saying so).
