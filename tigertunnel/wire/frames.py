@@ -33,7 +33,6 @@ from tigertunnel.crypto.layout import (
     CLUSTER_OFFSET,
     HEADER_SIZE,
     MAX_FRAME_SIZE,
-    MAX_U64,
     MIN_FRAME_SIZE,
     NONCE_RESERVED,
     SIZE_END,
