@@ -7,9 +7,9 @@ from tigertunnel.tools.echo import HANG_UP, EchoProtocol
 from tigertunnel.tools.tbframes import sized_tb_frame
 
 
-def connected() -> "tuple[EchoProtocol, StringTransport]":
-    """An echo protocol on a StringTransport."""
-    proto = EchoProtocol()
+def connected(hang_up: bool = True) -> "tuple[EchoProtocol, StringTransport]":
+    """An echo protocol (closing at a HANG_UP frame unless told not to) on a StringTransport."""
+    proto = EchoProtocol(hang_up)
     transport = StringTransport()
     proto.makeConnection(transport)
     return proto, transport
@@ -35,6 +35,14 @@ class EchoTests(SynchronousTestCase):
         proto.dataReceived(a + sized_tb_frame(256, 2, command=HANG_UP) + b)
         self.assertEqual(transport.value(), a)
         self.assertTrue(transport.disconnecting)
+
+    def test_hang_up_is_opt_in(self) -> None:
+        """Without hang_up (tigertunnel echo without --hang-up) a frame with command 0 is echoed like any other."""
+        proto, transport = connected(hang_up=False)
+        frames = sized_tb_frame(300, 1) + sized_tb_frame(256, 2, command=HANG_UP)
+        proto.dataReceived(frames)
+        self.assertEqual(transport.value(), frames)
+        self.assertFalse(transport.disconnecting)
 
     def test_bad_size_closes(self) -> None:
         """A frame whose size is outside 256 B .. 1 MiB closes the connection."""

@@ -15,9 +15,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tigertunnel"
 #: The order of the modules of net/: each may import only modules of a
 #: lower rank (interfaces.py imports nothing of net/).
 NET_RANKS: Dict[str, int] = {
-    "admission": 0, "backoff": 0, "heartbeat": 0, "outage": 0, "reactor": 0, "sockets": 0,
-    "states": 0,
-    "streams": 1,
+    "admission": 0, "backoff": 0, "heartbeat": 0, "outage": 0, "states": 0,
+    "twisted_private": 0,
+    "reactor": 1, "sockets": 1, "streams": 1,
     "frame_protocol": 2, "listeners": 2,
     "tunnel_protocol": 3,
     "pool": 4,

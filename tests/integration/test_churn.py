@@ -108,7 +108,7 @@ class ChurnTests(TestCase):
         """After a warm-up, thousands more sessions of every kind (clean, abandoned mid-frame, cut by the backend, cut by the pool, refused) grow neither end's RSS by more than 16 MiB."""
         reactor = procs._reactor()
         total = 20_000 if LONG else 2_400
-        echo = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(EchoFactory())
+        echo = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(EchoFactory(hang_up=True))
         self.addCleanup(echo.stopListening)
         echo_port = echo.getHost().port
         server_b, relay_port, client_b = procs.free_ports(3)

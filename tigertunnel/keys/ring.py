@@ -13,7 +13,8 @@ from typing import List, Optional, Tuple
 
 from tigertunnel.crypto import kdf, kem
 from tigertunnel.errors import KEMError
-from tigertunnel.keys.format import U64_MAX, KeyStore
+from tigertunnel.keys.format import KeyStore
+from tigertunnel.crypto.layout import MAX_U64
 
 
 @dataclass(frozen=True)
@@ -43,20 +44,20 @@ class KeyRing:
             if not self.psk:
                 problems.append("no PSK")
             for key_id, key in self.psk.items():
-                if not 0 <= key_id <= U64_MAX:
+                if not 0 <= key_id <= MAX_U64:
                     problems.append(f"PSK key id {key_id} is not a u64")
                 if len(key) != kdf.PSK_SIZE:
                     problems.append(f"PSK key id {key_id} is not {kdf.PSK_SIZE} bytes")
         if self.kem_public is not None:
             key_id, public = self.kem_public
-            if not 0 <= key_id <= U64_MAX:
+            if not 0 <= key_id <= MAX_U64:
                 problems.append(f"KEM key id {key_id} is not a u64")
             if len(public) != kem.PUBLIC_KEY_SIZE:
                 problems.append(f"KEM public key id {key_id} is not "
                                 f"{kem.PUBLIC_KEY_SIZE} bytes")
         if self.kem_secret is not None:
             for key_id, seed in self.kem_secret.items():
-                if not 0 <= key_id <= U64_MAX:
+                if not 0 <= key_id <= MAX_U64:
                     problems.append(f"KEM key id {key_id} is not a u64")
                 try:
                     kem.SecretKey(seed)

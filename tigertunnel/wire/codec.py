@@ -55,7 +55,7 @@ from typing import Callable, List, Optional, Union
 from tigertunnel.crypto.aead import Opener, Sealer
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import MuxError, TunnelError
-from tigertunnel.wire.frames import MAX_U64
+from tigertunnel.crypto.layout import MAX_U64
 from tigertunnel.wire.datapath import Item
 from tigertunnel.wire.implementation import ACTIVE, Encoding, Implementation
 from tigertunnel.wire.muxframes import (

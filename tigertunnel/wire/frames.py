@@ -50,9 +50,6 @@ __all__ = [
 # The TB header's wire facts (docs/protocol.rst §6.1) are defined in
 # tigertunnel.crypto.layout, below the AEAD that moves them, and used here.
 
-#: The largest u64 (key ids, timestamps, ping values and counters on the wire).
-MAX_U64 = (1 << 64) - 1
-
 _ZERO16 = bytes(16)
 _u32_from = struct.Struct("<I").unpack_from
 

@@ -76,7 +76,7 @@ from typing import Callable, Mapping, Protocol
 from tigertunnel.crypto import kdf, kem
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import HandshakeError, KEMError
-from tigertunnel.wire.frames import MAX_U64
+from tigertunnel.crypto.layout import MAX_U64
 from tigertunnel.wire.replaywindow import (
     DEFAULT_BUCKETS,
     DEFAULT_SLOTS,

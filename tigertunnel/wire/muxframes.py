@@ -55,7 +55,7 @@ from typing import List, Optional
 
 from tigertunnel.crypto.layout import MUX_HEADER_SIZE
 from tigertunnel.errors import MuxError
-from tigertunnel.wire.frames import MAX_U64
+from tigertunnel.crypto.layout import MAX_U64
 from tigertunnel.wire.frames import (
     MAX_CHUNKS,
     MAX_FRAME_SIZE,

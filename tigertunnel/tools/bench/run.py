@@ -159,7 +159,7 @@ class Processes:
         self._log: IO[bytes] = open(self.log_path, "ab")
         logs = self._log
         self.echo = subprocess.Popen(
-            [sys.executable, "-m", "tigertunnel.tools.echo", str(self.echo_port)],
+            [sys.executable, "-m", "tigertunnel.tools.echo", "--hang-up", str(self.echo_port)],
             stdout=logs, stderr=logs)
         self.server = subprocess.Popen(
             exe + ["server", "-p", f"127.0.0.1:{self.server_port},127.0.0.1:{self.echo_port}",
