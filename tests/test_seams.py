@@ -16,11 +16,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tigertunnel"
 #: lower rank (and interfaces.py, which imports only net.stats from net/).
 NET_RANKS: Dict[str, int] = {
     "admission": 0, "backoff": 0, "heartbeat": 0, "outage": 0, "reactor": 0, "sockets": 0,
-    "states": 0, "stats": 0,
+    "pairstatus": 1, "states": 0, "stats": 0,
     "streams": 1,
     "frame_protocol": 2, "listeners": 2,
     "tunnel_protocol": 3,
-    "pool": 4,
+    "pool": 4, "retire": 4,
     "multiplexer": 5,
 }
 

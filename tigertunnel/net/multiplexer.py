@@ -32,8 +32,7 @@ protocols of :mod:`tigertunnel.interfaces` (``SessionHost``,
 
 import ipaddress
 import random
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
-from weakref import WeakKeyDictionary
+from typing import Any, Callable, Dict, List, Optional, Set, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError
@@ -54,7 +53,10 @@ from tigertunnel.net.outage import OutageReport, PoolOutage
 from tigertunnel.net.backoff import backoff_policy
 from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol, PrebuiltFactory
 from tigertunnel.net.listeners import ListenerService, pair_listener, start_listening
+from tigertunnel.net.pairstatus import PairStatus, PoolConnectionStatus
 from tigertunnel.net.pool import PoolSlot
+from tigertunnel.net.retire import DRAIN_TIMEOUT, RETIRE_GRACE, Retirements
+from tigertunnel.net.states import PoolState
 from tigertunnel.wire.tbwatch import TBWatch
 from tigertunnel.net.stats import HandshakeFailure, Reachability, Refusal, Stats
 from tigertunnel.net.tunnel_protocol import TunnelFactory, TunnelProtocol
@@ -63,6 +65,7 @@ from tigertunnel.wire.handshake import (
     PROTOCOL_VERSION,
     ClientHandshake,
     HelloReplayCache,
+    KeyUse,
     ReplayCache,
     ServerHandshake,
 )
@@ -77,6 +80,8 @@ HANDSHAKE_LOG_INTERVAL = 10.0
 HANDSHAKE_LOG_BURST = 5
 
 log = logger(__name__)
+
+_ESTABLISHED = PoolState.ESTABLISHED
 
 EndpointFor = Callable[[ProxyPair], IStreamClientEndpoint]
 
@@ -98,6 +103,8 @@ class SessionMultiplexer(MultiService):
 
     role: Role
     listener: ListenerService
+    #: Seconds a retired pool connection may keep its streams.
+    retire_wait = RETIRE_GRACE
     #: Places new TB clients' sessions (tunnel client only).
     _placer: "Optional[SessionPlacer[FrameProtocol]]" = None
 
@@ -122,9 +129,9 @@ class SessionMultiplexer(MultiService):
         #: What this pair sees of TigerBeetle (set by the tunnel end's
         #: operations layer, :func:`tigertunnel.ops.tbmetrics.watch_pairs`).
         self.tb_watch: Optional[TBWatch] = None
-        #: Established pool connections keyed with a retired key
-        #: (:mod:`tigertunnel.ops.reload`): no new sessions go to them.
-        self.draining: Set[TunnelProtocol] = set()
+        #: The pool connections a key reload retired, with their deadlines.
+        self._retired = Retirements(self.role, pair.name, self.retire_wait,
+                                    patient=self.role is Role.CLIENT)
         #: Set by a graceful shutdown: no new sessions or streams.
         self.stopping = False
         self._limit_log = LogRateLimit(LIMIT_LOG_INTERVAL)
@@ -199,7 +206,7 @@ class SessionMultiplexer(MultiService):
 
     def pool_connection_down(self, connection: TunnelProtocol) -> None:
         """A pool connection that was up is gone."""
-        self.draining.discard(connection)
+        self._retired.forget(connection)
         if connection in self.pool_connections:
             self.stats.pool_losses += 1
             self.pool_connections.remove(connection)
@@ -254,11 +261,79 @@ class SessionMultiplexer(MultiService):
         more = f" ({held} more since the last such line)" if held else ""
         log.warn(message + "{more}", more=more, held=held, **fields)
 
+    # -- key reload and status ------------------------------------------------
+
+    def current(self, use: KeyUse) -> bool:
+        """Whether a pool connection keyed with ``use`` uses keys that are
+        still current for this tunnel end (see :class:`KeyRing`)."""
+        raise NotImplementedError
+
+    @property
+    def draining(self) -> Set[TunnelProtocol]:
+        """The pool connections a key reload retired, until they are gone."""
+        return {c for c in self.pool_connections if c in self._retired}
+
+    def retire_outdated(self, keyring: KeyRing, now: float) -> bool:
+        """Use ``keyring`` from now on; retire (``DRAINING``) the established
+        pool connections keyed with a key it no longer has as current, renew
+        those current again, and close those that may go now (see
+        :meth:`close_retired`).
+
+        :returns: whether retired pool connections remain (call
+            :meth:`close_retired` again later).
+        """
+        self.keyring = keyring
+        if not self.stopping:
+            self._retired.mark(list(self.pool_connections),
+                               lambda c: c.key_use is None or self.current(c.key_use),
+                               now)
+        return self.close_retired(now)
+
+    def close_retired(self, now: float) -> bool:
+        """Close the retired pool connections that may go now: once idle or
+        past their deadline (a tunnel client keeps them until a pool
+        connection with the current key is up, closing one idle one at a
+        time to try the key).
+
+        :returns: whether retired pool connections remain.
+        """
+        psk = self.keyring.psk
+        return self._retired.close_due(
+            [c for c in self.pool_connections if c.established], now,
+            psk.first()[0] if psk is not None else None)
+
+    def handshaking(self) -> int:
+        """Pool connections in their handshake."""
+        raise NotImplementedError
+
+    def snapshot(self) -> PairStatus:
+        """This pair's figures now (for ``/status`` and metrics)."""
+        retired = self._retired
+        return PairStatus(
+            role=self.role, name=self.pair.name, label=self.pair_label,
+            listen=str(self.pair.listen), target=str(self.pair.target),
+            healthy=self._healthy(), stopping=self.stopping,
+            pool_size=self.config.pool_size if self.role is Role.CLIENT else None,
+            handshaking=self.handshaking(),
+            pool_connections=tuple(
+                PoolConnectionStatus(c.name, c.key_id, len(c.streams),
+                                     "draining" if c in retired else "healthy")
+                for c in self.pool_connections if c.established),
+            sessions=len(self.sessions), stats=self.stats,
+            backend=self._backend())
+
+    def _healthy(self) -> bool:
+        raise NotImplementedError
+
+    def _backend(self) -> Optional[Reachability]:
+        return None
+
 
 class ClientMultiplexer(SessionMultiplexer):
     """The tunnel client's side of a proxy pair."""
 
     role = Role.CLIENT
+    retire_wait = DRAIN_TIMEOUT
 
     def __init__(self, config: TunnelConfig, pair: ProxyPair, reactor: Reactor,
                  endpoint_for: Optional[EndpointFor] = None,
@@ -274,10 +349,6 @@ class ClientMultiplexer(SessionMultiplexer):
         self._connection_count = 0
         #: Failed pool connects since the pool was last up (for the logs).
         self.outage = PoolOutage(pair.name, self.backend_name)
-        #: The KEM public key each pool connection's handshake was built
-        #: with (key reload retires those built with a replaced one).
-        self.handshake_kem: "WeakKeyDictionary[TunnelProtocol, Optional[Tuple[int, bytes]]]"
-        self.handshake_kem = WeakKeyDictionary()
         self.pool: List[PoolSlot] = []
         for index in range(config.pool_size):
             slot = PoolSlot(self, index, backoff_policy(rand))
@@ -316,9 +387,18 @@ class ClientMultiplexer(SessionMultiplexer):
         """Build the protocol of a new pool connection for ``slot``."""
         self._connection_count += 1
         name = f"{self.name}/{slot}#{self._connection_count}"
-        connection = TunnelProtocol(self.role, self._make_handshake(), self, name)
-        self.handshake_kem[connection] = self.keyring.kem_public
-        return connection
+        return TunnelProtocol(self.role, self._make_handshake(), self, name)
+
+    def current(self, use: KeyUse) -> bool:
+        """The first PSK and the configured KEM public key are current."""
+        return self.keyring.client_current(use)
+
+    def handshaking(self) -> int:
+        return sum(1 for slot in self.pool if slot.connection is not None
+                   and not slot.connection.established)
+
+    def _healthy(self) -> bool:
+        return any(c.established for c in self.pool_connections)
 
     def _make_handshake(self) -> Optional[ClientHandshake]:
         keys = self.keyring
@@ -338,9 +418,9 @@ class ClientMultiplexer(SessionMultiplexer):
         if self.stopping:
             self.refuse(Refusal.STOPPING)
             return False
-        established = [c for c in self.pool_connections if c.established]
         # Draining pool connections only take sessions when nothing else can.
-        healthy = [c for c in established if c not in self.draining] or established
+        healthy = ([c for c in self.pool_connections if c.state is _ESTABLISHED]
+                   or [c for c in self.pool_connections if c.established])
         if not healthy:
             self.refuse(Refusal.NO_POOL)
             self.limit_log("client {pair}: no healthy pool connection to "
@@ -408,6 +488,21 @@ class ServerMultiplexer(SessionMultiplexer):
         if self.stopping:
             return None
         return len(self.pending) + len(self.pool_connections)
+
+    def current(self, use: KeyUse) -> bool:
+        """Every key id still in the files, with the same bytes, is current."""
+        return self.keyring.server_accepts(use)
+
+    def handshaking(self) -> int:
+        return len(self.pending)
+
+    def _healthy(self) -> bool:
+        # Healthy while it listens and its replica took the last backend
+        # connect (not known yet: healthy).
+        return not self.stopping and self.backend.reachable is not False
+
+    def _backend(self) -> Optional[Reachability]:
+        return self.backend
 
     def _make_handshake(self) -> Optional[ServerHandshake]:
         keys = self.keyring

@@ -30,9 +30,13 @@ every session on it at once; nothing after the bad bytes is delivered. When
 this socket's write buffer fills, every session on it stops reading its TB
 peer until it drains (:meth:`TunnelProtocol.pauseProducing`).
 
-Lifecycle (:data:`POOL_TRANSITIONS`): ``NEW`` until connected, then
-``HANDSHAKING`` (in plaintext mode only for an instant), ``ESTABLISHED``
-once streams may use it, ``CLOSING`` while an established connection is
+Lifecycle (:data:`~tigertunnel.net.states.POOL_TRANSITIONS`): ``NEW``
+until connected, then ``HANDSHAKING`` (in plaintext mode only for an
+instant), ``ESTABLISHED`` once streams may use it, ``DRAINING`` once a key
+reload retired its key (it carries its streams, takes new ones only when no
+other connection can, and is closed once idle or after a grace period:
+:meth:`~tigertunnel.net.multiplexer.SessionMultiplexer.retire_outdated`),
+``CLOSING`` while an established connection is
 closed gracefully (its streams still flow until it is gone), ``DEAD`` when
 the handshake failed or the connection failed or was closed before it was
 established (nothing it receives is used any more), and ``CLOSED`` once
@@ -43,7 +47,6 @@ client opens them (:meth:`TunnelProtocol.open_stream`), the server accepts
 those the client opened (:meth:`TunnelProtocol.accept_stream`).
 """
 
-import enum
 from typing import Any, Callable, List, Optional, Set, Union, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -66,7 +69,12 @@ from tigertunnel.logs import logger
 from tigertunnel.net.frame_protocol import CLOSE_TIMEOUT
 from tigertunnel.net.heartbeat import Heartbeat
 from tigertunnel.net.sockets import direct_sender, not_connected as _not_connected, tune_socket
-from tigertunnel.net.states import TransitionError, Transitions
+from tigertunnel.net.states import (
+    POOL_TRANSITIONS,
+    PoolInput,
+    PoolState,
+    TransitionError,
+)
 from tigertunnel.net.stats import HandshakeFailure
 from tigertunnel.net.streams import StreamTable
 from tigertunnel.wire.codec import (
@@ -80,6 +88,7 @@ from tigertunnel.wire.codec import (
 from tigertunnel.wire.handshake import (
     Accepted,
     ClientHandshake,
+    KeyUse,
     Rejected,
     ServerHandshake,
 )
@@ -104,50 +113,9 @@ log = logger(__name__)
 Handshake = Union[ClientHandshake, ServerHandshake]
 
 
-class PoolState(enum.Enum):
-    """Where a pool connection is in its life (see the module docstring)."""
-
-    NEW = "new"
-    HANDSHAKING = "handshaking"
-    ESTABLISHED = "established"
-    CLOSING = "closing"
-    DEAD = "dead"
-    CLOSED = "closed"
-
-
-class PoolInput(enum.Enum):
-    """What happens to a pool connection."""
-
-    #: The TCP connection was made (connectionMade).
-    CONNECT = "connect"
-    #: The handshake completed (at once in plaintext mode).
-    ESTABLISH = "establish"
-    #: The handshake failed, timed out or was evicted; or the established
-    #: connection failed (bad bytes): it is closed or aborted.
-    FAIL = "fail"
-    #: Close gracefully (key reload, shutdown, a pool slot stopping).
-    CLOSE = "close"
-    #: The connection is gone (connectionLost).
-    LOSE = "lose"
-
-
-_S, _I = PoolState, PoolInput
-
-#: Every move a pool connection may make; anything else is a TransitionError.
-POOL_TRANSITIONS: Transitions[PoolState, PoolInput] = Transitions("pool connection", {
-    _S.NEW: {_I.CONNECT: _S.HANDSHAKING},
-    _S.HANDSHAKING: {_I.ESTABLISH: _S.ESTABLISHED, _I.FAIL: _S.DEAD,
-                     _I.CLOSE: _S.DEAD, _I.LOSE: _S.CLOSED},
-    _S.ESTABLISHED: {_I.CLOSE: _S.CLOSING, _I.FAIL: _S.DEAD, _I.LOSE: _S.CLOSED},
-    _S.CLOSING: {_I.CLOSE: _S.CLOSING, _I.FAIL: _S.DEAD, _I.LOSE: _S.CLOSED},
-    # A dead connection may still be evicted (aborted) or closed again.
-    _S.DEAD: {_I.CLOSE: _S.DEAD, _I.FAIL: _S.DEAD, _I.LOSE: _S.CLOSED},
-    # Closing what is already gone (a late sweep or shutdown) does nothing.
-    _S.CLOSED: {_I.CLOSE: _S.CLOSED},
-})
-
 # Module-level names for the per-event checks.
 _ESTABLISHED = PoolState.ESTABLISHED
+_DRAINING = PoolState.DRAINING
 _CLOSING = PoolState.CLOSING
 _HANDSHAKING = PoolState.HANDSHAKING
 
@@ -188,14 +156,10 @@ class TunnelProtocol(Protocol):
         self._outcome: Union["TunnelProtocol", Failure, None] = None
         self._waiters: List[Deferred["TunnelProtocol"]] = []
         self._timer: Optional[IDelayedCall] = None
-        self.key_id: Optional[int] = None
-        #: The KEM key id of a kemconnect handshake (server side), else None.
-        self.kem_key_id: Optional[int] = None
+        #: Which keys the handshake used (key reload compares it with the
+        #: live keys); ``None`` before it completed and in plaintext mode.
+        self.key_use: Optional[KeyUse] = None
         self.peer_version: Optional[int] = None
-        #: A fingerprint of the PSK the handshake used (key reload compares it).
-        self.key_fingerprint: Optional[bytes] = None
-        #: A fingerprint of the KEM secret key a server's handshake used, if any.
-        self.kem_fingerprint: Optional[bytes] = None
         #: The peer's address (tunnel server: fair admission by source).
         self.peer_host: Optional[str] = None
         #: Tunnel server: stream ids opened by a bare stream_open whose first
@@ -237,9 +201,25 @@ class TunnelProtocol(Protocol):
     @property
     def established(self) -> bool:
         """Whether the handshake is done and streams may use this pool
-        connection (also while it closes gracefully)."""
+        connection (also while it drains or closes gracefully)."""
         state = self.state
-        return state is _ESTABLISHED or state is _CLOSING
+        return state is _ESTABLISHED or state is _DRAINING or state is _CLOSING
+
+    @property
+    def key_id(self) -> Optional[int]:
+        """The PSK key id of the handshake (``None``: none yet, or plaintext)."""
+        return None if self.key_use is None else self.key_use.psk_id
+
+    def retire(self) -> None:
+        """A key reload retired this connection's key: it drains
+        (``DRAINING``); the multiplexer closes it once it may."""
+        if self.state is _ESTABLISHED:
+            self._goto(PoolInput.RETIRE)
+
+    def renew(self) -> None:
+        """A later reload made this draining connection's key current again."""
+        if self.state is _DRAINING:
+            self._goto(PoolInput.RENEW)
 
     # -- Twisted's interface -----------------------------------------------
 
@@ -265,7 +245,8 @@ class TunnelProtocol(Protocol):
             self._handshake_data(data)
             return
         codec = self.codec
-        if codec is None or (state is not _ESTABLISHED and state is not _CLOSING):
+        if codec is None or (state is not _ESTABLISHED and state is not _DRAINING
+                             and state is not _CLOSING):
             return  # dead: nothing after a failure is used
         try:
             items = codec.receive(data)
@@ -281,7 +262,8 @@ class TunnelProtocol(Protocol):
                 elif self.unproven:
                     self._stream_proven(stream_id, payload)
                 state = self.state
-                if state is not _ESTABLISHED and state is not _CLOSING:
+                if state is not _ESTABLISHED and state is not _DRAINING \
+                        and state is not _CLOSING:
                     return
                 continue
             try:
@@ -302,7 +284,8 @@ class TunnelProtocol(Protocol):
             elif self.heartbeat is None:
                 self._start_heartbeat(None)  # a pong: the peer speaks version 2
             state = self.state
-            if state is not _ESTABLISHED and state is not _CLOSING:
+            if state is not _ESTABLISHED and state is not _DRAINING \
+                    and state is not _CLOSING:
                 return
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -314,7 +297,7 @@ class TunnelProtocol(Protocol):
             self._close_timer.cancel()
         self.host.handshake_ended(self)
         streams = self.streams.drain()
-        if before is _ESTABLISHED or before is _CLOSING:
+        if before is _ESTABLISHED or before is _DRAINING or before is _CLOSING:
             self.codec = None
             log.info("{role} pool connection {pool_connection} lost ({reason}); closing "
                      "{count} sessions", role=self.role, pool_connection=self.name,
@@ -353,8 +336,7 @@ class TunnelProtocol(Protocol):
                 est = hs.feed(data)
                 if est is None:
                     return
-                self.key_id = est.key_id
-                self.key_fingerprint = est.key_fingerprint
+                self.key_use = est.key_use
                 self._established(
                     PoolCodec(CLIENT, est.keys, self.host.cluster_value),
                     est.leftover)
@@ -379,10 +361,7 @@ class TunnelProtocol(Protocol):
             return
         assert isinstance(result, Accepted)
         est = result.established
-        self.key_id = est.key_id
-        self.key_fingerprint = est.key_fingerprint
-        self.kem_key_id = est.kem_key_id
-        self.kem_fingerprint = est.kem_fingerprint
+        self.key_use = est.key_use
         self.peer_version = est.peer_version
         codec = PoolCodec(SERVER, est.keys, self.host.cluster_value,
                           peer_extended=est.peer_version >= 2)
@@ -441,7 +420,7 @@ class TunnelProtocol(Protocol):
         if before is _HANDSHAKING:
             self._cancel_timer()
             self._handshake = None
-        if before is _ESTABLISHED or before is _HANDSHAKING:
+        if before is _ESTABLISHED or before is _DRAINING or before is _HANDSHAKING:
             self._close_transport(timeout)
 
     def _output(self) -> StreamTransport:

@@ -112,6 +112,32 @@ class Status(enum.IntEnum):
 
 
 @dataclass(frozen=True)
+class KeyUse:
+    """Which keys a pool connection's handshake used (never the keys).
+
+    Both ends make one from the handshake's outcome
+    (:attr:`Established.key_use`); a key reload compares it with the new
+    :class:`~tigertunnel.keys.ring.KeyRing` to retire connections keyed
+    with a key that is gone or whose bytes changed.
+
+    :ivar psk_id: the PSK key id.
+    :ivar psk_fingerprint: :func:`~tigertunnel.crypto.kdf.key_fingerprint`
+        of the PSK bytes (empty: unknown, counts as current).
+    :ivar kem_id: the KEM key id in ``kemconnect`` mode, else ``None``.
+    :ivar kem_fingerprint: the KEM key's fingerprint: of the secret seed a
+        server used (:func:`~tigertunnel.crypto.kdf.key_fingerprint`), of
+        the public key a client used
+        (:func:`~tigertunnel.crypto.kdf.public_key_fingerprint`); ``None``
+        when not known.
+    """
+
+    psk_id: int
+    psk_fingerprint: bytes = b""
+    kem_id: int | None = None
+    kem_fingerprint: bytes | None = None
+
+
+@dataclass(frozen=True)
 class Established:
     """The handshake succeeded; the pool connection switches to mux frames.
 
@@ -123,8 +149,9 @@ class Established:
     :ivar key_fingerprint: :func:`~tigertunnel.crypto.kdf.key_fingerprint`
         of the PSK used (a key reload retires connections made with key
         bytes since replaced under the same key id).
-    :ivar kem_fingerprint: the same for the KEM secret key a tunnel server
-        used in ``kemconnect`` mode, else ``None``.
+    :ivar kem_fingerprint: in ``kemconnect`` mode, the fingerprint of the
+        KEM secret key a tunnel server used or of the public key a tunnel
+        client used (see :class:`KeyUse`), else ``None``.
     """
 
     keys: SessionKeys
@@ -135,6 +162,12 @@ class Established:
     leftover: bytes
     key_fingerprint: bytes = b""
     kem_fingerprint: bytes | None = None
+
+    @property
+    def key_use(self) -> KeyUse:
+        """Which keys this handshake used."""
+        return KeyUse(self.key_id, self.key_fingerprint, self.kem_key_id,
+                      self.kem_fingerprint)
 
 
 @dataclass(frozen=True)
@@ -373,7 +406,9 @@ class ClientHandshake:
             mode="connect" if self._kem_public is None else "kemconnect",
             peer_version=self._version, key_id=self._key_id,
             kem_key_id=None if self._kem_public is None else self._kem_public[0],
-            leftover=leftover, key_fingerprint=kdf.key_fingerprint(self._psk))
+            leftover=leftover, key_fingerprint=kdf.key_fingerprint(self._psk),
+            kem_fingerprint=None if self._kem_public is None
+            else kdf.public_key_fingerprint(self._kem_public[1]))
 
 
 class HelloReplayCache(Protocol):
