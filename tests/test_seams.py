@@ -15,13 +15,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tigertunnel"
 #: The order of the modules of net/: each may import only modules of a
 #: lower rank (and interfaces.py, which imports only net.stats from net/).
 NET_RANKS: Dict[str, int] = {
-    "admission": 0, "backoff": 0, "heartbeat": 0, "outage": 0, "reactor": 0, "sockets": 0,
-    "pairstatus": 1, "states": 0, "stats": 0,
-    "streams": 1,
+    "admission": 0, "backoff": 0, "heartbeat": 0, "outage": 0, "outcome": 0, "reactor": 0,
+    "sockets": 0, "states": 0, "stats": 0,
+    "pairstatus": 1, "streams": 1,
     "frame_protocol": 2, "listeners": 2,
     "tunnel_protocol": 3,
-    "pool": 4, "retire": 4,
-    "multiplexer": 5,
+    "pool_client": 4, "pool_server": 4, "retire": 4,
+    "pool": 5, "pairmux": 5,
+    "multiplexer": 6,
 }
 
 

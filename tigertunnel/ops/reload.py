@@ -60,7 +60,6 @@ from typing import (
     Optional,
     Protocol,
     Sequence,
-    Set,
     Union,
 )
 
