@@ -15,6 +15,7 @@ from tigertunnel.crypto.kdf import public_key_fingerprint
 from tigertunnel.crypto.kem import public_key_from_seed
 from tigertunnel.keys.files import load_psk_file
 from tigertunnel.keys.format import format_key_line
+from tigertunnel.net.states import PoolState
 from tigertunnel.net.stats import HandshakeFailure, Refusal
 from tigertunnel.ops.reload import (
     CHECK_INTERVAL,
@@ -498,3 +499,38 @@ class ReloadServiceTests(ReloadCase):
         self.keys.psk("client.key", NEW)
         self.assertFalse(service.reload())
         self.assertEqual(self.t.client.keyring.psk.first()[0], OLD)
+
+
+class DrainingStateTests(ReloadCase):
+    """Retired is a state of the pool connection (DRAINING), moved by the multiplexer."""
+
+    def test_retired_connection_is_draining(self) -> None:
+        """A busy pool connection keyed with a retired key moves to DRAINING, shows as
+        draining in the snapshot, and to CLOSING once its session ends."""
+        peer = self.echo_session()
+        busy = self.link_of(peer)
+        self.rotate()
+        self.assertIs(busy.state, PoolState.DRAINING)
+        snap = self.t.client.snapshot()
+        self.assertEqual({c.name: c.state for c in snap.pool_connections}[busy.name],
+                         "draining")
+        self.assertEqual(snap.draining, 2)  # the idle one is closing: listed until gone
+        peer.transport.loseConnection()
+        self.t.net.flush()
+        self.t.net.advance(CHECK_INTERVAL + 0.5)
+        self.assertIn(busy.state, (PoolState.CLOSING, PoolState.CLOSED))
+
+    def test_key_current_again_renews(self) -> None:
+        """A reload that makes a draining connection's key current again moves it back to
+        ESTABLISHED: it is kept past the drain timeout and takes sessions again."""
+        peer = self.echo_session()
+        busy = self.link_of(peer)
+        self.rotate()
+        self.assertIs(busy.state, PoolState.DRAINING)
+        self.keys.psk("client.key", OLD, NEW)
+        self.assertTrue(self.client.reload())
+        self.assertIs(busy.state, PoolState.ESTABLISHED)
+        self.assertNotIn(busy, self.t.client.draining)
+        self.t.net.advance(DRAIN_TIMEOUT + 5)
+        self.assertIn(busy, self.t.client.pool_connections)
+        self.assertIs(busy.state, PoolState.ESTABLISHED)

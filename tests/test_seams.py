@@ -73,3 +73,37 @@ class NetImportTests(SynchronousTestCase):
         """interfaces.py names no protocol or multiplexer class: of net/ it imports only the counters."""
         net = {m for m in imports(PACKAGE / "interfaces.py") if m.startswith("tigertunnel.net")}
         self.assertEqual({m.split(".")[2] for m in net}, {"stats"})
+
+
+#: What the operations layer's reload, figures and metrics may use of a
+#: multiplexer: its operations and its public settings, no internals.
+MUX_OPERATIONS = {"snapshot", "retire_outdated", "close_retired", "keyring",
+                  "handshake_timeout", "stopping", "pair_label", "role", "config"}
+OPS_USERS = ("reload.py", "figures.py", "metrics.py")
+
+
+class OpsUsesOperationsTests(SynchronousTestCase):
+    """ops/ reload, figures and metrics use the multiplexer's operations only."""
+
+    def test_no_role_switch(self) -> None:
+        """No isinstance() on a multiplexer class: each role answers for itself."""
+        found = []
+        for name in OPS_USERS:
+            path = PACKAGE / "ops" / name
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                        and node.func.id == "isinstance" and len(node.args) == 2
+                        and "Multiplexer" in ast.unparse(node.args[1])):
+                    found.append(f"{name}:{node.lineno}")
+        self.assertEqual(found, [])
+
+    def test_no_internals(self) -> None:
+        """A multiplexer (``mux``) is asked only for its operations and settings."""
+        found = []
+        for name in OPS_USERS:
+            path = PACKAGE / "ops" / name
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                        and node.value.id == "mux" and node.attr not in MUX_OPERATIONS):
+                    found.append(f"{name}:{node.lineno}: mux.{node.attr}")
+        self.assertEqual(found, [])
