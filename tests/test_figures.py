@@ -17,6 +17,7 @@ from tigertunnel.net.stats import HandshakeFailure, Reachability, Stats
 from tigertunnel.ops.figures import (
     FIGURES_INTERVAL,
     WorkerProcessCollector,
+    counters,
     figures_reporter,
     merge_pair_documents,
     pair_status,
@@ -285,3 +286,16 @@ class RenderPairTests(SynchronousTestCase):
                 snap.healthy = False  # type: ignore[misc]
         self.assertEqual((t.client.snapshot().pool_size, t.server.snapshot().pool_size),
                          (2, None))
+
+
+class CounterNameTests(SynchronousTestCase):
+    """/status counters carry the Stats names, and former names for one release."""
+
+    def test_pool_failures_and_alias(self) -> None:
+        """pool_failures is listed as such, and as link_failures (its former name)."""
+        stats = Stats()
+        stats.pool_failures = 3
+        flat = counters(stats)
+        self.assertEqual((flat["pool_failures"], flat["link_failures"]), (3, 3))
+        self.assertEqual(list(flat), sorted(flat))
+        self.assertNotIn("link_failures", counters(Stats()))

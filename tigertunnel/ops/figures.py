@@ -60,22 +60,25 @@ SIMPLE_COUNTERS = (
      "Backend (replica) connections that could not be made."),
 )
 
-#: Names of the /status ``counters`` entries that differ from the Stats
-#: attribute.
-COUNTER_NAMES = {"pool_failures": "link_failures"}
+#: Former names of /status ``counters`` entries, listed as well (with the
+#: same value) for this release only: ``link_failures`` is ``pool_failures``.
+COUNTER_ALIASES = {"pool_failures": "link_failures"}
 
 
 def counters(stats: Stats) -> Dict[str, int]:
     """Every counter that moved, by name, sorted (the /status ``counters``):
-    the plain counters, ``handshake_failures_<reason>`` and
-    ``sessions_refused_<reason>``."""
+    the plain counters (under the Stats attribute's name, and a former
+    name of :data:`COUNTER_ALIASES` too), ``handshake_failures_<reason>``
+    and ``sessions_refused_<reason>``."""
     flat: Dict[str, int] = {}
     for attribute in ("frames_to_tunnel", "bytes_to_tunnel",
                       "frames_from_tunnel", "bytes_from_tunnel",
                       *(key for key, _, _ in SIMPLE_COUNTERS)):
         value = getattr(stats, attribute)
         if value:
-            flat[COUNTER_NAMES.get(attribute, attribute)] = value
+            flat[attribute] = value
+            if attribute in COUNTER_ALIASES:
+                flat[COUNTER_ALIASES[attribute]] = value
     for reason, count in stats.handshake_failures.items():
         if count:
             flat[f"handshake_failures_{reason.value}"] = count
