@@ -16,6 +16,7 @@ AddressSanitizer and UndefinedBehaviorSanitizer, for the differential fuzz
 started with the ASan runtime preloaded.
 """
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -121,13 +122,25 @@ class HardenedBuildExt(build_ext):
         super().build_extensions()
 
 
+#: The extension's C source.
+SOURCE = "tigertunnel/wire/_hotpath.c"
+
+
+def source_hash(path: str = SOURCE) -> str:
+    """The SHA-256 (hex) of ``path``: compiled into the extension as its
+    ``BUILD_HASH``, which the import compares with the source beside it."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 if __name__ == "__main__":  # python setup.py, pip and build run it as __main__
     setup(
         cmdclass={"build_ext": HardenedBuildExt},
         ext_modules=[
             Extension(
                 "tigertunnel.wire._hotpath",
-                sources=["tigertunnel/wire/_hotpath.c"],
+                sources=[SOURCE],
+                define_macros=[("TIGERTUNNEL_SOURCE_SHA256", f'"{source_hash()}"')],
                 extra_compile_args=WARNINGS,
                 optional=True,
             ),

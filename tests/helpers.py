@@ -3,14 +3,18 @@ the two implementations of the data path."""
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Optional, Tuple, Type
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Type, Union
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel.tools.traces import TraceFrame, load_trace  # noqa: F401 (re-export)
-from tigertunnel.wire.compiled import reason as _compiled_reason
+from tigertunnel.crypto.aead import Opener
+from tigertunnel.interfaces import PoolConnection
 from tigertunnel.wire import codec
-from tigertunnel.wire.datapath import ACTIVE, COMPILED, PURE, Implementation
+from tigertunnel.wire.codec import Event, PoolCodec
+from tigertunnel.wire.muxframes import FrameType, encode_header
+from tigertunnel.wire.implementation import ACTIVE, COMPILED, PURE, REASON, Implementation
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VECTORS = os.path.join(HERE, "vectors")
@@ -33,8 +37,7 @@ def unhex(s: str) -> bytes:
 
 #: Why the compiled variants of the tests are skipped, or ``None``.
 COMPILED_SKIP: Optional[str] = None if COMPILED is not None else (
-    "compiled data path not in use: "
-    + (_compiled_reason or "the installed pyaegis exposes no libaegis functions"))
+    f"compiled data path not in use: {REASON}")
 
 if TYPE_CHECKING:
     ImplementationMixin = SynchronousTestCase
@@ -88,4 +91,67 @@ def on_other_implementation(case: Type[SynchronousTestCase]) -> type:
 
 
 __all__ = ["load_vectors", "unhex", "load_trace", "TraceFrame", "COMPILED_SKIP",
-           "ImplementationMixin", "on_both", "on_other_implementation", "Implementation"]
+           "ImplementationMixin", "on_both", "on_other_implementation", "Implementation",
+           "StreamData", "feed", "encode_data", "send_counter", "last_ping_value",
+           "open_frame", "send_frame"]
+
+
+# What the tests use of the data path beyond what the program does: built
+# here from the package's public API (or, where marked, a codec's state).
+
+@dataclass(frozen=True)
+class StreamData:
+    """One complete, authenticated TB frame for stream ``stream_id`` (a data item of :func:`feed`)."""
+
+    stream_id: int
+    frame: "bytes | bytearray"
+
+
+def feed(codec: PoolCodec, data: bytes) -> "List[Union[Event, StreamData]]":
+    """Decode received bytes into events, in wire order, data items as :class:`StreamData`.
+
+    What a pool connection does with :meth:`PoolCodec.receive` and
+    :meth:`PoolCodec.event`: all of a read is decoded before anything comes
+    out, so a bad frame anywhere in ``data`` raises and nothing of it does.
+    """
+    return [StreamData(stream_id, payload) if frame_type == FrameType.DATA
+            else codec.event(stream_id, frame_type, payload)
+            for stream_id, frame_type, payload in codec.receive(data)]
+
+
+def encode_data(codec: PoolCodec, stream_id: int, frame: bytes) -> "List[bytes | bytearray]":
+    """The wire bytes carrying TB frame ``frame`` on ``stream_id``, sealed by the codec's sender.
+
+    :raises FrameError: the frame has non-zero padding (encrypted mode);
+        no counter value is consumed.
+    """
+    header = encode_header(stream_id, FrameType.DATA)
+    sealer = codec._sealer
+    if sealer is not None:
+        return [sealer.seal_buffer(header, frame)]
+    return [header, frame]
+
+
+def send_counter(codec: PoolCodec) -> int:
+    """The counter value the next sealed frame ``codec`` sends uses (0 in plaintext mode; reads its sender)."""
+    sealer = codec._sealer
+    return sealer.counter if sealer is not None else 0
+
+
+def last_ping_value(codec: PoolCodec) -> Optional[int]:
+    """The value of the last ping ``codec`` encoded, ``None`` before the first (reads its state)."""
+    return codec._ping_value - 1 if codec._ping_value else None
+
+
+def open_frame(opener: Opener, mux_header: bytes, payload: "bytes | bytearray") -> bytes:
+    """Open one encrypted frame into ``bytes``, leaving ``payload`` untouched."""
+    return bytes(opener.open_buffer(mux_header, bytes(payload)))
+
+
+def send_frame(connection: PoolConnection, stream_id: int, frame: bytes) -> None:
+    """Send one TB frame of ``stream_id`` on ``connection`` as a session does.
+
+    :raises FrameError: the frame cannot be sent (padding, encrypted mode).
+    """
+    encoder = connection.frame_encoder(stream_id, False, None, None)
+    connection.send_wire(encoder.encode(frame))

@@ -7,9 +7,11 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel.tools.bench.load import LoadRun, Session
+from tigertunnel.tools.bench.churn import KINDS
 from tigertunnel.tools.bench.report import (
     Cell,
     format_against,
+    format_churn,
     format_table,
     kernel_line,
     memory_lines,
@@ -40,6 +42,22 @@ class OptionTests(SynchronousTestCase):
                            (["--modes", "psk,rsa"], "modes are psk and kem"),
                            (["--sessions", "0"], "at least 1"),
                            (["-w", "65"], "--workers must be 1..64")):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.parse(*args)
+            self.assertIn(text, str(caught.exception))
+
+
+    def test_churn_options(self) -> None:
+        """--churn and --warmup are numbers, --kinds a list of known kinds (all by default)."""
+        opts = self.parse("--churn", "6000", "--warmup", "500")
+        self.assertEqual((opts["churn"], opts["warmup"], opts["kinds"]),
+                         (6000, 500, list(KINDS)))
+        self.assertEqual(self.parse("--kinds", "clean,abandoned")["kinds"],
+                         ["clean", "abandoned"])
+        self.assertEqual(self.parse()["churn"], 0)
+        for args, text in ((["--kinds", "clean,dirty"], "unknown session kind 'dirty'"),
+                           (["--churn", "-1"], "--churn and --warmup must be at least 0"),
+                           (["--warmup", "x"], "bad number")):
             with self.assertRaises(usage.UsageError) as caught:
                 self.parse(*args)
             self.assertIn(text, str(caught.exception))
@@ -134,3 +152,43 @@ class ReportTests(SynchronousTestCase):
             "kem: peak RSS server 2.0 MiB, client 1.0 MiB; with 10 idle sessions: "
             "server 0.5 MiB, client 0.2 MiB"])
         self.assertIn("3 listen queue overflows", kernel_line({"ListenOverflows": 3}))
+
+
+class ChurnReportTests(SynchronousTestCase):
+    """The churn's table: RSS per 1,000 sessions of each end, growth, outcomes."""
+
+    def rows(self, client: "list[int]", server: "list[int]") -> "list[dict[str, int]]":
+        """RSS rows (KiB) at 0, 1000, 2000 ... sessions."""
+        return [{"sessions": i * 1000, "client_rss_kib": c, "server_rss_kib": s}
+                for i, (c, s) in enumerate(zip(client, server))]
+
+    def test_rows_and_growth(self) -> None:
+        """One row per reading in MiB for each end, then the growth from the first to the last."""
+        ours = {"rows": self.rows([51200, 52224, 51712], [40960, 40960, 41984]),
+                "outcomes": {"clean": {"echoed, closed": 2000}}}
+        lines = format_churn("psk", ours, None, None).splitlines()
+        self.assertIn("left: this tunnel", lines[0])
+        self.assertEqual(lines[3].split(), ["0", "|", "50.0", "40.0"])
+        self.assertEqual(lines[5].split(), ["2000", "|", "50.5", "41.0"])
+        self.assertEqual(lines[6].split(), ["growth", "|", "+0.5", "+1.0"])
+        self.assertEqual(lines[7], "this tunnel, sessions by outcome: clean: 2000 echoed, closed")
+
+    def test_against_side_by_side(self) -> None:
+        """With --against, its columns follow ours on every row (a shorter run leaves blanks)."""
+        ours = {"rows": self.rows([1024, 2048, 3072], [1024, 1024, 1024]), "outcomes": {}}
+        theirs = {"rows": self.rows([512, 512], [256, 256]),
+                  "outcomes": {"pool_cut": {"echoed, left open": 8}}}
+        lines = format_churn("kem", ours, theirs, "zig").splitlines()
+        self.assertIn("right: zig", lines[0])
+        self.assertEqual(lines[4].split(), ["1000", "|", "2.0", "1.0", "|", "0.5", "0.2"])
+        self.assertEqual(lines[5].split(), ["2000", "|", "3.0", "1.0", "|"])
+        self.assertEqual(lines[6].split(), ["growth", "|", "+2.0", "+0.0", "|", "+0.0", "+0.0"])
+        self.assertEqual(lines[8], "zig, sessions by outcome: pool_cut: 8 echoed, left open")
+
+    def test_exited_end(self) -> None:
+        """An end whose process had exited shows as such, and has no growth."""
+        theirs = {"rows": self.rows([512, -1], [256, 256]), "outcomes": {}}
+        ours = {"rows": self.rows([1024, 1024], [1024, 1024]), "outcomes": {}}
+        lines = format_churn("psk", ours, theirs, "zig").splitlines()
+        self.assertEqual(lines[4].split(), ["1000", "|", "1.0", "1.0", "|", "exited", "0.2"])
+        self.assertEqual(lines[5].split(), ["growth", "|", "+0.0", "+0.0", "|", "-", "+0.0"])

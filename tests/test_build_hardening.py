@@ -28,15 +28,16 @@ from typing import List, Tuple
 from twisted.trial.unittest import SynchronousTestCase
 
 import tigertunnel
-from tigertunnel.wire import compiled
+from tigertunnel.wire import implementation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tigertunnel.__file__)))
 
 
 def readelf(*args: str) -> str:
     """What ``readelf -W ARGS <the extension>`` prints."""
-    assert compiled.hotpath is not None and compiled.hotpath.__file__ is not None
-    return subprocess.run(["readelf", "-W", *args, compiled.hotpath.__file__],
+    path = getattr(implementation.EXTENSION, "__file__", None)
+    assert path is not None
+    return subprocess.run(["readelf", "-W", *args, path],
                           capture_output=True, text=True, timeout=60, check=True).stdout
 
 
@@ -44,14 +45,15 @@ class BuiltModuleTests(SynchronousTestCase):
     """The extension in use carries the hardening setup.py asks for."""
 
     def setUp(self) -> None:
-        module = compiled.hotpath
-        if module is None or module.__file__ is None:
-            raise self.skipTest(f"the compiled data path is not in use: {compiled.reason}")
+        module = implementation.EXTENSION
+        path = getattr(module, "__file__", None)
+        if path is None:
+            raise self.skipTest(f"the compiled data path is not in use: {implementation.REASON}")
         if shutil.which("readelf") is None:
             raise self.skipTest("readelf is not installed (binutils)")
-        with open(module.__file__, "rb") as f:
+        with open(path, "rb") as f:
             if f.read(4) != b"\x7fELF":
-                raise self.skipTest(f"{module.__file__} is not an ELF file")
+                raise self.skipTest(f"{path} is not an ELF file")
         self.features = getattr(module, "BUILD_FEATURES", ())
         if "address-sanitizer" in self.features:
             raise self.skipTest("the sanitizer build (TIGERTUNNEL_SANITIZE) is not hardened")

@@ -35,7 +35,7 @@ class MainTests(KeyDirCase):
 
     def test_version(self) -> None:
         """--version, alone or after any command, prints tigertunnel's version, data path and ML-KEM backend, and exits 0."""
-        from tigertunnel.wire.datapath import ACTIVE
+        from tigertunnel.wire.implementation import ACTIVE
         for args in (["--version"], ["server", "--version"], ["client", "--version"],
                      ["keygen", "--version"], ["check-config", "--version"],
                      ["status", "--version"], ["demo", "--version"], ["bench", "--version"],

@@ -3,13 +3,14 @@
 import os
 import subprocess
 import sys
+from functools import partial
 from typing import Callable, List, Optional, Tuple
 
 import pyaegis
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import on_other_implementation
+from tests.helpers import StreamData, encode_data, feed, on_other_implementation
 from tests.strategies import chunked, make_tb_frame, mux_header, noisy_mux_streams, tb_frames
 from tigertunnel.crypto.aead import FrameSealer
 from tigertunnel.crypto.kdf import SessionKeys
@@ -19,7 +20,6 @@ from tigertunnel.wire.codec import (
     SERVER,
     PoolCodec,
     StreamClosed,
-    StreamData,
     StreamOpened,
 )
 from tigertunnel.wire.muxframes import FrameType, build_close_plaintext, encode_header
@@ -87,14 +87,14 @@ class RoleTests(SynchronousTestCase):
         """A client's stream_open reaches the server as StreamOpened, in both modes."""
         for encrypted in (True, False):
             client, server = pair(encrypted)
-            self.assertEqual(server.feed(wire(client.encode_open(5))), [StreamOpened(5)])
+            self.assertEqual(feed(server, wire(client.encode_open(5))), [StreamOpened(5)])
 
     def test_client_receiving_stream_open(self) -> None:
         """A stream_open sent to a client is a protocol violation and kills the codec."""
         for encrypted in (True, False):
             client, _ = pair(encrypted)
-            self.assertIs(failure_of(client.feed, mux_header(1, 1)), MuxError)
-            self.assertIs(failure_of(client.feed, b""), MuxError)
+            self.assertIs(failure_of(partial(feed, client), mux_header(1, 1)), MuxError)
+            self.assertIs(failure_of(partial(feed, client), b""), MuxError)
 
     def test_can_send_close(self) -> None:
         """A client may always send stream_close; a server only to an encrypted version-2 peer."""
@@ -124,21 +124,21 @@ class EncryptedTests(SynchronousTestCase):
         """A data frame from the client arrives with nonce_reserved zeroed and the server's cluster."""
         client, server = pair(server_cluster=77)
         tb = frame(1, 300)
-        events = server.feed(wire(client.encode_data(9, tb)))
+        events = feed(server, wire(encode_data(client, 9, tb)))
         self.assertEqual(events, [StreamData(9, received(tb, 77))])
 
     def test_server_to_client(self) -> None:
         """A data frame from the server arrives at the client with the client's cluster."""
         client, server = pair(client_cluster=5)
         tb = frame(2, 0, cluster=5)
-        self.assertEqual(client.feed(wire(server.encode_data(3, tb))),
+        self.assertEqual(feed(client, wire(encode_data(server, 3, tb))),
                          [StreamData(3, received(tb, 5))])
 
     def test_directions_use_their_own_keys(self) -> None:
         """A frame a client sealed cannot be opened by another client (s2c keys differ from c2s)."""
         client, _ = pair()
         other, _ = pair()
-        self.assertIs(failure_of(other.feed, wire(client.encode_data(1, frame(1)))), AuthenticationError)
+        self.assertIs(failure_of(partial(feed, other), wire(encode_data(client, 1, frame(1)))), AuthenticationError)
 
     def test_wire_counter_matches_frame_count(self) -> None:
         """The n-th sealed unit (data or close, any stream) uses counter n of its direction."""
@@ -148,9 +148,9 @@ class EncryptedTests(SynchronousTestCase):
         for n in range(40):
             stream = n % 3 + 1
             tb = frame(n, n * 7)
-            self.assertEqual(wire(client.encode_data(stream, tb)),
+            self.assertEqual(wire(encode_data(client, stream, tb)),
                              wire(c2s.seal(encode_header(stream, FrameType.DATA), tb)))
-            self.assertEqual(wire(server.encode_data(stream, tb)),
+            self.assertEqual(wire(encode_data(server, stream, tb)),
                              wire(s2c.seal(encode_header(stream, FrameType.DATA), tb)))
             if n % 5 == 4:
                 self.assertEqual(
@@ -170,14 +170,14 @@ class EncryptedTests(SynchronousTestCase):
         for n in range(500):
             stream = n % 7 + 1
             if n < 7:
-                self.assertEqual(server.feed(wire(client.encode_open(stream))),
+                self.assertEqual(feed(server, wire(client.encode_open(stream))),
                                  [StreamOpened(stream)])
             tb = frame(n, n % 50)
-            up += server.feed(wire(client.encode_data(stream, tb)))
-            down += client.feed(wire(server.encode_data(stream, tb)))
+            up += feed(server, wire(encode_data(client, stream, tb)))
+            down += feed(client, wire(encode_data(server, stream, tb)))
             if n % 97 == 0:
-                up += server.feed(wire(client.encode_close(stream)))
-                down += client.feed(wire(server.encode_close(stream)))
+                up += feed(server, wire(client.encode_close(stream)))
+                down += feed(client, wire(server.encode_close(stream)))
         expected: List[object] = []
         for n in range(500):
             stream = n % 7 + 1
@@ -190,26 +190,26 @@ class EncryptedTests(SynchronousTestCase):
     def test_server_close_reaches_client(self) -> None:
         """A version-2 client accepts the server's encrypted stream_close (the extension)."""
         client, server = pair()
-        self.assertEqual(client.feed(wire(server.encode_close(4))), [StreamClosed(4)])
+        self.assertEqual(feed(client, wire(server.encode_close(4))), [StreamClosed(4)])
 
     def test_close_for_another_stream(self) -> None:
         """An authentic stream_close whose payload names a different stream is a MuxError."""
         client, server = pair()
         forged = FrameSealer(KEYS.s2c_key, KEYS.s2c_nonce).seal(
             encode_header(5, FrameType.CLOSE), build_close_plaintext(6))
-        self.assertIs(failure_of(client.feed, wire(forged)), MuxError)
+        self.assertIs(failure_of(partial(feed, client), wire(forged)), MuxError)
         forged = FrameSealer(KEYS.c2s_key, KEYS.c2s_nonce).seal(
             encode_header(5, FrameType.CLOSE), build_close_plaintext(6))
-        self.assertIs(failure_of(server.feed, wire(forged)), MuxError)
+        self.assertIs(failure_of(partial(feed, server), wire(forged)), MuxError)
 
     def test_bad_padding_consumes_no_counter(self) -> None:
         """A frame with non-zero padding is refused by encode_data and the next frame still decodes."""
         client, server = pair()
         bad = bytearray(frame(1))
         bad[50] = 1
-        self.assertRaises(FrameError, client.encode_data, 1, bytes(bad))
+        self.assertRaises(FrameError, encode_data, client, 1, bytes(bad))
         tb = frame(2)
-        self.assertEqual(server.feed(wire(client.encode_data(1, tb))),
+        self.assertEqual(feed(server, wire(encode_data(client, 1, tb))),
                          [StreamData(1, received(tb, 0))])
 
     def test_received_bad_padding(self) -> None:
@@ -223,8 +223,8 @@ class EncryptedTests(SynchronousTestCase):
         p = bytes(bad[0:64] + bad[100:256] + bad[240:256] + bad[256:])
         ciphertext, tag = pyaegis.Aegis128X2(tag_size=16).encrypt_detached(
             KEYS.s2c_key, KEYS.s2c_nonce, p, header)
-        self.assertIs(failure_of(client.feed, header + tag + bytes(bad[96:100]) + ciphertext), FrameError)
-        self.assertIs(failure_of(client.feed, wire(server.encode_data(1, frame(2)))), MuxError)
+        self.assertIs(failure_of(partial(feed, client), header + tag + bytes(bad[96:100]) + ciphertext), FrameError)
+        self.assertIs(failure_of(partial(feed, client), wire(encode_data(server, 1, frame(2)))), MuxError)
 
 
 class TamperTests(SynchronousTestCase):
@@ -233,15 +233,15 @@ class TamperTests(SynchronousTestCase):
     def sealed(self) -> Tuple[PoolCodec, bytes, bytes]:
         """A server codec, one sealed client data frame, and the one after it."""
         client, server = pair()
-        first = wire(client.encode_data(3, frame(1, 40)))
-        second = wire(client.encode_data(3, frame(2, 40)))
+        first = wire(encode_data(client, 3, frame(1, 40)))
+        second = wire(encode_data(client, 3, frame(2, 40)))
         return server, first, second
 
     def assert_dead(self, codec: PoolCodec, good: bytes) -> None:
         """Every later feed raises, even of bytes that would have been valid."""
-        self.assertIs(failure_of(codec.feed, good), MuxError)
-        self.assertIs(failure_of(codec.feed, b""), MuxError)
-        self.assertIs(failure_of(codec.feed, wire(PoolCodec(CLIENT, None).encode_open(1))), MuxError)
+        self.assertIs(failure_of(partial(feed, codec), good), MuxError)
+        self.assertIs(failure_of(partial(feed, codec), b""), MuxError)
+        self.assertIs(failure_of(partial(feed, codec), wire(PoolCodec(CLIENT, None).encode_open(1))), MuxError)
 
     @given(st.data())
     def test_flip_authenticated_byte(self, data: st.DataObject) -> None:
@@ -252,17 +252,17 @@ class TamperTests(SynchronousTestCase):
         flip = data.draw(st.integers(1, 255))
         tampered = bytearray(first)
         tampered[position] ^= flip
-        self.assertIs(failure_of(server.feed, bytes(tampered) + second), AuthenticationError)
+        self.assertIs(failure_of(partial(feed, server), bytes(tampered) + second), AuthenticationError)
         self.assert_dead(server, second)
 
     def test_nothing_after_bad_frame_delivered(self) -> None:
         """Valid frames after a bad one in the same feed are not returned, and the one before is lost too."""
         client, server = pair()
-        good = wire(client.encode_data(1, frame(1)))
-        bad = bytearray(wire(client.encode_data(1, frame(2))))
+        good = wire(encode_data(client, 1, frame(1)))
+        bad = bytearray(wire(encode_data(client, 1, frame(2))))
         bad[-1] ^= 1
-        after = wire(client.encode_data(1, frame(3)))
-        self.assertIs(failure_of(server.feed, good + bytes(bad) + after), AuthenticationError)
+        after = wire(encode_data(client, 1, frame(3)))
+        self.assertIs(failure_of(partial(feed, server), good + bytes(bad) + after), AuthenticationError)
         self.assert_dead(server, after)
 
     def test_tampered_server_close(self) -> None:
@@ -270,20 +270,20 @@ class TamperTests(SynchronousTestCase):
         client, server = pair()
         close = bytearray(wire(server.encode_close(2)))
         close[100] ^= 0x10
-        self.assertIs(failure_of(client.feed, bytes(close)), AuthenticationError)
-        self.assert_dead(client, wire(server.encode_data(2, frame(1))))
+        self.assertIs(failure_of(partial(feed, client), bytes(close)), AuthenticationError)
+        self.assert_dead(client, wire(encode_data(server, 2, frame(1))))
 
     def test_replayed_frame(self) -> None:
         """A frame sent twice fails the second time (the counter moved on)."""
         client, server = pair()
-        unit = wire(client.encode_data(1, frame(1)))
-        server.feed(unit)
-        self.assertIs(failure_of(server.feed, unit), AuthenticationError)
+        unit = wire(encode_data(client, 1, frame(1)))
+        feed(server, unit)
+        self.assertIs(failure_of(partial(feed, server), unit), AuthenticationError)
 
     def test_bad_magic(self) -> None:
         """Bytes that are not a mux header raise MuxError and kill the codec."""
         client, server = pair()
-        self.assertIs(failure_of(server.feed, b"ZMUX" + bytes(8)), MuxError)
+        self.assertIs(failure_of(partial(feed, server), b"ZMUX" + bytes(8)), MuxError)
         self.assert_dead(server, wire(client.encode_open(1)))
 
 
@@ -294,28 +294,28 @@ class PlaintextTests(SynchronousTestCase):
         """Data frames pass both ways byte for byte, cluster and nonce_reserved included."""
         client, server = pair(encrypted=False, server_cluster=3, client_cluster=4)
         tb = frame(9, 100, cluster=99)
-        self.assertEqual(wire(client.encode_data(2, tb)), mux_header(2, 0) + tb)
-        self.assertEqual(server.feed(wire(client.encode_data(2, tb))), [StreamData(2, tb)])
-        self.assertEqual(client.feed(wire(server.encode_data(2, tb))), [StreamData(2, tb)])
+        self.assertEqual(wire(encode_data(client, 2, tb)), mux_header(2, 0) + tb)
+        self.assertEqual(feed(server, wire(encode_data(client, 2, tb))), [StreamData(2, tb)])
+        self.assertEqual(feed(client, wire(encode_data(server, 2, tb))), [StreamData(2, tb)])
 
     def test_client_close(self) -> None:
         """A client's plaintext stream_close is the bare header and reaches the server."""
         client, server = pair(encrypted=False)
         self.assertEqual(wire(client.encode_close(8)), mux_header(8, 2))
-        self.assertEqual(server.feed(mux_header(8, 2)), [StreamClosed(8)])
+        self.assertEqual(feed(server, mux_header(8, 2)), [StreamClosed(8)])
 
     def test_client_receiving_close(self) -> None:
         """A plaintext stream_close sent to a client is a MuxError (servers never send one there)."""
         client, _ = pair(encrypted=False)
-        self.assertIs(failure_of(client.feed, mux_header(8, 2)), MuxError)
-        self.assertIs(failure_of(client.feed, b""), MuxError)
+        self.assertIs(failure_of(partial(feed, client), mux_header(8, 2)), MuxError)
+        self.assertIs(failure_of(partial(feed, client), b""), MuxError)
 
     def test_padding_not_checked(self) -> None:
         """Plaintext frames are forwarded even with non-zero padding (nothing is encrypted)."""
         client, server = pair(encrypted=False)
         tb = bytearray(frame(1))
         tb[20] = 7
-        self.assertEqual(server.feed(wire(client.encode_data(1, bytes(tb)))),
+        self.assertEqual(feed(server, wire(encode_data(client, 1, bytes(tb)))),
                          [StreamData(1, bytes(tb))])
 
 
@@ -339,7 +339,7 @@ def encode_ops(codec: PoolCodec, ops: List[Op]) -> bytes:
         if kind == "open":
             out += codec.encode_open(stream)
         elif kind == "data":
-            out += codec.encode_data(stream, tb)
+            out += encode_data(codec, stream, tb)
         else:
             out += codec.encode_close(stream)
     return b"".join(out)
@@ -368,7 +368,7 @@ class ChunkingTests(SynchronousTestCase):
         stream = encode_ops(client, ops)
         events: List[object] = []
         for chunk in data.draw(chunked(stream)):
-            events += server.feed(chunk)
+            events += feed(server, chunk)
         self.assertEqual(events, expected_events(ops, encrypted, 12))
 
     @given(st.lists(st.tuples(st.booleans(), st.integers(0, 2 ** 32 - 1),
@@ -378,11 +378,11 @@ class ChunkingTests(SynchronousTestCase):
                               data: st.DataObject) -> None:
         """The client decodes a server's data and close frames identically however they are cut."""
         client, server = pair()
-        stream = b"".join(wire(server.encode_close(s) if close else server.encode_data(s, tb))
+        stream = b"".join(wire(server.encode_close(s) if close else encode_data(server, s, tb))
                           for close, s, tb in ops)
         events: List[object] = []
         for chunk in data.draw(chunked(stream)):
-            events += client.feed(chunk)
+            events += feed(client, chunk)
         self.assertEqual(events, [StreamClosed(s) if close else StreamData(s, received(tb, 0))
                                   for close, s, tb in ops])
 
@@ -393,10 +393,10 @@ class ChunkingTests(SynchronousTestCase):
         codec = PoolCodec(SERVER, KEYS if encrypted else None)
         try:
             for chunk in data.draw(chunked(noise)):
-                for event in codec.feed(chunk):
+                for event in feed(codec, chunk):
                     self.assertIsInstance(event, (StreamOpened, StreamData, StreamClosed))
         except TunnelError:
-            self.assertIs(failure_of(codec.feed, b""), MuxError)
+            self.assertIs(failure_of(partial(feed, codec), b""), MuxError)
 
 
 GC_SCRIPT = """
@@ -404,14 +404,15 @@ import gc
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import AuthenticationError
 from tigertunnel.wire.codec import CLIENT, SERVER, PoolCodec
+from tests.helpers import encode_data, feed
 keys = SessionKeys(bytes(16), bytes(16), bytes(16), bytes(16))
-unit = PoolCodec(CLIENT, keys).encode_data(1, bytes(96) + (256).to_bytes(4, "little") + bytes(156))
+unit = encode_data(PoolCodec(CLIENT, keys), 1, bytes(96) + (256).to_bytes(4, "little") + bytes(156))
 bad = bytearray(b"".join(unit))
 bad[-1] ^= 1
 kept = []
 for _ in range(100):
     try:
-        PoolCodec(SERVER, keys).feed(bytes(bad))
+        feed(PoolCodec(SERVER, keys), bytes(bad))
     except AuthenticationError as e:
         cycle = {"error": e}
         cycle["self"] = cycle  # what assertRaises, a Failure or a Deferred would do

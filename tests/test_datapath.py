@@ -7,6 +7,7 @@ the same bytes, the same errors and the same counters.
 
 import struct
 import tracemalloc
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from hypothesis import given, strategies as st
@@ -19,6 +20,7 @@ from tests.helpers import (
     load_trace,
     load_vectors,
     on_both,
+    open_frame,
     unhex,
 )
 from tests.strategies import chunked, make_tb_frame, mux_header, noisy_tb_streams, tb_frames
@@ -31,7 +33,7 @@ from tigertunnel.errors import (
     MuxError,
     TunnelError,
 )
-from tigertunnel.wire.datapath import COMPILED, PURE
+from tigertunnel.wire.implementation import COMPILED, PURE
 from tigertunnel.wire.muxframes import (
     FrameType,
     build_close_plaintext,
@@ -599,11 +601,12 @@ class CrossImplementationTests(SynchronousTestCase):
             payload[data.draw(st.integers(0, len(payload) - 1))] ^= data.draw(st.integers(1, 255))
         openers = [PURE.FrameOpener(KEY, NONCE, cluster, counter),
                    self.c.FrameOpener(KEY, NONCE, cluster, counter)]
-        for method in ("open", "open_buffer"):
+        for method in ("open_frame", "open_buffer"):
             results = []
             for o in openers:
                 given_payload = bytearray(payload)
-                results.append((outcome(getattr(o, method), wire[:len(header)], given_payload),
+                call = partial(open_frame, o) if method == "open_frame" else o.open_buffer
+                results.append((outcome(call, wire[:len(header)], given_payload),
                                 bytes(given_payload), o.counter))
             self.assertEqual(results[0], results[1])
 

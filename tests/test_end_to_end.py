@@ -9,6 +9,7 @@ from typing import Dict, List
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.helpers import send_frame
 from tests.memnet import (
     KEM_KEY_ID,
     KEM_SEED,
@@ -388,7 +389,7 @@ class FailClosedTests(SynchronousTestCase):
         self.assertTrue(link.established)
         session = t.client.new_session()
         stream_id = link.open_stream(session)
-        link.send_data(stream_id, tb_frame(10, 1))  # proves the bare stream_open
+        send_frame(link, stream_id, tb_frame(10, 1))  # proves the bare stream_open
         t.net.flush()
         t.backend.peers[0].transport.loseConnection()
         t.net.flush()

@@ -13,7 +13,7 @@ from tigertunnel.config.model import Address, ProxyPair, Role, TunnelConfig
 from tigertunnel.net.multiplexer import ClientMultiplexer
 from tests.test_metrics import CLIENT_PAIR, SERVER_PAIR, frame, get, samples, value
 from tigertunnel.net.pairstatus import PairStatus, PoolConnectionStatus
-from tigertunnel.net.stats import HandshakeFailure, Reachability, Stats
+from tigertunnel.stats import HandshakeFailure, Reachability, Stats
 from tigertunnel.ops.figures import (
     FIGURES_INTERVAL,
     WorkerProcessCollector,

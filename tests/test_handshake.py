@@ -10,6 +10,7 @@ from tigertunnel.wire import handshake as hs
 from tigertunnel.crypto import kdf, kem
 from tigertunnel.crypto.kdf import SessionKeys, derive_session_keys
 from tigertunnel.errors import HandshakeError
+from tigertunnel.keys.ring import KeyUse
 from tigertunnel.wire.replaywindow import Verdict
 
 HELLO = load_vectors("hello")
@@ -688,7 +689,7 @@ class KeyUseTests(SynchronousTestCase):
         assert isinstance(accepted, hs.Accepted)
         mine = client.feed(accepted.reply)
         assert mine is not None
-        expected = hs.KeyUse(KEY_ID, kdf.key_fingerprint(PSK), None, None)
+        expected = KeyUse(KEY_ID, kdf.key_fingerprint(PSK), None, None)
         self.assertEqual((mine.key_use, accepted.established.key_use), (expected, expected))
 
     def test_kemconnect(self) -> None:
@@ -700,10 +701,10 @@ class KeyUseTests(SynchronousTestCase):
         assert isinstance(accepted, hs.Accepted)
         mine = client.feed(accepted.reply)
         assert mine is not None
-        self.assertEqual(mine.key_use, hs.KeyUse(KEY_ID, kdf.key_fingerprint(PSK), KEM_KEY_ID,
+        self.assertEqual(mine.key_use, KeyUse(KEY_ID, kdf.key_fingerprint(PSK), KEM_KEY_ID,
                                                  kdf.public_key_fingerprint(KEM_PUBLIC)))
         self.assertEqual(accepted.established.key_use,
-                         hs.KeyUse(KEY_ID, kdf.key_fingerprint(PSK), KEM_KEY_ID,
+                         KeyUse(KEY_ID, kdf.key_fingerprint(PSK), KEM_KEY_ID,
                                    kdf.key_fingerprint(KEM_SEED)))
         self.assertNotEqual(kdf.public_key_fingerprint(KEM_PUBLIC),
                             kdf.public_key_fingerprint(kem.public_key_from_seed(PSK[::-1])))

@@ -13,11 +13,12 @@ from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.helpers import StreamData, feed, send_frame
 from tests.memnet import BackendFactory, Tunnel, psk_store
 from tests.strategies import make_tb_frame
 from tigertunnel.net.heartbeat import TICK, Heartbeat
 from tigertunnel.net.tunnel_protocol import TunnelProtocol
-from tigertunnel.wire.codec import SERVER, PoolCodec, Pong, StreamData, StreamOpened
+from tigertunnel.wire.codec import SERVER, PoolCodec, Pong, StreamOpened
 from tigertunnel.wire.handshake import (
     SERVER_HELLO_SIZE,
     Accepted,
@@ -322,11 +323,11 @@ class ReferenceServerTests(SynchronousTestCase):
         self.assertIsNone(link.heartbeat)
         session = t.client.new_session()
         stream_id = link.open_stream(session)
-        link.send_data(stream_id, frame(1))
+        send_frame(link, stream_id, frame(1))
         t.clock.advance(3 * DEAD_AFTER)
         link.end_stream(stream_id, session)
         # The reference decoder refuses any frame type above 2; this one accepts all.
-        events = reference.feed(transport.value())
+        events = feed(reference, transport.value())
         self.assertEqual([type(e).__name__ for e in events],
                          ["StreamOpened", "StreamData", "StreamClosed"])
         self.assertEqual(events[0], StreamOpened(stream_id, sealed=False))
@@ -342,4 +343,4 @@ class ReferenceServerTests(SynchronousTestCase):
         self.assertIsNone(link.heartbeat)
         link.dataReceived(b"".join(server.encode_ping()))
         self.assertIsNotNone(link.heartbeat)
-        self.assertEqual(server.feed(transport.value()), [Pong(0)])
+        self.assertEqual(feed(server, transport.value()), [Pong(0)])

@@ -4,14 +4,20 @@ imports the reactor.
 Layers, lowest first (a module may import its own layer and lower ones):
 
 0. ``errors``, ``logs`` (shared by everything)
-1. ``wire``, ``crypto``, ``keys``, ``config`` (sans-IO)
-2. (free)
-3. ``net`` (Twisted glue: protocols, multiplexer, pool, listeners) and
-   ``interfaces`` (its typed seams; ``tests/test_seams.py`` orders net's
-   own modules)
-4. ``ops`` (reload, shutdown, metrics, systemd, workers)
-5. ``tools`` (bench, demo, echo backend, traces, status)
-6. ``tap``, ``cli``, ``__main__`` (entry points)
+1. ``crypto``, ``keys``, ``config`` (sans-IO: primitives, key files, settings)
+2. ``wire`` (sans-IO: TB frames, mux frames, the codec, the handshake; it
+   uses the AEAD and KDF of ``crypto``, never the other way)
+3. ``stats`` (a proxy pair's counters) and ``interfaces`` (the typed seams
+   between net's objects): below ``net``, which implements both sides of
+   each seam
+4. ``net`` (Twisted glue: protocols, multiplexer, pool, listeners;
+   ``tests/test_seams.py`` orders its own modules)
+5. ``ops`` (reload, shutdown, metrics, systemd, workers)
+6. ``tools`` (bench, demo, echo backend, traces, status)
+7. ``tap``, ``cli``, ``__main__`` (entry points)
+
+There is no exception list: a module imports its own layer and lower ones
+only, ``TYPE_CHECKING`` imports included.
 """
 
 import ast
@@ -28,12 +34,13 @@ PACKAGE = os.path.dirname(os.path.abspath(tigertunnel.__file__))
 
 RANK: Dict[str, int] = {
     "errors": 0, "logs": 0, "__init__": 0,
-    "wire": 1, "crypto": 1, "keys": 1, "config": 1,
-    "interfaces": 3,
-    "net": 3,
-    "ops": 4,
-    "tools": 5,
-    "tap": 6, "cli": 6, "__main__": 6,
+    "crypto": 1, "keys": 1, "config": 1,
+    "wire": 2,
+    "stats": 3, "interfaces": 3,
+    "net": 4,
+    "ops": 5,
+    "tools": 6,
+    "tap": 7, "cli": 7, "__main__": 7,
 }
 
 #: The packages that must never import twisted.internet (or any reactor).

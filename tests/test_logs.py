@@ -54,11 +54,13 @@ class AcceptErrorLimiterTests(SynchronousTestCase):
         self.limiter = AcceptErrorLimiter(self.forwarded.append, self.clock)
 
     def emfile_burst(self, count: int) -> None:
-        self.limiter({"log_format": "EMFILE encountered; releasing reserved file descriptor."})
+        port = {"log_namespace": "twisted.internet.tcp.Port"}
+        self.limiter({"log_format": "EMFILE encountered; releasing reserved file descriptor.",
+                      **port})
         for i in range(count):
             self.limiter({"log_format": "EMFILE recovery: Closed socket from {address}",
-                          "address": ("127.0.0.1", i)})
-        self.limiter({"log_format": "Re-reserving EMFILE recovery file descriptor."})
+                          "address": ("127.0.0.1", i), **port})
+        self.limiter({"log_format": "Re-reserving EMFILE recovery file descriptor.", **port})
 
     def warnings(self) -> List[Dict[str, Any]]:
         return [e for e in self.published
@@ -80,10 +82,34 @@ class AcceptErrorLimiterTests(SynchronousTestCase):
         self.assertEqual(self.forwarded, [])
 
     def test_other_events_pass(self) -> None:
-        """Events that are not accept errors are forwarded unchanged."""
-        event = {"log_format": "TunnelFactory starting on {port}", "port": 3000}
-        self.limiter(event)
-        self.assertEqual(self.forwarded, [event])
+        """Events that are not accept errors of Twisted's ports are forwarded unchanged."""
+        events = [{"log_format": "TunnelFactory starting on {port}", "port": 3000,
+                   "log_namespace": "twisted.internet.tcp.Port"},
+                  {"log_format": "EMFILE from elsewhere", "log_namespace": "tigertunnel.x"}]
+        for e in events:
+            self.limiter(e)
+        self.assertEqual(self.forwarded, events)
+        self.assertEqual(self.warnings(), [])
+
+    def test_in_front_of_the_output(self) -> None:
+        """The observer that writes the log limits a real tcp.Port's EMFILE lines:
+        a burst of them is one warning, written once."""
+        self.addCleanup(logs.set_level, "info")
+        logs.set_level("info")
+        out = io.StringIO()
+        observer = output_observer(out, "text", {})
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        from twisted.logger import Logger
+
+        port = Logger(namespace="twisted.internet.tcp.Port")  # as tcp.Port logs
+        for i in range(20):
+            port.info("EMFILE recovery: Closed socket from {address}",
+                      address=("127.0.0.1", i))
+        text = out.getvalue()
+        self.assertNotIn("Closed socket", text)
+        self.assertEqual(text.count("out of file descriptors: closed 1 new connections"), 1,
+                         text)
 
 
 class LogRateLimitTests(SynchronousTestCase):
@@ -111,38 +137,38 @@ class LogRateLimitTests(SynchronousTestCase):
 class PortMessageTests(SynchronousTestCase):
     """Twisted's TCP port start/stop lines follow --log-level."""
 
-    def listen_and_stop(self) -> List[Dict[str, Any]]:
-        """Listen on a real 127.0.0.1 port and close it; return the port lines logged."""
+    def listen_and_stop(self) -> List[str]:
+        """Listen on a real 127.0.0.1 port and close it; return the port
+        lines the output observer wrote."""
         from twisted.internet import reactor
         from twisted.internet.protocol import Factory, Protocol
-        from twisted.internet.testing import EventLoggingObserver
 
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        port = reactor.listenTCP(0, Factory.forProtocol(Protocol),  # type: ignore[attr-defined]
-                                 interface="127.0.0.1")
-        port.stopReading()
-        port.connectionLost(None)  # what stopListening does once the reactor runs
-        return [e for e in events if "starting on" in str(e.get("text", e.get("log_format")))
-                or "Closed" in str(e.get("text", e.get("log_format")))]
+        out = io.StringIO()
+        observer = output_observer(out, "text", {})
+        globalLogPublisher.addObserver(observer)
+        try:
+            port = reactor.listenTCP(0, Factory.forProtocol(Protocol),  # type: ignore[attr-defined]
+                                     interface="127.0.0.1")
+            port.stopReading()
+            port.connectionLost(None)  # what stopListening does once the reactor runs
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        return [line for line in out.getvalue().splitlines()
+                if "starting on" in line or "Closed" in line]
 
     def test_quiet_at_warn(self) -> None:
-        """At --log-level warn, neither the "starting on" nor the "Closed" line is published."""
-        from tigertunnel import logs
-
+        """At --log-level warn, neither the "starting on" nor the "Closed" line is written."""
         self.addCleanup(logs.set_level, "info")
-        logs.filter_port_messages()
         logs.set_level("warn")
         self.assertEqual(self.listen_and_stop(), [])
 
     def test_shown_at_info(self) -> None:
-        """At info level both lines are published, under twisted.internet.tcp."""
-        from tigertunnel import logs
-
-        logs.filter_port_messages()
+        """At info level both lines are written, as [NAMESPACE#LEVEL] like every line."""
         logs.set_level("info")
         lines = self.listen_and_stop()
         self.assertEqual(len(lines), 2, lines)
-        self.assertEqual({e["log_namespace"] for e in lines}, {"twisted.internet.tcp"})
+        self.assertEqual([line.split("] ")[0].split(" [")[1] for line in lines],
+                         ["log_legacy#info"] * 2, lines)
 
 
 class PerKindRateLimitTests(SynchronousTestCase):
@@ -356,7 +382,7 @@ class TwistdObserverTests(SynchronousTestCase):
         self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
         path = os.path.abspath(self.mktemp())
         observer = logs.twistd_observer({"logfile": path}, "json")
-        self.addCleanup(observer._observer._outFile.close)  # type: ignore[attr-defined]
+        self.addCleanup(observer.forward._observer._outFile.close)  # type: ignore[attr-defined]
         observer(event())
         with open(path) as f:
             self.assertEqual(json.loads(f.readline())["pool_connection"], "pair0/1#3")
@@ -365,7 +391,7 @@ class TwistdObserverTests(SynchronousTestCase):
         """--logfile=- without -n stops start-up, as twistd does."""
         self.assertRaises(SystemExit, logs.twistd_observer, {"logfile": "-"}, "text")
         self.assertIs(logs.twistd_observer({"logfile": "-", "nodaemon": True},
-                                           "text")._observer._outFile,  # type: ignore[attr-defined]
+                                           "text").forward._observer._outFile,  # type: ignore[attr-defined]
                       sys.stdout)
 
 

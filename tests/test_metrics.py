@@ -14,7 +14,7 @@ from tests.strategies import make_tb_frame
 from tigertunnel.errors import ListenError
 from tigertunnel.ops.metrics import MetricsService, make_site, status
 from tigertunnel.net.multiplexer import ServerMultiplexer
-from tigertunnel.net.stats import HandshakeFailure, Refusal
+from tigertunnel.stats import HandshakeFailure, Refusal
 from tigertunnel.ops.reload import KeyReloader
 
 Sample = Tuple[str, Dict[str, str], float]
@@ -272,13 +272,13 @@ class ContentTests(SynchronousTestCase):
     def test_build_info(self) -> None:
         """tigertunnel_build_info names the version, the data path in use and the ML-KEM implementation."""
         from tigertunnel import __version__
-        from tigertunnel.wire import datapath
+        from tigertunnel.wire import implementation
 
         found = samples(get(make_site([self.t.client], None), b"/metrics")[2].decode())
         info = [labels for n, labels, v in found if n == "tigertunnel_build_info" and v == 1]
         self.assertEqual(len(info), 1)
         self.assertEqual(info[0]["version"], __version__)
-        self.assertEqual(info[0]["datapath"], datapath.ACTIVE.name)
+        self.assertEqual(info[0]["datapath"], implementation.ACTIVE.name)
         self.assertIn(info[0]["datapath"], ("c", "python"))
         self.assertIn(info[0]["mlkem"], ("cryptography", "kyber-py", "none"))
 

@@ -5,6 +5,7 @@ from typing import List
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.helpers import send_frame
 from tests.memnet import BackendFactory, TBPeer, Tunnel
 from tests.strategies import make_tb_frame
 from tigertunnel.config.model import Address, ProxyPair
@@ -363,7 +364,7 @@ class ServerLimitTests(SynchronousTestCase):
         self.assertTrue(link.established)
         first, second = t.client.new_session(), t.client.new_session()
         for session in (first, second):
-            link.send_data(link.open_stream(session), tb_frame(session.stream_id))
+            send_frame(link, link.open_stream(session), tb_frame(session.stream_id))
         t.net.flush()
         self.assertEqual(len(t.backend.peers), 1)
         self.assertEqual(received, [])

@@ -38,14 +38,16 @@ class SharedConstantTests(SynchronousTestCase):
     def test_defined_once(self) -> None:
         """The u64 bound and the default shutdown timeout each have one definition."""
         found = _definitions()
-        for name, home in (("MAX_U64", "wire/frames.py"),
+        for name, home in (("MAX_U64", "crypto/layout.py"),
                            ("DEFAULT_SHUTDOWN_TIMEOUT", "config/model.py")):
             self.assertEqual(found.get(name), [home], name)
 
     def test_value_of_u64_bound(self) -> None:
-        """Every u64 range check in the wire layer uses the same bound."""
-        from tigertunnel.wire import codec, frames, handshake, muxframes, replaywindow
+        """Every u64 range check (the wire layer, the key ring) uses the same bound."""
+        from tigertunnel.crypto import layout
+        from tigertunnel.keys import ring
+        from tigertunnel.wire import codec, handshake, muxframes, replaywindow
 
-        self.assertEqual(frames.MAX_U64, 2 ** 64 - 1)
-        for module in (codec, handshake, muxframes, replaywindow):
-            self.assertIs(getattr(module, "MAX_U64"), frames.MAX_U64, module.__name__)
+        self.assertEqual(layout.MAX_U64, 2 ** 64 - 1)
+        for module in (codec, handshake, muxframes, replaywindow, ring):
+            self.assertIs(getattr(module, "MAX_U64"), layout.MAX_U64, module.__name__)

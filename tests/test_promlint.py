@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests import promtool, tbdata
 from tests.memnet import Tunnel
 from tests.test_dashboard import tunnel_series
-from tigertunnel.net.stats import Refusal
+from tigertunnel.stats import Refusal
 from tigertunnel.ops.metrics import TunnelCollector, make_registry
 from tigertunnel.ops.reload import KeyReloader
 from tigertunnel.ops.tbmetrics import watch_pairs

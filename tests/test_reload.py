@@ -16,7 +16,7 @@ from tigertunnel.crypto.kem import public_key_from_seed
 from tigertunnel.keys.files import load_psk_file
 from tigertunnel.keys.format import format_key_line
 from tigertunnel.net.states import PoolState
-from tigertunnel.net.stats import HandshakeFailure, Refusal
+from tigertunnel.stats import HandshakeFailure, Refusal
 from tigertunnel.ops.reload import (
     CHECK_INTERVAL,
     DRAIN_TIMEOUT,

@@ -7,7 +7,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tigertunnel.crypto import kdf, kem
 from tigertunnel.keys.format import KeyStore
 from tigertunnel.keys.ring import KeyRing
-from tigertunnel.wire.handshake import KeyUse
+from tigertunnel.keys.ring import KeyUse
 
 GOOD = bytes(range(32))
 

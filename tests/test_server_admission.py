@@ -15,7 +15,7 @@ from tests.memnet import psk_store
 from tests.test_protocols import Ends
 from tigertunnel.net.admission import DEFAULT_GRACE, DEFAULT_MAX_PENDING, DEFAULT_PER_GROUP
 from tigertunnel.net.multiplexer import HANDSHAKE_LOG_BURST, HANDSHAKE_LOG_INTERVAL
-from tigertunnel.net.stats import HandshakeFailure
+from tigertunnel.stats import HandshakeFailure
 from tigertunnel.net.tunnel_protocol import TunnelProtocol
 from tigertunnel.wire.handshake import ClientHandshake
 

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.memnet import BackendFactory, TBPeer, Tunnel
 from tests.strategies import make_tb_frame
-from tigertunnel.net.stats import Refusal
+from tigertunnel.stats import Refusal
 from tigertunnel.ops.shutdown import ABORT_GRACE, TunnelService
 
 

@@ -1,8 +1,8 @@
-"""Tests for :mod:`tigertunnel.net.stats` (the typed counters and their labels)."""
+"""Tests for :mod:`tigertunnel.stats` (the typed counters and their labels)."""
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tigertunnel.net.stats import HandshakeFailure, Refusal, Stats
+from tigertunnel.stats import HandshakeFailure, Refusal, Stats
 from tigertunnel.wire.handshake import RejectKind, Status
 
 

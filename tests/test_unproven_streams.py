@@ -14,6 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.helpers import send_frame
 from tests.memnet import psk_store
 from tests.test_protocols import Ends, frames_in, tb_frame
 from tigertunnel.net.pool_client import ClientPoolProtocol
@@ -60,7 +61,7 @@ class LazyBackendTests(SynchronousTestCase):
         self.assertEqual(ends.backends.sessions, [])
         self.assertEqual(ends.server.sessions, set())
         self.assertEqual(server.unproven, {stream_id})
-        client.send_data(stream_id, tb_frame(1))
+        send_frame(client, stream_id, tb_frame(1))
         ends.flush()
         self.assertEqual(len(ends.backends.sessions), 1)
         self.assertEqual(server.unproven, set())
@@ -73,7 +74,7 @@ class LazyBackendTests(SynchronousTestCase):
         client, _, _, _ = reference_link(ends)
         stream_id, _ = open_bare(ends, client)
         for tag in (1, 2, 3):
-            client.send_data(stream_id, tb_frame(tag))
+            send_frame(client, stream_id, tb_frame(tag))
         ends.flush()
         (proto, d), = ends.backends.held
         transport = ends.backends.make(proto)
@@ -88,7 +89,7 @@ class LazyBackendTests(SynchronousTestCase):
         client.end_stream(stream_id, session)  # type: ignore[arg-type]
         ends.flush()
         self.assertEqual(server.unproven, set())
-        client.send_data(stream_id, tb_frame(2))  # a late frame for the forgotten id
+        send_frame(client, stream_id, tb_frame(2))  # a late frame for the forgotten id
         ends.flush()
         self.assertEqual(ends.backends.sessions, [])
         self.assertTrue(server.established)
@@ -115,7 +116,7 @@ class LazyBackendTests(SynchronousTestCase):
         for _ in range(10):
             open_bare(ends, client)
         stream_id, _ = open_bare(ends, client)
-        client.send_data(stream_id, tb_frame(4))
+        send_frame(client, stream_id, tb_frame(4))
         ends.flush()
         self.assertEqual(len(ends.server.sessions), 1)
         self.assertEqual(len(server.unproven), 10)
@@ -159,7 +160,7 @@ class CapTests(SynchronousTestCase):
         """Authenticated data for a stream never opened opens nothing."""
         ends = Ends()
         client, _, server, _ = reference_link(ends)
-        client.send_data(42, tb_frame(5))
+        send_frame(client, 42, tb_frame(5))
         ends.flush()
         self.assertEqual(ends.backends.sessions, [])
         self.assertTrue(server.established)

@@ -151,6 +151,8 @@ class EchoOptions(ExampleOptions):
     examples = """Example (a tunnel server in front of it):
   tigertunnel echo 3001 &
   tigertunnel server -p :3000,127.0.0.1:3001 -k secret.key"""
+    optFlags = [["hang-up", None, "Close a connection at a frame whose command is 0 "
+                 "(reserved; TigerBeetle never sends it) instead of echoing it."]]
 
     def parseArgs(self, port: Optional[str] = None) -> None:
         if port is None:
@@ -345,7 +347,7 @@ def _bench(options: Options) -> int:
 def _echo(options: Options) -> int:
     from tigertunnel.tools.echo import serve
     install_reactor()
-    return serve(options.subOptions["port"])
+    return serve(options.subOptions["port"], bool(options.subOptions["hang-up"]))
 
 
 def _status(options: Options) -> int:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Optional, Protocol, TypeVar
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 
 from tigertunnel.config.model import Role
-from tigertunnel.net.stats import HandshakeFailure, Stats
+from tigertunnel.stats import HandshakeFailure, Stats
 from tigertunnel.wire.tbwatch import TBWatch
 
 S_contra = TypeVar("S_contra", contravariant=True)
@@ -126,13 +126,6 @@ class PoolConnection(Protocol):
     def paused(self) -> bool:
         """Whether the pool connection's socket is full (sessions joining it
         start with reading paused)."""
-
-    def send_data(self, stream_id: int, frame: bytes) -> None:
-        """Send one TB frame of ``stream_id`` to the other tunnel end.
-
-        :raises FrameError: the frame cannot be sent (the caller closes its
-            session; the pool connection is unaffected).
-        """
 
     def frame_encoder(self, stream_id: int, check: bool, cluster_id: Optional[int],
                       watch: "Optional[Callable[[bytes], object]]") -> FrameEncoder:

@@ -52,6 +52,9 @@ LEVELS = {
     "debug": LogLevel.debug,
 }
 
+#: The namespace of the events of Twisted's legacy ``log.msg``.
+LEGACY = "log_legacy"
+
 #: ``--log-format`` values.
 FORMATS = ("text", "json")
 
@@ -166,6 +169,10 @@ def format_line(event: LogEvent, fmt: str = "text", journal: bool = False) -> Op
     :param journal: no timestamp (journald keeps its own) and the sd-daemon
         ``<N>`` priority in front of every line of it.
     """
+    if event.get("log_namespace") == LEGACY and event.get("log_system") == "-":
+        # A legacy log.msg outside any logging context (a port's "starting
+        # on"): [log_legacy#info] like every other line, not Twisted's [-].
+        event = {key: value for key, value in event.items() if key != "log_system"}
     if fmt == "json":
         body = format_json(event)
     elif journal:
@@ -196,10 +203,11 @@ def output_observer(stream: IO[Any], fmt: str = "text",
                     environ: Mapping[str, str] = os.environ) -> ILogObserver:
     """The observer that writes the log to ``stream`` in ``fmt``, at the
     ``--log-level`` (every namespace), in the journal's form when
-    :func:`on_journal`."""
+    :func:`on_journal`, with Twisted's accept errors rate limited
+    (:class:`AcceptErrorLimiter`)."""
     journal = on_journal(stream, environ)
     writer = FileLogObserver(stream, lambda event: format_line(event, fmt, journal))
-    return FilteringLogObserver(writer, [_predicate])
+    return AcceptErrorLimiter(FilteringLogObserver(writer, [_predicate]))
 
 
 @implementer(ILogObserver)
@@ -240,8 +248,8 @@ def twistd_observer(twistd: Mapping[str, Any], fmt: str = "text") -> ILogObserve
         import syslog
 
         syslog.openlog(twistd.get("prefix") or "twisted", 0, syslog.LOG_USER)
-        return FilteringLogObserver(SyslogWriter(fmt, syslog.syslog, syslog.LOG_USER),
-                                    [_predicate])
+        return AcceptErrorLimiter(FilteringLogObserver(
+            SyslogWriter(fmt, syslog.syslog, syslog.LOG_USER), [_predicate]))
     path = twistd.get("logfile") or ""
     if path == "-" and not twistd.get("nodaemon"):
         sys.exit("Daemons cannot log to stdout, exiting!")
@@ -336,6 +344,9 @@ class LogRateLimit:
 #: Minimum seconds between two reports of connections closed for lack of
 #: file descriptors.
 EMFILE_REPORT_INTERVAL = 10.0
+#: The log namespace of Twisted's TCP ports' events (a ``tcp.Port``'s
+#: logger is named after its class).
+PORT_NAMESPACE = "twisted.internet.tcp"
 
 
 @implementer(ILogObserver)
@@ -344,14 +355,17 @@ class AcceptErrorLimiter:
 
     When a listener runs out of descriptors (EMFILE), Twisted's ``tcp.Port``
     closes every waiting connection through a reserved descriptor and logs up
-    to three info lines per connection, bypassing ``--log-level``. This
-    observer counts those events and lets one warning through at most every
-    :data:`EMFILE_REPORT_INTERVAL` seconds; everything else passes.
+    to three info lines per connection. This observer, in front of the one
+    that writes the log (:func:`output_observer`), counts those events
+    (namespace :data:`PORT_NAMESPACE`) and publishes one warning at most
+    every :data:`EMFILE_REPORT_INTERVAL` seconds; every other event is
+    passed on to ``forward``.
     """
 
     def __init__(self, forward: Any, clock: Any = None) -> None:
         import time
-        self._forward = forward
+        #: The observer every other event is passed on to.
+        self.forward = forward
         self._now = clock.seconds if clock is not None else time.monotonic
         self._limit = LogRateLimit(EMFILE_REPORT_INTERVAL)
         self._closed = 0
@@ -359,8 +373,10 @@ class AcceptErrorLimiter:
 
     def __call__(self, event: Any) -> None:
         fmt = event.get("log_format") or ""
-        if "EMFILE" not in fmt and not fmt.startswith("Could not accept new connection"):
-            self._forward(event)
+        namespace = event.get("log_namespace") or ""
+        if not (namespace.startswith(PORT_NAMESPACE)
+                and ("EMFILE" in fmt or fmt.startswith("Could not accept new connection"))):
+            self.forward(event)
             return
         if "Closed socket" in fmt or fmt.startswith("Could not accept"):
             self._closed += 1
@@ -370,58 +386,3 @@ class AcceptErrorLimiter:
                            "connections at once since the last report; raise "
                            "the descriptor limit (ulimit -n, LimitNOFILE=) or "
                            "lower -m", count=closed)
-
-
-def limit_accept_errors() -> None:
-    """Route ``twisted.internet.tcp.Port``'s log through :class:`AcceptErrorLimiter`.
-
-    Twisted looks its ``_logger`` class attribute up on every event, so this
-    works under ``twistd`` and in the console script alike. (``_logger`` is
-    private to Twisted; tests/integration/test_emfile.py would catch a change.)
-    """
-    from twisted.internet import tcp
-
-    current = tcp.Port._logger
-    if isinstance(current.observer, AcceptErrorLimiter):
-        return
-    tcp.Port._logger = Logger(namespace=current.namespace,
-                              observer=AcceptErrorLimiter(_ToGlobal()))
-
-
-class _PortChatter:
-    """Stands in for ``twisted.python.log`` inside ``twisted.internet.tcp``.
-
-    Twisted's TCP ports announce themselves with the legacy ``log.msg``
-    (``"EchoFactory starting on 3000"``, ``"(TCP Port 3000 Closed)"``), which
-    goes straight to the global publisher at info level, whatever
-    ``--log-level`` says. Here ``msg`` goes through our level filter, under
-    the namespace ``twisted.internet.tcp``; everything else (``err``,
-    ``deferr`` ...) is the real module's.
-    """
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-        self._log = logger("twisted.internet.tcp")
-
-    def msg(self, *message: Any, **fields: Any) -> None:
-        """Log a legacy message at info level, through the level filter."""
-        self._log.info("{text}", text=" ".join(str(m) for m in message))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-
-def filter_port_messages() -> None:
-    """Make Twisted's TCP port start/stop lines follow ``--log-level``.
-
-    Replaces the ``log`` module reference of ``twisted.internet.tcp`` (a
-    name private to Twisted, looked up at every call, like ``tcp.Port._logger``
-    in :func:`limit_accept_errors`; ``tests/test_logs.py`` would catch a
-    change) with :class:`_PortChatter`. Idempotent.
-    """
-    from twisted.internet import tcp
-
-    current = getattr(tcp, "log", None)
-    if current is None or isinstance(current, _PortChatter):
-        return
-    setattr(tcp, "log", _PortChatter(current))

@@ -12,7 +12,7 @@ import random
 from typing import List, Optional, Tuple
 
 from tigertunnel.tools.tbframes import make_tb_frame
-from tigertunnel.wire.datapath import PURE
+from tigertunnel.wire.implementation import PURE
 from tigertunnel.wire.muxframes import (
     FrameType,
     build_close_plaintext,

@@ -21,8 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fuzz.twins import TARGETS, Observation
 from tests.helpers import COMPILED_SKIP
-from tigertunnel.wire.datapath import COMPILED, PURE
-from tigertunnel.wire.frames import PyFrameParser
+from tigertunnel.wire.frames import FrameParser
+from tigertunnel.wire.implementation import COMPILED, PURE
 
 CASES_VARIABLE = "TIGERTUNNEL_FUZZ_CASES"
 SECONDS_VARIABLE = "TIGERTUNNEL_FUZZ_SECONDS"
@@ -204,7 +204,7 @@ class HarnessTests(SynchronousTestCase):
     def test_difference_is_caught(self) -> None:
         """A parser twin whose buffered count is one off fails the first parser case, naming seed and case."""
 
-        class OffByOne(PyFrameParser):
+        class OffByOne(FrameParser):
             def buffered(self) -> int:
                 return int(super().buffered()) + 1
 

@@ -1,7 +1,7 @@
 """The targets of the differential fuzz: one case in, what a twin did out.
 
 Each target has a ``make`` that draws a case from a ``random.Random`` and a
-``run`` that plays the case on one :class:`~tigertunnel.wire.datapath.Implementation`
+``run`` that plays the case on one :class:`~tigertunnel.wire.implementation.Implementation`
 and returns its observations: every result (bytes normalised), every
 error (class name and message), counters, buffered counts and events, in
 order. The compiled and the pure-Python twin must give equal lists.
@@ -17,14 +17,16 @@ interleavings, with tampering and injected frames).
 
 import dataclasses
 import random
+from functools import partial
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from tests.fuzz import inputs
 from tests.fuzz.inputs import KEY, MIB, NONCE, U64
+from tests.helpers import encode_data, open_frame, send_counter
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.wire import codec as codec_module
 from tigertunnel.wire.codec import CLIENT, SERVER, PoolCodec
-from tigertunnel.wire.datapath import Implementation
+from tigertunnel.wire.implementation import Implementation
 from tigertunnel.wire.muxframes import FrameType, encode_header
 
 Observation = Tuple[Any, ...]
@@ -157,11 +159,13 @@ def run_sealing(impl: Implementation, case: Case) -> List[Observation]:
     wire = sealed[1] if sealed[0] == "ok" else header + plain
     h, payload = tampered(wire[:len(header)], wire[len(header):], tamper, where, flip)
     start = min(max(counter + skew, 0), U64 - 1)
-    for method in ("open", "open_buffer"):
+    for method in ("open_frame", "open_buffer"):
         for kind in (bytes, bytearray):
             opener = impl.FrameOpener(KEY, NONCE, cluster, start)
             given = kind(payload)
-            out.append((method, kind.__name__, observe(getattr(opener, method), h, given),
+            call = (partial(open_frame, opener) if method == "open_frame"
+                    else opener.open_buffer)
+            out.append((method, kind.__name__, observe(call, h, given),
                         bytes(given), opener.counter))
     return out
 
@@ -260,8 +264,8 @@ def run_codec(impl: Implementation, case: Case) -> List[Observation]:
     out: List[Observation] = []
     for action in actions:
         out.append((action[0],) + tuple(codec_step(ends, action, cluster)))
-        out.append((ends.client.send_counter, ends.client.receive_counter,
-                    ends.server.send_counter, ends.server.receive_counter,
+        out.append((send_counter(ends.client), ends.client.receive_counter,
+                    send_counter(ends.server), ends.server.receive_counter,
                     ends.client.peer_confirmed, ends.server.peer_confirmed))
     return out
 
@@ -281,7 +285,7 @@ def codec_step(ends: Ends, action: Tuple[Any, ...], cluster: int) -> List[Any]:
     if kind == "open":
         return [emit(CLIENT, ends.client.encode_open, action[1])]
     if kind == "reply":
-        return [emit(SERVER, ends.server.encode_data, action[1], action[2])]
+        return [emit(SERVER, partial(encode_data, ends.server), action[1], action[2])]
     if kind == "close":
         return [emit(action[1], codecs[action[1]].encode_close, action[2])]
     if kind == "ping":

@@ -84,6 +84,28 @@ class CommandTests(TestCase):
         self.assertEqual(result.status, 1, result.describe())
         self.assertIn("the --against tunnel's log", result.stderr)
 
+    async def test_bench_churn_prints_rss_per_sessions(self) -> None:
+        """tigertunnel bench --churn runs sessions of every kind through the tunnel and through --against, and prints each end's RSS after the warm-up and at the end, side by side."""
+        out = os.path.abspath(self.mktemp())
+        other = f"{sys.executable} -m tigertunnel"
+        result = await procs.run([procs.executable("tigertunnel"), "bench", "-q",
+                                  "--churn", "80", "--warmup", "40", "--modes", "psk",
+                                  "--json", out, "--against", other], timeout=110)
+        self.assertEqual(result.status, 0, result.describe())
+        self.assertIn("churn psk: resident memory (MiB)", result.stdout)
+        self.assertIn("growth", result.stdout)
+        with open(out) as f:
+            data = json.load(f)
+        for name in ("ours", "against"):
+            run = data["churn"]["psk"][name]
+            self.assertEqual([r["sessions"] for r in run["rows"]], [0, 80])
+            self.assertGreater(run["rows"][0]["client_rss_kib"], 0)
+            # The same command on both sides: every kind ends the same way.
+            self.assertEqual(run["outcomes"], {
+                "clean": {"echoed, closed": 24}, "abandoned": {"echoed, closed": 24},
+                "backend_cut": {"echoed, closed by the tunnel": 24},
+                "pool_cut": {"echoed, closed by the tunnel": 24},
+                "refused": {"closed by the tunnel": 24}})
 
 class SmallCommandTests(TestCase):
     """tigertunnel echo and the quiet end of a command whose reader left, as real processes."""

@@ -12,6 +12,7 @@ SHA-256 digest, in order.
 
 import hashlib
 import os
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import MultiService
@@ -232,9 +233,10 @@ class Harness:
         if self.kem:
             prefix = os.path.join(keys, "kem")
             kemgen(prefix)
-            server.kem_secret = load_kem_secret_file(prefix + ".key")
-            server.require_kem = True  # a PSK-only handshake would fail
-            client.kem_public = load_kem_public_file(prefix + ".pub")
+            # require_kem: a PSK-only handshake would fail.
+            server = replace(server, kem_secret=load_kem_secret_file(prefix + ".key"),
+                             require_kem=True)
+            client = replace(client, kem_public=load_kem_public_file(prefix + ".pub"))
         return server, client
 
     async def start(self, with_server: bool = True) -> None:

@@ -36,23 +36,24 @@ a ``bytearray``, rewrites the 256 header bytes and encrypts in place.
 from __future__ import annotations
 
 import struct
-from typing import List
+from typing import List, Protocol
 
 import pyaegis
 
-from tigertunnel.errors import AuthenticationError, FrameError, TunnelError
-from tigertunnel.wire.compiled import hotpath as _hotpath
-from tigertunnel.wire.frames import (
+from tigertunnel.crypto.layout import (
     CHECKSUM_BODY_PADDING,
     CHECKSUM_PADDING,
     HEADER_SIZE,
     MAX_FRAME_SIZE,
     MIN_FRAME_SIZE,
+    MUX_HEADER_SIZE,
     SIZE_OFFSET,
 )
+from tigertunnel.errors import AuthenticationError, FrameError, TunnelError
 
-__all__ = ["KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "FrameSealer", "FrameOpener",
-           "PyFrameSealer", "PyFrameOpener", "compiled", "frame_nonce"]
+__all__ = ["KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "CLEAR_SIZE_OFFSET",
+           "CIPHERTEXT_OFFSET", "Sealer", "Opener", "FrameSealer", "FrameOpener",
+           "frame_nonce"]
 
 # Wire facts, source of truth: PROTOCOL.md sections 1 and 6.
 KEY_SIZE = 16
@@ -63,7 +64,6 @@ CLEAR_SIZE_OFFSET = TAG_SIZE
 CIPHERTEXT_OFFSET = TAG_SIZE + 4
 #: Length of the part of P that comes from the header (64 + 156 + 16).
 P_HEADER_SIZE = HEADER_SIZE - CIPHERTEXT_OFFSET
-MUX_HEADER_SIZE = 12  # the AD; see tigertunnel.wire.muxframes
 
 _COUNTER_LIMIT = 1 << 64
 _ZERO16 = bytes(16)
@@ -104,6 +104,33 @@ class _Keys:
     def nonce(self, counter: int) -> bytes:
         """Return the nonce for ``counter`` (which must be below 2**64)."""
         return (self.nonce_low ^ counter).to_bytes(8, "little") + self.nonce_high
+
+
+class Sealer(Protocol):
+    """What the data path uses of a sealer: :class:`FrameSealer` or its
+    compiled twin (:mod:`tigertunnel.wire.implementation`)."""
+
+    @property
+    def counter(self) -> int:
+        """The counter value the next sealed frame uses."""
+
+    def seal_buffer(self, mux_header: bytes, frame: bytes, /) -> bytearray:
+        """The wire bytes of ``frame`` sealed behind ``mux_header`` (see :meth:`FrameSealer.seal_buffer`)."""
+
+    def seal(self, mux_header: bytes, frame: bytes, /) -> List[bytes]:
+        """Like :meth:`seal_buffer`, as ``[bytes]``."""
+
+
+class Opener(Protocol):
+    """What the data path uses of an opener: :class:`FrameOpener` or its
+    compiled twin (:mod:`tigertunnel.wire.implementation`)."""
+
+    @property
+    def counter(self) -> int:
+        """The counter value the next frame must have been sealed with."""
+
+    def open_buffer(self, mux_header: bytes, payload: "bytes | bytearray", /) -> bytearray:
+        """The TB frame of one encrypted frame (see :meth:`FrameOpener.open_buffer`)."""
 
 
 def _check_ad(mux_header: bytes) -> None:
@@ -267,39 +294,3 @@ class FrameOpener:
         out[0:100] = (head[0:16] + _ZERO16 + head[32:48] + _ZERO16 + _ZERO16
                       + self._cluster + size.to_bytes(4, "little"))
         return out
-
-    def open(self, mux_header: bytes, payload: "bytes | bytearray") -> bytes:
-        """Like :meth:`open_buffer`, but return ``bytes`` and never touch ``payload``."""
-        if type(payload) is not bytes:
-            payload = bytes(payload)
-        return bytes(self.open_buffer(mux_header, payload))
-
-
-#: The pure-Python classes, whichever pair is selected below.
-PyFrameSealer = FrameSealer
-PyFrameOpener = FrameOpener
-
-
-def _bind_libaegis() -> bool:
-    """Give the compiled data path the libaegis functions pyaegis loaded.
-
-    :returns: whether the compiled sealer and opener can be used (the
-        installed pyaegis exposes its cffi module as expected).
-    """
-    if _hotpath is None:
-        return False
-    try:
-        from pyaegis._aegis_ffi import ffi, lib
-        encrypt = int(ffi.cast("uintptr_t", lib.aegis128x2_encrypt_detached))
-        decrypt = int(ffi.cast("uintptr_t", lib.aegis128x2_decrypt_detached))
-    except (ImportError, AttributeError):
-        return False
-    _hotpath.bind_aegis(encrypt, decrypt)
-    return True
-
-
-#: Whether :class:`FrameSealer` and :class:`FrameOpener` are the compiled twins.
-compiled = _bind_libaegis()
-if compiled and _hotpath is not None:
-    FrameSealer = _hotpath.FrameSealer  # type: ignore[misc]
-    FrameOpener = _hotpath.FrameOpener  # type: ignore[misc]

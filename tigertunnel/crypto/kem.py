@@ -11,7 +11,7 @@ everything else is re-derived from it::
     shared secret (32) = SHA3-256(ss_M || ss_X || ct_X || pk_X || "\\.//^\\")
 
 Production code uses ``cryptography``'s native, constant-time ML-KEM-768
-(``cryptography`` 47 or later, on a backend that has ML-KEM). kyber-py (pure
+(``cryptography`` 48 or later, on a backend that has ML-KEM). kyber-py (pure
 Python, *not* constant time, so its timing may leak the secret key) is used
 only when asked for explicitly:
 
@@ -115,7 +115,7 @@ def kyber_allowed() -> bool:
 def _unavailable() -> KEMUnavailableError:
     return KEMUnavailableError(
         f"KEM is configured but the installed cryptography {cryptography.__version__} "
-        f"has no native ML-KEM-768; install cryptography 47 or later (with a "
+        f"has no native ML-KEM-768; install cryptography 48 or later (with a "
         f"backend that has ML-KEM), or run without --kempublic/--kemsecret "
         f"(the pure-Python kyber-py is not constant time and is only used with "
         f"{ALLOW_KYBER_ENV}=1, for tests)")

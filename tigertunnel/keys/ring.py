@@ -15,8 +15,33 @@ from typing import List, Optional, Tuple
 from tigertunnel.crypto import kdf, kem
 from tigertunnel.errors import KEMError
 from tigertunnel.keys.format import KeyStore
-from tigertunnel.wire.frames import MAX_U64
-from tigertunnel.wire.handshake import KeyUse
+from tigertunnel.crypto.layout import MAX_U64
+
+
+@dataclass(frozen=True)
+class KeyUse:
+    """Which keys a pool connection's handshake used (never the keys).
+
+    Both ends make one from the handshake's outcome
+    (:attr:`~tigertunnel.wire.handshake.Established.key_use`); a key reload compares it with the new
+    :class:`KeyRing` to retire connections keyed
+    with a key that is gone or whose bytes changed.
+
+    :ivar psk_id: the PSK key id.
+    :ivar psk_fingerprint: :func:`~tigertunnel.crypto.kdf.key_fingerprint`
+        of the PSK bytes (empty: unknown, counts as current).
+    :ivar kem_id: the KEM key id in ``kemconnect`` mode, else ``None``.
+    :ivar kem_fingerprint: the KEM key's fingerprint: of the secret seed a
+        server used (:func:`~tigertunnel.crypto.kdf.key_fingerprint`), of
+        the public key a client used
+        (:func:`~tigertunnel.crypto.kdf.public_key_fingerprint`); ``None``
+        when not known.
+    """
+
+    psk_id: int
+    psk_fingerprint: bytes = b""
+    kem_id: int | None = None
+    kem_fingerprint: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -266,6 +266,7 @@ class FrameProtocol(Protocol):
         connection, self.pool_connection = self.pool_connection, None
         if connection is not None:
             connection.end_stream(self.stream_id, self)
+        self._release()
         self.host.session_ended(self)
 
     # -- called by the pool connection -------------------------------------
@@ -357,7 +358,20 @@ class FrameProtocol(Protocol):
                          reason=reason.getErrorMessage())
         if connection is not None:
             connection.end_stream(self.stream_id, self)
+        self._release()
         self.host.session_ended(self)
+
+    def _release(self) -> None:
+        """Drop what the session holds once it has ended: its encoder (with
+        any partial TB frame, and the watch callback that refers back to
+        this session), queued frames, the TB-side transport and its sender."""
+        self._encoder = None
+        self._pending = []
+        self._pending_bytes = 0
+        self._tcp = None
+        self._send = _not_connected
+        self._placer = None
+        self.connecting = None
 
     def pause_reading(self) -> None:
         """Stop reading the TB peer (its pool connection's socket is full)."""

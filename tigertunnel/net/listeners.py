@@ -9,21 +9,28 @@ start-up with a one-line :class:`~tigertunnel.errors.ListenError`
 """
 
 import ipaddress
-from typing import Any, Callable, Optional, Protocol, cast
+from typing import Any, Callable, Dict, List, Optional, Protocol, cast
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint,
+    SSL4ServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
     UNIXServerEndpoint,
     serverFromString,
 )
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
+from zope.interface import implementer
 
 from tigertunnel.config.model import ProxyPair, TunnelConfig, listen_description
 from tigertunnel.errors import ListenError
 from tigertunnel.interfaces import Reactor
+from tigertunnel.net import twisted_private
 from tigertunnel.net.sockets import socket_family
 
 
@@ -59,8 +66,11 @@ def endpoint_is_local(description: str) -> bool:
     endpoint = serverFromString(None, description)
     if isinstance(endpoint, UNIXServerEndpoint):
         return True
-    interface = getattr(endpoint, "_interface", None)
-    if not isinstance(interface, str) or not interface:
+    if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint,
+                                          SSL4ServerEndpoint)):
+        return False
+    interface = description_arguments(description).get("interface", "")
+    if not interface:
         return False
     if interface == "localhost":
         return True
@@ -68,6 +78,30 @@ def endpoint_is_local(description: str) -> bool:
         return ipaddress.ip_address(interface.split("%")[0]).is_loopback
     except ValueError:
         return False
+
+
+def description_arguments(description: str) -> Dict[str, str]:
+    """The ``key=value`` arguments of an endpoint description, unescaped
+    as ``serverFromString`` reads them (``\\`` escapes the next character,
+    so ``interface=\\:\\:1`` is ``::1``)."""
+    fields: List[str] = [""]
+    escaped = False
+    for char in description:
+        if escaped:
+            fields[-1] += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append("")
+        else:
+            fields[-1] += char
+    found: Dict[str, str] = {}
+    for field in fields[1:]:
+        key, equals, value = field.partition("=")
+        if equals:
+            found[key] = value
+    return found
 
 
 def pair_listen_description(config: TunnelConfig, pair: ProxyPair) -> str:
@@ -83,10 +117,6 @@ def pair_listen_description(config: TunnelConfig, pair: ProxyPair) -> str:
 class AcceptingPort(Protocol):
     """What a listener uses of its listening port (Twisted's ``tcp.Port``)."""
 
-    #: How many connections the next ``doRead`` accepts at most (Twisted
-    #: adapts it after each one).
-    numberAccepts: int
-
     def startReading(self) -> None:
         """Accept connections."""
 
@@ -95,9 +125,6 @@ class AcceptingPort(Protocol):
 
     def fileno(self) -> int:
         """The listening socket's descriptor (handed to worker processes)."""
-
-    def doRead(self) -> Any:
-        """Accept what is waiting (called by the reactor)."""
 
 
 class AcceptGate(Protocol):
@@ -112,6 +139,21 @@ class AcceptGate(Protocol):
 
     def paused(self) -> None:
         """The listener stopped reading, leaving connections to the others."""
+
+
+@implementer(IStreamServerEndpoint)
+class _Announcing:
+    """An endpoint that hands the port it listens on to ``listening``
+    (whose result is the port the service keeps)."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint,
+                 listening: Callable[[Any], Any]) -> None:
+        self._endpoint = endpoint
+        self._announce = listening
+
+    def listen(self, protocolFactory: IProtocolFactory) -> "Deferred[Any]":
+        """Listen on the wrapped endpoint; the port goes to ``listening``."""
+        return self._endpoint.listen(protocolFactory).addCallback(self._announce)
 
 
 class ListenerService(StreamServerEndpointService):
@@ -132,10 +174,8 @@ class ListenerService(StreamServerEndpointService):
     gate: Optional[AcceptGate] = None
     paused = False
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        if self._waitingForPort is not None:
-            self._waitingForPort.addCallback(self._listening)
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+        super().__init__(_Announcing(endpoint, self._listening), factory)
 
     def _listening(self, port: Any) -> Any:
         self.port = cast(AcceptingPort, port)
@@ -148,22 +188,15 @@ class ListenerService(StreamServerEndpointService):
     def _gate_accepts(self, port: AcceptingPort, gate: AcceptGate) -> None:
         """Put ``gate`` in front of the port's accept loop: Twisted's
         ``tcp.Port.doRead`` accepts as many connections as are waiting;
-        this one asks the gate and accepts one."""
-        accept_waiting = port.doRead
+        this one asks the gate and accepts one
+        (:func:`~tigertunnel.net.twisted_private.gate_accepts`; without it
+        every worker accepts as Twisted does)."""
+        def refused() -> None:
+            self.paused = True
+            port.stopReading()
+            gate.paused()
 
-        def doRead() -> Any:
-            if not gate.may_accept():
-                self.paused = True
-                port.stopReading()
-                gate.paused()
-                return None
-            port.numberAccepts = 1
-            try:
-                return accept_waiting()
-            finally:
-                gate.accepted()
-
-        setattr(port, "doRead", doRead)
+        twisted_private.gate_accepts(port, gate.may_accept, gate.accepted, refused)
 
     def release(self) -> None:
         """Start accepting (once)."""
@@ -197,5 +230,5 @@ def pair_listener(config: TunnelConfig, pair: ProxyPair, factory: Factory,
         endpoint = serverFromString(reactor,
                                     pair_listen_description(config, pair))
     service = ListenerService(endpoint, factory)
-    service._raiseSynchronously = True  # as strports.service does
+    twisted_private.raise_listen_errors(service)  # as strports.service does
     return service

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 
 from tigertunnel.config.model import ProxyPair, Role, TunnelConfig
 from tigertunnel.interfaces import Reactor
+from tigertunnel.keys.ring import KeyUse
 from tigertunnel.logs import logger
 from tigertunnel.net.admission import Admission
 from tigertunnel.net.backoff import backoff_policy
@@ -60,14 +61,13 @@ from tigertunnel.net.pool_client import ClientPoolProtocol
 from tigertunnel.net.pool_server import ServerPoolProtocol, TunnelFactory
 from tigertunnel.net.retire import DRAIN_TIMEOUT
 from tigertunnel.net.states import PoolState
-from tigertunnel.net.stats import Reachability, Refusal
+from tigertunnel.stats import Reachability, Refusal
 from tigertunnel.net.tunnel_protocol import TunnelProtocol
 from tigertunnel.wire.handshake import (
     EXTENDED_VERSION,
     PROTOCOL_VERSION,
     ClientHandshake,
     HelloReplayCache,
-    KeyUse,
     ReplayCache,
     ServerHandshake,
 )

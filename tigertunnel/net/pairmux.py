@@ -29,9 +29,9 @@ from tigertunnel.net.frame_protocol import FrameProtocol
 from tigertunnel.net.listeners import ListenerService, start_listening
 from tigertunnel.net.pairstatus import PairStatus, PoolConnectionStatus
 from tigertunnel.net.retire import RETIRE_GRACE, Retirements
-from tigertunnel.net.stats import HandshakeFailure, Reachability, Refusal, Stats
+from tigertunnel.stats import HandshakeFailure, Reachability, Refusal, Stats
 from tigertunnel.net.tunnel_protocol import TunnelProtocol
-from tigertunnel.wire.handshake import KeyUse
+from tigertunnel.keys.ring import KeyUse
 from tigertunnel.wire.tbwatch import TBWatch
 
 #: Seconds allowed for a TCP connect (pool connection or backend).

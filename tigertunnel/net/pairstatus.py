@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from tigertunnel.config.model import Role
-from tigertunnel.net.stats import Reachability, Stats
+from tigertunnel.stats import Reachability, Stats
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from tigertunnel.config.model import Role
 from tigertunnel.errors import HandshakeError
 from tigertunnel.interfaces import PoolHost, Session, StreamTransport
 from tigertunnel.net.states import TransitionError
-from tigertunnel.net.stats import HandshakeFailure
+from tigertunnel.stats import HandshakeFailure
 from tigertunnel.net.tunnel_protocol import TunnelProtocol
 from tigertunnel.wire.codec import CLIENT, PoolCodec
 from tigertunnel.wire.handshake import ClientHandshake

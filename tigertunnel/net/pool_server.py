@@ -30,7 +30,7 @@ from tigertunnel.config.model import Role
 from tigertunnel.errors import HandshakeError
 from tigertunnel.interfaces import BackendOpener, PoolHost, Session
 from tigertunnel.net.states import PoolState
-from tigertunnel.net.stats import HandshakeFailure
+from tigertunnel.stats import HandshakeFailure
 from tigertunnel.net.streams import StreamRefused
 from tigertunnel.net.tunnel_protocol import TunnelProtocol
 from tigertunnel.wire.codec import SERVER, PoolCodec
@@ -58,7 +58,7 @@ class ServerPoolProtocol(TunnelProtocol):
                  host: "PoolHost[TunnelProtocol]", name: str,
                  opener: "BackendOpener[ServerPoolProtocol]") -> None:
         super().__init__(handshake, host, name)
-        self._opener = opener
+        self._opener: "Optional[BackendOpener[ServerPoolProtocol]]" = opener
 
     def _handshake_data(self, data: bytes) -> None:
         self.host.handshake_progress(self, len(data))
@@ -161,8 +161,14 @@ class ServerPoolProtocol(TunnelProtocol):
         if session is not None:
             session.deliver(frame)  # queued until the backend is connected
 
+    def _release(self) -> None:
+        super()._release()
+        self._opener = None  # the multiplexer
+
     def _open_backend(self, stream_id: int) -> Optional[Session]:
         """Open the backend of ``stream_id``; tell a version-2 client if refused."""
+        if self._opener is None:
+            return None  # gone
         session = self._opener.open_backend(self, stream_id)
         if session is None:
             codec = self.codec

@@ -28,99 +28,39 @@ left in Python.
   past the earliest call, and an exception escaping a turn is logged and the
   loop goes on.
 
+Both read the reactor's private state, so the loop itself lives in
+:mod:`tigertunnel.net.twisted_private`
+(:class:`~tigertunnel.net.twisted_private.LeanLoop`), which checks
+at import that the installed Twisted has what it reads; if not,
+:func:`install` installs Twisted's stock epoll reactor instead (and that
+module logs one warning saying so).
+
 The ``tigertunnel`` console script installs it (on Linux, unless a reactor
 was installed already); under ``twistd`` it is chosen with
 ``--reactor=tigertunnel-epoll`` (the systemd units do), through the
 reactor plugin in ``twisted/plugins/tigertunnel_plugin.py``.
 """
 
-import errno
-from typing import Any, Optional
-
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import installReactor
-from twisted.python import log
 
-from tigertunnel.logs import logger
+from tigertunnel.net import twisted_private
+from tigertunnel.net.twisted_private import LONGEST_WAIT, LeanLoop
 
-__all__ = ["LeanEPollReactor", "install", "NAME"]
+__all__ = ["LeanEPollReactor", "install", "NAME", "LONGEST_WAIT"]
 
 #: The reactor's short name for ``twistd --reactor``.
 NAME = "tigertunnel-epoll"
-#: The longest poll timeout, in seconds: epoll_wait takes a C int of ms
-#: (Twisted's ``timeout`` uses the same bound).
-LONGEST_WAIT = 2147483
-
-#: Through the level filter: "Main loop terminated." follows --log-level.
-_log = logger(__name__)
 
 
-class LeanEPollReactor(EPollReactor):
+class LeanEPollReactor(LeanLoop, EPollReactor):
     """:class:`EPollReactor` without a logging context per socket event."""
 
-    def doPoll(self, timeout: Optional[float]) -> None:
-        """Poll for events and handle each one; ``None`` waits indefinitely."""
-        try:
-            events = self._poller.poll(-1 if timeout is None else timeout,
-                                       len(self._selectables))
-        except OSError as err:
-            if err.errno == errno.EINTR:
-                return
-            raise  # a programming error, as in EPollReactor
-        selectable_of = self._selectables.get
-        handle = self._doReadOrWrite
-        for fd, event in events:
-            selectable: Any = selectable_of(fd)
-            if selectable is None:
-                continue  # removed by an earlier event of this poll
-            try:
-                handle(selectable, fd, event)
-            except BaseException:
-                # _doReadOrWrite catches what a transport raises; this is
-                # its disconnect path failing: log it, keep serving.
-                log.err(None, "error handling a socket event")
 
-    doIteration = doPoll
-
-    def mainLoop(self) -> None:
-        """Turn until stopped; an exception escaping a turn is logged and
-        the loop goes on (as in Twisted's ``mainLoop``)."""
-        while self._started:
-            try:
-                self._turn_until_stopped()
-            except BaseException:
-                _log.failure("Unexpected error in main loop")
-        _log.info("Main loop terminated.")
-
-    def _turn_until_stopped(self) -> None:
-        seconds = self.seconds
-        poll = self.doPoll
-        while self._started:
-            now = seconds()
-            pending = self._pendingTimedCalls
-            if (self.threadCallQueue or self._newTimedCalls or self._justStopped
-                    or (pending and pending[0].time <= now)):
-                self.runUntilCurrent()
-                # Calls made by the calls just run; Twisted's timeout()
-                # inserts them the same way.
-                self._insertNewDelayedCalls()
-                now = seconds()
-                pending = self._pendingTimedCalls
-            if not self.running:
-                wait: Optional[float] = 0.0
-            elif not pending:
-                wait = None
-            else:
-                wait = pending[0].time - now
-                if wait < 0.0:
-                    wait = 0.0
-                elif wait > LONGEST_WAIT:
-                    wait = LONGEST_WAIT
-            poll(wait)
-
-
-def install() -> LeanEPollReactor:
-    """Install :class:`LeanEPollReactor` as the global reactor (before anything imports it)."""
-    reactor = LeanEPollReactor()
+def install() -> EPollReactor:
+    """Install :class:`LeanEPollReactor` as the global reactor (before
+    anything imports it); Twisted's :class:`EPollReactor` when
+    :data:`~tigertunnel.net.twisted_private.LEAN_REACTOR` is false."""
+    reactor = LeanEPollReactor() if twisted_private.LEAN_REACTOR else EPollReactor()
     installReactor(reactor)
     return reactor

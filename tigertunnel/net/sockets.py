@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 from twisted.internet import tcp
 
+from tigertunnel.net import twisted_private
+
 #: TCP keepalive as TigerBeetle configures it: 5 s idle, 4 s interval,
 #: 3 probes, so a dead peer is found within about 17 s.
 KEEPALIVE = (5, 4, 3)
@@ -65,36 +67,15 @@ def direct_sender(transport: Any) -> Callable[["bytes | bytearray"], None]:
     everything, on an error, so that Twisted's own send finds the error and
     loses the connection as usual): order is kept, and Twisted's
     producer/consumer flow control still sees every queued byte. Other
-    transports (in-memory tests) get ``write``.
+    transports (in-memory tests) get ``write``, and so does every transport
+    when :data:`~tigertunnel.net.twisted_private.DIRECT_SEND` is false.
     """
+    # Reading Twisted's write queue is private to Twisted: only where
+    # twisted_private found what it reads.
+    if twisted_private.DIRECT_SEND and isinstance(transport, tcp.Connection):
+        return twisted_private.direct_send(transport)
     write = transport.write
-    sock = getattr(transport, "socket", None)
-    # Twisted's FileDescriptor keeps its write queue in ``dataBuffer`` (from
-    # ``offset``) and ``_tempDataBuffer``/``_tempDataLen``: the direct path
-    # is only taken for transports that have them.
-    if not (isinstance(transport, tcp.Connection) and sock is not None
-            and hasattr(transport, "_tempDataLen") and hasattr(transport, "offset")):
-        return lambda data: write(bytes(data))
-    send = sock.send
-    t = transport
-
-    def send_direct(data: "bytes | bytearray") -> None:
-        if (not t._tempDataLen and t.offset == len(t.dataBuffer) and t.connected
-                and not t.disconnecting and not t._writeDisconnected):
-            try:
-                sent = send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = 0  # Twisted's next send meets the error and disconnects
-            if sent == len(data):
-                return
-            if sent:
-                write(bytes(memoryview(data)[sent:]))
-                return
-        write(bytes(data))
-
-    return send_direct
+    return lambda data: write(bytes(data))
 
 
 def not_connected(data: "bytes | bytearray") -> None:

@@ -61,10 +61,6 @@ class Transitions(Generic[S, I]):
             raise TransitionError(f"{self.name}: input {event.name} is not "
                                   f"accepted in state {state.name}") from None
 
-    def accepts(self, state: S, event: I) -> bool:
-        """Whether ``event`` is a listed move out of ``state``."""
-        return event in self._table.get(state, {})
-
     def __iter__(self) -> Iterator[Tuple[S, I, S]]:
         """Every listed move as (state, input, next state)."""
         for state, moves in self._table.items():

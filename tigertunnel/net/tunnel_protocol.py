@@ -47,10 +47,11 @@ from tigertunnel.net.heartbeat import Heartbeat
 from tigertunnel.net.outcome import Outcome
 from tigertunnel.net.sockets import direct_sender, not_connected as _not_connected, tune_socket
 from tigertunnel.net.states import POOL_TRANSITIONS, PoolInput, PoolState, TransitionError
-from tigertunnel.net.stats import HandshakeFailure
+from tigertunnel.stats import HandshakeFailure
 from tigertunnel.net.streams import StreamTable
 from tigertunnel.wire.codec import Ping, PoolCodec, StreamClosed, StreamOpened
-from tigertunnel.wire.handshake import ClientHandshake, KeyUse, ServerHandshake
+from tigertunnel.keys.ring import KeyUse
+from tigertunnel.wire.handshake import ClientHandshake, ServerHandshake
 from tigertunnel.wire.muxframes import FrameType
 
 _DATA = int(FrameType.DATA)
@@ -235,8 +236,18 @@ class TunnelProtocol(Protocol):
                 f"connection lost during handshake: {reason.getErrorMessage()}")))
         for session in streams:
             session.close_by_peer(abort=True)
-        if self.on_lost is not None:
-            self.on_lost(self)
+        on_lost, self.on_lost = self.on_lost, None
+        self._release()
+        if on_lost is not None:
+            on_lost(self)
+
+    def _release(self) -> None:
+        """Drop what the connection holds once it is gone: its codec (keys,
+        a partial mux frame), handshake, timers, the transport's sender, and
+        the callbacks that refer back to its owners."""
+        self.codec = None
+        self._handshake = None
+        self._send = _not_connected
 
     # -- IPushProducer: our socket to the peer tunnel end -------------------
 
@@ -351,18 +362,6 @@ class TunnelProtocol(Protocol):
 
     # -- streams --------------------------------------------------------------
 
-    def send_data(self, stream_id: int, frame: bytes) -> None:
-        """Send one TB frame of ``stream_id`` to the peer.
-
-        :raises FrameError: the frame cannot be encrypted (padding); the
-            caller closes its session, the pool connection is unaffected.
-        """
-        codec = self.codec
-        tcp = self._tcp
-        if codec is None or tcp is None:
-            return
-        chunks = codec.encode_data(stream_id, frame)
-        self._send(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def frame_encoder(self, stream_id: int, check: bool, cluster_id: Optional[int],
                       watch: "Optional[Callable[[bytes], object]]") -> FrameEncoder:

@@ -87,14 +87,11 @@ def build_replay(plan: Plan) -> Tuple[Optional[ReplayCacheService], Optional[int
 
 def tune_process(top: TunnelService, reactor: ProcessReactor) -> None:
     """Process-wide, once: malloc settings for 1 MiB frames, a periodic
-    heap trim, the start-up heap frozen once running, and one
-    rate-limited line for accept errors."""
-    from tigertunnel.logs import filter_port_messages, limit_accept_errors
+    heap trim and the start-up heap frozen once running (accept errors are
+    rate-limited by the log writer, :mod:`tigertunnel.logs`)."""
     from tigertunnel.ops.memory import freeze_startup_heap, memory_trimmer, tune_malloc
 
     tune_malloc()
-    limit_accept_errors()
-    filter_port_messages()
     top.add_operation(memory_trimmer(IReactorTime(reactor)))
     reactor.callWhenRunning(freeze_startup_heap)
 

@@ -2,7 +2,7 @@
 
 A tunnel server that listens is of no use when its replica is down. Every
 session's backend connect records its outcome in the pair's
-:class:`~tigertunnel.net.stats.Reachability`; when no session has connected
+:class:`~tigertunnel.stats.Reachability`; when no session has connected
 for :data:`PROBE_INTERVAL` seconds, :class:`BackendProbe` makes one TCP
 connect to the backend and closes it at once (no byte is sent), so the
 record stays current on an idle pair too. ``/metrics``

@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IReactorTime
 from tigertunnel.config.model import Role
 from tigertunnel.net.multiplexer import SessionMultiplexer
 from tigertunnel.net.pairstatus import PairStatus
-from tigertunnel.net.stats import Stats
+from tigertunnel.stats import Stats
 from tigertunnel.ops.reload import KeyReloader
 from tigertunnel.ops.tbmetrics import Snapshot, TBRecorder
 

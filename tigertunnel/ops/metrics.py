@@ -51,7 +51,7 @@ from tigertunnel.crypto import kem
 from tigertunnel.interfaces import Reactor
 from tigertunnel.net.listeners import start_listening
 from tigertunnel.net.multiplexer import SessionMultiplexer
-from tigertunnel.net.stats import handshake_reasons, refusal_reasons
+from tigertunnel.stats import handshake_reasons, refusal_reasons
 from tigertunnel.ops.figures import (
     SIMPLE_COUNTERS,
     WorkerProcessCollector,
@@ -66,7 +66,7 @@ from tigertunnel.ops.figures import (
 from tigertunnel.ops.reload import KeyReloader
 from tigertunnel.ops.tbmetrics import Snapshot, TBCollector, TBRecorder, merge_pair_snapshots
 from tigertunnel.ops.tls import ServerTLS
-from tigertunnel.wire import datapath
+from tigertunnel.wire import implementation
 
 __all__ = ["DIRECTIONS", "build_info", "counters", "pair_status", "status",
            "TunnelCollector", "make_registry", "make_site", "MetricsService"]
@@ -96,7 +96,7 @@ def build_info() -> Dict[str, str]:
         mlkem = "cryptography"
     else:
         mlkem = "kyber-py" if kem.kyber_allowed() else "none"
-    return {"version": __version__, "datapath": datapath.ACTIVE.name, "mlkem": mlkem}
+    return {"version": __version__, "datapath": implementation.ACTIVE.name, "mlkem": mlkem}
 
 
 class TunnelCollector:

@@ -37,7 +37,7 @@ from tigertunnel.tools.echo import EchoFactory
 from tigertunnel.tools.options import ExampleOptions
 from tigertunnel.tools.ports import free_port
 from tigertunnel.tools.traces import SINGLE, load_trace
-from tigertunnel.wire.frames import FrameParser
+from tigertunnel.wire.implementation import ACTIVE
 
 
 class DemoOptions(ExampleOptions):
@@ -71,7 +71,7 @@ class _Replayer(Protocol):
     def __init__(self, frames: List[bytes], rounds: int,
                  done: "defer.Deferred[Tuple[int, int, List[float]]]") -> None:
         self._frames = frames * rounds
-        self._parser = FrameParser()
+        self._parser = ACTIVE.FrameParser()
         self._done = done
         self._index = 0
         self._sent_at = 0.0

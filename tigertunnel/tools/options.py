@@ -27,11 +27,9 @@ def version_line() -> str:
     import twisted
 
     from tigertunnel.crypto.kem import backend_description
-    from tigertunnel.wire import compiled
-    from tigertunnel.wire.datapath import ACTIVE
+    from tigertunnel.wire.implementation import ACTIVE, REASON
 
-    datapath = ACTIVE.name if compiled.hotpath is not None else (
-        f"{ACTIVE.name} ({compiled.reason})")
+    datapath = f"{ACTIVE.name} ({REASON})" if REASON else ACTIVE.name
     return (f"tigertunnel {tigertunnel.__version__}; data path: {datapath}; "
             f"ML-KEM: {backend_description()}; Python {platform.python_version()}, "
             f"Twisted {twisted.__version__}")

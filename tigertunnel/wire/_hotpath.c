@@ -1,8 +1,9 @@
 /*
  * tigertunnel.wire._hotpath: the per-frame data path, compiled.
  *
- * The same objects as the pure-Python modules, with the same behaviour,
- * byte for byte and error for error (the test suite runs both):
+ * The same objects as the pure-Python modules (the reference), with the
+ * same behaviour, byte for byte and error for error (the test suite runs
+ * both); tigertunnel.wire.implementation picks one set or the other:
  *
  *   FrameParser   tigertunnel.wire.frames.FrameParser
  *   FrameSealer   tigertunnel.crypto.aead.FrameSealer
@@ -10,14 +11,26 @@
  *   FrameEncoder  tigertunnel.wire.datapath.FrameEncoder (TB bytes in, wire bytes out)
  *   MuxReceiver   tigertunnel.wire.datapath.MuxReceiver  (wire bytes in, frames out)
  *
+ * Memory: FrameParser, FrameEncoder and MuxReceiver hold Python objects
+ * (a partial frame, an error message, an encoder's watch callback, which
+ * is usually a method of the session that owns the encoder) and take part
+ * in the cyclic GC (Py_TPFLAGS_HAVE_GC, tp_traverse, tp_clear); a sealer or
+ * opener holds none, and is released only by dealloc, so that a cleared
+ * encoder or receiver never becomes a plaintext one.
+ *
  * Formats: PROTOCOL.md sections 6 (TB header, encrypted frame layout,
  * nonce and counters) and 7.1-7.2 (mux header, frame kinds).
  *
- * AEGIS-128X2 is libaegis, the copy pyaegis installs: crypto/aead.py hands
- * the addresses of aegis128x2_encrypt_detached and
- * aegis128x2_decrypt_detached to bind_aegis() at import, and this module
- * calls them directly. Nothing here links against libaegis or contains
- * any of it.
+ * AEGIS-128X2 is libaegis, the copy pyaegis installs:
+ * tigertunnel.wire.implementation hands the addresses of
+ * aegis128x2_encrypt_detached and aegis128x2_decrypt_detached (found and
+ * checked by tigertunnel.crypto.libaegis) to bind_aegis() at import, and
+ * this module calls them directly. Nothing here links against libaegis or
+ * contains any of it.
+ *
+ * The wire constants below are exported as module attributes, with
+ * BUILD_HASH (the SHA-256 of this file, from setup.py): the import compares
+ * them with the Python modules and refuses a module that differs.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -528,10 +541,10 @@ static int Opener_init(OpenerObject *self, PyObject *args, PyObject *kwds)
     return dirkeys_init(&self->keys, key, nonce, counter);
 }
 
-/* open_buffer / open: decrypt `payload` after the checks, in the pure
- * order. A bytearray payload is decrypted in place (as_bytes false). */
-static PyObject *open_common(OpenerObject *self, PyObject *const *args, Py_ssize_t nargs,
-                             int as_bytes)
+/* open_buffer: decrypt `payload` after the checks, in the pure order. A
+ * bytearray payload is decrypted in place. */
+static PyObject *Opener_open_buffer(OpenerObject *self, PyObject *const *args,
+                                    Py_ssize_t nargs)
 {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "expected (mux_header, payload)");
@@ -555,7 +568,7 @@ static PyObject *open_common(OpenerObject *self, PyObject *const *args, Py_ssize
     }
     uint8_t ad[MUX_HEADER_SIZE];
     memcpy(ad, hb.buf, MUX_HEADER_SIZE);
-    if (!as_bytes && PyByteArray_CheckExact(args[1])) {
+    if (PyByteArray_CheckExact(args[1])) {
         out = args[1];
         Py_INCREF(out);
         uint8_t *p = (uint8_t *)PyByteArray_AS_STRING(out);
@@ -563,11 +576,10 @@ static PyObject *open_common(OpenerObject *self, PyObject *const *args, Py_ssize
             Py_CLEAR(out);
         goto done;
     }
-    out = as_bytes ? PyBytes_FromStringAndSize(NULL, pb.len)
-                   : PyByteArray_FromStringAndSize(NULL, pb.len);
+    out = PyByteArray_FromStringAndSize(NULL, pb.len);
     if (out == NULL)
         goto done;
-    uint8_t *d = (uint8_t *)(as_bytes ? PyBytes_AS_STRING(out) : PyByteArray_AS_STRING(out));
+    uint8_t *d = (uint8_t *)PyByteArray_AS_STRING(out);
     memcpy(d, pb.buf, CIPHERTEXT_OFFSET);
     if (open_into(&self->keys, self->cluster, d, pb.buf, (size_t)pb.len, ad) < 0)
         Py_CLEAR(out);
@@ -575,17 +587,6 @@ done:
     PyBuffer_Release(&hb);
     PyBuffer_Release(&pb);
     return out;
-}
-
-static PyObject *Opener_open_buffer(OpenerObject *self, PyObject *const *args,
-                                    Py_ssize_t nargs)
-{
-    return open_common(self, args, nargs, 0);
-}
-
-static PyObject *Opener_open(OpenerObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    return open_common(self, args, nargs, 1);
 }
 
 static PyObject *Opener_get_counter(OpenerObject *self, void *closure)
@@ -602,8 +603,6 @@ static PyMethodDef Opener_methods[] = {
     {"open_buffer", (PyCFunction)(void (*)(void))Opener_open_buffer, METH_FASTCALL,
      "open_buffer(mux_header, payload) -> bytearray: the rebuilt TB frame "
      "(a bytearray payload is decrypted in place and returned)."},
-    {"open", (PyCFunction)(void (*)(void))Opener_open, METH_FASTCALL,
-     "open(mux_header, payload) -> bytes: like open_buffer; never touches payload."},
     {NULL}};
 
 static PyGetSetDef Opener_getset[] = {
@@ -880,10 +879,24 @@ static int Parser_init(ParserObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static void Parser_dealloc(ParserObject *self)
+static int Parser_traverse(ParserObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->scan.pend.obj);
+    Py_VISIT(self->scan.error);
+    return 0;
+}
+
+static int Parser_clear(ParserObject *self)
 {
     tbscan_reset(&self->scan);
     Py_CLEAR(self->scan.error);
+    return 0;
+}
+
+static void Parser_dealloc(ParserObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Parser_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -945,7 +958,10 @@ static PyTypeObject ParserType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "tigertunnel.wire._hotpath.FrameParser",
     .tp_basicsize = sizeof(ParserObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Parser_traverse,
+    .tp_clear = (inquiry)Parser_clear,
+    .tp_free = PyObject_GC_Del,
     .tp_doc = "Cut a byte stream into complete TB frames (compiled).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Parser_init,
@@ -1016,12 +1032,34 @@ static int Encoder_init(EncoderObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static void Encoder_dealloc(EncoderObject *self)
+/* The watch is usually a bound method of the session that owns the
+ * encoder (session -> encoder -> watch -> session): only the cyclic GC can
+ * free that cycle, so it must see through the encoder. */
+static int Encoder_traverse(EncoderObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->watch);
+    Py_VISIT(self->sealer);
+    Py_VISIT(self->scan.pend.obj);
+    Py_VISIT(self->scan.error);
+    return 0;
+}
+
+/* Breaks a cycle through the watch. The sealer holds no Python object, so
+ * it cannot be part of a cycle: it stays until dealloc, and an encoder is
+ * never left without its sealer (which would make it a plaintext one). */
+static int Encoder_clear(EncoderObject *self)
 {
     tbscan_reset(&self->scan);
     Py_CLEAR(self->scan.error);
-    Py_CLEAR(self->sealer);
     Py_CLEAR(self->watch);
+    return 0;
+}
+
+static void Encoder_dealloc(EncoderObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Encoder_clear(self);
+    Py_CLEAR(self->sealer);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1188,7 +1226,10 @@ static PyTypeObject EncoderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "tigertunnel.wire._hotpath.FrameEncoder",
     .tp_basicsize = sizeof(EncoderObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Encoder_traverse,
+    .tp_clear = (inquiry)Encoder_clear,
+    .tp_free = PyObject_GC_Del,
     .tp_doc = "TB bytes of one stream in, pool-connection wire bytes out (compiled).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Encoder_init,
@@ -1314,11 +1355,33 @@ static int Receiver_init(ReceiverObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+static int Receiver_traverse(ReceiverObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->opener);
+    Py_VISIT(self->pend.obj);
+    Py_VISIT(self->error);
+    for (int t = 0; t <= MAX_TYPE; t++)
+        Py_VISIT(self->type_ints[t]);
+    return 0;
+}
+
+/* What a receiver holds (an opener, bytes, a str, ints) cannot refer back
+ * to it; clearing drops the buffered frame. The opener and the type ints
+ * stay until dealloc, so a receiver is never left without its opener
+ * (which would make it a plaintext one). */
+static int Receiver_clear(ReceiverObject *self)
+{
+    self->stage_len = 0;
+    pending_clear(&self->pend);
+    Py_CLEAR(self->error);
+    return 0;
+}
+
 static void Receiver_dealloc(ReceiverObject *self)
 {
-    pending_clear(&self->pend);
+    PyObject_GC_UnTrack(self);
+    Receiver_clear(self);
     Py_CLEAR(self->opener);
-    Py_CLEAR(self->error);
     for (int t = 0; t <= MAX_TYPE; t++)
         Py_CLEAR(self->type_ints[t]);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -1548,7 +1611,10 @@ static PyTypeObject ReceiverType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "tigertunnel.wire._hotpath.MuxReceiver",
     .tp_basicsize = sizeof(ReceiverObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Receiver_traverse,
+    .tp_clear = (inquiry)Receiver_clear,
+    .tp_free = PyObject_GC_Del,
     .tp_doc = "Pool-connection wire bytes in, opened mux frames out (compiled).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Receiver_init,
@@ -1655,6 +1721,53 @@ static PyObject *build_features(void)
     return t;
 }
 
+/* The build's identity: the SHA-256 of the _hotpath.c it was compiled
+ * from, which setup.py computes and passes in. */
+#ifndef TIGERTUNNEL_SOURCE_SHA256
+#define TIGERTUNNEL_SOURCE_SHA256 ""
+#endif
+
+/* The wire facts this module was compiled with, exported as module
+ * attributes of the same names: tigertunnel.wire.implementation compares
+ * each with the Python value and refuses the module on any difference. */
+static const struct {
+    const char *name;
+    long value;
+} WIRE_CONSTANTS[] = {
+    {"HEADER_SIZE", HEADER_SIZE},
+    {"MIN_FRAME_SIZE", MIN_FRAME_SIZE},
+    {"MAX_FRAME_SIZE", (long)MAX_FRAME_SIZE},
+    {"SIZE_OFFSET", SIZE_OFFSET},
+    {"SIZE_END", SIZE_END},
+    {"MUX_HEADER_SIZE", MUX_HEADER_SIZE},
+    {"TAG_SIZE", TAG_SIZE},
+    {"KEY_SIZE", KEY_SIZE},
+    {"NONCE_SIZE", NONCE_SIZE},
+    {"CLEAR_SIZE_OFFSET", CLEAR_SIZE_OFFSET},
+    {"CIPHERTEXT_OFFSET", CIPHERTEXT_OFFSET},
+    {"CLOSE_PAYLOAD_SIZE", CLOSE_PAYLOAD_SIZE},
+    {"CONTROL_PAYLOAD_SIZE", CONTROL_PAYLOAD_SIZE},
+    {"TYPE_DATA", TYPE_DATA},
+    {"TYPE_OPEN", TYPE_OPEN},
+    {"TYPE_CLOSE", TYPE_CLOSE},
+    {"REFERENCE_MAX_TYPE", REFERENCE_MAX_TYPE},
+    {"MAX_TYPE", MAX_TYPE},
+};
+
+static int add_constants(PyObject *m)
+{
+    size_t n = sizeof WIRE_CONSTANTS / sizeof WIRE_CONSTANTS[0];
+    for (size_t i = 0; i < n; i++)
+        if (PyModule_AddIntConstant(m, WIRE_CONSTANTS[i].name, WIRE_CONSTANTS[i].value) < 0)
+            return -1;
+    PyObject *magic = PyBytes_FromStringAndSize((const char *)MAGIC, sizeof MAGIC);
+    if (magic == NULL || PyModule_AddObject(m, "MAGIC", magic) < 0) {
+        Py_XDECREF(magic);
+        return -1;
+    }
+    return PyModule_AddStringConstant(m, "BUILD_HASH", TIGERTUNNEL_SOURCE_SHA256);
+}
+
 static struct PyModuleDef hotpath_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "tigertunnel.wire._hotpath",
@@ -1694,6 +1807,10 @@ PyMODINIT_FUNC PyInit__hotpath(void)
             Py_DECREF(m);
             return NULL;
         }
+    }
+    if (add_constants(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
     }
     PyObject *features = build_features();
     if (features == NULL || PyModule_AddObject(m, "BUILD_FEATURES", features) < 0) {

@@ -34,8 +34,8 @@ never sends it to a server that has not proven it is one of ours.
 In plaintext mode (no ``-k``) payloads are plain TB frames and a
 ``stream_close`` has no payload; there is no version-2 frame.
 
-:class:`PoolCodec` turns received bytes into :class:`StreamOpened`,
-:class:`StreamData`, :class:`StreamClosed`, :class:`Ping` and :class:`Pong`
+:class:`PoolCodec` turns received bytes into data items and
+:class:`StreamOpened`, :class:`StreamClosed`, :class:`Ping` and :class:`Pong`
 events and encodes outgoing frames; it keeps the two AEAD counters in step
 with the wire. Any authentication or framing failure raises and leaves the
 codec dead: the caller closes the pool connection and every session on it,
@@ -52,11 +52,12 @@ its own :meth:`PoolCodec.frame_encoder`, which shares this codec's sender.
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Union
 
-from tigertunnel.crypto.aead import PyFrameOpener, PyFrameSealer
+from tigertunnel.crypto.aead import Opener, Sealer
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import MuxError, TunnelError
-from tigertunnel.wire.frames import MAX_U64
-from tigertunnel.wire.datapath import ACTIVE, FrameEncoder, Implementation, Item
+from tigertunnel.crypto.layout import MAX_U64
+from tigertunnel.wire.datapath import Item
+from tigertunnel.wire.implementation import ACTIVE, Encoding, Implementation
 from tigertunnel.wire.muxframes import (
     FrameType,
     build_close_plaintext,
@@ -92,14 +93,6 @@ class StreamOpened:
 
 
 @dataclass(frozen=True)
-class StreamData:
-    """One complete, authenticated TB frame for stream ``stream_id``."""
-
-    stream_id: int
-    frame: "bytes | bytearray"
-
-
-@dataclass(frozen=True)
 class StreamClosed:
     """The peer closed stream ``stream_id``."""
 
@@ -120,7 +113,7 @@ class Pong:
     value: int
 
 
-Event = Union[StreamOpened, StreamData, StreamClosed, Ping, Pong]
+Event = Union[StreamOpened, StreamClosed, Ping, Pong]
 
 
 class PoolCodec:
@@ -157,8 +150,8 @@ class PoolCodec:
         self._dead = False
         impl = self._impl = IMPLEMENTATION
         self._ping_value = 0
-        self._sealer: Optional[PyFrameSealer] = None
-        self._opener: Optional[PyFrameOpener] = None
+        self._sealer: Optional[Sealer] = None
+        self._opener: Optional[Opener] = None
         if keys is not None:
             if role == CLIENT:
                 self._sealer = impl.FrameSealer(keys.c2s_key, keys.c2s_nonce)
@@ -199,27 +192,7 @@ class PoolCodec:
         """The counter value the next sealed frame from the peer must use (0 in plaintext mode)."""
         return self._opener.counter if self._opener is not None else 0
 
-    @property
-    def send_counter(self) -> int:
-        """The counter value the next sealed frame this end sends uses (0 in plaintext mode)."""
-        return self._sealer.counter if self._sealer is not None else 0
-
     # -- receiving ---------------------------------------------------------
-
-    def feed(self, data: bytes) -> List[Event]:
-        """Decode received bytes into events, in wire order.
-
-        All of a read is decoded before any event is returned: a bad frame
-        anywhere in ``data`` raises and nothing of it comes out.
-
-        :raises MuxError: malformed framing, or a frame type the peer may
-            not send.
-        :raises AuthenticationError: a frame failed to authenticate.
-        :raises FrameError: an authenticated frame has non-zero padding.
-        """
-        return [StreamData(stream_id, payload) if frame_type == _DATA
-                else self.event(stream_id, frame_type, payload)
-                for stream_id, frame_type, payload in self.receive(data)]
 
     def receive(self, data: bytes) -> List[Item]:
         """Decode received bytes into ``(stream_id, frame_type, payload)`` items, in wire order.
@@ -249,6 +222,7 @@ class PoolCodec:
 
         :raises MuxError: a frame the peer may not send, or a malformed
             stream_close or control frame; the codec is then dead.
+        :raises ValueError: a data item (the caller delivers those itself).
         """
         try:
             return self._event(stream_id, frame_type, payload)
@@ -259,7 +233,7 @@ class PoolCodec:
     def _event(self, stream_id: int, frame_type: int,
                payload: "bytes | bytearray") -> Event:
         if frame_type == _DATA:
-            return StreamData(stream_id, payload)
+            raise ValueError(f"a data item of stream {stream_id} is not an event")
         if frame_type == _OPEN:
             if self.role == CLIENT:
                 raise MuxError("server sent stream_open")
@@ -312,27 +286,14 @@ class PoolCodec:
         return [encode_header(stream_id, FrameType.OPEN)]
 
     def frame_encoder(self, stream_id: int, check: bool, cluster_id: Optional[int] = None,
-                      watch: "Optional[Callable[[bytes], object]]" = None) -> FrameEncoder:
+                      watch: "Optional[Callable[[bytes], object]]" = None) -> Encoding:
         """A :class:`~tigertunnel.wire.datapath.FrameEncoder` for the session on ``stream_id``.
 
         It seals with this codec's sender, so its frames take their counter
         values in the order they are encoded, among this codec's own
         frames: write each encoder's output as soon as it is returned.
         """
-        encoder: FrameEncoder = self._impl.FrameEncoder(stream_id, self._sealer, check,
-                                                        cluster_id, watch)
-        return encoder
-
-    def encode_data(self, stream_id: int, frame: bytes) -> "List[bytes | bytearray]":
-        """Return the wire bytes carrying TB frame ``frame`` on ``stream_id``.
-
-        :raises FrameError: the frame has non-zero padding (encrypted mode);
-            no counter value is consumed.
-        """
-        header = encode_header(stream_id, FrameType.DATA)
-        if self._sealer is not None:
-            return [self._sealer.seal_buffer(header, frame)]
-        return [header, frame]
+        return self._impl.FrameEncoder(stream_id, self._sealer, check, cluster_id, watch)
 
     def encode_close(self, stream_id: int) -> List[bytes]:
         """Return the wire bytes of a ``stream_close`` for ``stream_id``.
@@ -350,8 +311,7 @@ class PoolCodec:
     def encode_ping(self) -> List[bytes]:
         """Return the wire bytes of a ping carrying the next sequence number.
 
-        The sequence numbers of a pool connection's pings run 0, 1, 2 ...;
-        :attr:`last_ping_value` is the one just sent.
+        The sequence numbers of a pool connection's pings run 0, 1, 2 ...
 
         :raises MuxError: the peer does not take pings (:attr:`can_ping`).
         """
@@ -361,11 +321,6 @@ class PoolCodec:
         out = self._seal_control(FrameType.PING, CONTROL_STREAM_ID, value)
         self._ping_value = value + 1
         return out
-
-    @property
-    def last_ping_value(self) -> Optional[int]:
-        """The value of the last ping encoded, ``None`` before the first."""
-        return self._ping_value - 1 if self._ping_value else None
 
     def encode_pong(self, value: int) -> List[bytes]:
         """Return the wire bytes of a pong answering the ping that carried ``value``.

@@ -25,34 +25,29 @@ by the caller. A frame that fails to authenticate leaves the receive
 counter where it was.
 
 Each class has a compiled twin in :mod:`tigertunnel.wire._hotpath` with the
-same API and results; the names :class:`FrameEncoder` and
-:class:`MuxReceiver` are the compiled ones when the extension is built and
-usable (:mod:`tigertunnel.wire.compiled`), the pure ones are always
-:class:`PyFrameEncoder` and :class:`PyMuxReceiver`. An encoder needs the
-sealer of its own implementation, a receiver the opener of its own:
-:data:`ACTIVE` bundles a matching set.
+same API and results; the classes here are the pure-Python reference, and
+:mod:`tigertunnel.wire.implementation` picks which set the program uses.
+An encoder takes any :class:`~tigertunnel.crypto.aead.Sealer` and a
+receiver any :class:`~tigertunnel.crypto.aead.Opener` here; the compiled
+twins take only the compiled sealer and opener.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
-from tigertunnel.crypto import aead
-from tigertunnel.crypto.aead import PyFrameOpener, PyFrameSealer
+from tigertunnel.crypto.aead import Opener, Sealer
 from tigertunnel.errors import FrameError, MuxError, TunnelError
-from tigertunnel.wire.compiled import hotpath as _hotpath
 from tigertunnel.wire.frames import (
     CHECKSUM_BODY_PADDING,
     CHECKSUM_PADDING,
     HEADER_SIZE,
-    PyFrameParser,
+    FrameParser,
     check_frame,
 )
 from tigertunnel.wire.muxframes import FrameType, MuxDecoder, encode_header
 
-__all__ = ["FrameEncoder", "MuxReceiver", "PyFrameEncoder", "PyMuxReceiver",
-           "Implementation", "PURE", "COMPILED", "ACTIVE"]
+__all__ = ["FrameEncoder", "MuxReceiver", "Item"]
 
 _ZERO16 = bytes(16)
 _COUNTER_LIMIT = 1 << 64
@@ -65,8 +60,9 @@ class FrameEncoder:
     """Turn the bytes a session's TB peer sent into pool-connection wire bytes.
 
     :param stream_id: the session's stream id (a u32).
-    :param sealer: the pool connection's sending :class:`FrameSealer`, or
-        ``None`` in plaintext mode.
+    :param sealer: the pool connection's sending
+        :class:`~tigertunnel.crypto.aead.Sealer`, or ``None`` in plaintext
+        mode.
     :param check: apply :func:`~tigertunnel.wire.frames.check_frame` to
         every frame (padding, ``nonce_reserved``, cluster); the tunnel does
         whenever it encrypts or a cluster id is configured. Without it an
@@ -87,7 +83,7 @@ class FrameEncoder:
         ``len(output) - 12 * last_frames``.
     """
 
-    def __init__(self, stream_id: int, sealer: Optional[PyFrameSealer], check: bool,
+    def __init__(self, stream_id: int, sealer: Optional[Sealer], check: bool,
                  cluster_id: Optional[int] = None,
                  watch: "Optional[Callable[[bytes], object]]" = None) -> None:
         self._header = encode_header(stream_id, FrameType.DATA)
@@ -100,7 +96,7 @@ class FrameEncoder:
         self._sealer = sealer
         self._check = bool(check)
         self._cluster_id = cluster_id
-        self._parser = PyFrameParser()
+        self._parser = FrameParser()
         self._error: Optional[Exception] = None
 
     def buffered(self) -> int:
@@ -124,7 +120,7 @@ class FrameEncoder:
             return self._encode(data)
         except Exception as e:  # a bad frame, or the watch failed
             self._error = e
-            self._parser = PyFrameParser()  # what it held is never used
+            self._parser = FrameParser()  # what it held is never used
             raise
 
     def _encode(self, data: bytes) -> "bytes | bytearray":
@@ -160,14 +156,15 @@ class FrameEncoder:
 class MuxReceiver:
     """Turn the bytes read from a pool connection into opened mux frames.
 
-    :param opener: the pool connection's receiving :class:`FrameOpener`,
-        or ``None`` in plaintext mode.
+    :param opener: the pool connection's receiving
+        :class:`~tigertunnel.crypto.aead.Opener`, or ``None`` in plaintext
+        mode.
     :param extended: also accept the version-2 frame types (sealed
         ``stream_open`` 3, ping 4, pong 5; encrypted mode only), whose
         256-byte payloads come out opened like a ``stream_close``'s.
     """
 
-    def __init__(self, opener: Optional[PyFrameOpener], extended: bool = False) -> None:
+    def __init__(self, opener: Optional[Opener], extended: bool = False) -> None:
         self._extended = opener is not None and bool(extended)
         self._decoder = MuxDecoder(encrypted=opener is not None, extended=self._extended)
         self._opener = opener
@@ -208,32 +205,3 @@ class MuxReceiver:
             raise
         return items
 
-
-@dataclass(frozen=True)
-class Implementation:
-    """A matching set of data-path classes: all compiled or all pure Python."""
-
-    name: str
-    FrameParser: Any
-    FrameSealer: Any
-    FrameOpener: Any
-    FrameEncoder: Any
-    MuxReceiver: Any
-
-
-#: The pure-Python classes, whichever set is selected below.
-PyFrameEncoder = FrameEncoder
-PyMuxReceiver = MuxReceiver
-
-PURE = Implementation("python", PyFrameParser, PyFrameSealer, PyFrameOpener,
-                      PyFrameEncoder, PyMuxReceiver)
-#: The compiled set, or ``None`` (see :mod:`tigertunnel.wire.compiled`).
-COMPILED: Optional[Implementation] = None
-if _hotpath is not None and aead.compiled:
-    COMPILED = Implementation("c", _hotpath.FrameParser, _hotpath.FrameSealer,
-                              _hotpath.FrameOpener, _hotpath.FrameEncoder,
-                              _hotpath.MuxReceiver)
-#: The set the program uses.
-ACTIVE = COMPILED if COMPILED is not None else PURE
-FrameEncoder = ACTIVE.FrameEncoder  # type: ignore[misc]
-MuxReceiver = ACTIVE.MuxReceiver  # type: ignore[misc]

@@ -27,30 +27,28 @@ from __future__ import annotations
 import struct
 from typing import List, Optional
 
+from tigertunnel.crypto.layout import (
+    CHECKSUM_BODY_PADDING,
+    CHECKSUM_PADDING,
+    CLUSTER_OFFSET,
+    HEADER_SIZE,
+    MAX_FRAME_SIZE,
+    MIN_FRAME_SIZE,
+    NONCE_RESERVED,
+    SIZE_END,
+    SIZE_OFFSET,
+)
 from tigertunnel.errors import ClusterMismatchError, FrameError
-from tigertunnel.wire.compiled import hotpath as _hotpath
 
 __all__ = [
     "HEADER_SIZE", "MIN_FRAME_SIZE", "MAX_FRAME_SIZE", "SIZE_OFFSET",
     "CLUSTER_OFFSET", "CHECKSUM_PADDING", "CHECKSUM_BODY_PADDING",
     "frame_size", "frame_cluster", "check_padding", "check_frame",
-    "FrameParser", "PyFrameParser",
+    "FrameParser",
 ]
 
-# Wire facts, source of truth: PROTOCOL.md section 6.1 (TB header layout).
-HEADER_SIZE = 256
-MIN_FRAME_SIZE = 256
-MAX_FRAME_SIZE = 1 << 20
-#: The largest u64 (key ids, timestamps, ping values and counters on the wire).
-MAX_U64 = (1 << 64) - 1
-SIZE_OFFSET = 96
-CLUSTER_OFFSET = 80
-CHECKSUM_PADDING = slice(16, 32)
-CHECKSUM_BODY_PADDING = slice(48, 64)
-NONCE_RESERVED = slice(64, 80)
-
-#: Bytes of a frame that must be present before its size can be read.
-SIZE_END = SIZE_OFFSET + 4
+# The TB header's wire facts (PROTOCOL.md section 6.1) are defined in
+# tigertunnel.crypto.layout, below the AEAD that moves them, and used here.
 
 _ZERO16 = bytes(16)
 _u32_from = struct.Struct("<I").unpack_from
@@ -221,10 +219,3 @@ class FrameParser:
             off += size
         return off
 
-
-#: The pure-Python parser, whichever :class:`FrameParser` is selected below.
-PyFrameParser = FrameParser
-
-if _hotpath is not None:
-    # The compiled twin: same API, same frames, same errors.
-    FrameParser = _hotpath.FrameParser  # type: ignore[misc]

@@ -53,8 +53,9 @@ import struct
 from dataclasses import dataclass
 from typing import List, Optional
 
+from tigertunnel.crypto.layout import MUX_HEADER_SIZE
 from tigertunnel.errors import MuxError
-from tigertunnel.wire.frames import MAX_U64
+from tigertunnel.crypto.layout import MAX_U64
 from tigertunnel.wire.frames import (
     MAX_CHUNKS,
     MAX_FRAME_SIZE,
@@ -70,8 +71,8 @@ __all__ = [
     "parse_control",
 ]
 
-# Wire facts, source of truth: PROTOCOL.md sections 6.2, 7.1 and 7.2.
-MUX_HEADER_SIZE = 12
+# Wire facts, source of truth: PROTOCOL.md sections 6.2, 7.1 and 7.2 (the
+# header's size, which the AEAD needs too, is in tigertunnel.crypto.layout).
 MAGIC = b"XUMZ"  # u32 LE 0x5A4D5558
 CLOSE_PAYLOAD_SIZE = 256
 #: Offset of the clear ``size`` field inside an encrypted TB frame.

@@ -56,7 +56,7 @@ import struct
 from typing import Dict, Iterator, Protocol, Tuple
 
 from tigertunnel.errors import ReplayCacheError
-from tigertunnel.wire.frames import MAX_U64
+from tigertunnel.crypto.layout import MAX_U64
 
 __all__ = ["Verdict", "oldest_live", "ReplayTable", "Buckets", "MemoryBuckets",
            "RECORD", "RECORD_SIZE", "DIGEST_SIZE", "DEFAULT_BUCKETS",

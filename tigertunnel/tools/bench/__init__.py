@@ -19,7 +19,11 @@ sessions.
 
 * :mod:`.run`: the options, the processes, and the order of the cells;
 * :mod:`.load`: the load generator (one measured workload on one path);
-* :mod:`.report`: the results table and summary lines.
+* :mod:`.report`: the results table and summary lines;
+* :mod:`.churn`: ``--churn N``, instead of the cells: N short sessions of
+  every kind (clean, abandoned mid-frame, cut by the backend, cut by the
+  pool, refused) and the resident memory of each tunnel end after a warm-up
+  and per 1,000 sessions.
 """
 
 from tigertunnel.tools.bench.run import BenchOptions, run, run_bench

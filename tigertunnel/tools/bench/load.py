@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from tigertunnel.net.sockets import tune_socket
 from tigertunnel.tools.tbframes import sized_tb_frame
-from tigertunnel.wire.frames import FrameParser
+from tigertunnel.wire.implementation import ACTIVE
 
 
 def own_cpu() -> float:
@@ -35,7 +35,7 @@ class Session(Protocol):
     def __init__(self, run: "LoadRun", frame: bytes) -> None:
         self.run = run
         self.frame = frame
-        self.parser = FrameParser()
+        self.parser = ACTIVE.FrameParser()
         self.sent_at = 0.0
 
     def connectionMade(self) -> None:

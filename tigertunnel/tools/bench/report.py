@@ -110,3 +110,49 @@ def print_report(result: Mapping[str, Any]) -> None:
     kernel = result.get("kernel") or {}
     if kernel:
         print(kernel_line(kernel))
+
+
+def format_churn(mode: str, ours: Mapping[str, Any],
+                 against: "Mapping[str, Any] | None", command: "str | None") -> str:
+    """RSS of each tunnel end after the churn's warm-up and per 1,000
+    sessions, with its growth; ``against`` side by side when given. An RSS
+    of -1 (the process had exited) shows as ``exited``."""
+    def mib(kib: int) -> str:
+        return f"{kib / 1024:>7.1f}" if kib >= 0 else f"{'exited':>7}"
+
+    def grown(first: int, last: int) -> str:
+        return f"{(last - first) / 1024:>+7.1f}" if first >= 0 and last >= 0 else f"{'-':>7}"
+
+    runs = [("this tunnel", ours)] + ([(command or "against", against)] if against else [])
+    head = f"{'sessions':>8} | " + " | ".join(f"{'client':>7} {'server':>7}" for _ in runs)
+    lines = [f"churn {mode}: resident memory (MiB) of each tunnel end, after the "
+             f"warm-up (0) and per 1,000 sessions; " + "; ".join(
+                 f"{'left' if i == 0 else 'right'}: {name}" for i, (name, _) in enumerate(runs)),
+             head, "-" * len(head)]
+    rows = [r["rows"] for _, r in runs]
+    for i in range(max(len(r) for r in rows)):
+        cells = []
+        for r in rows:
+            if i < len(r):
+                cells.append(f"{mib(r[i]['client_rss_kib'])} {mib(r[i]['server_rss_kib'])}")
+            else:
+                cells.append(f"{'':>7} {'':>7}")
+        sessions = next(r[i]["sessions"] for r in rows if i < len(r))
+        lines.append(f"{sessions:>8} | " + " | ".join(cells))
+    growth = []
+    for r in rows:
+        growth.append(" ".join(grown(r[0][f"{end}_rss_kib"], r[-1][f"{end}_rss_kib"])
+                               for end in ("client", "server")))
+    lines.append(f"{'growth':>8} | " + " | ".join(growth))
+    for name, r in runs:
+        outcomes = "; ".join(
+            f"{kind}: " + ", ".join(f"{n} {what}" for what, n in sorted(table.items()))
+            for kind, table in r["outcomes"].items())
+        lines.append(f"{name}, sessions by outcome: {outcomes}")
+    return "\n".join(lines)
+
+
+def print_churn(result: Mapping[str, Any]) -> None:
+    """Print the churn's tables, one per mode."""
+    for mode, runs in result["churn"].items():
+        print(format_churn(mode, runs["ours"], runs.get("against"), result.get("against")))

@@ -25,10 +25,11 @@ from twisted.python import usage
 
 from tigertunnel.ops.memory import tune_malloc
 from tigertunnel.ops.workers import MAX_WORKERS
+from tigertunnel.tools.bench.churn import KINDS, Churn, Relay, churn_rss
 from tigertunnel.tools.bench.load import LoadRun, own_cpu
 from tigertunnel.tools.options import ExampleOptions
 from tigertunnel.tools.ports import free_port
-from tigertunnel.tools.bench.report import Cell, print_report
+from tigertunnel.tools.bench.report import Cell, print_churn, print_report
 from tigertunnel.tools.procs import (
     cpu_seconds,
     cpu_split,
@@ -63,6 +64,12 @@ class BenchOptions(ExampleOptions):
         ["json", None, None, "Also write the results as JSON to this file."],
         ["pool", "n", "4", "Pool connections (-n) of the tunnel client."],
         ["workers", "w", "1", "Worker processes (--workers) of each tunnel end."],
+        ["churn", None, "0",
+         "Instead of the cells: run N short sessions of every kind (clean, "
+         "abandoned mid-frame, cut by the backend, cut by the pool, refused) and "
+         "print each tunnel end's RSS after a warm-up and per 1,000 sessions."],
+        ["warmup", None, "1000", "--churn: sessions before the first RSS reading."],
+        ["kinds", None, ",".join(KINDS), "--churn: the kinds of session to run."],
         ["against", None, None,
          "Also run every cell through another implementation of the same "
          "command line (CMD keygen/server/client, e.g. the Zig tigertunnel "
@@ -79,6 +86,8 @@ class BenchOptions(ExampleOptions):
             self["idle"] = int(self["idle"])
             self["pool"] = int(self["pool"])
             self["workers"] = int(self["workers"])
+            self["churn"] = int(self["churn"])
+            self["warmup"] = int(self["warmup"])
         except ValueError as e:
             raise usage.UsageError(f"bad number: {e}") from None
         if not 1 <= self["workers"] <= MAX_WORKERS:
@@ -87,6 +96,13 @@ class BenchOptions(ExampleOptions):
             raise usage.UsageError("--pool and --sessions must be at least 1")
         if any(not MIN_FRAME_SIZE <= s <= MAX_FRAME_SIZE for s in self["sizes"]):
             raise usage.UsageError("frame sizes must be 256..1048576")
+        if self["churn"] < 0 or self["warmup"] < 0:
+            raise usage.UsageError("--churn and --warmup must be at least 0")
+        self["kinds"] = self["kinds"].split(",")
+        bad = [k for k in self["kinds"] if k not in KINDS]
+        if bad or not self["kinds"]:
+            raise usage.UsageError(f"unknown session kind {','.join(bad)!r}; the "
+                                   f"kinds are {', '.join(KINDS)}")
         self["modes"] = self["modes"].split(",")
         if any(m not in MODES for m in self["modes"]):
             raise usage.UsageError("modes are psk and kem")
@@ -110,7 +126,12 @@ class Processes:
     """
 
     def __init__(self, tmp: str, mode: str, pool: int, workers: int = 1,
-                 command: Optional[List[str]] = None) -> None:
+                 command: Optional[List[str]] = None, relayed: bool = False) -> None:
+        """
+        :param relayed: add a second proxy pair (TB port ``client_port_b``)
+            whose pool connections go to ``relay_port`` (a :class:`Relay`
+            the caller runs, to ``server_port_b``).
+        """
         exe = list(command) if command is not None else OURS
         self.workers = workers if command is None else 1
         key = os.path.join(tmp, "secret.key")
@@ -121,6 +142,15 @@ class Processes:
             subprocess.run(OURS + ["kemgen", "-o", kem], check=True, capture_output=True)
         self.echo_port, self.server_port, self.client_port = (
             free_port(), free_port(), free_port())
+        second_server: List[str] = []
+        second_client: List[str] = []
+        if relayed:
+            self.server_port_b, self.relay_port, self.client_port_b = (
+                free_port(), free_port(), free_port())
+            second_server = ["-p", f"127.0.0.1:{self.server_port_b},"
+                                   f"127.0.0.1:{self.echo_port}"]
+            second_client = ["-p", f"127.0.0.1:{self.client_port_b},"
+                                   f"127.0.0.1:{self.relay_port}"]
         server_kem = ["--kemsecret", kem + ".key"] if mode == "kem" else []
         client_kem = ["--kempublic", kem + ".pub"] if mode == "kem" else []
         workers_args = ["--workers", str(workers)] if command is None else []
@@ -129,16 +159,17 @@ class Processes:
         self._log: IO[bytes] = open(self.log_path, "ab")
         logs = self._log
         self.echo = subprocess.Popen(
-            [sys.executable, "-m", "tigertunnel.tools.echo", str(self.echo_port)],
+            [sys.executable, "-m", "tigertunnel.tools.echo", "--hang-up", str(self.echo_port)],
             stdout=logs, stderr=logs)
         self.server = subprocess.Popen(
             exe + ["server", "-p", f"127.0.0.1:{self.server_port},127.0.0.1:{self.echo_port}",
-                   "-k", key, "--log-level", "warn", "-m", "5000"]
+                   *second_server, "-k", key, "--log-level", "warn", "-m", "5000"]
             + workers_args + server_kem,
             stdout=logs, stderr=logs)
         self.client = subprocess.Popen(
             exe + ["client", "-p", f"127.0.0.1:{self.client_port},127.0.0.1:{self.server_port}",
-                   "-k", key, "-n", str(pool), "--log-level", "warn", "-m", "5000"]
+                   *second_client, "-k", key, "-n", str(pool), "--log-level", "warn",
+                   "-m", "5000"]
             + workers_args + client_kem,
             stdout=logs, stderr=logs)
 
@@ -324,6 +355,57 @@ async def run_bench(reactor: IReactorTCP, opts: BenchOptions) -> Dict[str, Any]:
             "against": " ".join(opts["against"]) if opts["against"] else None}
 
 
+async def _churn_one(reactor: IReactorTCP, procs: Processes,
+                     opts: BenchOptions) -> Dict[str, Any]:
+    """The churn through one tunnel: RSS rows and session outcomes."""
+    relay = Relay(reactor, procs.server_port_b)
+    await relay.listen(procs.relay_port)
+    try:
+        await _ready(reactor, procs)
+        churn = Churn(reactor, [procs.client_port, procs.client_port_b], relay,
+                      opts["kinds"])
+
+        def rss() -> Dict[str, int]:
+            # -1: that end's process has exited.
+            return {f"{role}_rss_kib": procs.largest_kib(p.pid, "VmRSS")
+                    if p.poll() is None else -1
+                    for role, p in (("client", procs.client), ("server", procs.server))}
+
+        rows = await churn_rss(reactor, churn, rss, opts["churn"], opts["warmup"])
+        return {"rows": rows, "outcomes": churn.outcomes}
+    finally:
+        await relay.stop()
+
+
+async def run_churn(reactor: IReactorTCP, opts: BenchOptions) -> Dict[str, Any]:
+    """``--churn``: for each mode, the churn through this tunnel, then
+    through ``--against`` (fresh processes each).
+
+    :raises RuntimeError: naming the tunnel that failed, with the end of its log.
+    """
+    tune_malloc()
+    results: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in opts["modes"]:
+            results[mode] = {}
+            commands: List[Tuple[str, Optional[List[str]]]] = [("ours", None)]
+            if opts["against"] is not None:
+                commands.append(("against", opts["against"]))
+            for name, command in commands:
+                procs = Processes(tmp, mode, opts["pool"], opts["workers"],
+                                  command=command, relayed=True)
+                try:
+                    results[mode][name] = await _churn_one(reactor, procs, opts)
+                except Exception as e:
+                    which = "the --against tunnel" if command else "the tunnel"
+                    raise RuntimeError(f"churn {mode}: {e}; {which}'s log ends "
+                                       f"with:\n{procs.log_tail()}") from None
+                finally:
+                    procs.stop()
+    return {"churn": results, "kinds": opts["kinds"], "warmup": opts["warmup"],
+            "against": " ".join(opts["against"]) if opts["against"] else None}
+
+
 def run(opts: BenchOptions) -> int:
     """Run the benchmark with parsed options on the global reactor; print the report.
 
@@ -334,7 +416,10 @@ def run(opts: BenchOptions) -> int:
 
     async def go(reactor: IReactorTCP) -> None:
         try:
-            result.update(await run_bench(reactor, opts))
+            if opts["churn"]:
+                result.update(await run_churn(reactor, opts))
+            else:
+                result.update(await run_bench(reactor, opts))
         except RuntimeError as e:
             error[0] = str(e)
 
@@ -347,7 +432,10 @@ def run(opts: BenchOptions) -> int:
     if error[0] is not None:
         sys.stderr.write(f"{error[0]}\ntigertunnel: error: bench failed (see above)\n")
         return 1
-    print_report(result)
+    if opts["churn"]:
+        print_churn(result)
+    else:
+        print_report(result)
     if opts["json"]:
         with open(opts["json"], "w") as f:
             json.dump(result, f, indent=2)
