@@ -1,6 +1,6 @@
 """What a proxy pair reports about itself: a typed, frozen snapshot.
 
-:meth:`~tigertunnel.net.multiplexer.SessionMultiplexer.snapshot` fills a
+:meth:`~tigertunnel.net.pairmux.SessionMultiplexer.snapshot` fills a
 :class:`PairStatus`; :mod:`tigertunnel.ops.figures` renders it as the
 ``/status`` document and :mod:`tigertunnel.ops.metrics` as metrics, without
 reading the multiplexer's insides or asking which role it plays.

@@ -2,7 +2,7 @@
 
 A key reload (:mod:`tigertunnel.ops.reload`) gives every multiplexer the new
 :class:`~tigertunnel.keys.ring.KeyRing` through
-:meth:`~tigertunnel.net.multiplexer.SessionMultiplexer.retire_outdated`.
+:meth:`~tigertunnel.net.pairmux.SessionMultiplexer.retire_outdated`.
 Each established pool connection whose
 :class:`~tigertunnel.wire.handshake.KeyUse` the ring no longer takes as
 current moves to ``DRAINING`` (:data:`~tigertunnel.net.states.POOL_TRANSITIONS`)

@@ -16,7 +16,7 @@ What a reload does (the README's "Key rotation" section is the user's side):
    exactly the keys now in the file.
 3. Established pool connections keep working. Those keyed with a key that
    is no longer current are *retired* (state ``DRAINING``; each multiplexer
-   does it, :meth:`~tigertunnel.net.multiplexer.SessionMultiplexer.retire_outdated`,
+   does it, :meth:`~tigertunnel.net.pairmux.SessionMultiplexer.retire_outdated`,
    comparing each connection's :class:`~tigertunnel.wire.handshake.KeyUse`
    with the new ring):
 
@@ -144,7 +144,7 @@ class KeyReloader:
     :param muxes: the multiplexers of the tunnel end; they share one
         configuration, whose key files are reloaded, and take the new
         :class:`~tigertunnel.keys.ring.KeyRing` together
-        (:meth:`~tigertunnel.net.multiplexer.SessionMultiplexer.retire_outdated`,
+        (:meth:`~tigertunnel.net.pairmux.SessionMultiplexer.retire_outdated`,
         which retires and closes what the new ring makes outdated).
     :param clock: schedules the later looks at the retired pool connections.
     :param now: wall-clock time, for the reported reload time.
