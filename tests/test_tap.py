@@ -573,10 +573,10 @@ class KemAvailabilityTests(OptionsTestCase):
         self.without_native_mlkem()
         self.usage_error(["server", "-p", PAIR, "-k", self.keys.psk, "--kemsecret",
                           self.keys.kem_secret], "cannot use --kemsecret",
-                         "no native ML-KEM-768", "cryptography 47 or later")
+                         "no native ML-KEM-768", "cryptography 48 or later")
         self.usage_error(["client", "-p", PAIR, "-k", self.keys.psk, "--kempublic",
                           self.keys.kem_public], "cannot use --kempublic",
-                         "no native ML-KEM-768", "cryptography 47 or later")
+                         "no native ML-KEM-768", "cryptography 48 or later")
 
     def test_psk_only_runs_without_native_mlkem(self) -> None:
         """Without a KEM key file the missing ML-KEM is no reason to refuse."""

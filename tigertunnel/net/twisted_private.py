@@ -285,11 +285,13 @@ def gate_accepts(port: Any, may_accept: Callable[[], bool],
     port reading).
 
     :returns: whether the gate is in place (``False`` without
-        :data:`GATED_ACCEPT`: the port accepts as Twisted does).
+        :data:`GATED_ACCEPT`, or for a port that is not a reading file
+        descriptor, such as a memory reactor's: the port accepts as Twisted
+        does).
     """
-    if not GATED_ACCEPT:
+    accept_waiting = getattr(port, "doRead", None)
+    if not GATED_ACCEPT or accept_waiting is None:
         return False
-    accept_waiting = port.doRead
 
     def doRead() -> Any:
         if not may_accept():
