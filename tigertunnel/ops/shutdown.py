@@ -236,8 +236,9 @@ class TunnelService(MultiService):
         sessions = sum(len(m.sessions) for m in muxes)
         connections = sum(len(m.pool_connections) for m in muxes)
         log.warn("shutdown timeout ({timeout} s): aborting {sessions} sessions "
-                 "and {links} pool connections", timeout=self.shutdown_timeout,
-                 sessions=sessions, links=connections)
+                 "and {pool_connections} pool connections",
+                 timeout=self.shutdown_timeout, sessions=sessions,
+                 pool_connections=connections)
         for mux in muxes:
             for session in list(mux.sessions):
                 session.close(abort=True)

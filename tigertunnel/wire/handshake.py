@@ -76,6 +76,7 @@ from typing import Callable, Mapping, Protocol
 from tigertunnel.crypto import kdf, kem
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import HandshakeError, KEMError
+from tigertunnel.keys.ring import KeyUse
 from tigertunnel.crypto.layout import MAX_U64
 from tigertunnel.wire.replaywindow import (
     DEFAULT_BUCKETS,
@@ -123,8 +124,9 @@ class Established:
     :ivar key_fingerprint: :func:`~tigertunnel.crypto.kdf.key_fingerprint`
         of the PSK used (a key reload retires connections made with key
         bytes since replaced under the same key id).
-    :ivar kem_fingerprint: the same for the KEM secret key a tunnel server
-        used in ``kemconnect`` mode, else ``None``.
+    :ivar kem_fingerprint: in ``kemconnect`` mode, the fingerprint of the
+        KEM secret key a tunnel server used or of the public key a tunnel
+        client used (see :class:`KeyUse`), else ``None``.
     """
 
     keys: SessionKeys
@@ -135,6 +137,12 @@ class Established:
     leftover: bytes
     key_fingerprint: bytes = b""
     kem_fingerprint: bytes | None = None
+
+    @property
+    def key_use(self) -> KeyUse:
+        """Which keys this handshake used."""
+        return KeyUse(self.key_id, self.key_fingerprint, self.kem_key_id,
+                      self.kem_fingerprint)
 
 
 @dataclass(frozen=True)
@@ -373,7 +381,9 @@ class ClientHandshake:
             mode="connect" if self._kem_public is None else "kemconnect",
             peer_version=self._version, key_id=self._key_id,
             kem_key_id=None if self._kem_public is None else self._kem_public[0],
-            leftover=leftover, key_fingerprint=kdf.key_fingerprint(self._psk))
+            leftover=leftover, key_fingerprint=kdf.key_fingerprint(self._psk),
+            kem_fingerprint=None if self._kem_public is None
+            else kdf.public_key_fingerprint(self._kem_public[1]))
 
 
 class HelloReplayCache(Protocol):
