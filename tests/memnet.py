@@ -208,11 +208,11 @@ class Tunnel:
     def reference_client_link(self) -> "Tuple[Any, List[bytes]]":
         """A pool connection from a version-1 (reference) client, and what it receives after its handshake."""
         from tigertunnel.wire.handshake import ClientHandshake
-        from tigertunnel.net.tunnel_protocol import TunnelProtocol
+        from tigertunnel.net.pool_client import ClientPoolProtocol
 
-        link = TunnelProtocol(Role.CLIENT, ClientHandshake(*psk_store().first(), version=1,
-                                                         now=self.clock.seconds),
-                              self.client, "v1")
+        link = ClientPoolProtocol(ClientHandshake(*psk_store().first(), version=1,
+                                                  now=self.clock.seconds),
+                                  self.client, "v1")
         self.net.dial(self.server_addr, link)
         self.net.flush()
         received: List[bytes] = []

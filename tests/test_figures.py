@@ -1,6 +1,7 @@
 """Tests for :mod:`tigertunnel.ops.figures`: the /status document and its sum over ``--workers``."""
 
 import json
+from dataclasses import FrozenInstanceError
 from typing import Any, Dict, List
 
 from twisted.internet.task import Clock
@@ -8,16 +9,19 @@ from twisted.logger import eventAsJSON
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.memnet import Tunnel
-from tigertunnel.config.model import Address, ProxyPair, TunnelConfig
+from tigertunnel.config.model import Address, ProxyPair, Role, TunnelConfig
 from tigertunnel.net.multiplexer import ClientMultiplexer
 from tests.test_metrics import CLIENT_PAIR, SERVER_PAIR, frame, get, samples, value
-from tigertunnel.stats import HandshakeFailure
+from tigertunnel.net.pairstatus import PairStatus, PoolConnectionStatus
+from tigertunnel.stats import HandshakeFailure, Reachability, Stats
 from tigertunnel.ops.figures import (
     FIGURES_INTERVAL,
     WorkerProcessCollector,
+    counters,
     figures_reporter,
     merge_pair_documents,
     pair_status,
+    render_pair,
     report_pairs,
     report_parts,
     report_tb,
@@ -215,3 +219,83 @@ class ReporterTests(SynchronousTestCase):
         self.assertTrue(families)
         for family in families:
             self.assertEqual({s.labels["worker"] for s in family.samples}, {"0"})
+
+
+class PoolConnectionsKeyTests(SynchronousTestCase):
+    """/status lists pool connections under ``pool_connections`` (and ``links`` for one release)."""
+
+    def test_both_keys_same_list(self) -> None:
+        """A pair's document lists every established pool connection under both keys."""
+        t = busy_tunnel(1)
+        doc = pair_status(t.client)
+        self.assertEqual(len(doc["pool_connections"]), 2)
+        self.assertEqual(doc["pool_connections"], doc["links"])
+        self.assertEqual({c["name"] for c in doc["pool_connections"]},
+                         {c.name for c in t.client.pool_connections})
+
+    def test_merged_keys_name_their_worker(self) -> None:
+        """Merged over workers, both keys carry each connection's worker."""
+        one, two = busy_tunnel(0), busy_tunnel(0)
+        merged = merge_pair_documents({0: [pair_status(one.client)],
+                                       2: [pair_status(two.client)]})[0]
+        self.assertEqual(sorted(c["worker"] for c in merged["pool_connections"]),
+                         [0, 0, 2, 2])
+        self.assertEqual(merged["pool_connections"], merged["links"])
+
+
+class RenderPairTests(SynchronousTestCase):
+    """The /status document is rendered from a typed PairStatus, whatever built it."""
+
+    def snap(self, **changes: Any) -> PairStatus:
+        fields: Dict[str, Any] = dict(
+            role=Role.SERVER, name="pair0", label="replica0", listen=":3000",
+            target="127.0.0.1:3001", healthy=True, stopping=False, pool_size=None,
+            handshaking=3,
+            pool_connections=(PoolConnectionStatus("a", 2 ** 60 + 1, 2, "healthy"),
+                              PoolConnectionStatus("b", 2 ** 60 + 1, 0, "draining"),
+                              PoolConnectionStatus("c", None, 0, "healthy")),
+            sessions=2, stats=Stats(), backend=Reachability(False, 9.0, "refused"))
+        fields.update(changes)
+        return PairStatus(**fields)
+
+    def test_server_pair(self) -> None:
+        """Counts by state and key id (ids as strings), and the backend record."""
+        doc = render_pair(self.snap())
+        self.assertEqual(doc["pool"], {"healthy": 2, "draining": 1, "handshaking": 3})
+        self.assertEqual(doc["key_ids"], {str(2 ** 60 + 1): 2, "none": 1})
+        self.assertEqual([c["state"] for c in doc["pool_connections"]],
+                         ["healthy", "draining", "healthy"])
+        self.assertEqual(doc["backend"], {"reachable": False, "checked": 9.0,
+                                          "error": "refused"})
+        self.assertEqual((doc["name"], doc["healthy"]), ("replica0", True))
+
+    def test_client_pair(self) -> None:
+        """A client pair has a pool size and no backend record."""
+        doc = render_pair(self.snap(role=Role.CLIENT, pool_size=4, backend=None))
+        self.assertEqual(doc["pool"]["size"], 4)
+        self.assertNotIn("backend", doc)
+
+    def test_snapshot_is_typed_and_frozen(self) -> None:
+        """A multiplexer's snapshot is a frozen PairStatus of either role."""
+        t = busy_tunnel(1)
+        for mux in (t.client, t.server):
+            snap = mux.snapshot()
+            self.assertIsInstance(snap, PairStatus)
+            self.assertIs(snap.role, mux.role)
+            with self.assertRaises(FrozenInstanceError):
+                snap.healthy = False  # type: ignore[misc]
+        self.assertEqual((t.client.snapshot().pool_size, t.server.snapshot().pool_size),
+                         (2, None))
+
+
+class CounterNameTests(SynchronousTestCase):
+    """/status counters carry the Stats names, and former names for one release."""
+
+    def test_pool_failures_and_alias(self) -> None:
+        """pool_failures is listed as such, and as link_failures (its former name)."""
+        stats = Stats()
+        stats.pool_failures = 3
+        flat = counters(stats)
+        self.assertEqual((flat["pool_failures"], flat["link_failures"]), (3, 3))
+        self.assertEqual(list(flat), sorted(flat))
+        self.assertNotIn("link_failures", counters(Stats()))

@@ -7,9 +7,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import load_vectors, unhex
 from tigertunnel.wire import handshake as hs
-from tigertunnel.crypto import kem
+from tigertunnel.crypto import kdf, kem
 from tigertunnel.crypto.kdf import SessionKeys, derive_session_keys
 from tigertunnel.errors import HandshakeError
+from tigertunnel.keys.ring import KeyUse
 from tigertunnel.wire.replaywindow import Verdict
 
 HELLO = load_vectors("hello")
@@ -675,3 +676,35 @@ class HardeningTests(SynchronousTestCase):
         for version in (1, 2):
             result = make_server(versions=(1, 2)).feed(connect_hello(version=version))
             self.assertIsInstance(result, hs.Accepted)
+
+
+class KeyUseTests(SynchronousTestCase):
+    """Both ends record which keys their handshake used in one record, KeyUse."""
+
+    def test_connect(self) -> None:
+        """Without KEM both ends record the PSK id and fingerprint and no KEM key."""
+        client = hs.ClientHandshake(KEY_ID, PSK, now=lambda: NOW)
+        server = hs.ServerHandshake({KEY_ID: PSK}, None, now=lambda: NOW)
+        accepted = server.feed(client.start())
+        assert isinstance(accepted, hs.Accepted)
+        mine = client.feed(accepted.reply)
+        assert mine is not None
+        expected = KeyUse(KEY_ID, kdf.key_fingerprint(PSK), None, None)
+        self.assertEqual((mine.key_use, accepted.established.key_use), (expected, expected))
+
+    def test_kemconnect(self) -> None:
+        """With KEM the client records its public key's fingerprint, the server its seed's."""
+        client = hs.ClientHandshake(KEY_ID, PSK, kem_public=(KEM_KEY_ID, KEM_PUBLIC),
+                                    now=lambda: NOW)
+        server = hs.ServerHandshake({KEY_ID: PSK}, {KEM_KEY_ID: KEM_SEED}, now=lambda: NOW)
+        accepted = server.feed(client.start())
+        assert isinstance(accepted, hs.Accepted)
+        mine = client.feed(accepted.reply)
+        assert mine is not None
+        self.assertEqual(mine.key_use, KeyUse(KEY_ID, kdf.key_fingerprint(PSK), KEM_KEY_ID,
+                                                 kdf.public_key_fingerprint(KEM_PUBLIC)))
+        self.assertEqual(accepted.established.key_use,
+                         KeyUse(KEY_ID, kdf.key_fingerprint(PSK), KEM_KEY_ID,
+                                   kdf.key_fingerprint(KEM_SEED)))
+        self.assertNotEqual(kdf.public_key_fingerprint(KEM_PUBLIC),
+                            kdf.public_key_fingerprint(kem.public_key_from_seed(PSK[::-1])))

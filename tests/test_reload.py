@@ -11,9 +11,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.memnet import KEM_KEY_ID, KEM_SEED, TBPeer, Tunnel
 from tests.strategies import make_tb_frame
+from tigertunnel.crypto.kdf import public_key_fingerprint
 from tigertunnel.crypto.kem import public_key_from_seed
 from tigertunnel.keys.files import load_psk_file
 from tigertunnel.keys.format import format_key_line
+from tigertunnel.net.states import PoolState
 from tigertunnel.stats import HandshakeFailure, Refusal
 from tigertunnel.ops.reload import (
     CHECK_INTERVAL,
@@ -375,13 +377,15 @@ class KemReloadTests(ReloadCase):
         self.t.net.advance(CHECK_INTERVAL + 0.5)
         self.assertEqual(self.t.client.draining, set())
         self.assertEqual(len(self.t.client.pool_connections), 2)
-        self.assertEqual({self.t.client.handshake_kem[l] for l in self.t.client.pool_connections},
-                         {(99, new_pub)})
+        self.assertEqual({(c.key_use.kem_id, c.key_use.kem_fingerprint)
+                          for c in self.t.client.pool_connections},
+                         {(99, public_key_fingerprint(new_pub))})
         self.echo_session()
 
     def test_server_retires_removed_kem_key(self) -> None:
         """Removing a KEM secret key on the server retires the pool connections made with it."""
-        self.assertEqual({l.kem_key_id for l in self.t.server.pool_connections}, {KEM_KEY_ID})
+        self.assertEqual({c.key_use.kem_id for c in self.t.server.pool_connections},
+                         {KEM_KEY_ID})
         self.keys.write("kem.key", format_key_line(99, OTHER_SEED))
         self.assertTrue(self.server.reload())
         self.t.net.flush()
@@ -390,8 +394,8 @@ class KemReloadTests(ReloadCase):
     def test_server_retires_replaced_kem_bytes(self) -> None:
         """KEM secret key bytes replaced under the same KEM key id retire the pool connections made with the old bytes."""
         links = list(self.t.server.pool_connections)
-        self.assertEqual({l.kem_key_id for l in links}, {KEM_KEY_ID})
-        self.assertTrue(all(l.kem_fingerprint for l in links))
+        self.assertEqual({c.key_use.kem_id for c in links}, {KEM_KEY_ID})
+        self.assertTrue(all(c.key_use.kem_fingerprint for c in links))
         self.keys.write("kem.key", format_key_line(KEM_KEY_ID, OTHER_SEED))
         self.assertTrue(self.server.reload())
         self.t.net.flush()
@@ -495,3 +499,38 @@ class ReloadServiceTests(ReloadCase):
         self.keys.psk("client.key", NEW)
         self.assertFalse(service.reload())
         self.assertEqual(self.t.client.keyring.psk.first()[0], OLD)
+
+
+class DrainingStateTests(ReloadCase):
+    """Retired is a state of the pool connection (DRAINING), moved by the multiplexer."""
+
+    def test_retired_connection_is_draining(self) -> None:
+        """A busy pool connection keyed with a retired key moves to DRAINING, shows as
+        draining in the snapshot, and to CLOSING once its session ends."""
+        peer = self.echo_session()
+        busy = self.link_of(peer)
+        self.rotate()
+        self.assertIs(busy.state, PoolState.DRAINING)
+        snap = self.t.client.snapshot()
+        self.assertEqual({c.name: c.state for c in snap.pool_connections}[busy.name],
+                         "draining")
+        self.assertEqual(snap.draining, 2)  # the idle one is closing: listed until gone
+        peer.transport.loseConnection()
+        self.t.net.flush()
+        self.t.net.advance(CHECK_INTERVAL + 0.5)
+        self.assertIn(busy.state, (PoolState.CLOSING, PoolState.CLOSED))
+
+    def test_key_current_again_renews(self) -> None:
+        """A reload that makes a draining connection's key current again moves it back to
+        ESTABLISHED: it is kept past the drain timeout and takes sessions again."""
+        peer = self.echo_session()
+        busy = self.link_of(peer)
+        self.rotate()
+        self.assertIs(busy.state, PoolState.DRAINING)
+        self.keys.psk("client.key", OLD, NEW)
+        self.assertTrue(self.client.reload())
+        self.assertIs(busy.state, PoolState.ESTABLISHED)
+        self.assertNotIn(busy, self.t.client.draining)
+        self.t.net.advance(DRAIN_TIMEOUT + 5)
+        self.assertIn(busy, self.t.client.pool_connections)
+        self.assertIs(busy.state, PoolState.ESTABLISHED)

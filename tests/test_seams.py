@@ -15,13 +15,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tigertunnel"
 #: The order of the modules of net/: each may import only modules of a
 #: lower rank (interfaces.py imports nothing of net/).
 NET_RANKS: Dict[str, int] = {
-    "admission": 0, "backoff": 0, "heartbeat": 0, "outage": 0, "states": 0,
-    "twisted_private": 0,
+    "admission": 0, "backoff": 0, "heartbeat": 0, "outage": 0, "outcome": 0, "states": 0,
+    "twisted_private": 0, "pairstatus": 0,
     "reactor": 1, "sockets": 1, "streams": 1,
     "frame_protocol": 2, "listeners": 2,
     "tunnel_protocol": 3,
-    "pool": 4,
-    "multiplexer": 5,
+    "pool_client": 4, "pool_server": 4, "retire": 4,
+    "pool": 5, "pairmux": 5,
+    "multiplexer": 6,
 }
 
 
@@ -72,3 +73,37 @@ class NetImportTests(SynchronousTestCase):
         """interfaces.py, the seams below net/, imports no module of net/ (the counters it names are in tigertunnel.stats)."""
         net = {m for m in imports(PACKAGE / "interfaces.py") if m.startswith("tigertunnel.net")}
         self.assertEqual(net, set())
+
+
+#: What the operations layer's reload, figures and metrics may use of a
+#: multiplexer: its operations and its public settings, no internals.
+MUX_OPERATIONS = {"snapshot", "retire_outdated", "close_retired", "keyring",
+                  "handshake_timeout", "stopping", "pair_label", "role", "config"}
+OPS_USERS = ("reload.py", "figures.py", "metrics.py")
+
+
+class OpsUsesOperationsTests(SynchronousTestCase):
+    """ops/ reload, figures and metrics use the multiplexer's operations only."""
+
+    def test_no_role_switch(self) -> None:
+        """No isinstance() on a multiplexer class: each role answers for itself."""
+        found = []
+        for name in OPS_USERS:
+            path = PACKAGE / "ops" / name
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                        and node.func.id == "isinstance" and len(node.args) == 2
+                        and "Multiplexer" in ast.unparse(node.args[1])):
+                    found.append(f"{name}:{node.lineno}")
+        self.assertEqual(found, [])
+
+    def test_no_internals(self) -> None:
+        """A multiplexer (``mux``) is asked only for its operations and settings."""
+        found = []
+        for name in OPS_USERS:
+            path = PACKAGE / "ops" / name
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                        and node.value.id == "mux" and node.attr not in MUX_OPERATIONS):
+                    found.append(f"{name}:{node.lineno}: mux.{node.attr}")
+        self.assertEqual(found, [])

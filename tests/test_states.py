@@ -14,7 +14,7 @@ from tigertunnel.errors import HandshakeError
 from tigertunnel.net.frame_protocol import SESSION_TRANSITIONS, SessionInput, SessionState
 from tigertunnel.net.pool import SLOT_TRANSITIONS, SlotInput, SlotState
 from tigertunnel.net.states import TransitionError, Transitions
-from tigertunnel.net.tunnel_protocol import POOL_TRANSITIONS, PoolInput, PoolState
+from tigertunnel.net.states import POOL_TRANSITIONS, PoolInput, PoolState
 
 
 class Light(enum.Enum):

@@ -157,3 +157,17 @@ class ArgumentTests(SynchronousTestCase):
             sys.stdout = saved
         self.assertIn("usage: tigertunnel status [-h] [--json]", out.getvalue())
         self.assertIn("Examples:", out.getvalue())
+
+
+class PoolConnectionsKeyTests(SynchronousTestCase):
+    """The terminal view reads ``pool_connections``, and ``links`` from an older tunnel end."""
+
+    def test_reads_pool_connections_first(self) -> None:
+        """Connections are listed from pool_connections; an end that sends only links still shows."""
+        doc = tunnel_status()
+        pair = doc["pairs"][0]
+        key_id = pair["pool_connections"][0]["key_id"]
+        pair["links"] = []
+        self.assertEqual(render(doc, "u", 200).count(f"key {key_id}  healthy"), 2)
+        pair["links"] = pair.pop("pool_connections")
+        self.assertEqual(render(doc, "u", 200).count(f"key {key_id}  healthy"), 2)

@@ -1,12 +1,17 @@
 """Tests for :mod:`tigertunnel.net.streams` (the stream table of a pool connection)."""
 
-from typing import List
+from typing import List, Tuple
 
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from tigertunnel.interfaces import PoolConnection
-from tigertunnel.net.streams import StreamInUseError, StreamTable
+from tigertunnel.net.streams import (
+    MAX_UNPROVEN_STREAMS,
+    StreamInUseError,
+    StreamRefused,
+    StreamTable,
+)
 
 
 class FakeSession:
@@ -149,3 +154,82 @@ class RemoveDrainTests(SynchronousTestCase):
             table.drain()
         self.assertEqual(seen, sessions)
         self.assertEqual(len(table), 0)
+
+
+class UnprovenPolicyTests(SynchronousTestCase):
+    """The server's policy for bare stream_opens lives in the table (sans-IO)."""
+
+    def test_proven_open_opens_at_once(self) -> None:
+        """A sealed (or plaintext) stream_open says: open the backend now; nothing is held."""
+        table = StreamTable()
+        self.assertTrue(table.peer_opened(5, proven=True))
+        self.assertEqual(table.unproven, set())
+
+    def test_bare_open_waits_for_data(self) -> None:
+        """A bare stream_open is held until prove() sees its first data frame, once."""
+        table = StreamTable()
+        self.assertFalse(table.peer_opened(5, proven=False))
+        self.assertEqual(table.unproven, {5})
+        self.assertTrue(table.prove(5))
+        self.assertFalse(table.prove(5))
+        self.assertEqual(table.unproven, set())
+
+    def test_open_of_an_id_in_use_refused(self) -> None:
+        """Opening an id that is open or waiting is refused, naming the stream."""
+        table = StreamTable()
+        table.attach(3, FakeSession("a"))
+        table.peer_opened(4, proven=False)
+        for stream_id in (3, 4):
+            for proven in (True, False):
+                with self.assertRaises(StreamRefused) as e:
+                    table.peer_opened(stream_id, proven)
+                self.assertIn(f"stream {stream_id}", str(e.exception))
+
+    def test_limit(self) -> None:
+        """MAX_UNPROVEN_STREAMS wait; one more is refused; a proven open still passes."""
+        table = StreamTable()
+        for n in range(1, MAX_UNPROVEN_STREAMS + 1):
+            self.assertFalse(table.peer_opened(n, proven=False))
+        with self.assertRaises(StreamRefused) as e:
+            table.peer_opened(MAX_UNPROVEN_STREAMS + 1, proven=False)
+        self.assertIn(str(MAX_UNPROVEN_STREAMS), str(e.exception))
+        self.assertTrue(table.peer_opened(MAX_UNPROVEN_STREAMS + 1, proven=True))
+
+    def test_peer_close_forgets_either_kind(self) -> None:
+        """A stream_close returns an open stream's session, or forgets an unproven id."""
+        table = StreamTable()
+        session = FakeSession("a")
+        table.attach(1, session)
+        table.peer_opened(2, proven=False)
+        self.assertIs(table.peer_closed(1), session)
+        self.assertIsNone(table.peer_closed(2))
+        self.assertEqual((len(table), table.unproven), (0, set()))
+        self.assertFalse(table.prove(2))
+
+    def test_drain_forgets_unproven(self) -> None:
+        """drain() (the pool connection is gone) forgets the waiting ids too."""
+        table = StreamTable()
+        table.peer_opened(2, proven=False)
+        table.drain()
+        self.assertEqual(table.unproven, set())
+
+    @given(st.lists(st.tuples(st.sampled_from(["open", "bare", "data", "close"]),
+                              st.integers(1, 8)), max_size=80))
+    def test_never_more_than_the_limit_and_never_both(self, ops: List[Tuple[str, int]]) -> None:
+        """Whatever the peer sends, an id is never both open and unproven, and at most
+        MAX_UNPROVEN_STREAMS wait."""
+        table = StreamTable()
+        for op, stream_id in ops:
+            try:
+                if op in ("open", "bare"):
+                    if table.peer_opened(stream_id, op == "open"):
+                        table.attach(stream_id, FakeSession(str(stream_id)))
+                elif op == "data":
+                    if table.prove(stream_id):
+                        table.attach(stream_id, FakeSession(str(stream_id)))
+                else:
+                    table.peer_closed(stream_id)
+            except StreamRefused:
+                pass
+            self.assertFalse(any(i in table for i in table.unproven))
+            self.assertLessEqual(len(table.unproven), MAX_UNPROVEN_STREAMS)

@@ -21,7 +21,8 @@ from tigertunnel.config.model import Address
 from tigertunnel.crypto.kem import public_key_from_seed
 from tigertunnel.keys.generate import kemgen, keygen
 from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol
-from tigertunnel.net.tunnel_protocol import TunnelFactory, TunnelProtocol
+from tigertunnel.net.pool_server import TunnelFactory
+from tigertunnel.net.tunnel_protocol import TunnelProtocol
 from tigertunnel.net.multiplexer import ClientMultiplexer, ServerMultiplexer
 
 PAIR = ":3000,127.0.0.1:3001"

@@ -17,20 +17,21 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import send_frame
 from tests.memnet import psk_store
 from tests.test_protocols import Ends, frames_in, tb_frame
-from tigertunnel.config.model import Role
-from tigertunnel.net.tunnel_protocol import MAX_UNPROVEN_STREAMS, TunnelProtocol
+from tigertunnel.net.pool_client import ClientPoolProtocol
+from tigertunnel.net.pool_server import ServerPoolProtocol
+from tigertunnel.net.streams import MAX_UNPROVEN_STREAMS
 from tigertunnel.tools.traces import CLUSTER3, SINGLE, load_trace
 from tigertunnel.wire.handshake import ClientHandshake
 from tigertunnel.wire.muxframes import FrameType, encode_header
 
-Link = Tuple[TunnelProtocol, StringTransport, TunnelProtocol, StringTransport]
+Link = Tuple[ClientPoolProtocol, StringTransport, ServerPoolProtocol, StringTransport]
 
 
 def reference_link(ends: Ends) -> Link:
     """A pool connection from a version-1 (reference) client: it sends bare stream_opens."""
-    client = TunnelProtocol(Role.CLIENT, ClientHandshake(*psk_store().first(), version=1,
-                                                         now=ends.clock.seconds),
-                            ends.client, "v1")
+    client = ClientPoolProtocol(ClientHandshake(*psk_store().first(), version=1,
+                                                now=ends.clock.seconds),
+                                ends.client, "v1")
     server = ends.server.tunnel_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5))
     ct, st = StringTransport(), StringTransport()
     client.makeConnection(ct)
@@ -41,7 +42,7 @@ def reference_link(ends: Ends) -> Link:
     return client, ct, server, st
 
 
-def open_bare(ends: Ends, client: TunnelProtocol) -> Tuple[int, object]:
+def open_bare(ends: Ends, client: ClientPoolProtocol) -> Tuple[int, object]:
     """Open a stream from the client side (bare stream_open); return its id and session."""
     session = ends.client.new_session()
     stream_id = client.open_stream(session)

@@ -146,6 +146,8 @@ def server_auth_hash(psk: bytes, client_random: bytes, server_random: bytes,
 
 #: Context of :func:`key_fingerprint` (ours; never on the wire).
 FINGERPRINT_CONTEXT = b"tigertunnel-key-fingerprint-v1"
+#: Separates :func:`public_key_fingerprint` from :func:`key_fingerprint`.
+PUBLIC_FINGERPRINT_CONTEXT = b"tigertunnel-public-key-fingerprint-v1"
 FINGERPRINT_SIZE = 16
 
 
@@ -161,3 +163,14 @@ def key_fingerprint(psk: bytes) -> bytes:
     """
     _check_size("psk", psk, PSK_SIZE)
     return hashlib.sha256(FINGERPRINT_CONTEXT + bytes(psk)).digest()[:FINGERPRINT_SIZE]
+
+
+def public_key_fingerprint(public_key: bytes) -> bytes:
+    """Return a 16-byte fingerprint of a public key (a tunnel client's KEM
+    public key): which key a pool connection was made with, for key reload.
+
+    :func:`key_fingerprint`'s hash under its own context, of a key of any
+    length. Compare fingerprints with :func:`hmac.compare_digest`.
+    """
+    return hashlib.sha256(PUBLIC_FINGERPRINT_CONTEXT
+                          + bytes(public_key)).digest()[:FINGERPRINT_SIZE]

@@ -98,7 +98,8 @@ def read_key_file(path: str, secret: bool,
     :param owners: the users a secret file may belong to
         (:func:`trusted_owners` by default).
     :param kind: the option the file was given to (:data:`PSK`,
-        :data:`~tigertunnel.keys.files.KEM_SECRET`, :data:`~tigertunnel.keys.files.KEM_PUBLIC`): a key file of another kind
+        :data:`~tigertunnel.keys.files.KEM_SECRET`,
+        :data:`~tigertunnel.keys.files.KEM_PUBLIC`): a key file of another kind
         is refused as ``WrongKeyKind`` first, before its permissions are
         looked at (a public key needs no ``chmod``).
     :raises KeyFileError: ``Unreadable``, ``WrongKeyKind``,

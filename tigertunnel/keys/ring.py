@@ -8,6 +8,7 @@ one step. The settings (:class:`~tigertunnel.config.model.TunnelConfig`)
 name the key files; the ring holds what is in them.
 """
 
+import hmac
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -15,6 +16,32 @@ from tigertunnel.crypto import kdf, kem
 from tigertunnel.errors import KEMError
 from tigertunnel.keys.format import KeyStore
 from tigertunnel.crypto.layout import MAX_U64
+
+
+@dataclass(frozen=True)
+class KeyUse:
+    """Which keys a pool connection's handshake used (never the keys).
+
+    Both ends make one from the handshake's outcome
+    (:attr:`~tigertunnel.wire.handshake.Established.key_use`); a key reload compares it with the new
+    :class:`KeyRing` to retire connections keyed
+    with a key that is gone or whose bytes changed.
+
+    :ivar psk_id: the PSK key id.
+    :ivar psk_fingerprint: :func:`~tigertunnel.crypto.kdf.key_fingerprint`
+        of the PSK bytes (empty: unknown, counts as current).
+    :ivar kem_id: the KEM key id in ``kemconnect`` mode, else ``None``.
+    :ivar kem_fingerprint: the KEM key's fingerprint: of the secret seed a
+        server used (:func:`~tigertunnel.crypto.kdf.key_fingerprint`), of
+        the public key a client used
+        (:func:`~tigertunnel.crypto.kdf.public_key_fingerprint`); ``None``
+        when not known.
+    """
+
+    psk_id: int
+    psk_fingerprint: bytes = b""
+    kem_id: int | None = None
+    kem_fingerprint: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -81,3 +108,40 @@ class KeyRing:
         if self.kem_secret is not None:
             text += f", kem key ids {self.kem_secret.ids()}"
         return text
+
+    def client_current(self, use: KeyUse) -> bool:
+        """Whether a tunnel client's pool connection keyed with ``use`` uses
+        the current keys: the first PSK (same id and bytes) and the current
+        KEM public key (or none, if none is configured). Plaintext: always.
+        """
+        if self.psk is None:
+            return True
+        key_id, key = self.psk.first()
+        if use.psk_id != key_id or not _same(use.psk_fingerprint, kdf.key_fingerprint(key)):
+            return False
+        if self.kem_public is None:
+            return use.kem_id is None
+        kem_id, public = self.kem_public
+        return use.kem_id == kem_id and _same(use.kem_fingerprint,
+                                              kdf.public_key_fingerprint(public))
+
+    def server_accepts(self, use: KeyUse) -> bool:
+        """Whether a tunnel server still accepts a pool connection keyed with
+        ``use``: its PSK id is in the file with the same bytes, and its KEM
+        key id (if any) too. Plaintext: always."""
+        if self.psk is None:
+            return True
+        if use.psk_id not in self.psk or not _same(use.psk_fingerprint,
+                                                   kdf.key_fingerprint(self.psk[use.psk_id])):
+            return False
+        if use.kem_id is None:
+            return True
+        if self.kem_secret is None or use.kem_id not in self.kem_secret:
+            return False
+        return _same(use.kem_fingerprint, kdf.key_fingerprint(self.kem_secret[use.kem_id]))
+
+
+def _same(used: Optional[bytes], fingerprint: bytes) -> bool:
+    """Whether a recorded fingerprint matches (an unrecorded one counts as
+    matching: only a known difference retires a connection)."""
+    return not used or hmac.compare_digest(used, fingerprint)

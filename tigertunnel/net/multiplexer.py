@@ -1,6 +1,6 @@
 """The multiplexer of a proxy pair: joins its sessions and pool connections.
 
-One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
+One :class:`~tigertunnel.net.pairmux.SessionMultiplexer` runs per proxy pair (``-p``):
 
 * :class:`ClientMultiplexer` (tunnel client) listens for TB clients at
   start-up, keeps ``-n`` pool connections to the tunnel server (each a
@@ -19,45 +19,51 @@ One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
   hellos against one replay cache.
 
 Failed handshakes are counted one by one in the metrics but logged at most
-:data:`~tigertunnel.net.multiplexer.HANDSHAKE_LOG_BURST` times per :data:`HANDSHAKE_LOG_INTERVAL` per
+:data:`~tigertunnel.net.pairmux.HANDSHAKE_LOG_BURST` times per
+:data:`~tigertunnel.net.pairmux.HANDSHAKE_LOG_INTERVAL` per
 pair (a flood must not flood the log); the next line logged says how many
 were left out. Limits hit (no pool connection, ``-m`` sessions, pending
 handshakes, file descriptors) are warnings at most once per
-:data:`LIMIT_LOG_INTERVAL` per pair and kind of limit.
+:data:`~tigertunnel.net.pairmux.LIMIT_LOG_INTERVAL` per pair and kind of limit.
 
-The sessions and pool connections it builds see it only through the
+What both share is :class:`~tigertunnel.net.pairmux.SessionMultiplexer`
+(re-exported here). The sessions and pool connections it builds see it
+only through the
 protocols of :mod:`tigertunnel.interfaces` (``SessionHost``,
 ``SessionPlacer``, ``PoolHost``, ``BackendOpener``, ``PoolOwner``).
 """
 
-import ipaddress
 import random
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
-from weakref import WeakKeyDictionary
+from typing import Any, Callable, Dict, List, Optional, Set, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError
-from twisted.python.failure import Failure
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.python.failure import Failure
 
 from tigertunnel.config.model import ProxyPair, Role, TunnelConfig
-from tigertunnel.interfaces import Reactor, SessionPlacer
-from tigertunnel.keys.ring import KeyRing
-from tigertunnel.logs import LogRateLimit, logger
+from tigertunnel.interfaces import Reactor
+from tigertunnel.keys.ring import KeyUse
+from tigertunnel.logs import logger
 from tigertunnel.net.admission import Admission
-from tigertunnel.net.outage import OutageReport, PoolOutage
 from tigertunnel.net.backoff import backoff_policy
 from tigertunnel.net.frame_protocol import FrameFactory, FrameProtocol, PrebuiltFactory
-from tigertunnel.net.listeners import ListenerService, pair_listener, start_listening
+from tigertunnel.net.listeners import pair_listener
+from tigertunnel.net.outage import OutageReport, PoolOutage
+from tigertunnel.net.pairmux import CONNECT_TIMEOUT as CONNECT_TIMEOUT
+from tigertunnel.net.pairmux import HANDSHAKE_LOG_BURST as HANDSHAKE_LOG_BURST
+from tigertunnel.net.pairmux import HANDSHAKE_LOG_INTERVAL as HANDSHAKE_LOG_INTERVAL
+from tigertunnel.net.pairmux import LIMIT_LOG_INTERVAL as LIMIT_LOG_INTERVAL
+from tigertunnel.net.pairmux import EndpointFor as EndpointFor
+from tigertunnel.net.pairmux import SessionMultiplexer as SessionMultiplexer
+from tigertunnel.net.pairmux import target_host as target_host
 from tigertunnel.net.pool import PoolSlot
-from tigertunnel.wire.tbwatch import TBWatch
-from tigertunnel.stats import HandshakeFailure, Reachability, Refusal, Stats
-from tigertunnel.net.tunnel_protocol import TunnelFactory, TunnelProtocol
+from tigertunnel.net.pool_client import ClientPoolProtocol
+from tigertunnel.net.pool_server import ServerPoolProtocol, TunnelFactory
+from tigertunnel.net.retire import DRAIN_TIMEOUT
+from tigertunnel.net.states import PoolState
+from tigertunnel.stats import Reachability, Refusal
+from tigertunnel.net.tunnel_protocol import TunnelProtocol
 from tigertunnel.wire.handshake import (
     EXTENDED_VERSION,
     PROTOCOL_VERSION,
@@ -67,199 +73,16 @@ from tigertunnel.wire.handshake import (
     ServerHandshake,
 )
 
-#: Seconds allowed for a TCP connect (pool connection or backend).
-CONNECT_TIMEOUT = 10.0
-#: Minimum seconds between two "limit reached" log lines of one kind on one pair.
-LIMIT_LOG_INTERVAL = 10.0
-#: "Handshake failed" log lines of one pair: at most HANDSHAKE_LOG_BURST
-#: per HANDSHAKE_LOG_INTERVAL seconds.
-HANDSHAKE_LOG_INTERVAL = 10.0
-#: Failed handshakes logged per pair and interval.
-HANDSHAKE_LOG_BURST = 5
-
 log = logger(__name__)
 
-EndpointFor = Callable[[ProxyPair], IStreamClientEndpoint]
-
-
-def target_host(pair: ProxyPair) -> str:
-    """The host to connect to; ``:PORT`` targets mean this machine."""
-    return pair.target.host or "127.0.0.1"
-
-
-class SessionMultiplexer(MultiService):
-    """Joins the TB-side connections and the pool connections of one pair.
-
-    :param config: the tunnel end's configuration.
-    :param pair: the proxy pair this multiplexer serves.
-    :param reactor: the reactor (or a ``MemoryReactorClock`` in tests).
-    :param endpoint_for: the client endpoint that reaches a pair's target
-        (tests pass in-memory endpoints); TCP by default.
-    """
-
-    role: Role
-    listener: ListenerService
-    #: Places new TB clients' sessions (tunnel client only).
-    _placer: "Optional[SessionPlacer[FrameProtocol]]" = None
-
-    def __init__(self, config: TunnelConfig, pair: ProxyPair, reactor: Reactor,
-                 endpoint_for: Optional[EndpointFor] = None) -> None:
-        super().__init__()
-        self.endpoint_for: EndpointFor = endpoint_for or self._tcp_endpoint
-        self.config = config
-        #: The keys in use: the start-up keys, until a reload
-        #: (:mod:`tigertunnel.ops.reload`) swaps in a newer ring.
-        self.keyring: KeyRing = config.keyring
-        self.pair = pair
-        self.clock = reactor
-        self.reactor = reactor
-        self.name = pair.name
-        self.handshake_timeout = config.handshake_timeout
-        #: Established pool connections, in the order they came up.
-        self.pool_connections: List[TunnelProtocol] = []
-        self.sessions: Set[FrameProtocol] = set()
-        #: Monotonic counters for metrics.
-        self.stats = Stats()
-        #: What this pair sees of TigerBeetle (set by the tunnel end's
-        #: operations layer, :func:`tigertunnel.ops.tbmetrics.watch_pairs`).
-        self.tb_watch: Optional[TBWatch] = None
-        #: Established pool connections keyed with a retired key
-        #: (:mod:`tigertunnel.ops.reload`): no new sessions go to them.
-        self.draining: Set[TunnelProtocol] = set()
-        #: Set by a graceful shutdown: no new sessions or streams.
-        self.stopping = False
-        self._limit_log = LogRateLimit(LIMIT_LOG_INTERVAL)
-        self._failure_log = LogRateLimit(HANDSHAKE_LOG_INTERVAL, HANDSHAKE_LOG_BURST)
-
-    def _tcp_endpoint(self, pair: ProxyPair) -> IStreamClientEndpoint:
-        host = target_host(pair)
-        try:
-            version = ipaddress.ip_address(host).version
-        except ValueError:
-            # A name: resolved on every connect (in Twisted's thread pool),
-            # trying each address it has.
-            return HostnameEndpoint(self.reactor, host, pair.target.port,
-                                    timeout=CONNECT_TIMEOUT)
-        # An address (the usual backend, 127.0.0.1:3001): a plain TCP
-        # connect, without a resolver round trip per session.
-        cls = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
-        return cls(self.reactor, host, pair.target.port, timeout=CONNECT_TIMEOUT)
-
-    def privilegedStartService(self) -> None:
-        """Bind the listener; a port that cannot be bound is a one-line error."""
-        start_listening(super().privilegedStartService, str(self.pair.listen))
-
-    def startService(self) -> None:
-        start_listening(super().startService, str(self.pair.listen))
-
-    @property
-    def pair_name(self) -> str:
-        """The proxy pair's name in logs (``pair0``)."""
-        return self.pair.name
-
-    @property
-    def pair_label(self) -> str:
-        """What the pair reaches, as metrics name it (label ``pair``)."""
-        return self.pair.label or self.pair.name
-
-    @property
-    def cluster_value(self) -> int:
-        """The configured cluster id, 0 when none (docs/protocol.rst §7.6)."""
-        return self.config.cluster_id or 0
-
-    @property
-    def backend_name(self) -> str:
-        """The target address, for logs."""
-        return str(self.pair.target)
-
-    def new_session(self) -> FrameProtocol:
-        """Build the protocol of a TB-side connection of this pair."""
-        encrypted = self.keyring.psk is not None
-        return FrameProtocol(self, self.config.cluster_id,
-                             check_cluster=encrypted or
-                             self.config.cluster_id is not None,
-                             placer=self._placer)
-
-    def accept_load(self) -> Optional[int]:
-        """What this process serves on the pair, for ``--workers`` accept
-        balancing (each role counts its own; ``None``: take nothing now)."""
-        raise NotImplementedError
-
-    def session_ended(self, session: FrameProtocol) -> None:
-        """A TB-side connection is gone; forget it."""
-        self.sessions.discard(session)
-
-    def pool_connection_up(self, connection: TunnelProtocol) -> None:
-        """A pool connection finished its handshake."""
-        self.stats.pool_connects += 1
-        self.pool_connections.append(connection)
-        self.listener.release()
-        log.info("{role} pool connection {pool_connection} up (key id {key_id})",
-                 role=self.role, pair=self.name, pool_connection=connection.name,
-                 key_id=connection.key_id)
-
-    def pool_connection_down(self, connection: TunnelProtocol) -> None:
-        """A pool connection that was up is gone."""
-        self.draining.discard(connection)
-        if connection in self.pool_connections:
-            self.stats.pool_losses += 1
-            self.pool_connections.remove(connection)
-
-    def handshake_started(self, connection: TunnelProtocol) -> None:
-        """A pool connection started its handshake."""
-
-    def handshake_progress(self, connection: TunnelProtocol, count: int) -> None:
-        """A pool connection received ``count`` handshake bytes."""
-
-    def handshake_ended(self, connection: TunnelProtocol) -> None:
-        """A pool connection's handshake finished, failed or was cut."""
-
-    @property
-    def handshake_failures(self) -> int:
-        """Failed handshakes of this pair, all kinds."""
-        return sum(self.stats.handshake_failures.values())
-
-    def handshake_failed(self, connection: TunnelProtocol, reason: str,
-                         kind: HandshakeFailure,
-                         skew: Optional[int] = None) -> None:
-        """Count a failed handshake; log it unless one was logged lately."""
-        self.stats.handshake_failures[kind] += 1
-        held = self._failure_log.allow(self.clock.seconds())
-        if held is None:
-            return
-        more = (f" ({held} handshake failures before this one not logged)"
-                if held else "")
-        if skew is not None:
-            log.warn("{role} pool connection {pool_connection}: handshake "
-                     "failed: {reason} (clock skew {skew} s){more}",
-                     role=self.role, pair=self.name,
-                     pool_connection=connection.name, reason=reason, skew=skew,
-                     more=more, held=held)
-        else:
-            log.warn("{role} pool connection {pool_connection}: handshake "
-                     "failed: {reason}{more}", role=self.role, pair=self.name,
-                     pool_connection=connection.name, reason=reason, more=more,
-                     held=held)
-
-    def refuse(self, why: Refusal) -> None:
-        """Count a session or stream refused for ``why``."""
-        self.stats.sessions_refused[why] += 1
-
-    def limit_log(self, message: str, **fields: Any) -> None:
-        """Log a warning at most once per LIMIT_LOG_INTERVAL for this pair
-        and ``message`` (each message has its own window); the next line of a
-        message says how many it left out (field ``held``)."""
-        held = self._limit_log.allow(self.clock.seconds(), message)
-        if held is None:
-            return
-        more = f" ({held} more since the last such line)" if held else ""
-        log.warn(message + "{more}", more=more, held=held, **fields)
+_ESTABLISHED = PoolState.ESTABLISHED
 
 
 class ClientMultiplexer(SessionMultiplexer):
     """The tunnel client's side of a proxy pair."""
 
     role = Role.CLIENT
+    retire_wait = DRAIN_TIMEOUT
 
     def __init__(self, config: TunnelConfig, pair: ProxyPair, reactor: Reactor,
                  endpoint_for: Optional[EndpointFor] = None,
@@ -275,10 +98,6 @@ class ClientMultiplexer(SessionMultiplexer):
         self._connection_count = 0
         #: Failed pool connects since the pool was last up (for the logs).
         self.outage = PoolOutage(pair.name, self.backend_name)
-        #: The KEM public key each pool connection's handshake was built
-        #: with (key reload retires those built with a replaced one).
-        self.handshake_kem: "WeakKeyDictionary[TunnelProtocol, Optional[Tuple[int, bytes]]]"
-        self.handshake_kem = WeakKeyDictionary()
         self.pool: List[PoolSlot] = []
         for index in range(config.pool_size):
             slot = PoolSlot(self, index, backoff_policy(rand))
@@ -313,13 +132,22 @@ class ClientMultiplexer(SessionMultiplexer):
         """The endpoint that reaches the tunnel server."""
         return self.endpoint_for(self.pair)
 
-    def new_pool_connection(self, slot: int) -> TunnelProtocol:
+    def new_pool_connection(self, slot: int) -> ClientPoolProtocol:
         """Build the protocol of a new pool connection for ``slot``."""
         self._connection_count += 1
         name = f"{self.name}/{slot}#{self._connection_count}"
-        connection = TunnelProtocol(self.role, self._make_handshake(), self, name)
-        self.handshake_kem[connection] = self.keyring.kem_public
-        return connection
+        return ClientPoolProtocol(self._make_handshake(), self, name)
+
+    def current(self, use: KeyUse) -> bool:
+        """The first PSK and the configured KEM public key are current."""
+        return self.keyring.client_current(use)
+
+    def handshaking(self) -> int:
+        return sum(1 for slot in self.pool if slot.connection is not None
+                   and not slot.connection.established)
+
+    def _healthy(self) -> bool:
+        return any(c.established for c in self.pool_connections)
 
     def _make_handshake(self) -> Optional[ClientHandshake]:
         keys = self.keyring
@@ -339,9 +167,9 @@ class ClientMultiplexer(SessionMultiplexer):
         if self.stopping:
             self.refuse(Refusal.STOPPING)
             return False
-        established = [c for c in self.pool_connections if c.established]
         # Draining pool connections only take sessions when nothing else can.
-        healthy = [c for c in established if c not in self.draining] or established
+        healthy = ([c for c in self.pool_connections if c.state is _ESTABLISHED]
+                   or [c for c in self.pool_connections if c.established])
         if not healthy:
             self.refuse(Refusal.NO_POOL)
             self.limit_log("client {pair}: no healthy pool connection to "
@@ -354,7 +182,9 @@ class ClientMultiplexer(SessionMultiplexer):
                            "closing new TB connections", pair=self.name,
                            max=self.config.max_sessions)
             return False
-        connection = healthy[self._rr % len(healthy)]
+        # A client pair's pool connections are its own ClientPoolProtocols
+        # (new_pool_connection builds them).
+        connection = cast(ClientPoolProtocol, healthy[self._rr % len(healthy)])
         self._rr += 1
         self.sessions.add(session)
         self.stats.sessions_opened += 1
@@ -410,6 +240,21 @@ class ServerMultiplexer(SessionMultiplexer):
             return None
         return len(self.pending) + len(self.pool_connections)
 
+    def current(self, use: KeyUse) -> bool:
+        """Every key id still in the files, with the same bytes, is current."""
+        return self.keyring.server_accepts(use)
+
+    def handshaking(self) -> int:
+        return len(self.pending)
+
+    def _healthy(self) -> bool:
+        # Healthy while it listens and its replica took the last backend
+        # connect (not known yet: healthy).
+        return not self.stopping and self.backend.reachable is not False
+
+    def _backend(self) -> Optional[Reachability]:
+        return self.backend
+
     def _make_handshake(self) -> Optional[ServerHandshake]:
         keys = self.keyring
         if keys.psk is None:
@@ -437,7 +282,7 @@ class ServerMultiplexer(SessionMultiplexer):
         while victim is not None:
             if victim not in read:
                 read.add(victim)
-                if victim.read_waiting():
+                if _served(victim).read_waiting():
                     victim = admission.victim()
                     continue
             admission.evict(victim)
@@ -451,7 +296,7 @@ class ServerMultiplexer(SessionMultiplexer):
                            max=admission.max_pending,
                            per_group=admission.per_group,
                            peer=victim.peer_host, count=self.evictions)
-            victim.evict()
+            _served(victim).evict()
             victim = admission.victim()
 
     def handshake_progress(self, connection: TunnelProtocol, count: int) -> None:
@@ -463,7 +308,7 @@ class ServerMultiplexer(SessionMultiplexer):
         self.pending.pop(connection, None)
         self.admission.connection_done(connection)
 
-    def open_backend(self, connection: TunnelProtocol,
+    def open_backend(self, connection: ServerPoolProtocol,
                      stream_id: int) -> Optional[FrameProtocol]:
         """Accept stream ``stream_id`` on ``connection`` and connect its backend.
 
@@ -499,6 +344,11 @@ class ServerMultiplexer(SessionMultiplexer):
 
         d.addCallbacks(connected, failed)
         return session
+
+
+def _served(connection: TunnelProtocol) -> ServerPoolProtocol:
+    """A server pair's pool connection: one its factory built."""
+    return cast(ServerPoolProtocol, connection)
 
 
 def build_service(config: TunnelConfig, reactor: Optional[Reactor] = None,

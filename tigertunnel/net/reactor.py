@@ -54,7 +54,8 @@ NAME = "tigertunnel-epoll"
 
 
 class LeanEPollReactor(LeanLoop, EPollReactor):
-    """:class:`~twisted.internet.epollreactor.EPollReactor` without a logging context per socket event."""
+    """:class:`~twisted.internet.epollreactor.EPollReactor` without a logging context per
+    socket event."""
 
 
 def install() -> EPollReactor:

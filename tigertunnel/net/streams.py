@@ -4,9 +4,16 @@ The tunnel client numbers the streams it opens (:meth:`StreamTable.open`);
 the tunnel server records the ids the client chose
 (:meth:`StreamTable.attach`). Either way the pool connection owns one
 table and nothing else writes to it.
+
+The table also holds the tunnel server's policy for streams the client
+opened with a bare (unauthenticated) stream_open
+(:meth:`StreamTable.peer_opened`): such a stream is *unproven* until its
+first authenticated data frame (:meth:`StreamTable.prove`); at most
+:data:`MAX_UNPROVEN_STREAMS` wait at once, and one more, or an open of an
+id in use, is a :class:`StreamRefused` that closes the pool connection.
 """
 
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Set
 
 from tigertunnel.interfaces import Session
 
@@ -14,8 +21,22 @@ from tigertunnel.interfaces import Session
 _ID_MASK = 0xFFFFFFFF
 
 
+#: Bare (unauthenticated) stream_opens a server holds per pool connection
+#: until their first data frame; one more closes the pool connection. A
+#: real client has a stream unproven only between a TB connect and the TB
+#: peer's first frame (microseconds), so this covers a burst of TB
+#: connects; closing (rather than dropping one silently) makes TB
+#: reconnect instead of waiting on a stream that would never open.
+MAX_UNPROVEN_STREAMS = 64
+
+
 class StreamInUseError(ValueError):
     """A stream id that is already open was attached again."""
+
+
+class StreamRefused(ValueError):
+    """The peer's stream_open breaks the stream policy (an id in use, or
+    too many unproven streams): the pool connection closes."""
 
 
 class StreamTable:
@@ -29,6 +50,9 @@ class StreamTable:
         self._streams: Dict[int, Session] = {}
         self._next_id = 1
         self.lookup: Callable[[int], Optional[Session]] = self._streams.get
+        #: Stream ids the peer opened with a bare stream_open whose first
+        #: authenticated data frame has not arrived yet (server).
+        self.unproven: Set[int] = set()
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -78,8 +102,49 @@ class StreamTable:
         return streams.pop(stream_id, None)
 
     def drain(self) -> List[Session]:
-        """Forget every stream and return their sessions (the pool
-        connection is gone)."""
+        """Forget every stream, unproven ones too, and return the sessions
+        (the pool connection is gone)."""
         sessions = list(self._streams.values())
         self._streams.clear()
+        self.unproven.clear()
         return sessions
+
+    def peer_opened(self, stream_id: int, proven: bool) -> bool:
+        """The peer opened ``stream_id`` (tunnel server).
+
+        :param proven: the stream_open was authenticated (sealed, version
+            2), or nothing is (plaintext mode).
+        :returns: ``True``: open its backend now; ``False``: it waits,
+            unproven, for its first data frame (:meth:`prove`).
+        :raises StreamRefused: the id is open or waiting already (our
+            client never reuses an open id: tampering or a broken peer), or
+            :data:`MAX_UNPROVEN_STREAMS` wait already.
+        """
+        unproven = self.unproven
+        if stream_id in self._streams or stream_id in unproven:
+            raise StreamRefused(f"stream_open for stream {stream_id}, which is open")
+        if proven:
+            return True
+        if len(unproven) >= MAX_UNPROVEN_STREAMS:
+            raise StreamRefused(f"more than {MAX_UNPROVEN_STREAMS} streams opened "
+                                f"without a data frame")
+        unproven.add(stream_id)
+        return False
+
+    def prove(self, stream_id: int) -> bool:
+        """An authenticated data frame arrived for ``stream_id``, which is
+        not open: whether it was unproven (it is no longer; open its
+        backend). ``False``: closed or refused since, drop the frame."""
+        unproven = self.unproven
+        if stream_id not in unproven:
+            return False
+        unproven.discard(stream_id)
+        return True
+
+    def peer_closed(self, stream_id: int) -> Optional[Session]:
+        """The peer closed ``stream_id``: forget it (unproven or open) and
+        return its session, if it had one."""
+        session = self._streams.pop(stream_id, None)
+        if session is None:
+            self.unproven.discard(stream_id)
+        return session

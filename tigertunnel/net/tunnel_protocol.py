@@ -1,173 +1,88 @@
-"""TunnelProtocol: one pool connection, at either end (docs/protocol.rst §§3-7).
+"""TunnelProtocol: what a pool connection does at either end (docs/protocol.rst §§3-7).
 
-After connectionMade the pool connection runs its handshake (client: send
-the ClientHello, wait for the ServerHello; server: the reverse), under the
-handshake deadline. Once established, received bytes go through the
-:class:`~tigertunnel.wire.codec.PoolCodec` and become stream events:
+Each role has its own protocol over this shared base:
+:class:`~tigertunnel.net.pool_client.ClientPoolProtocol` (sends the
+ClientHello, opens streams) and
+:class:`~tigertunnel.net.pool_server.ServerPoolProtocol` (answers it, opens
+a backend per stream). The handshake runs under the handshake deadline;
+once established, received bytes go through the
+:class:`~tigertunnel.wire.codec.PoolCodec` and become stream events (data
+for a session, stream_open, stream_close, and in version 2 ping, answered
+with a pong; a :class:`~tigertunnel.net.heartbeat.Heartbeat` closes the
+connection after 15 s without an authenticated frame). Anything that fails
+to authenticate or parse closes the pool connection and every session on it
+at once. When this socket's write buffer fills, every session on it stops
+reading its TB peer until it drains (:meth:`TunnelProtocol.pauseProducing`).
 
-* ``stream_open`` (server): a sealed one (version 2) opens the stream's
-  backend connection at once; a bare one (the reference's, not
-  authenticated) only records the stream id as *unproven*: the backend
-  connection, the session and its ``-m`` slot are made when the stream's
-  first data frame authenticates, and that frame is queued until the
-  backend is connected. At most :data:`MAX_UNPROVEN_STREAMS` ids wait per
-  pool connection; one more closes the pool connection. A stream_close for
-  an unproven stream forgets it. (A TB peer always sends first on a new
-  connection, so TB never notices the later connect; in plaintext mode
-  nothing is authenticated and the backend is opened at once.)
-* ``data``: the TB frame goes to the stream's :class:`~tigertunnel.net.frame_protocol.FrameProtocol`;
-* ``stream_close``: that session is closed;
-* ``ping`` (version 2): answered with a ``pong``.
-
-Between version-2 ends a :class:`~tigertunnel.net.heartbeat.Heartbeat`
-watches the pool connection: a server sends its first ping with the
-ServerHello and expects an answer within 5 s; a client starts watching at
-the server's first ping. Silence is answered with pings, and 15 s without
-an authenticated frame closes the pool connection and its sessions.
-
-Anything that fails to authenticate or parse closes the pool connection and
-every session on it at once; nothing after the bad bytes is delivered. When
-this socket's write buffer fills, every session on it stops reading its TB
-peer until it drains (:meth:`TunnelProtocol.pauseProducing`).
-
-Lifecycle (:data:`POOL_TRANSITIONS`): ``NEW`` until connected, then
-``HANDSHAKING`` (in plaintext mode only for an instant), ``ESTABLISHED``
-once streams may use it, ``CLOSING`` while an established connection is
-closed gracefully (its streams still flow until it is gone), ``DEAD`` when
-the handshake failed or the connection failed or was closed before it was
-established (nothing it receives is used any more), and ``CLOSED`` once
-the connection is lost.
-
-The streams on a pool connection live in its :class:`~tigertunnel.net.streams.StreamTable`: the
-client opens them (:meth:`TunnelProtocol.open_stream`), the server accepts
-those the client opened (:meth:`TunnelProtocol.accept_stream`).
+Lifecycle (:data:`~tigertunnel.net.states.POOL_TRANSITIONS`): ``NEW``
+until connected, ``HANDSHAKING`` (in plaintext mode only for an instant),
+``ESTABLISHED`` once streams may use it, ``DRAINING`` once a key reload
+retired its key (it keeps its streams, takes new ones only when no other
+connection can, and is closed once idle or after a grace period:
+:meth:`~tigertunnel.net.pairmux.SessionMultiplexer.retire_outdated`),
+``CLOSING`` while an established connection is closed gracefully (its
+streams flow until it is gone), ``DEAD`` when the handshake failed or the
+connection failed or was closed before it was established (nothing it
+receives is used any more), and ``CLOSED`` once the connection is lost.
+The keys its handshake used are one frozen record,
+:attr:`TunnelProtocol.key_use`; its streams live in its
+:class:`~tigertunnel.net.streams.StreamTable`.
 """
 
-import enum
-from typing import Any, Callable, List, Optional, Set, Union, cast
 
-from twisted.internet.defer import Deferred, fail, succeed
+from typing import Callable, Optional, Union, cast
+
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tigertunnel.config.model import Role
 from tigertunnel.errors import HandshakeError, TunnelError
-from tigertunnel.interfaces import (
-    BackendOpener,
-    Clock,
-    FrameEncoder,
-    PoolHost,
-    Session,
-    StreamTransport,
-)
+from tigertunnel.interfaces import Clock, FrameEncoder, PoolHost, Session, StreamTransport
 from tigertunnel.logs import logger
 from tigertunnel.net.frame_protocol import CLOSE_TIMEOUT
 from tigertunnel.net.heartbeat import Heartbeat
+from tigertunnel.net.outcome import Outcome
 from tigertunnel.net.sockets import direct_sender, not_connected as _not_connected, tune_socket
-from tigertunnel.net.states import TransitionError, Transitions
+from tigertunnel.net.states import POOL_TRANSITIONS, PoolInput, PoolState, TransitionError
 from tigertunnel.stats import HandshakeFailure
 from tigertunnel.net.streams import StreamTable
-from tigertunnel.wire.codec import (
-    CLIENT,
-    SERVER,
-    PoolCodec,
-    Ping,
-    StreamClosed,
-    StreamOpened,
-)
-from tigertunnel.wire.handshake import (
-    Accepted,
-    ClientHandshake,
-    Rejected,
-    ServerHandshake,
-)
-from tigertunnel.wire.liveness import FIRST_FRAME_WITHIN
+from tigertunnel.wire.codec import Ping, PoolCodec, StreamClosed, StreamOpened
+from tigertunnel.keys.ring import KeyUse
+from tigertunnel.wire.handshake import ClientHandshake, ServerHandshake
 from tigertunnel.wire.muxframes import FrameType
 
 _DATA = int(FrameType.DATA)
-#: Bare (unauthenticated) stream_opens a server holds per pool connection
-#: until their first data frame; one more closes the pool connection. A
-#: real client has a stream unproven only between a TB connect and the TB
-#: peer's first frame (microseconds), so this covers a burst of TB
-#: connects; closing (rather than dropping one silently) makes TB
-#: reconnect instead of waiting on a stream that would never open.
-MAX_UNPROVEN_STREAMS = 64
-
-#: Bytes :meth:`TunnelProtocol.read_waiting` reads at most: a KEM
-#: ClientHello and then some (the rest waits for the reactor).
-WAITING_READ = 1 << 16
 
 log = logger(__name__)
 
 Handshake = Union[ClientHandshake, ServerHandshake]
 
 
-class PoolState(enum.Enum):
-    """Where a pool connection is in its life (see the module docstring)."""
-
-    NEW = "new"
-    HANDSHAKING = "handshaking"
-    ESTABLISHED = "established"
-    CLOSING = "closing"
-    DEAD = "dead"
-    CLOSED = "closed"
-
-
-class PoolInput(enum.Enum):
-    """What happens to a pool connection."""
-
-    #: The TCP connection was made (connectionMade).
-    CONNECT = "connect"
-    #: The handshake completed (at once in plaintext mode).
-    ESTABLISH = "establish"
-    #: The handshake failed, timed out or was evicted; or the established
-    #: connection failed (bad bytes): it is closed or aborted.
-    FAIL = "fail"
-    #: Close gracefully (key reload, shutdown, a pool slot stopping).
-    CLOSE = "close"
-    #: The connection is gone (connectionLost).
-    LOSE = "lose"
-
-
-_S, _I = PoolState, PoolInput
-
-#: Every move a pool connection may make; anything else is a TransitionError.
-POOL_TRANSITIONS: Transitions[PoolState, PoolInput] = Transitions("pool connection", {
-    _S.NEW: {_I.CONNECT: _S.HANDSHAKING},
-    _S.HANDSHAKING: {_I.ESTABLISH: _S.ESTABLISHED, _I.FAIL: _S.DEAD,
-                     _I.CLOSE: _S.DEAD, _I.LOSE: _S.CLOSED},
-    _S.ESTABLISHED: {_I.CLOSE: _S.CLOSING, _I.FAIL: _S.DEAD, _I.LOSE: _S.CLOSED},
-    _S.CLOSING: {_I.CLOSE: _S.CLOSING, _I.FAIL: _S.DEAD, _I.LOSE: _S.CLOSED},
-    # A dead connection may still be evicted (aborted) or closed again.
-    _S.DEAD: {_I.CLOSE: _S.DEAD, _I.FAIL: _S.DEAD, _I.LOSE: _S.CLOSED},
-    # Closing what is already gone (a late sweep or shutdown) does nothing.
-    _S.CLOSED: {_I.CLOSE: _S.CLOSED},
-})
-
 # Module-level names for the per-event checks.
 _ESTABLISHED = PoolState.ESTABLISHED
+_DRAINING = PoolState.DRAINING
 _CLOSING = PoolState.CLOSING
 _HANDSHAKING = PoolState.HANDSHAKING
 
 
 @implementer(IPushProducer)
 class TunnelProtocol(Protocol):
-    """One pool connection, at either end.
+    """One pool connection: what both ends share (each role subclasses it).
 
-    :param role: which tunnel end this is.
     :param handshake: the handshake machine, or ``None`` in plaintext mode.
     :param host: the proxy pair's multiplexer.
     :param name: names the pool connection in logs.
-    :param opener: tunnel server: opens the backend of each stream the
-        client opens.
     """
 
-    def __init__(self, role: Role, handshake: Optional[Handshake],
-                 host: "PoolHost[TunnelProtocol]", name: str,
-                 opener: "Optional[BackendOpener[TunnelProtocol]]" = None) -> None:
-        self.role = Role.parse(role)
+    #: Which tunnel end this is.
+    role: Role
+    _handshake: Optional[Handshake]
+
+    def __init__(self, handshake: Optional[Handshake],
+                 host: "PoolHost[TunnelProtocol]", name: str) -> None:
         self.host = host
         self.clock: Clock = host.clock
         #: The TCP transport to the other tunnel end, once connected.
@@ -177,7 +92,6 @@ class TunnelProtocol(Protocol):
         self.name = name
         self.state = PoolState.NEW
         self._handshake = handshake
-        self._opener = opener
         self.codec: Optional[PoolCodec] = None
         #: Whether this pool connection encrypts (a key was configured).
         self.encrypted = False
@@ -185,22 +99,15 @@ class TunnelProtocol(Protocol):
         self.streams = StreamTable()
         #: Whether our socket to the peer is full (sessions stop reading).
         self.paused = False
-        self._outcome: Union["TunnelProtocol", Failure, None] = None
-        self._waiters: List[Deferred["TunnelProtocol"]] = []
+        #: How the handshake ended (``ready``).
+        self._outcome: Outcome[TunnelProtocol] = Outcome()
         self._timer: Optional[IDelayedCall] = None
-        self.key_id: Optional[int] = None
-        #: The KEM key id of a kemconnect handshake (server side), else None.
-        self.kem_key_id: Optional[int] = None
+        #: Which keys the handshake used (key reload compares it with the
+        #: live keys); ``None`` before it completed and in plaintext mode.
+        self.key_use: Optional[KeyUse] = None
         self.peer_version: Optional[int] = None
-        #: A fingerprint of the PSK the handshake used (key reload compares it).
-        self.key_fingerprint: Optional[bytes] = None
-        #: A fingerprint of the KEM secret key a server's handshake used, if any.
-        self.kem_fingerprint: Optional[bytes] = None
         #: The peer's address (tunnel server: fair admission by source).
         self.peer_host: Optional[str] = None
-        #: Tunnel server: stream ids opened by a bare stream_open whose first
-        #: authenticated frame has not arrived yet.
-        self.unproven: Set[int] = set()
         #: Version 2: the liveness timer, while it runs.
         self.heartbeat: Optional[Heartbeat] = None
         #: Called once the connection is lost (a pool slot reconnects).
@@ -217,29 +124,30 @@ class TunnelProtocol(Protocol):
     def ready(self) -> "Deferred[TunnelProtocol]":
         """A new Deferred that fires with this pool connection once its
         handshake completed, or fails with :class:`~tigertunnel.errors.HandshakeError`."""
-        if self._outcome is None:
-            d: Deferred[TunnelProtocol] = Deferred()
-            self._waiters.append(d)
-            return d
-        if isinstance(self._outcome, Failure):
-            return fail(self._outcome)
-        return succeed(self._outcome)
-
-    def _settle(self, outcome: Union["TunnelProtocol", Failure]) -> None:
-        self._outcome = outcome
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if isinstance(outcome, Failure):
-                d.errback(outcome)
-            else:
-                d.callback(outcome)
+        return self._outcome.wait()
 
     @property
     def established(self) -> bool:
         """Whether the handshake is done and streams may use this pool
-        connection (also while it closes gracefully)."""
+        connection (also while it drains or closes gracefully)."""
         state = self.state
-        return state is _ESTABLISHED or state is _CLOSING
+        return state is _ESTABLISHED or state is _DRAINING or state is _CLOSING
+
+    @property
+    def key_id(self) -> Optional[int]:
+        """The PSK key id of the handshake (``None``: none yet, or plaintext)."""
+        return None if self.key_use is None else self.key_use.psk_id
+
+    def retire(self) -> None:
+        """A key reload retired this connection's key: it drains
+        (``DRAINING``); the multiplexer closes it once it may."""
+        if self.state is _ESTABLISHED:
+            self._goto(PoolInput.RETIRE)
+
+    def renew(self) -> None:
+        """A later reload made this draining connection's key current again."""
+        if self.state is _DRAINING:
+            self._goto(PoolInput.RENEW)
 
     # -- Twisted's interface -----------------------------------------------
 
@@ -256,8 +164,10 @@ class TunnelProtocol(Protocol):
         self._timer = self.clock.callLater(self.host.handshake_timeout,
                                            self._handshake_timed_out)
         self.host.handshake_started(self)
-        if isinstance(handshake, ClientHandshake):
-            tcp.write(handshake.start())
+        self._start_handshake(tcp)
+
+    def _start_handshake(self, tcp: StreamTransport) -> None:
+        """The handshake starts (a client sends its hello)."""
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
@@ -265,23 +175,26 @@ class TunnelProtocol(Protocol):
             self._handshake_data(data)
             return
         codec = self.codec
-        if codec is None or (state is not _ESTABLISHED and state is not _CLOSING):
+        if codec is None or (state is not _ESTABLISHED and state is not _DRAINING
+                             and state is not _CLOSING):
             return  # dead: nothing after a failure is used
         try:
             items = codec.receive(data)
         except TunnelError as e:
             self._fail(f"{type(e).__name__}: {e}")
             return
-        lookup = self.streams.lookup
+        streams = self.streams
+        lookup, unproven = streams.lookup, streams.unproven
         for stream_id, frame_type, payload in items:
             if frame_type == _DATA:
                 session = lookup(stream_id)
                 if session is not None:
                     session.deliver(payload)
-                elif self.unproven:
+                elif unproven:
                     self._stream_proven(stream_id, payload)
                 state = self.state
-                if state is not _ESTABLISHED and state is not _CLOSING:
+                if state is not _ESTABLISHED and state is not _DRAINING \
+                        and state is not _CLOSING:
                     return
                 continue
             try:
@@ -292,36 +205,34 @@ class TunnelProtocol(Protocol):
             if isinstance(event, StreamOpened):
                 self._peer_opened(event.stream_id, event.sealed)
             elif isinstance(event, StreamClosed):
-                closed = self.streams.remove(event.stream_id)
+                closed = streams.peer_closed(event.stream_id)
                 if closed is not None:
                     closed.close_by_peer()
-                else:
-                    self.unproven.discard(event.stream_id)
             elif isinstance(event, Ping):
                 self._ping_received(event.value)
             elif self.heartbeat is None:
                 self._start_heartbeat(None)  # a pong: the peer speaks version 2
             state = self.state
-            if state is not _ESTABLISHED and state is not _CLOSING:
+            if state is not _ESTABLISHED and state is not _DRAINING \
+                    and state is not _CLOSING:
                 return
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         before = self._goto(PoolInput.LOSE)
         self._cancel_timer()
         self._stop_heartbeat()
-        self.unproven.clear()
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
         self.host.handshake_ended(self)
         streams = self.streams.drain()
-        if before is _ESTABLISHED or before is _CLOSING:
+        if before is _ESTABLISHED or before is _DRAINING or before is _CLOSING:
             self.codec = None
             log.info("{role} pool connection {pool_connection} lost ({reason}); closing "
                      "{count} sessions", role=self.role, pool_connection=self.name,
                      reason=reason.getErrorMessage(), count=len(streams))
             self.host.pool_connection_down(self)
-        elif self._outcome is None:
-            self._settle(Failure(HandshakeError(
+        else:
+            self._outcome.settle(Failure(HandshakeError(
                 f"connection lost during handshake: {reason.getErrorMessage()}")))
         for session in streams:
             session.close_by_peer(abort=True)
@@ -336,7 +247,6 @@ class TunnelProtocol(Protocol):
         the callbacks that refer back to its owners."""
         self.codec = None
         self._handshake = None
-        self._opener = None
         self._send = _not_connected
 
     # -- IPushProducer: our socket to the peer tunnel end -------------------
@@ -357,53 +267,8 @@ class TunnelProtocol(Protocol):
     # -- handshake ----------------------------------------------------------
 
     def _handshake_data(self, data: bytes) -> None:
-        self.host.handshake_progress(self, len(data))
-        hs = self._handshake
-        try:
-            if isinstance(hs, ClientHandshake):
-                est = hs.feed(data)
-                if est is None:
-                    return
-                self.key_id = est.key_id
-                self.key_fingerprint = est.key_fingerprint
-                self._established(
-                    PoolCodec(CLIENT, est.keys, self.host.cluster_value),
-                    est.leftover)
-                return
-            if hs is None:
-                return
-            result = hs.feed(data)
-        except HandshakeError as e:
-            self.host.handshake_failed(self, str(e),
-                                       HandshakeFailure.refused(e.status))
-            self._fail_handshake(e)
-            return
-        if result is None:
-            return
-        if isinstance(result, Rejected):
-            self.host.handshake_failed(self, result.reason,
-                                       HandshakeFailure.rejected(result.kind),
-                                       result.skew)
-            if result.reply:
-                self._output().write(result.reply)
-            self._fail_handshake(HandshakeError(result.reason, result.status))
-            return
-        assert isinstance(result, Accepted)
-        est = result.established
-        self.key_id = est.key_id
-        self.key_fingerprint = est.key_fingerprint
-        self.kem_key_id = est.kem_key_id
-        self.kem_fingerprint = est.kem_fingerprint
-        self.peer_version = est.peer_version
-        codec = PoolCodec(SERVER, est.keys, self.host.cluster_value,
-                          peer_extended=est.peer_version >= 2)
-        reply = result.reply
-        if codec.can_ping:
-            # Version 2: the first ping goes in the same write as the
-            # ServerHello; the client's answer proves it holds the keys.
-            reply += b"".join(codec.encode_ping())
-        self._output().write(reply)
-        self._established(codec, est.leftover)
+        """Bytes of the peer's side of the handshake arrived."""
+        raise NotImplementedError
 
     def _established(self, codec: PoolCodec, leftover: bytes) -> None:
         self._goto(PoolInput.ESTABLISH)
@@ -413,10 +278,8 @@ class TunnelProtocol(Protocol):
         self.codec = codec
         self.encrypted = codec.encrypted
         self.host.pool_connection_up(self)
-        if self.role is Role.SERVER and codec.can_ping and self.established:
-            self._start_heartbeat(FIRST_FRAME_WITHIN)
-        if self._outcome is None:
-            self._settle(self)
+        self._heartbeat_from_start()
+        self._outcome.settle(self)
         if leftover and self.established:
             self.dataReceived(leftover)
 
@@ -435,24 +298,20 @@ class TunnelProtocol(Protocol):
         # No longer pending, even while its close drains: admission counts
         # only handshakes still under way.
         self.host.handshake_ended(self)
-        if self._outcome is None:
-            self._settle(Failure(error))
+        self._outcome.settle(Failure(error))
         if before is _HANDSHAKING:
             self._close_transport(CLOSE_TIMEOUT)
 
     def close_gracefully(self, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Close this pool connection after what is queued has been sent.
-
-        An established connection keeps carrying its streams until it is
-        gone; one still in its handshake is dropped. Aborts the connection
-        if the peer has not taken the queued bytes within ``timeout``
-        seconds.
-        """
+        """Close after what is queued has been sent (an established
+        connection carries its streams until it is gone; one in its
+        handshake is dropped); abort if the peer has not taken the queued
+        bytes within ``timeout`` seconds."""
         before = self._goto(PoolInput.CLOSE)
         if before is _HANDSHAKING:
             self._cancel_timer()
             self._handshake = None
-        if before is _ESTABLISHED or before is _HANDSHAKING:
+        if before is _ESTABLISHED or before is _DRAINING or before is _HANDSHAKING:
             self._close_transport(timeout)
 
     def _output(self) -> StreamTransport:
@@ -482,39 +341,6 @@ class TunnelProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
 
-    def read_waiting(self) -> bool:
-        """Handle now what the peer sent during the handshake that the
-        reactor has not read yet (the kernel holds it).
-
-        Reads what is waiting on the socket once, without blocking, and
-        feeds it to :meth:`dataReceived`, in order before anything the
-        reactor reads later. Admission calls it before evicting this
-        connection, so that a hello that has arrived is handled rather
-        than dropped unread.
-
-        :returns: whether bytes were read (``False`` for a transport
-            without a socket, outside the handshake, with nothing waiting,
-            at end of file or on a socket error: the reactor sees those).
-        """
-        if self.state is not _HANDSHAKING:
-            return False
-        sock = getattr(self._tcp, "socket", None)
-        if sock is None:
-            return False
-        try:
-            data = sock.recv(WAITING_READ)
-        except OSError:  # nothing waiting (EAGAIN) or an error
-            return False
-        if not data:
-            return False
-        self.dataReceived(data)
-        return True
-
-    def evict(self) -> None:
-        """Drop this connection before its handshake finished (too many pending)."""
-        self._fail_handshake(HandshakeError("evicted: too many pending handshakes"))
-        self.abort()
-
     def _fail(self, reason: str) -> None:
         """The established connection failed: abort it and its sessions."""
         log.error("{role} pool connection {pool_connection} failed: {reason}; closing it "
@@ -528,7 +354,6 @@ class TunnelProtocol(Protocol):
         self._goto(PoolInput.FAIL)
         self.codec = None
         self._stop_heartbeat()
-        self.unproven.clear()
         streams = self.streams.drain()
         self.host.pool_connection_down(self)
         for session in streams:
@@ -537,22 +362,6 @@ class TunnelProtocol(Protocol):
 
     # -- streams --------------------------------------------------------------
 
-    def open_stream(self, session: Session) -> int:
-        """Open a new stream for ``session`` (tunnel client) and return its id."""
-        codec = self.codec
-        if codec is None:
-            raise TransitionError(f"pool connection {self.name}: cannot open "
-                                  f"a stream in state {self.state.name}")
-        stream_id = self.streams.open(session)
-        session.attached(self, stream_id)
-        self._output().writeSequence(codec.encode_open(stream_id))
-        return stream_id
-
-    def accept_stream(self, stream_id: int, session: Session) -> None:
-        """Record ``session`` for the stream ``stream_id`` the client opened
-        (tunnel server)."""
-        self.streams.attach(stream_id, session)
-        session.attached(self, stream_id)
 
     def frame_encoder(self, stream_id: int, check: bool, cluster_id: Optional[int],
                       watch: "Optional[Callable[[bytes], object]]") -> FrameEncoder:
@@ -581,47 +390,18 @@ class TunnelProtocol(Protocol):
             self._output().writeSequence(codec.encode_close(stream_id))
 
     def _peer_opened(self, stream_id: int, sealed: bool) -> None:
-        if stream_id in self.streams or stream_id in self.unproven:
-            # Our client never reuses an open id; a bare stream_open is not
-            # authenticated, so this is tampering or a broken peer.
-            self._fail(f"stream_open for stream {stream_id}, which is open")
-            return
-        if self._opener is None:
-            self._fail(f"stream_open for stream {stream_id} on a pool "
-                       f"connection that opens no backends")
-            return
-        if sealed or not self.encrypted:
-            self._open_backend(stream_id)
-            return
-        # A bare stream_open proves nothing: wait for the stream's first
-        # authenticated frame before spending a backend connection on it.
-        if len(self.unproven) >= MAX_UNPROVEN_STREAMS:
-            self._fail(f"more than {MAX_UNPROVEN_STREAMS} streams opened "
-                       f"without a data frame")
-            return
-        self.unproven.add(stream_id)
+        """The peer opened a stream (only a client may: this is a server)."""
+        self._fail(f"stream_open for stream {stream_id} on a pool "
+                   f"connection that opens no backends")
 
     def _stream_proven(self, stream_id: int, frame: "bytes | bytearray") -> None:
-        """An authenticated data frame arrived for a stream that is not open."""
-        unproven = self.unproven
-        if stream_id not in unproven:
-            return  # a stream closed or refused since: dropped, as before
-        unproven.discard(stream_id)
-        session = self._open_backend(stream_id)
-        if session is not None:
-            session.deliver(frame)  # queued until the backend is connected
-
-    def _open_backend(self, stream_id: int) -> Optional[Session]:
-        """Open the backend of ``stream_id``; tell a version-2 client if refused."""
-        assert self._opener is not None  # checked by _peer_opened
-        session = self._opener.open_backend(self, stream_id)
-        if session is None:
-            codec = self.codec
-            if codec is not None and codec.can_send_close:
-                self._output().writeSequence(codec.encode_close(stream_id))
-        return session
+        """An authenticated data frame arrived for a stream that is not
+        open while some are unproven (a server's; a client has none)."""
 
     # -- heartbeat (version 2) -------------------------------------------------
+
+    def _heartbeat_from_start(self) -> None:
+        """Established: a server starts watching the peer at once."""
 
     def _ping_received(self, value: int) -> None:
         codec = self.codec
@@ -659,35 +439,3 @@ class TunnelProtocol(Protocol):
                  count=len(self.streams))
         self.host.stats.pool_timeouts += 1
         self._drop()
-
-
-class TunnelFactory(Factory):
-    """Builds the server's :class:`TunnelProtocol` pool connections of a pair.
-
-    :param host: the pair's multiplexer.
-    :param make_handshake: a new handshake machine per connection (``None``
-        in plaintext mode).
-    :param opener: opens the backends of the streams.
-    :param pair_name: prefixes the connections' names in logs.
-    """
-
-    noisy = False
-
-    def __init__(self, host: "PoolHost[TunnelProtocol]",
-                 make_handshake: Callable[[], Optional[Handshake]],
-                 opener: "BackendOpener[TunnelProtocol]", pair_name: str) -> None:
-        self.host = host
-        self.make_handshake = make_handshake
-        self.opener = opener
-        self.pair_name = pair_name
-        self._count = 0
-
-    def buildProtocol(self, addr: Any) -> TunnelProtocol:
-        self._count += 1
-        host = getattr(addr, "host", "?")
-        port = getattr(addr, "port", "?")
-        name = f"{self.pair_name}/{self._count}@{host}:{port}"
-        connection = TunnelProtocol(self.host.role, self.make_handshake(),
-                                    self.host, name, self.opener)
-        connection.peer_host = host if isinstance(host, str) else None
-        return connection

@@ -28,12 +28,13 @@ from twisted.application.internet import TimerService
 from twisted.internet.interfaces import IReactorTime
 
 from tigertunnel.config.model import Role
-from tigertunnel.net.multiplexer import ClientMultiplexer, ServerMultiplexer, SessionMultiplexer
+from tigertunnel.net.multiplexer import SessionMultiplexer
+from tigertunnel.net.pairstatus import PairStatus
 from tigertunnel.stats import Stats
 from tigertunnel.ops.reload import KeyReloader
 from tigertunnel.ops.tbmetrics import Snapshot, TBRecorder
 
-__all__ = ["SIMPLE_COUNTERS", "counters", "pair_status", "status", "report_parts",
+__all__ = ["SIMPLE_COUNTERS", "counters", "pair_status", "render_pair", "status", "report_parts",
            "report_pairs", "report_tb", "report_process",
            "merge_pair_documents", "FIGURES_INTERVAL", "figures_reporter",
            "WorkerProcessCollector", "WorkerReports"]
@@ -59,22 +60,25 @@ SIMPLE_COUNTERS = (
      "Backend (replica) connections that could not be made."),
 )
 
-#: Names of the /status ``counters`` entries that differ from the Stats
-#: attribute.
-COUNTER_NAMES = {"pool_failures": "link_failures"}
+#: Former names of /status ``counters`` entries, listed as well (with the
+#: same value) for this release only: ``link_failures`` is ``pool_failures``.
+COUNTER_ALIASES = {"pool_failures": "link_failures"}
 
 
 def counters(stats: Stats) -> Dict[str, int]:
     """Every counter that moved, by name, sorted (the /status ``counters``):
-    the plain counters, ``handshake_failures_<reason>`` and
-    ``sessions_refused_<reason>``."""
+    the plain counters (under the Stats attribute's name, and a former
+    name of :data:`COUNTER_ALIASES` too), ``handshake_failures_<reason>``
+    and ``sessions_refused_<reason>``."""
     flat: Dict[str, int] = {}
     for attribute in ("frames_to_tunnel", "bytes_to_tunnel",
                       "frames_from_tunnel", "bytes_from_tunnel",
                       *(key for key, _, _ in SIMPLE_COUNTERS)):
         value = getattr(stats, attribute)
         if value:
-            flat[COUNTER_NAMES.get(attribute, attribute)] = value
+            flat[attribute] = value
+            if attribute in COUNTER_ALIASES:
+                flat[COUNTER_ALIASES[attribute]] = value
     for reason, count in stats.handshake_failures.items():
         if count:
             flat[f"handshake_failures_{reason.value}"] = count
@@ -91,52 +95,49 @@ def _by_reason(counts: "Counter[Any]") -> Dict[str, int]:
 
 
 def pair_status(mux: SessionMultiplexer) -> Dict[str, Any]:
-    """The figures of one proxy pair (the ``/status`` JSON of that pair).
+    """The figures of one proxy pair (the ``/status`` JSON of that pair),
+    rendered from its :meth:`~tigertunnel.net.pairmux.SessionMultiplexer.snapshot`.
 
     ``name`` is the pair's label (what it reaches: ``replica2``, a ``-p``
     ``name=``, or the target address), as in the metrics' ``pair`` label.
+    The established pool connections are listed under ``pool_connections``
+    and, the same list, under ``links`` (the key's former name, kept for
+    one release).
     """
-    stats = mux.stats
-    established = [c for c in mux.pool_connections if c.established]
-    draining = [c for c in established if c in mux.draining]
+    return render_pair(mux.snapshot())
+
+
+def render_pair(snap: PairStatus) -> Dict[str, Any]:
+    """The ``/status`` document of one pair's :class:`~tigertunnel.net.pairstatus.PairStatus`."""
+    stats = snap.stats
     by_key: Dict[str, int] = {}
-    for connection in established:
+    for connection in snap.pool_connections:
         key = str(connection.key_id) if connection.key_id is not None else "none"
         by_key[key] = by_key.get(key, 0) + 1
-    handshaking = 0
-    if isinstance(mux, ClientMultiplexer):
-        handshaking = sum(1 for slot in mux.pool
-                          if slot.connection is not None
-                          and not slot.connection.established)
-    elif isinstance(mux, ServerMultiplexer):
-        handshaking = len(mux.pending)
+    draining = snap.draining
     pool: Dict[str, Any] = {
-        "healthy": len(established) - len(draining),
-        "draining": len(draining),
-        "handshaking": handshaking,
+        "healthy": len(snap.pool_connections) - draining,
+        "draining": draining,
+        "handshaking": snap.handshaking,
     }
-    doc: Dict[str, Any] = {"name": mux.pair_label,
-                           "listen": str(mux.pair.listen),
-                           "target": str(mux.pair.target)}
-    if isinstance(mux, ServerMultiplexer):
-        # A server pair is healthy while it listens and its replica took the
-        # last backend connect (not known yet: healthy).
-        backend = mux.backend
-        doc["healthy"] = not mux.stopping and backend.reachable is not False
+    doc: Dict[str, Any] = {"name": snap.label, "listen": snap.listen,
+                           "target": snap.target, "healthy": snap.healthy}
+    backend = snap.backend
+    if backend is not None:
         doc["backend"] = {"reachable": backend.reachable, "checked": backend.checked,
                           "error": backend.error or None}
-    else:
-        doc["healthy"] = bool(established)
-        pool["size"] = mux.config.pool_size
+    if snap.pool_size is not None:
+        pool["size"] = snap.pool_size
+    connections = [{"name": c.name,
+                    "key_id": None if c.key_id is None else str(c.key_id),
+                    "sessions": c.sessions, "state": c.state}
+                   for c in snap.pool_connections]
     doc.update({
         "pool": pool,
-        "links": [{"name": connection.name,
-                   "key_id": None if connection.key_id is None else str(connection.key_id),
-                   "sessions": len(connection.streams),
-                   "state": "draining" if connection in mux.draining else "healthy"}
-                  for connection in established],
+        "pool_connections": connections,
+        "links": connections,
         "key_ids": by_key,
-        "sessions": len(mux.sessions),
+        "sessions": snap.sessions,
         "sessions_opened": stats.sessions_opened,
         "frames": {"to_tunnel": stats.frames_to_tunnel,
                    "from_tunnel": stats.frames_from_tunnel},
@@ -176,15 +177,18 @@ def merge_pair_documents(workers: Mapping[int, Sequence[Mapping[str, Any]]]
 
     :param workers: each worker's :func:`pair_status` documents, by worker
         index; the order of pairs is that of the lowest index.
-    :returns: one document per pair; each pool connection (``links``)
-        carries the index of its ``worker``.
+    :returns: one document per pair; each pool connection
+        (``pool_connections``, and the same under ``links``) carries the
+        index of its ``worker``.
     """
     merged: Dict[str, Dict[str, Any]] = {}
     serving: Dict[str, bool] = {}
     for index in sorted(workers):
         for doc in workers[index]:
             tagged = dict(doc)
-            tagged["links"] = [dict(link, worker=index) for link in doc.get("links") or ()]
+            listed = doc.get("pool_connections") or doc.get("links") or ()
+            tagged["pool_connections"] = [dict(c, worker=index) for c in listed]
+            tagged["links"] = tagged["pool_connections"]
             name = doc.get("name")
             if not isinstance(name, str):
                 continue

@@ -53,7 +53,6 @@ from tigertunnel.net.listeners import start_listening
 from tigertunnel.net.multiplexer import SessionMultiplexer
 from tigertunnel.stats import handshake_reasons, refusal_reasons
 from tigertunnel.ops.figures import (
-    COUNTER_NAMES,
     SIMPLE_COUNTERS,
     WorkerProcessCollector,
     WorkerReports,
@@ -204,8 +203,7 @@ class TunnelCollector:
             for reason, count in _known(known_refusals, p["sessions_refused"]).items():
                 refused.add_metric([name, reason], count)
             for key, metric, _ in SIMPLE_COUNTERS:
-                simple[metric].add_metric([name], p["counters"].get(
-                    COUNTER_NAMES.get(key, key), 0))
+                simple[metric].add_metric([name], p["counters"].get(key, 0))
         labels = build_info()
         build = GaugeMetricFamily("tigertunnel_build_info", "The tunnel's version, "
                                   "data path (c or python) and ML-KEM "

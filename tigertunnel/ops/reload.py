@@ -11,24 +11,28 @@ What a reload does (docs/operations.rst, "Key rotation", is the user's side):
    reason (file, line, error name; never key material).
 2. The new :class:`~tigertunnel.keys.ring.KeyRing` replaces the old one on
    every multiplexer of the tunnel end at once (the settings,
-   :class:`~tigertunnel.config.model.TunnelConfig`, stay as they are); new handshakes are built from
+   :class:`~tigertunnel.config.model.TunnelConfig`, stay as they are); new handshakes are built
+   from
    it, so new client hellos use the new first PSK and servers accept
    exactly the keys now in the file.
 3. Established pool connections keep working. Those keyed with a key that
-   is no longer current are *retired*:
+   is no longer current are *retired* (state ``DRAINING``; each multiplexer
+   does it, :meth:`~tigertunnel.net.pairmux.SessionMultiplexer.retire_outdated`,
+   comparing each connection's :class:`~tigertunnel.keys.ring.KeyUse`
+   with the new ring):
 
    * tunnel client: a pool connection whose PSK key id is not the new first
      key, or whose handshake used a replaced KEM public key, is marked
      draining (no new sessions are placed on it while another pool
      connection can take them) and closed as soon as it carries no session,
-     or after :data:`DRAIN_TIMEOUT` seconds; its pool slot then reconnects
+     or after :data:`~tigertunnel.net.retire.DRAIN_TIMEOUT` seconds; its pool slot then reconnects
      with the current key at once. Until one pool connection with the
      current key is up, only one idle retired connection at a time is
      closed (to try the key) and the others are kept, even past the
      timeout: a key the servers do not accept yet cannot empty the pool;
    * tunnel server: a pool connection whose PSK key id was removed from the
      file is closed as soon as it carries no stream, or after
-     :data:`RETIRE_GRACE` seconds (its client reconnects with its own
+     :data:`~tigertunnel.net.retire.RETIRE_GRACE` seconds (its client reconnects with its own
      current key).
 
    Handshakes already under way during the reload finish with the old keys;
@@ -45,7 +49,6 @@ instead of rotated) therefore retires the connections made with the old
 bytes, at either end, exactly like a removed key.
 """
 
-import hmac
 import signal
 import threading
 import time
@@ -58,17 +61,14 @@ from typing import (
     Optional,
     Protocol,
     Sequence,
-    Set,
     Union,
 )
-from weakref import WeakSet
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall
 
 from tigertunnel.config.model import Role, TunnelConfig
 from tigertunnel.crypto import kem
-from tigertunnel.crypto.kdf import key_fingerprint
 from tigertunnel.keys.files import (
     load_kem_public_file,
     load_kem_secret_file,
@@ -78,15 +78,10 @@ from tigertunnel.keys.ring import KeyRing
 from tigertunnel.errors import KEMError, KeyFileError, TunnelError
 from tigertunnel.interfaces import Clock
 from tigertunnel.logs import logger
-from tigertunnel.net.multiplexer import ClientMultiplexer, SessionMultiplexer
-from tigertunnel.net.tunnel_protocol import TunnelProtocol
+from tigertunnel.net.multiplexer import SessionMultiplexer
+from tigertunnel.net.retire import DRAIN_TIMEOUT as DRAIN_TIMEOUT
+from tigertunnel.net.retire import RETIRE_GRACE as RETIRE_GRACE
 
-#: Seconds a tunnel client lets a draining pool connection finish its
-#: sessions before closing it anyway.
-DRAIN_TIMEOUT = 60.0
-#: Seconds a tunnel server keeps a busy pool connection whose key was
-#: removed before closing it.
-RETIRE_GRACE = 60.0
 #: Seconds between two looks at the retired pool connections.
 CHECK_INTERVAL = 1.0
 
@@ -145,24 +140,22 @@ def describe(keys: KeyRing, role: Role) -> str:
 
 
 class KeyReloader:
-    """Reloads the keys of a tunnel end and retires outdated pool connections.
+    """Reloads the keys of a tunnel end and has outdated pool connections retired.
 
     :param muxes: the multiplexers of the tunnel end; they share one
         configuration, whose key files are reloaded, and take the new
-        :class:`~tigertunnel.keys.ring.KeyRing` together.
-    :param clock: schedules the drain checks (the reactor).
+        :class:`~tigertunnel.keys.ring.KeyRing` together
+        (:meth:`~tigertunnel.net.pairmux.SessionMultiplexer.retire_outdated`,
+        which retires and closes what the new ring makes outdated).
+    :param clock: schedules the later looks at the retired pool connections.
     :param now: wall-clock time, for the reported reload time.
     """
 
     def __init__(self, muxes: Sequence[SessionMultiplexer], clock: Clock,
-                 now: Callable[[], float] = time.time,
-                 drain_timeout: float = DRAIN_TIMEOUT,
-                 retire_grace: float = RETIRE_GRACE) -> None:
+                 now: Callable[[], float] = time.time) -> None:
         self.muxes = list(muxes)
         self.clock = clock
         self.now = now
-        self.drain_timeout = drain_timeout
-        self.retire_grace = retire_grace
         #: Wall-clock time of the last reload attempt, ``None`` before any.
         self.last_time: Optional[float] = None
         #: Whether the last reload attempt succeeded (``None`` before any).
@@ -170,9 +163,6 @@ class KeyReloader:
         #: Why the last reload failed ("" when it did not).
         self.last_error = ""
         self.results: Dict[str, int] = {"ok": 0, "error": 0}
-        self._deadlines: Dict[TunnelProtocol, float] = {}
-        self._closing: Set[TunnelProtocol] = set()
-        self._stuck: "WeakSet[TunnelProtocol]" = WeakSet()
         self._check_call: Optional[IDelayedCall] = None
         self._sweep_call: Optional[IDelayedCall] = None
 
@@ -190,17 +180,16 @@ class KeyReloader:
             log.error("key reload failed, keeping the old keys: {reason}",
                       reason=str(e))
             return False
+        self.last_ok, self.last_error = True, ""
+        self.results["ok"] += 1
         if ring.psk is None:
             log.info("key reload: no key files (plaintext mode)")
+            self.sweep()
         else:
-            for mux in self.muxes:
-                mux.keyring = ring
             role = self.muxes[0].config.role
             log.info("{role} keys reloaded: {keys}", role=role,
                      keys=describe(ring, role))
-        self.last_ok, self.last_error = True, ""
-        self.results["ok"] += 1
-        self.sweep()
+            self.sweep(ring)
         # Handshakes under way now were built with the old keys.
         timeout = max(mux.handshake_timeout for mux in self.muxes) if self.muxes else 0
         if self._sweep_call is not None and self._sweep_call.active():
@@ -213,114 +202,29 @@ class KeyReloader:
         self._sweep_call = None
         self.sweep()
 
-    def outdated(self, mux: SessionMultiplexer, connection: TunnelProtocol) -> bool:
-        """Whether ``connection`` was keyed with a key that is no longer
-        current (a key id gone, or its bytes changed)."""
-        keys = mux.keyring
-        psk = keys.psk
-        if psk is None or connection.key_id is None:
-            return False
-        if isinstance(mux, ClientMultiplexer):
-            key_id, key = psk.first()
-            if connection.key_id != key_id or not _same_key(connection, key):
-                return True
-            used = mux.handshake_kem.get(connection, keys.kem_public)
-            return used != keys.kem_public
-        if connection.key_id not in psk:
-            return True
-        if not _same_key(connection, psk[connection.key_id]):
-            return True
-        kem_secret = keys.kem_secret
-        kem_id = connection.kem_key_id
-        if kem_id is None:
-            return False
-        if kem_secret is None or kem_id not in kem_secret:
-            return True
-        kem_used = connection.kem_fingerprint
-        return kem_used is not None and not hmac.compare_digest(
-            kem_used, key_fingerprint(kem_secret[kem_id]))
-
-    def sweep(self) -> None:
-        """Mark outdated pool connections as retired, un-mark current ones."""
+    def sweep(self, ring: Optional[KeyRing] = None) -> None:
+        """Give every multiplexer ``ring`` (by default the one it has) and
+        have it retire the pool connections keyed with outdated keys."""
         now = self.clock.seconds()
+        pending = False
         for mux in self.muxes:
-            if mux.stopping:
-                continue
-            wait = (self.drain_timeout if isinstance(mux, ClientMultiplexer)
-                    else self.retire_grace)
-            for connection in list(mux.pool_connections):
-                if self.outdated(mux, connection):
-                    if connection not in mux.draining:
-                        mux.draining.add(connection)
-                        self._deadlines[connection] = now + wait
-                        log.info("{role} pool connection {pool_connection} uses retired "
-                                 "key id {key_id}; closing it when idle or "
-                                 "within {wait:.0f} s", role=mux.role,
-                                 pool_connection=connection.name,
-                                 key_id=connection.key_id, wait=wait)
-                elif connection in mux.draining and connection not in self._closing:
-                    mux.draining.discard(connection)
-                    self._deadlines.pop(connection, None)
-        self.check()
+            pending = mux.retire_outdated(ring or mux.keyring, now) or pending
+        self._schedule(pending)
 
     def check(self) -> None:
-        """Close retired pool connections that may go now (see :meth:`may_close`)."""
+        """Close the retired pool connections that may go now."""
+        now = self.clock.seconds()
+        pending = False
+        for mux in self.muxes:
+            pending = mux.close_retired(now) or pending
+        self._schedule(pending)
+
+    def _schedule(self, pending: bool) -> None:
         if self._check_call is not None and self._check_call.active():
             self._check_call.cancel()
         self._check_call = None
-        now = self.clock.seconds()
-        live: Set[TunnelProtocol] = set()
-        pending = False
-        for mux in self.muxes:
-            for connection in sorted(mux.draining, key=lambda l: len(l.streams)):
-                deadline = self._deadlines.get(connection)
-                if connection not in mux.pool_connections or deadline is None:
-                    mux.draining.discard(connection)
-                    continue
-                live.add(connection)
-                if connection in self._closing:
-                    pending = True  # stays draining until it is gone
-                    continue
-                if self.may_close(mux, connection, now >= deadline):
-                    log.info("{role} pool connection {pool_connection}: closing (retired "
-                             "key id {key_id}, {count} sessions)",
-                             role=mux.role, pool_connection=connection.name,
-                             key_id=connection.key_id, count=len(connection.streams))
-                    self._closing.add(connection)
-                    connection.close_gracefully()
-                pending = True
-        for connection in [k for k in self._deadlines if k not in live]:
-            del self._deadlines[connection]
-            self._closing.discard(connection)
         if pending:
             self._check_call = self.clock.callLater(CHECK_INTERVAL, self.check)
-
-    def may_close(self, mux: SessionMultiplexer, connection: TunnelProtocol,
-                  expired: bool) -> bool:
-        """Whether a retired pool connection may be closed now.
-
-        A server closes it when idle or ``expired``. A client does the same
-        once a pool connection with the current key is up; until then it
-        closes one idle retired connection at a time (its slot reconnects
-        with the current key) and keeps the others, even past the drain
-        timeout, so that a key the servers do not accept yet cannot take
-        the whole pool down.
-        """
-        if not isinstance(mux, ClientMultiplexer):
-            return expired or not connection.streams
-        if any(c.established and c not in mux.draining
-               for c in mux.pool_connections):
-            return expired or not connection.streams
-        if expired and connection not in self._stuck:
-            self._stuck.add(connection)
-            log.warn("client {pair}: no pool connection with the current key "
-                     "came up; keeping {pool_connection} (retired key id {key_id}) until "
-                     "one does; check that the servers accept key id "
-                     "{current}", pair=mux.name, pool_connection=connection.name,
-                     key_id=connection.key_id, current=mux.keyring.psk.first()[0]
-                     if mux.keyring.psk is not None else None)
-        probing = any(c in self._closing for c in mux.draining)
-        return not probing and not connection.streams
 
     def stop(self) -> None:
         """Cancel the scheduled checks (the tunnel end is stopping)."""
@@ -334,13 +238,6 @@ class KeyReloader:
         return {"time": self.last_time, "ok": self.last_ok,
                 "error": self.last_error or None,
                 "results": dict(self.results)}
-
-
-def _same_key(connection: TunnelProtocol, key: bytes) -> bool:
-    """Whether ``connection`` was made with exactly the PSK bytes ``key``
-    (a connection without a recorded fingerprint counts as made with it)."""
-    used = connection.key_fingerprint
-    return used is None or hmac.compare_digest(used, key_fingerprint(key))
 
 
 #: What ``signal.signal`` returns and takes.

@@ -86,7 +86,8 @@ class ReplayCacheService(Service):
 
     :param path: the cache file, or ``None``.
     :param descriptor: without a file, the shared memory of the tunnel
-        end's workers (:func:`~tigertunnel.ops.replayfile.create_shared_memory`, inherited by workers).
+        end's workers (:func:`~tigertunnel.ops.replayfile.create_shared_memory`, inherited by
+        workers).
     :param now: wall-clock seconds (hello timestamps are wall clock).
     :param monotonic: the clock of the log rate limits.
     :ivar refused: hellos this process refused because the table could not

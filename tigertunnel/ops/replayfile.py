@@ -29,7 +29,9 @@ When something is wrong, nothing unexpired is forgotten and nothing unsafe
 is done silently:
 
 * a full bucket, an I/O error (disk error, a file cut short in place) or a
-  lock held too long: the hello is refused (:attr:`~tigertunnel.wire.replaywindow.Verdict.FULL`, :attr:`~tigertunnel.wire.replaywindow.Verdict.FAILED`;
+  lock held too long: the hello is refused
+  (:attr:`~tigertunnel.wire.replaywindow.Verdict.FULL`,
+  :attr:`~tigertunnel.wire.replaywindow.Verdict.FAILED`;
   ``FileReplayCache.io_errors`` and ``last_error`` say why);
 * the file deleted (or emptied by replacing it) while running: the open
   descriptor still holds every record; the next process to take the lock

@@ -65,7 +65,7 @@ class ProcessReactor(Reactor, Protocol):
 class TunnelService(MultiService):
     """Parent of a tunnel end's multiplexers and operations services.
 
-    Its children are the :class:`~tigertunnel.net.multiplexer.SessionMultiplexer` of every proxy pair;
+    Its children are the :class:`~tigertunnel.net.pairmux.SessionMultiplexer` of every proxy pair;
     operations services (reload, systemd, metrics) are kept apart, started
     after the children and stopped around the drain.
 
@@ -236,8 +236,9 @@ class TunnelService(MultiService):
         sessions = sum(len(m.sessions) for m in muxes)
         connections = sum(len(m.pool_connections) for m in muxes)
         log.warn("shutdown timeout ({timeout} s): aborting {sessions} sessions "
-                 "and {links} pool connections", timeout=self.shutdown_timeout,
-                 sessions=sessions, links=connections)
+                 "and {pool_connections} pool connections",
+                 timeout=self.shutdown_timeout, sessions=sessions,
+                 pool_connections=connections)
         for mux in muxes:
             for session in list(mux.sessions):
                 session.close(abort=True)

@@ -109,7 +109,8 @@ EVICTION_LOG_INTERVAL = 10.0
 
 
 class TBRecorder:
-    """The TB-aware figures of one proxy pair (the events of its :class:`~tigertunnel.wire.tbwatch.TBWatch`).
+    """The TB-aware figures of one proxy pair (the events of its
+    :class:`~tigertunnel.wire.tbwatch.TBWatch`).
 
     Feed it frames with ``recorder.watch.frame(direction, header, now)``.
     """

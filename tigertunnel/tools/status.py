@@ -200,10 +200,13 @@ def _pair_lines(pair: Mapping[str, Any]) -> List[str]:
         lines.append(f"  backend {pair.get('target', '?')}: "
                      + ("reachable" if backend["reachable"]
                         else f"UNREACHABLE ({backend.get('error') or 'connect failed'})"))
-    for link in pair.get("links") or ():
-        key = link.get("key_id")
-        lines.append(f"    {link.get('name', '?'):<12} key {key if key is not None else '-'}"
-                     f"  {link.get('state', '?'):<8}  {link.get('sessions', 0)} sessions")
+    # ``links``: what a tunnel end of the release before called them.
+    for connection in pair.get("pool_connections", pair.get("links")) or ():
+        key = connection.get("key_id")
+        lines.append(f"    {connection.get('name', '?'):<12} key "
+                     f"{key if key is not None else '-'}"
+                     f"  {connection.get('state', '?'):<8}  "
+                     f"{connection.get('sessions', 0)} sessions")
     failures = pair.get("handshake_failures") or {}
     if any(failures.values()):
         lines.append(f"  handshake failures: {_counts(failures)}")

@@ -40,7 +40,8 @@ Narrative, once per pool connection (only in encrypted mode, ``-k``):
 Our extensions, all invisible to a reference peer:
 
 * The version byte.  The reference sends 1 and never checks it (it is only
-  hashed).  Our client sends :data:`~tigertunnel.wire.handshake.EXTENDED_VERSION` (2) by default, which a
+  hashed).  Our client sends :data:`~tigertunnel.wire.handshake.EXTENDED_VERSION` (2) by
+  default, which a
   reference server accepts; our server accepts any version and reports it as
   :attr:`Established.peer_version`, so the layers above can tell one of our
   clients (2) from a reference client (1) and only use behaviour a reference
@@ -76,6 +77,7 @@ from typing import Callable, Mapping, Protocol
 from tigertunnel.crypto import kdf, kem
 from tigertunnel.crypto.kdf import SessionKeys
 from tigertunnel.errors import HandshakeError, KEMError
+from tigertunnel.keys.ring import KeyUse
 from tigertunnel.crypto.layout import MAX_U64
 from tigertunnel.wire.replaywindow import (
     DEFAULT_BUCKETS,
@@ -125,8 +127,9 @@ class Established:
     :ivar key_fingerprint: :func:`~tigertunnel.crypto.kdf.key_fingerprint`
         of the PSK used (a key reload retires connections made with key
         bytes since replaced under the same key id).
-    :ivar kem_fingerprint: the same for the KEM secret key a tunnel server
-        used in ``kemconnect`` mode, else ``None``.
+    :ivar kem_fingerprint: in ``kemconnect`` mode, the fingerprint of the
+        KEM secret key a tunnel server used or of the public key a tunnel
+        client used (see :class:`~tigertunnel.keys.ring.KeyUse`), else ``None``.
     """
 
     keys: SessionKeys
@@ -137,6 +140,12 @@ class Established:
     leftover: bytes
     key_fingerprint: bytes = b""
     kem_fingerprint: bytes | None = None
+
+    @property
+    def key_use(self) -> KeyUse:
+        """Which keys this handshake used."""
+        return KeyUse(self.key_id, self.key_fingerprint, self.kem_key_id,
+                      self.kem_fingerprint)
 
 
 @dataclass(frozen=True)
@@ -375,7 +384,9 @@ class ClientHandshake:
             mode="connect" if self._kem_public is None else "kemconnect",
             peer_version=self._version, key_id=self._key_id,
             kem_key_id=None if self._kem_public is None else self._kem_public[0],
-            leftover=leftover, key_fingerprint=kdf.key_fingerprint(self._psk))
+            leftover=leftover, key_fingerprint=kdf.key_fingerprint(self._psk),
+            kem_fingerprint=None if self._kem_public is None
+            else kdf.public_key_fingerprint(self._kem_public[1]))
 
 
 class HelloReplayCache(Protocol):
@@ -392,7 +403,8 @@ class ReplayCache:
     """Remembers authenticated ClientHellos for as long as they could be
     replayed, in this process's memory.
 
-    A hello is only accepted within :data:`~tigertunnel.wire.handshake.TIMESTAMP_TOLERANCE` seconds of
+    A hello is only accepted within :data:`~tigertunnel.wire.handshake.TIMESTAMP_TOLERANCE`
+    seconds of
     its timestamp, so an entry can be forgotten once its timestamp is more
     than that in the past (:mod:`tigertunnel.wire.replaywindow`, shared with
     the file cache). Only hellos whose hash verified are recorded, so

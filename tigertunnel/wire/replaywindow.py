@@ -26,7 +26,8 @@ than an unexpired one forgotten (forgetting it would let that one be
 replayed). Nothing ever has to be compacted: expired slots are reused in
 place.
 
-Capacity. With :data:`DEFAULT_BUCKETS` buckets of :data:`~tigertunnel.wire.replaywindow.DEFAULT_SLOTS`
+Capacity. With :data:`DEFAULT_BUCKETS` buckets of
+:data:`~tigertunnel.wire.replaywindow.DEFAULT_SLOTS`
 slots (262,144 slots, 10 MiB as a file) the hashes fall into the buckets
 like a Poisson process: the chance that one of 60,000 hellos in the window
 found its bucket full is 3 in 100 million, of 80,000 3 in 100,000, of

@@ -12,10 +12,12 @@ last said so.
 At each accept a worker takes one connection, and only if no other live
 worker accepting on that pair serves fewer; otherwise it stops reading that
 socket and leaves the connection to the others, looking again every
-:data:`~tigertunnel.ops.workers.balance.POLL_PAUSED` seconds. Ties accept, so equally loaded workers race as
+:data:`~tigertunnel.ops.workers.balance.POLL_PAUSED` seconds. Ties accept, so equally loaded
+workers race as
 before. Nothing here can hold a connection back for long:
 
-* a worker that has not written its slot for :data:`~tigertunnel.ops.workers.balance.STALE_NS` (hung,
+* a worker that has not written its slot for :data:`~tigertunnel.ops.workers.balance.STALE_NS`
+  (hung,
   starved of CPU, stopped) is left out of every decision;
 * a worker that exits is withdrawn by its supervisor at once;
 * a worker that cannot serve a pair (a client worker without an established
@@ -214,8 +216,10 @@ class PairGate:
 
 class AcceptBalancer(Service):
     """A worker's part of the board: writes its slots every
-    :data:`~tigertunnel.ops.workers.balance.HEARTBEAT` seconds, resumes a paused listener once the board
-    gives it the turn (looking every :data:`~tigertunnel.ops.workers.balance.POLL_PAUSED` seconds while one
+    :data:`~tigertunnel.ops.workers.balance.HEARTBEAT` seconds, resumes a paused listener once
+    the board
+    gives it the turn (looking every :data:`~tigertunnel.ops.workers.balance.POLL_PAUSED`
+    seconds while one
     is paused), and withdraws the worker when it stops.
 
     :param gates: each pair's gate with the listener it decides for.
@@ -246,7 +250,8 @@ class AcceptBalancer(Service):
         return None
 
     def look_soon(self) -> None:
-        """A listener paused: look again within :data:`~tigertunnel.ops.workers.balance.POLL_PAUSED`."""
+        """A listener paused: look again within
+        :data:`~tigertunnel.ops.workers.balance.POLL_PAUSED`."""
         call = self._call
         if (call is not None and call.active()
                 and call.getTime() - self.clock.seconds() > POLL_PAUSED):
