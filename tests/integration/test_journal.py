@@ -158,7 +158,7 @@ class JournalTests(TestCase):
         up = [r for r in records if "pool connection" in r["message"] and " up " in r["message"]]
         self.assertEqual(len(up), 2, records)
         self.assertEqual({(r["pair"], r["level"], r["namespace"]) for r in up},
-                         {("pair0", "info", "tigertunnel.net.multiplexer")})
+                         {("pair0", "info", "tigertunnel.net.pairmux")})
         self.assertTrue(all(r["pool_connection"].startswith("pair0/") for r in up))
         self.assertIn("tigertunnel.cli", {r["namespace"] for r in records
                                           if r["message"].startswith("reactor class:")})

@@ -133,7 +133,7 @@ class WorkerTests(_ProcessTestCase):
         # One log per end; the worker's lines are marked with its index.
         log = procs.read_text(self.clog)
         self.assertIn("started worker 1 (pid ", log)
-        self.assertIn("[worker 1/tigertunnel.net.multiplexer#info] client pool "
+        self.assertIn("[worker 1/tigertunnel.net.pairmux#info] client pool "
                       "connection", log)
 
         os.kill(self.client_pid, signal.SIGHUP)
