@@ -55,7 +55,7 @@ class KeygenOptions(_GenOptions):
     longdesc = "Write a new PSK key file (one <key_id>:<64 hex> line, mode 0600)."
     examples = """Examples:
   tigertunnel keygen -o secret.key
-  tigertunnel keygen -o new.key    # then see "Key rotation" in README.rst"""
+  tigertunnel keygen -o new.key    # then see "Key rotation" in docs/operations.rst"""
 
 
 class KemgenOptions(_GenOptions):

@@ -31,8 +31,11 @@ from tigertunnel.config.model import Role
 from tigertunnel.stats import HandshakeFailure, Stats
 from tigertunnel.wire.tbwatch import TBWatch
 
+#: What a seam is given (a session).
 S_contra = TypeVar("S_contra", contravariant=True)
+#: What a seam is given (a pool connection).
 C_contra = TypeVar("C_contra", contravariant=True)
+#: What a seam returns (a pool connection).
 C_co = TypeVar("C_co", covariant=True)
 
 

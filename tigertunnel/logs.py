@@ -2,9 +2,9 @@
 
 Every module gets its logger from :func:`logger` (``logger(__name__)``: the
 namespace of a line is the module that logs it); those loggers publish
-through a single :class:`FilteringLogObserver` whose level ``--log-level``
+through a single :class:`~twisted.logger.FilteringLogObserver` whose level ``--log-level``
 sets. The observer that writes the log (:func:`output_observer`, which
-``twistd`` gets through :func:`twistd_observer_factory` and the console
+``twistd`` gets through :func:`twistd_log_observer` and the console
 script builds itself) applies the same level to every event, Twisted's own
 start-up and shutdown lines included, and writes one of:
 

@@ -4,7 +4,7 @@ Daemonized ``twistd`` tunnel ends on 127.0.0.1 carry TB requests to a
 scripted replica in this process; their scrapes go through the naming check
 of :mod:`tigertunnel.tools.promlint` and, where it is installed, through
 ``promtool check metrics``. A tunnel server whose replica is down answers
-503; README's ``jq`` recipes run against a live ``/status``.
+503; the docs' ``jq`` recipes run against a live ``/status``.
 """
 
 import json
@@ -26,7 +26,9 @@ from tigertunnel.tools.promlint import lint
 
 #: A key id above 2^53: a JSON number would lose its last digits in jq.
 BIG_ID = 1796677740593560132
-README = __file__.rsplit("/tests/", 1)[0] + "/README.rst"
+#: The pages that show ``tigertunnel status --json | jq`` recipes.
+DOCS = [__file__.rsplit("/tests/", 1)[0] + "/docs/" + page
+        for page in ("usage.rst", "operations.rst")]
 
 
 class _LiveCase(_OperationsCase):
@@ -123,10 +125,10 @@ class LiveMetricsTests(_LiveCase):
         self.assertTrue(doc["pairs"][0]["backend"]["reachable"])
 
     async def test_readme_jq_recipes(self) -> None:
-        """Every ``tigertunnel status --json | jq`` line of README runs on a live /status; the key id comes out exact."""
+        """Every ``tigertunnel status --json | jq`` line of the docs runs on a live /status; the key id comes out exact."""
         if shutil.which("jq") is None:
             self.skipTest("jq is not installed")
-        recipes = [line.strip() for line in open(README, encoding="utf-8")
+        recipes = [line.strip() for page in DOCS for line in open(page, encoding="utf-8")
                    if line.strip().startswith("tigertunnel status --json | jq")]
         self.assertGreaterEqual(len(recipes), 3)
         ends = await self.start_pair()

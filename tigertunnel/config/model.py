@@ -1,6 +1,6 @@
 """Validated configuration of a tunnel end (pure: no reactor, no sockets).
 
-User-facing address syntax (PROTOCOL.md section 9, plus host names, which
+User-facing address syntax (docs/protocol.rst §9, plus host names, which
 the reference documents but rejects):
 
 * ``:PORT`` — every IPv4 interface;

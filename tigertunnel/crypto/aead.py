@@ -1,4 +1,4 @@
-"""AEGIS-128X2 encryption of TB frames on a pool connection (PROTOCOL.md section 6).
+"""AEGIS-128X2 encryption of TB frames on a pool connection (docs/protocol.rst §6).
 
 AEAD: AEGIS-128X2 with a 16-byte key, a 16-byte nonce and a **16-byte tag**
 (pyaegis' default of 32 bytes would not interoperate).
@@ -55,7 +55,7 @@ __all__ = ["KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "CLEAR_SIZE_OFFSET",
            "CIPHERTEXT_OFFSET", "Sealer", "Opener", "FrameSealer", "FrameOpener",
            "frame_nonce"]
 
-# Wire facts, source of truth: PROTOCOL.md sections 1 and 6.
+# Wire facts, source of truth: docs/protocol.rst §§1 and 6.
 KEY_SIZE = 16
 NONCE_SIZE = 16
 TAG_SIZE = 16

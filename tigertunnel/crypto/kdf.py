@@ -1,6 +1,6 @@
 """Handshake hashes and session key derivation.
 
-Implements the hashes of PROTOCOL.md section 3 (ClientHello hash for
+Implements the hashes of docs/protocol.rst §3 (ClientHello hash for
 ``connect`` and ``kemconnect``, the ServerHello auth hash) and the HKDF-SHA256
 session key derivation of section 4::
 
@@ -18,12 +18,13 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
+#: Bytes of a PSK.
 PSK_SIZE = 32
 RANDOM_SIZE = 16
 KEY_SIZE = 16
 KEM_SHARED_SECRET_SIZE = 32
 
-# Context strings from PROTOCOL.md section 1 (ASCII, no terminator).
+# Context strings from docs/protocol.rst §1 (ASCII, no terminator).
 PSK_HELLO_CONTEXT = b"tigertunnel-psk-hello-v1"
 KEM_HELLO_CONTEXT = b"tigertunnel-kem-hello-v1"
 PSK_SALT = b"tigertunnel-v1-psk"

@@ -1,6 +1,6 @@
 """MLKEM768-X25519 ("X-Wing") hybrid KEM, as the Zig reference uses it.
 
-Implements PROTOCOL.md section 5.  The secret key is a 32-byte seed ``sk``;
+Implements docs/protocol.rst §5.  The secret key is a 32-byte seed ``sk``;
 everything else is re-derived from it::
 
     E = SHAKE256(sk)[0:96]
@@ -23,7 +23,7 @@ only when asked for explicitly:
   lets the KEM run on kyber-py instead of refusing.
 
 Otherwise a KEM operation without native ML-KEM raises
-:class:`tigertunnel.errors.KEMUnavailableError` (a :class:`KEMError`) with a
+:class:`tigertunnel.errors.KEMUnavailableError` (a :class:`~tigertunnel.errors.KEMError`) with a
 message saying what to install. Both tunnel ends call :func:`check_available`
 when their options name a KEM key file (``tigertunnel/tap.py``), so a tunnel
 end configured with a KEM key refuses to start, with one line, instead of
@@ -80,8 +80,10 @@ def _probe_native() -> bool:
 #: ``cryptography`` offers a working native ML-KEM-768.
 HAVE_NATIVE_MLKEM = _probe_native()
 
-# Sizes from PROTOCOL.md section 1 / section 5.
+# Sizes from docs/protocol.rst §§1 and 5.
+#: Bytes of an X-Wing public key.
 PUBLIC_KEY_SIZE = 1216
+#: Bytes of an X-Wing secret key (the seed everything is derived from).
 SECRET_KEY_SIZE = 32
 CIPHERTEXT_SIZE = 1120
 SHARED_SECRET_SIZE = 32

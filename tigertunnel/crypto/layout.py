@@ -1,4 +1,4 @@
-"""The TB frame fields the encrypted frame layout is built on (PROTOCOL.md 6.1, 6.2).
+"""The TB frame fields the encrypted frame layout is built on (docs/protocol.rst §6.1, 6.2).
 
 The AEAD of a pool connection (:mod:`tigertunnel.crypto.aead`) moves and
 checks a few fields of the 256-byte TB header, so their offsets live here,
@@ -12,7 +12,7 @@ __all__ = ["HEADER_SIZE", "MIN_FRAME_SIZE", "MAX_FRAME_SIZE", "SIZE_OFFSET",
            "SIZE_END", "CLUSTER_OFFSET", "CHECKSUM_PADDING",
            "CHECKSUM_BODY_PADDING", "NONCE_RESERVED", "MUX_HEADER_SIZE", "MAX_U64"]
 
-# Wire facts, source of truth: PROTOCOL.md section 6.1 (TB header layout).
+# Wire facts, source of truth: docs/protocol.rst §6.1 (TB header layout).
 HEADER_SIZE = 256
 MIN_FRAME_SIZE = 256
 MAX_FRAME_SIZE = 1 << 20
@@ -28,5 +28,5 @@ NONCE_RESERVED = slice(64, 80)
 #: wire): below the wire layer and the key ring, which both check it.
 MAX_U64 = (1 << 64) - 1
 
-# PROTOCOL.md section 7.1: the mux header, the AEAD's associated data.
+# docs/protocol.rst §7.1: the mux header, the AEAD's associated data.
 MUX_HEADER_SIZE = 12

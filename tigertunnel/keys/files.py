@@ -1,6 +1,6 @@
 """Reading and writing key files, with their permissions.
 
-Deliberate differences from the reference (PROTOCOL.md section 11, items 9
+Deliberate differences from the reference (docs/protocol.rst §11, items 9
 and 29): the whole file is read (the reference silently truncates at 2048,
 1376 or 2454 bytes); secret files are created with mode 0600 and refused when
 group or others have any access to them, or when they belong to a user
@@ -49,7 +49,9 @@ def _user_name(uid: int) -> str:
 
 #: The kinds of key file, by the option that takes them.
 PSK = "-k"
+#: The option that names a KEM secret key file.
 KEM_SECRET = "--kemsecret"
+#: The option that names a KEM public key file.
 KEM_PUBLIC = "--kempublic"
 
 
@@ -96,7 +98,8 @@ def read_key_file(path: str, secret: bool,
     :param owners: the users a secret file may belong to
         (:func:`trusted_owners` by default).
     :param kind: the option the file was given to (:data:`PSK`,
-        :data:`KEM_SECRET`, :data:`KEM_PUBLIC`): a key file of another kind
+        :data:`~tigertunnel.keys.files.KEM_SECRET`,
+        :data:`~tigertunnel.keys.files.KEM_PUBLIC`): a key file of another kind
         is refused as ``WrongKeyKind`` first, before its permissions are
         looked at (a public key needs no ``chmod``).
     :raises KeyFileError: ``Unreadable``, ``WrongKeyKind``,
@@ -134,7 +137,7 @@ def load_psk_file(path: str, owners: "Iterable[int] | None" = None) -> KeyStore:
     """Load a PSK file (``-k``).
 
     :param owners: see :func:`read_key_file`.
-    :return: the keys in file order; a client uses :meth:`KeyStore.first`.
+    :return: the keys in file order; a client uses :meth:`~tigertunnel.keys.format.KeyStore.first`.
     :raises KeyFileError: see :func:`~tigertunnel.keys.format.parse_key_text`
         and :func:`read_key_file`.
     """

@@ -1,4 +1,4 @@
-"""The key-file format (PROTOCOL.md section 2): parsing and formatting lines.
+"""The key-file format (docs/protocol.rst §2): parsing and formatting lines.
 
 Every key file is text with one key per line::
 
@@ -17,8 +17,8 @@ or lower case. Lines are split on ``\\n`` only and stripped of spaces, tabs and
   :data:`~tigertunnel.crypto.kem.SECRET_KEY_SIZE` bytes, same rules.
 * KEM public file (``PREFIX.pub``, ``--kempublic``): exactly one X-Wing public
   key of :data:`~tigertunnel.crypto.kem.PUBLIC_KEY_SIZE` bytes. Comments and
-  blank lines are accepted here too (the reference refuses them, PROTOCOL.md
-  section 11 item 30).
+  blank lines are accepted here too (the reference refuses them, docs/protocol.rst
+  §11 item 30).
 
 :func:`format_key_line` writes ``<decimal key_id>:<lowercase hex>\\n``, byte
 for byte what the reference's keygen writes.

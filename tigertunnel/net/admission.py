@@ -62,6 +62,7 @@ DEFAULT_GRACE = 1.0
 #: network an IPv6 site is given, so one host may use any address in it.
 IPV6_GROUP_PREFIX = 64
 
+#: What identifies a pending handshake.
 K = TypeVar("K", bound=Hashable)
 
 

@@ -1,9 +1,9 @@
-"""Retry delays: exponential backoff with jitter (PROTOCOL.md section 7.8)."""
+"""Retry delays: exponential backoff with jitter (docs/protocol.rst §7.8)."""
 
 import random
 from typing import Callable
 
-#: Pool connection reconnect backoff (PROTOCOL.md section 7.8).
+#: Pool connection reconnect backoff (docs/protocol.rst §7.8).
 BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 10.0
 

@@ -1,6 +1,6 @@
 """Heartbeat: drives a pool connection's liveness machine with the reactor clock.
 
-Between two version-2 ends (README.rst, "Protocol extension"), each end
+Between two version-2 ends (docs/protocol.rst §12), each end
 watches its pool connection with a :class:`~tigertunnel.wire.liveness.Liveness`
 machine. :class:`Heartbeat` is the Twisted side of it: one timer per pool
 connection, re-armed at most once a second, and nothing on the data path.

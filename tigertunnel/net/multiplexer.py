@@ -1,6 +1,6 @@
 """The multiplexer of a proxy pair: joins its sessions and pool connections.
 
-One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
+One :class:`~tigertunnel.net.pairmux.SessionMultiplexer` runs per proxy pair (``-p``):
 
 * :class:`ClientMultiplexer` (tunnel client) listens for TB clients at
   start-up, keeps ``-n`` pool connections to the tunnel server (each a
@@ -19,11 +19,12 @@ One :class:`SessionMultiplexer` runs per proxy pair (``-p``):
   hellos against one replay cache.
 
 Failed handshakes are counted one by one in the metrics but logged at most
-:data:`HANDSHAKE_LOG_BURST` times per :data:`HANDSHAKE_LOG_INTERVAL` per
+:data:`~tigertunnel.net.pairmux.HANDSHAKE_LOG_BURST` times per
+:data:`~tigertunnel.net.pairmux.HANDSHAKE_LOG_INTERVAL` per
 pair (a flood must not flood the log); the next line logged says how many
 were left out. Limits hit (no pool connection, ``-m`` sessions, pending
 handshakes, file descriptors) are warnings at most once per
-:data:`LIMIT_LOG_INTERVAL` per pair and kind of limit.
+:data:`~tigertunnel.net.pairmux.LIMIT_LOG_INTERVAL` per pair and kind of limit.
 
 What both share is :class:`~tigertunnel.net.pairmux.SessionMultiplexer`
 (re-exported here). The sessions and pool connections it builds see it

@@ -10,11 +10,12 @@ from typing import Generic, List, Optional, TypeVar, Union
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
+#: The type of the settled result.
 T = TypeVar("T")
 
 
 class Outcome(Generic[T]):
-    """A result that is settled once: a value or a :class:`Failure`."""
+    """A result that is settled once: a value or a :class:`~twisted.python.failure.Failure`."""
 
     def __init__(self) -> None:
         self._result: Optional[Union[T, Failure]] = None

@@ -41,6 +41,7 @@ LIMIT_LOG_INTERVAL = 10.0
 #: "Handshake failed" log lines of one pair: at most HANDSHAKE_LOG_BURST
 #: per HANDSHAKE_LOG_INTERVAL seconds.
 HANDSHAKE_LOG_INTERVAL = 10.0
+#: Failed handshakes logged per pair and interval.
 HANDSHAKE_LOG_BURST = 5
 
 log = logger(__name__)
@@ -133,7 +134,7 @@ class SessionMultiplexer(MultiService):
 
     @property
     def cluster_value(self) -> int:
-        """The configured cluster id, 0 when none (PROTOCOL.md section 7.6)."""
+        """The configured cluster id, 0 when none (docs/protocol.rst §7.6)."""
         return self.config.cluster_id or 0
 
     @property
@@ -228,7 +229,7 @@ class SessionMultiplexer(MultiService):
 
     def current(self, use: KeyUse) -> bool:
         """Whether a pool connection keyed with ``use`` uses keys that are
-        still current for this tunnel end (see :class:`KeyRing`)."""
+        still current for this tunnel end (see :class:`~tigertunnel.keys.ring.KeyRing`)."""
         raise NotImplementedError
 
     @property

@@ -84,7 +84,7 @@ class PoolSlot(Service):
     :param owner: the tunnel client's multiplexer of the pair.
     :param index: the slot's number in the pool (in pool connection names).
     :param policy: seconds to wait after ``n`` consecutive failures
-        (PROTOCOL.md section 7.8's backoff by default).
+        (docs/protocol.rst §7.8's backoff by default).
     """
 
     def __init__(self, owner: "PoolOwner[TunnelProtocol]", index: int,

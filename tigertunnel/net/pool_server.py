@@ -110,8 +110,9 @@ class ServerPoolProtocol(TunnelProtocol):
         reactor has not read yet (the kernel holds it).
 
         Reads what is waiting on the socket once, without blocking, and
-        feeds it to :meth:`dataReceived`, in order before anything the
-        reactor reads later. Admission calls it before evicting this
+        feeds it to
+        :meth:`~tigertunnel.net.tunnel_protocol.TunnelProtocol.dataReceived`,
+        in order before anything the reactor reads later. Admission calls it before evicting this
         connection, so that a hello that has arrived is handled rather
         than dropped unread.
 

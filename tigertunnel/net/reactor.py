@@ -54,12 +54,13 @@ NAME = "tigertunnel-epoll"
 
 
 class LeanEPollReactor(LeanLoop, EPollReactor):
-    """:class:`EPollReactor` without a logging context per socket event."""
+    """:class:`~twisted.internet.epollreactor.EPollReactor` without a logging context per
+    socket event."""
 
 
 def install() -> EPollReactor:
     """Install :class:`LeanEPollReactor` as the global reactor (before
-    anything imports it); Twisted's :class:`EPollReactor` when
+    anything imports it); Twisted's :class:`~twisted.internet.epollreactor.EPollReactor` when
     :data:`~tigertunnel.net.twisted_private.LEAN_REACTOR` is false."""
     reactor = LeanEPollReactor() if twisted_private.LEAN_REACTOR else EPollReactor()
     installReactor(reactor)

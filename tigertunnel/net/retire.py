@@ -4,7 +4,7 @@ A key reload (:mod:`tigertunnel.ops.reload`) gives every multiplexer the new
 :class:`~tigertunnel.keys.ring.KeyRing` through
 :meth:`~tigertunnel.net.pairmux.SessionMultiplexer.retire_outdated`.
 Each established pool connection whose
-:class:`~tigertunnel.wire.handshake.KeyUse` the ring no longer takes as
+:class:`~tigertunnel.keys.ring.KeyUse` the ring no longer takes as
 current moves to ``DRAINING`` (:data:`~tigertunnel.net.states.POOL_TRANSITIONS`)
 with a deadline; one whose key became current again goes back to
 ``ESTABLISHED``. :class:`Retirements` keeps those deadlines for its pair and

@@ -15,7 +15,9 @@ move nobody planned for fails loudly instead of leaving flags half set.
 import enum
 from typing import Dict, Generic, Iterator, Mapping, Tuple, TypeVar
 
+#: The states of a transition table.
 S = TypeVar("S", bound=enum.Enum)
+#: The inputs of a transition table.
 I = TypeVar("I", bound=enum.Enum)
 
 

@@ -1,4 +1,4 @@
-"""TunnelProtocol: what a pool connection does at either end (PROTOCOL.md sections 3-7).
+"""TunnelProtocol: what a pool connection does at either end (docs/protocol.rst §§3-7).
 
 Each role has its own protocol over this shared base:
 :class:`~tigertunnel.net.pool_client.ClientPoolProtocol` (sends the
@@ -123,7 +123,7 @@ class TunnelProtocol(Protocol):
     @property
     def ready(self) -> "Deferred[TunnelProtocol]":
         """A new Deferred that fires with this pool connection once its
-        handshake completed, or fails with :class:`HandshakeError`."""
+        handshake completed, or fails with :class:`~tigertunnel.errors.HandshakeError`."""
         return self._outcome.wait()
 
     @property

@@ -96,7 +96,7 @@ def _by_reason(counts: "Counter[Any]") -> Dict[str, int]:
 
 def pair_status(mux: SessionMultiplexer) -> Dict[str, Any]:
     """The figures of one proxy pair (the ``/status`` JSON of that pair),
-    rendered from its :meth:`~SessionMultiplexer.snapshot`.
+    rendered from its :meth:`~tigertunnel.net.pairmux.SessionMultiplexer.snapshot`.
 
     ``name`` is the pair's label (what it reaches: ``replica2``, a ``-p``
     ``name=``, or the target address), as in the metrics' ``pair`` label.
@@ -108,7 +108,7 @@ def pair_status(mux: SessionMultiplexer) -> Dict[str, Any]:
 
 
 def render_pair(snap: PairStatus) -> Dict[str, Any]:
-    """The ``/status`` document of one pair's :class:`PairStatus`."""
+    """The ``/status`` document of one pair's :class:`~tigertunnel.net.pairstatus.PairStatus`."""
     stats = snap.stats
     by_key: Dict[str, int] = {}
     for connection in snap.pool_connections:

@@ -330,7 +330,7 @@ class MetricsService(MultiService):
     (``--metrics-tls-*``, :mod:`tigertunnel.ops.tls`).
 
     A port that cannot be bound is fatal at start-up, as for the tunnel's
-    own listeners (:class:`ListenError`, one line naming the endpoint).
+    own listeners (:class:`~tigertunnel.errors.ListenError`, one line naming the endpoint).
     """
 
     def __init__(self, description: str, muxes: List[SessionMultiplexer],

@@ -1,6 +1,6 @@
 """Live key reload (SIGHUP): re-read the key files and swap them atomically.
 
-What a reload does (the README's "Key rotation" section is the user's side):
+What a reload does (docs/operations.rst, "Key rotation", is the user's side):
 
 1. Every key file named in the configuration (``-k``, ``--kemsecret`` on a
    server, ``--kempublic`` on a client) is read and validated completely:
@@ -11,27 +11,28 @@ What a reload does (the README's "Key rotation" section is the user's side):
    reason (file, line, error name; never key material).
 2. The new :class:`~tigertunnel.keys.ring.KeyRing` replaces the old one on
    every multiplexer of the tunnel end at once (the settings,
-   :class:`TunnelConfig`, stay as they are); new handshakes are built from
+   :class:`~tigertunnel.config.model.TunnelConfig`, stay as they are); new handshakes are built
+   from
    it, so new client hellos use the new first PSK and servers accept
    exactly the keys now in the file.
 3. Established pool connections keep working. Those keyed with a key that
    is no longer current are *retired* (state ``DRAINING``; each multiplexer
    does it, :meth:`~tigertunnel.net.pairmux.SessionMultiplexer.retire_outdated`,
-   comparing each connection's :class:`~tigertunnel.wire.handshake.KeyUse`
+   comparing each connection's :class:`~tigertunnel.keys.ring.KeyUse`
    with the new ring):
 
    * tunnel client: a pool connection whose PSK key id is not the new first
      key, or whose handshake used a replaced KEM public key, is marked
      draining (no new sessions are placed on it while another pool
      connection can take them) and closed as soon as it carries no session,
-     or after :data:`DRAIN_TIMEOUT` seconds; its pool slot then reconnects
+     or after :data:`~tigertunnel.net.retire.DRAIN_TIMEOUT` seconds; its pool slot then reconnects
      with the current key at once. Until one pool connection with the
      current key is up, only one idle retired connection at a time is
      closed (to try the key) and the others are kept, even past the
      timeout: a key the servers do not accept yet cannot empty the pool;
    * tunnel server: a pool connection whose PSK key id was removed from the
      file is closed as soon as it carries no stream, or after
-     :data:`RETIRE_GRACE` seconds (its client reconnects with its own
+     :data:`~tigertunnel.net.retire.RETIRE_GRACE` seconds (its client reconnects with its own
      current key).
 
    Handshakes already under way during the reload finish with the old keys;

@@ -86,11 +86,12 @@ class ReplayCacheService(Service):
 
     :param path: the cache file, or ``None``.
     :param descriptor: without a file, the shared memory of the tunnel
-        end's workers (:func:`create_shared_memory`, inherited by workers).
+        end's workers (:func:`~tigertunnel.ops.replayfile.create_shared_memory`, inherited by
+        workers).
     :param now: wall-clock seconds (hello timestamps are wall clock).
     :param monotonic: the clock of the log rate limits.
     :ivar refused: hellos this process refused because the table could not
-        record them, by :class:`Verdict` (``FULL``, ``FAILED``).
+        record them, by :class:`~tigertunnel.wire.replaywindow.Verdict` (``FULL``, ``FAILED``).
     """
 
     def __init__(self, path: Optional[str], descriptor: Optional[int] = None,

@@ -29,14 +29,16 @@ When something is wrong, nothing unexpired is forgotten and nothing unsafe
 is done silently:
 
 * a full bucket, an I/O error (disk error, a file cut short in place) or a
-  lock held too long: the hello is refused (:attr:`Verdict.FULL`, :attr:`Verdict.FAILED`;
-  :attr:`FileReplayCache.io_errors` and ``last_error`` say why);
+  lock held too long: the hello is refused
+  (:attr:`~tigertunnel.wire.replaywindow.Verdict.FULL`,
+  :attr:`~tigertunnel.wire.replaywindow.Verdict.FAILED`;
+  ``FileReplayCache.io_errors`` and ``last_error`` say why);
 * the file deleted (or emptied by replacing it) while running: the open
   descriptor still holds every record; the next process to take the lock
   writes a copy at the path (never over a file that appeared there) and the
   others move to it, so a restart finds them too. If the copy cannot be
   made, the processes keep using the open descriptor and try again at the
-  next hello. :attr:`FileReplayCache.notice` is told either way;
+  next hello. ``FileReplayCache.notice`` is told either way;
 * the path replaced by another replay file: the processes move to it; by
   a file that is not one: hellos are refused until it is removed;
 * at start, a file whose header is not ours, owned by another user, or not

@@ -65,7 +65,7 @@ class ProcessReactor(Reactor, Protocol):
 class TunnelService(MultiService):
     """Parent of a tunnel end's multiplexers and operations services.
 
-    Its children are the :class:`SessionMultiplexer` of every proxy pair;
+    Its children are the :class:`~tigertunnel.net.pairmux.SessionMultiplexer` of every proxy pair;
     operations services (reload, systemd, metrics) are kept apart, started
     after the children and stopped around the drain.
 

@@ -22,6 +22,7 @@ Families (label ``pair`` on each):
 ``tigertunnel_tigerbeetle_evictions_total{reason}``
     every reason TB 0.17 names, at 0 until its first eviction.
 ``tigertunnel_tigerbeetle_cluster_mismatch_total``
+    frames whose cluster id is not the configured one.
 ``tigertunnel_tigerbeetle_view`` (gauge)
     the highest view seen in replies, absent before the first reply.
 
@@ -108,7 +109,8 @@ EVICTION_LOG_INTERVAL = 10.0
 
 
 class TBRecorder:
-    """The TB-aware figures of one proxy pair (the events of its :class:`TBWatch`).
+    """The TB-aware figures of one proxy pair (the events of its
+    :class:`~tigertunnel.wire.tbwatch.TBWatch`).
 
     Feed it frames with ``recorder.watch.frame(direction, header, now)``.
     """

@@ -10,7 +10,7 @@ given. Rules between options (``--require-kem`` needs ``--kemsecret`` ...)
 are the options' own, checked once all values are in.
 
 A validator takes the text and the users a secret file may belong to, and
-returns the parsed value. It raises :class:`usage.UsageError` naming the
+returns the parsed value. It raises :class:`~twisted.python.usage.UsageError` naming the
 bad value, or, for a key file, :class:`~tigertunnel.errors.KeyFileError`
 naming the file (the caller says which option it was). Reading a key or
 certificate file is its check; nothing here listens, resolves or inherits

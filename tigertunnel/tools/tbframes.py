@@ -1,4 +1,4 @@
-"""Building TB frames (PROTOCOL.md section 6.1) for the benchmark, fakes and tests.
+"""Building TB frames (docs/protocol.rst §6.1) for the benchmark, fakes and tests.
 
 The tunnel only parses TB frames; the benchmark's load generator, the
 integration tests' fake replicas and the property tests need to *make* them.
@@ -19,7 +19,7 @@ from tigertunnel.wire.frames import (
     SIZE_OFFSET,
 )
 
-#: Offset of the ``command`` byte (PROTOCOL.md section 6.1).
+#: Offset of the ``command`` byte (docs/protocol.rst §6.1).
 COMMAND_OFFSET = 114
 #: TigerBeetle's ``request`` command.
 REQUEST = 5

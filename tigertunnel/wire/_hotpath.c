@@ -18,8 +18,8 @@
  * opener holds none, and is released only by dealloc, so that a cleared
  * encoder or receiver never becomes a plaintext one.
  *
- * Formats: PROTOCOL.md sections 6 (TB header, encrypted frame layout,
- * nonce and counters) and 7.1-7.2 (mux header, frame kinds).
+ * Formats: docs/protocol.rst §6 (TB header, encrypted frame layout,
+ * nonce and counters) and §§7.1-7.2 (mux header, frame kinds).
  *
  * AEGIS-128X2 is libaegis, the copy pyaegis installs:
  * tigertunnel.wire.implementation hands the addresses of
@@ -39,7 +39,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Wire facts, source of truth: PROTOCOL.md sections 1, 6 and 7. */
+/* Wire facts, source of truth: docs/protocol.rst §§1, 6 and 7. */
 #define HEADER_SIZE 256
 #define MIN_FRAME_SIZE 256
 #define MAX_FRAME_SIZE (1u << 20)
@@ -52,7 +52,7 @@
 #define CLEAR_SIZE_OFFSET 16    /* in an encrypted frame */
 #define CIPHERTEXT_OFFSET 20
 #define CLOSE_PAYLOAD_SIZE 256
-#define CONTROL_PAYLOAD_SIZE 256 /* README.rst, "Protocol extension" */
+#define CONTROL_PAYLOAD_SIZE 256 /* docs/protocol.rst §12 */
 #define TYPE_DATA 0
 #define TYPE_OPEN 1
 #define TYPE_CLOSE 2
@@ -277,7 +277,7 @@ static int dirkeys_set_counter(DirKeys *k, PyObject *value)
     return 0;
 }
 
-/* The encrypted frame layout of PROTOCOL.md 6.2, in place.
+/* The encrypted frame layout of docs/protocol.rst §6.2, in place.
  *
  * w points at a mux header (12 bytes, already written: it is the AD)
  * followed by room for a frame of `size` bytes whose body B is already at
@@ -301,7 +301,7 @@ static int seal_at(DirKeys *k, uint8_t *w, const uint8_t *hdr, size_t size)
     return 0;
 }
 
-/* Authenticate and decrypt one encrypted frame (PROTOCOL.md 6.5).
+/* Authenticate and decrypt one encrypted frame (docs/protocol.rst §6.5).
  *
  * src holds the encrypted frame (tag, clear size, ciphertext), `size`
  * bytes; dst receives the rebuilt TB frame and may be src itself. The
@@ -680,8 +680,8 @@ static Py_ssize_t pending_add(Pending *p, const uint8_t *src, Py_ssize_t n)
 }
 
 /* ------------------------------------------------------------------ */
-/* TB frame scanning (PROTOCOL.md 6.1): shared by FrameParser and       */
-/* FrameEncoder.                                                        */
+/* TB frame scanning (docs/protocol.rst §6.1): shared by FrameParser  */
+/* and FrameEncoder.                                                  */
 
 typedef struct {
     const uint8_t *ptr; /* the frame, in the caller's input ... */

@@ -1,4 +1,4 @@
-"""The sans-IO codec of one established pool connection (PROTOCOL.md section 7).
+"""The sans-IO codec of one established pool connection (docs/protocol.rst §7).
 
 After the handshake a pool connection carries mux frames: a 12-byte mux
 header (magic ``XUMZ``, stream id, frame type) followed by a payload.
@@ -8,7 +8,7 @@ header (magic ``XUMZ``, stream id, frame type) followed by a payload.
   direction's keys and the next counter; AD = the mux header.
 * ``stream_close``: client to server, a 256-byte encrypted pseudo-frame.
 
-Version 2 (README.rst, "Protocol extension"), only between two of our ends
+Version 2 (docs/protocol.rst §12), only between two of our ends
 and only in encrypted mode. A client that sent version byte 2 in its
 ClientHello accepts from the server:
 
@@ -21,7 +21,7 @@ A server that saw version 2 sends a ping right after its ServerHello. That
 first authenticated version-2 frame is how the client learns that the server
 is one of ours (the Zig server accepts version byte 2 but never sends
 anything but data frames): until then the client sends nothing new, after it
-(:attr:`PoolCodec.peer_confirmed`) it sends ``stream_open`` sealed (type 3,
+(:attr:`~tigertunnel.wire.codec.PoolCodec.peer_confirmed`) it sends ``stream_open`` sealed (type 3,
 a control frame naming the stream, one c2s counter value) and pings the
 server too. Symmetrically the server counts the client as confirmed at the
 client's first authenticated version-2 frame (its pong, a ping or a sealed
@@ -146,6 +146,7 @@ class PoolCodec:
         self.role = role
         self.encrypted = keys is not None
         self.peer_extended = peer_extended
+        #: Whether the peer has proven it speaks version 2 (section 12).
         self.peer_confirmed = False
         self._dead = False
         impl = self._impl = IMPLEMENTATION

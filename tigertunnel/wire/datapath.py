@@ -6,7 +6,7 @@ whole read at a time:
 
 * :class:`FrameEncoder`, one per session: the bytes read from the session's
   TB peer in, the bytes to write on its pool connection out. It cuts them
-  into TB frames (PROTOCOL.md 6.1), applies the tunnel's frame checks,
+  into TB frames (docs/protocol.rst §6.1), applies the tunnel's frame checks,
   puts a data mux header before each frame (7.1) and seals it with the pool
   connection's sender (6.2, 6.3); in plaintext mode it only adds the
   headers.

@@ -1,4 +1,4 @@
-"""Sans-IO parsing of TigerBeetle (TB) frames (PROTOCOL.md sections 6.1 and 7.7).
+"""Sans-IO parsing of TigerBeetle (TB) frames (docs/protocol.rst §§6.1 and 7.7).
 
 A TB frame is a 256-byte header followed by a body; the header's ``size``
 field (u32 little-endian at offset 96) is the total length, header included,
@@ -47,7 +47,7 @@ __all__ = [
     "FrameParser",
 ]
 
-# The TB header's wire facts (PROTOCOL.md section 6.1) are defined in
+# The TB header's wire facts (docs/protocol.rst §6.1) are defined in
 # tigertunnel.crypto.layout, below the AEAD that moves them, and used here.
 
 _ZERO16 = bytes(16)
@@ -79,7 +79,7 @@ def frame_cluster(frame: bytes) -> int:
 def check_padding(frame: bytes) -> None:
     """Check that both padding fields of a TB header are zero.
 
-    This is the reference's ``InvalidPadding`` rule (PROTOCOL.md 6.2).
+    This is the reference's ``InvalidPadding`` rule (docs/protocol.rst §6.2).
 
     :param frame: a TB frame (at least its 256-byte header).
     :raises FrameError: if ``checksum_padding`` or ``checksum_body_padding``
@@ -138,7 +138,7 @@ class FrameParser:
     Feed it whatever the transport delivered; it returns the frames that are
     complete and keeps the rest.  A ``size`` outside ``256 ... max_size`` is
     an error as soon as the four size bytes have arrived.  After an error the
-    parser is dead: every later :meth:`feed` raises :class:`FrameError`.
+    parser is dead: every later :meth:`feed` raises :class:`~tigertunnel.errors.FrameError`.
 
     Frames that precede a bad header in the same :meth:`feed` call are not
     returned (the caller ends the session on the error anyway).

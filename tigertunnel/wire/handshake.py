@@ -1,6 +1,6 @@
 """The pool-connection handshake as a sans-IO state machine.
 
-Implements PROTOCOL.md section 3 (messages, checks, status codes) and uses the
+Implements docs/protocol.rst §3 (messages, checks, status codes) and uses the
 key derivation of section 4 and the X-Wing KEM of section 5.  Nothing here
 touches a socket, the reactor, the clock or the random source directly: bytes
 go in through ``feed()``, bytes to send and events come out, and time and
@@ -40,7 +40,8 @@ Narrative, once per pool connection (only in encrypted mode, ``-k``):
 Our extensions, all invisible to a reference peer:
 
 * The version byte.  The reference sends 1 and never checks it (it is only
-  hashed).  Our client sends :data:`EXTENDED_VERSION` (2) by default, which a
+  hashed).  Our client sends :data:`~tigertunnel.wire.handshake.EXTENDED_VERSION` (2) by
+  default, which a
   reference server accepts; our server accepts any version and reports it as
   :attr:`Established.peer_version`, so the layers above can tell one of our
   clients (2) from a reference client (1) and only use behaviour a reference
@@ -52,7 +53,7 @@ Our extensions, all invisible to a reference peer:
   decoder.
 * ``require_kem``: a server may refuse PSK-only (``connect``) hellos, with
   status 4, once their hash has verified.
-* Hardening (PROTOCOL.md section 11, items 1, 6 and 7): ``versions``
+* Hardening (docs/protocol.rst §11, items 1, 6 and 7): ``versions``
   restricts the version byte (our server accepts 1 and 2 only, and closes
   anything else, such as an HTTP request or a TLS ClientHello, at its first
   byte); with a :class:`ReplayCache` the server refuses a byte-identical
@@ -86,14 +87,16 @@ from tigertunnel.wire.replaywindow import (
     Verdict,
 )
 
-# Wire facts, PROTOCOL.md sections 1 and 3.
+# Wire facts, docs/protocol.rst §§1 and 3.
 PROTOCOL_VERSION = 1
+#: The version byte of a ClientHello from one of our clients (version 2).
 EXTENDED_VERSION = 2
 OP_CONNECT = 0
 OP_KEMCONNECT = 1
 CONNECT_HELLO_SIZE = 66
 KEMCONNECT_HELLO_SIZE = 1194
 SERVER_HELLO_SIZE = 49
+#: Seconds a ClientHello's timestamp may be off, either way.
 TIMESTAMP_TOLERANCE = 3600
 
 _RANDOM_SIZE = kdf.RANDOM_SIZE
@@ -102,7 +105,7 @@ _KEM_CIPHERTEXT_OFFSET = 74
 
 
 class Status(enum.IntEnum):
-    """ServerHello status codes (PROTOCOL.md section 3.4)."""
+    """ServerHello status codes (docs/protocol.rst §3.4)."""
 
     OK = 0
     UNKNOWN_KEY = 1
@@ -126,7 +129,7 @@ class Established:
         bytes since replaced under the same key id).
     :ivar kem_fingerprint: in ``kemconnect`` mode, the fingerprint of the
         KEM secret key a tunnel server used or of the public key a tunnel
-        client used (see :class:`KeyUse`), else ``None``.
+        client used (see :class:`~tigertunnel.keys.ring.KeyUse`), else ``None``.
     """
 
     keys: SessionKeys
@@ -389,7 +392,7 @@ class ClientHandshake:
 class HelloReplayCache(Protocol):
     """What :class:`ServerHandshake` needs of a replay cache: this
     in-memory :class:`ReplayCache`, or the file or shared memory of a
-    tunnel end's processes (:class:`tigertunnel.ops.replay.FileReplayCache`)."""
+    tunnel end's processes (:class:`tigertunnel.ops.replayfile.FileReplayCache`)."""
 
     def check_and_add(self, digest: bytes, timestamp: int) -> Verdict:
         """Record a hello by its hash; say whether it is fresh, a replay, or
@@ -400,12 +403,13 @@ class ReplayCache:
     """Remembers authenticated ClientHellos for as long as they could be
     replayed, in this process's memory.
 
-    A hello is only accepted within :data:`TIMESTAMP_TOLERANCE` seconds of
+    A hello is only accepted within :data:`~tigertunnel.wire.handshake.TIMESTAMP_TOLERANCE`
+    seconds of
     its timestamp, so an entry can be forgotten once its timestamp is more
     than that in the past (:mod:`tigertunnel.wire.replaywindow`, shared with
     the file cache). Only hellos whose hash verified are recorded, so
     strangers cannot fill the cache; a hello that finds no room is refused
-    (:attr:`Verdict.FULL`), an unexpired one is never dropped.
+    (:attr:`~tigertunnel.wire.replaywindow.Verdict.FULL`), an unexpired one is never dropped.
     """
 
     def __init__(self, buckets: int = DEFAULT_BUCKETS, slots: int = DEFAULT_SLOTS,
@@ -421,7 +425,7 @@ class ReplayCache:
                    for _, bucket in self._buckets.written())
 
     def check_and_add(self, digest: bytes, timestamp: int) -> Verdict:
-        """Record a hello by its hash (see :class:`Verdict`)."""
+        """Record a hello by its hash (see :class:`~tigertunnel.wire.replaywindow.Verdict`)."""
         return self.table.check_and_add(digest, timestamp, self._now())
 
 

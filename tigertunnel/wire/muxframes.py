@@ -1,4 +1,4 @@
-"""Sans-IO codec of the pool-connection byte stream (PROTOCOL.md sections 7.1, 7.2, 8).
+"""Sans-IO codec of the pool-connection byte stream (docs/protocol.rst §§7.1, 7.2, 8).
 
 Every unit on a pool connection starts with a 12-byte mux header, always in
 clear:
@@ -37,7 +37,7 @@ The encrypted stream_close payload is a 256-byte all-zero TB header with
 offset 120 (:func:`build_close_plaintext`); the server honours the close only
 if it authenticates and :func:`is_valid_close` holds.
 
-The version-2 control frames (README.rst, "Protocol extension"), which only
+The version-2 control frames (docs/protocol.rst §12), which only
 travel between two of our ends and never to or from the Zig implementation,
 use the same pseudo header (:func:`build_control_plaintext`): ``size`` = 256
 at offset 96, the mux header's stream id at offset 116, the frame type at
@@ -71,7 +71,7 @@ __all__ = [
     "parse_control",
 ]
 
-# Wire facts, source of truth: PROTOCOL.md sections 6.2, 7.1 and 7.2 (the
+# Wire facts, source of truth: docs/protocol.rst §§6.2, 7.1 and 7.2 (the
 # header's size, which the AEAD needs too, is in tigertunnel.crypto.layout).
 MAGIC = b"XUMZ"  # u32 LE 0x5A4D5558
 CLOSE_PAYLOAD_SIZE = 256
@@ -96,7 +96,7 @@ class FrameType(enum.IntEnum):
     DATA = 0
     OPEN = 1
     CLOSE = 2
-    #: Version 2 only (README.rst, "Protocol extension").
+    #: Version 2 only (docs/protocol.rst §12).
     SEALED_OPEN = 3
     PING = 4
     PONG = 5
@@ -226,7 +226,7 @@ class MuxDecoder:
     Feed it the bytes received after the handshake (or from the start in
     plaintext mode).  It returns the frames that are complete and keeps the
     rest.  After an error the decoder is dead: every later :meth:`feed`
-    raises :class:`MuxError`.  Frames that precede the error in the same
+    raises :class:`~tigertunnel.errors.MuxError`.  Frames that precede the error in the same
     :meth:`feed` call are not returned.
     """
 

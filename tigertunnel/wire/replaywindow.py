@@ -1,7 +1,7 @@
 """The replay window: which accepted ClientHellos must be remembered, and the table that holds them.
 
 A tunnel server accepts a ClientHello only within a tolerance of its
-timestamp (``TIMESTAMP_TOLERANCE``, PROTOCOL.md section 3.3, defined in
+timestamp (``TIMESTAMP_TOLERANCE``, docs/protocol.rst §3.3, defined in
 :mod:`tigertunnel.wire.handshake`), so a hello must be remembered, to
 refuse its replay, until its timestamp is more than the tolerance in the
 past, and may be forgotten afterwards. :func:`oldest_live` is that rule, the
@@ -9,7 +9,7 @@ only place it is written; :class:`ReplayTable` applies it to every cache of
 the package: the in-memory one of a single process
 (:class:`~tigertunnel.wire.handshake.ReplayCache`) and the file or shared
 memory every process of a tunnel end uses
-(:class:`~tigertunnel.ops.replay.FileReplayCache`).
+(:class:`~tigertunnel.ops.replayfile.FileReplayCache`).
 
 The table is a fixed number of *buckets* of *slots*; a slot is one record::
 
@@ -26,7 +26,8 @@ than an unexpired one forgotten (forgetting it would let that one be
 replayed). Nothing ever has to be compacted: expired slots are reused in
 place.
 
-Capacity. With :data:`DEFAULT_BUCKETS` buckets of :data:`DEFAULT_SLOTS`
+Capacity. With :data:`DEFAULT_BUCKETS` buckets of
+:data:`~tigertunnel.wire.replaywindow.DEFAULT_SLOTS`
 slots (262,144 slots, 10 MiB as a file) the hashes fall into the buckets
 like a Poisson process: the chance that one of 60,000 hellos in the window
 found its bucket full is 3 in 100 million, of 80,000 3 in 100,000, of
@@ -72,6 +73,7 @@ _TIMESTAMPS = struct.Struct("<32xQ")
 #: Buckets and slots per bucket of a cache made with the defaults (see
 #: "Capacity" above).
 DEFAULT_BUCKETS = 8192
+#: Slots per bucket of a cache made with the defaults.
 DEFAULT_SLOTS = 32
 _EMPTY = bytes(DIGEST_SIZE)
 MAGIC = b"TTREPLAY"

@@ -46,6 +46,7 @@ __all__ = ["TO_TUNNEL", "FROM_TUNNEL", "DIRECTIONS", "TBEvents", "InFlight",
 #: Directions, as in the tunnel's other counters: ``to_tunnel`` = read from
 #: the TB side and sent into the tunnel, ``from_tunnel`` = the reverse.
 TO_TUNNEL = 0
+#: Read from the tunnel and written to the TB side.
 FROM_TUNNEL = 1
 DIRECTIONS = ("to_tunnel", "from_tunnel")
 
@@ -106,7 +107,7 @@ class TBWatch:
     """The TB-aware counters of one proxy pair, fed one frame header at a time.
 
     :ivar frames: frames by ``command * 2 + direction``
-        (:data:`TO_TUNNEL`/:data:`FROM_TUNNEL`), 512 counters.
+        (:data:`TO_TUNNEL`/:data:`~tigertunnel.wire.tbwatch.FROM_TUNNEL`), 512 counters.
     :ivar requests: ``request`` frames by operation number, 256 counters
         (resent and hedged copies included).
     :ivar view: the highest view seen in a reply, -1 before the first.
@@ -131,7 +132,7 @@ class TBWatch:
               now: float) -> None:
         """Account for one TB frame.
 
-        :param direction: :data:`TO_TUNNEL` or :data:`FROM_TUNNEL`.
+        :param direction: :data:`TO_TUNNEL` or :data:`~tigertunnel.wire.tbwatch.FROM_TUNNEL`.
         :param header: the frame, or at least its 256-byte header.
         :param now: the current time in seconds (any monotonic clock).
         :raises FrameError: if ``header`` is shorter than a TB header.

@@ -33,7 +33,8 @@ The package has four parts:
   written without ever blocking, and the supervisor's reading of them;
 * :mod:`.balance`, the accept board and each worker's
   :class:`~.balance.AcceptBalancer`;
-* :mod:`.supervisor`, :class:`WorkerSupervisor` (a service of worker 0):
+* :mod:`.supervisor`, :class:`~tigertunnel.ops.workers.supervisor.WorkerSupervisor` (a service
+  of worker 0):
   starts the workers, re-publishes their log lines, restarts a worker that
   exits (after 1 s doubling to 30 s), forwards SIGHUP (key reload) to the
   workers that are up, and on shutdown sends SIGTERM to all of them at once,

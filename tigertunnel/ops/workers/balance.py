@@ -12,10 +12,12 @@ last said so.
 At each accept a worker takes one connection, and only if no other live
 worker accepting on that pair serves fewer; otherwise it stops reading that
 socket and leaves the connection to the others, looking again every
-:data:`POLL_PAUSED` seconds. Ties accept, so equally loaded workers race as
+:data:`~tigertunnel.ops.workers.balance.POLL_PAUSED` seconds. Ties accept, so equally loaded
+workers race as
 before. Nothing here can hold a connection back for long:
 
-* a worker that has not written its slot for :data:`STALE_NS` (hung,
+* a worker that has not written its slot for :data:`~tigertunnel.ops.workers.balance.STALE_NS`
+  (hung,
   starved of CPU, stopped) is left out of every decision;
 * a worker that exits is withdrawn by its supervisor at once;
 * a worker that cannot serve a pair (a client worker without an established
@@ -100,7 +102,7 @@ class AcceptBoard:
 
     def live_counts(self, pair: int, but: int) -> List[int]:
         """The counts of the workers other than ``but`` that accept on
-        ``pair`` and wrote their slot within :data:`STALE_NS`."""
+        ``pair`` and wrote their slot within :data:`~tigertunnel.ops.workers.balance.STALE_NS`."""
         now = self.now_ns()
         counts = []
         for worker in range(self.workers):
@@ -214,8 +216,10 @@ class PairGate:
 
 class AcceptBalancer(Service):
     """A worker's part of the board: writes its slots every
-    :data:`HEARTBEAT` seconds, resumes a paused listener once the board
-    gives it the turn (looking every :data:`POLL_PAUSED` seconds while one
+    :data:`~tigertunnel.ops.workers.balance.HEARTBEAT` seconds, resumes a paused listener once
+    the board
+    gives it the turn (looking every :data:`~tigertunnel.ops.workers.balance.POLL_PAUSED`
+    seconds while one
     is paused), and withdraws the worker when it stops.
 
     :param gates: each pair's gate with the listener it decides for.
@@ -246,7 +250,8 @@ class AcceptBalancer(Service):
         return None
 
     def look_soon(self) -> None:
-        """A listener paused: look again within :data:`POLL_PAUSED`."""
+        """A listener paused: look again within
+        :data:`~tigertunnel.ops.workers.balance.POLL_PAUSED`."""
         call = self._call
         if (call is not None and call.active()
                 and call.getTime() - self.clock.seconds() > POLL_PAUSED):

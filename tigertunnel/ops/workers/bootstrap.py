@@ -64,7 +64,7 @@ def safe_path_flag(version: "tuple[int, ...]" = tuple(sys.version_info[:3])) -> 
 def worker_command(role_args: Sequence[str]) -> List[str]:
     """The command line of a worker: the console script with the same
     arguments, and nothing from the working directory on its import path
-    (:func:`safe_path_flag`)."""
+    (:func:`~tigertunnel.ops.workers.bootstrap.safe_path_flag`)."""
     return [sys.executable, safe_path_flag(), "-m", "tigertunnel"] + list(role_args)
 
 

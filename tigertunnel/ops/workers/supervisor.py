@@ -11,7 +11,7 @@ A service of worker 0 (see :mod:`tigertunnel.ops.workers` for the layout):
   starting gets it once it is ready (SIGHUP could end it before);
 * on shutdown sends SIGTERM to the workers at once, so they drain in
   parallel with worker 0, and SIGKILLs those still alive after the shutdown
-  timeout plus :data:`KILL_GRACE`.
+  timeout plus :data:`~tigertunnel.ops.workers.supervisor.KILL_GRACE`.
 """
 
 import os
@@ -184,7 +184,7 @@ class WorkerSupervisor(Service):
 
     def terminate(self) -> "defer.Deferred[None]":
         """SIGTERM every worker; fires when all have exited (SIGKILL after
-        the shutdown timeout plus :data:`KILL_GRACE`)."""
+        the shutdown timeout plus :data:`~tigertunnel.ops.workers.supervisor.KILL_GRACE`)."""
         if self._stopping is not None:
             return self._stopping
         for call in self._pending.values():

@@ -134,8 +134,8 @@ class _RelayedPeer(Protocol):
 class Relay(Factory):
     """A TCP relay on 127.0.0.1 to ``target`` that can cut every connection.
 
-    While :attr:`down`, a new connection is aborted at once (the target
-    looks unreachable).
+    While :attr:`~tigertunnel.tools.bench.churn.Relay.down`, a new
+    connection is aborted at once (the target looks unreachable).
     """
 
     noisy = False
@@ -144,6 +144,7 @@ class Relay(Factory):
         self.reactor = reactor
         self.target = target
         self.connections: List[_RelayedPeer] = []
+        #: Whether the relay aborts new connections and has cut the ones it carried.
         self.down = False
         self.port: Optional[IListeningPort] = None
 
