@@ -4,13 +4,10 @@
 (the window rule, the buckets, the verdicts) in a file that every worker of
 the tunnel end opens and a restarted server finds again (``--replay-file``,
 ``<pidfile>.replay``), or in shared memory (a ``memfd``,
-:func:`create_shared_memory`) that worker 0 hands to its workers like the
-accept board, each process opening it through its descriptor
-(:meth:`FileReplayCache.from_descriptor`).
-
-The layout is the replay window's (:func:`~tigertunnel.wire.replaywindow.pack_header`).
-The hash is the ClientHello's own hash field (it travels in clear: the file
-holds nothing secret). A new file is made (mode 0600) at its full size with
+:func:`create_shared_memory`) that worker 0 hands to its workers, each
+process opening it through its descriptor (:meth:`FileReplayCache.from_descriptor`).
+The layout is the replay window's (:func:`~tigertunnel.wire.replaywindow.pack_header`);
+the hash is the ClientHello's own (sent in clear: the file holds no secret). A new file is made (mode 0600) at its full size with
 ``posix_fallocate``, so a record written later needs no new disk block. A
 file of the previous layout (version 1, an append log) is converted at
 start, keeping its unexpired hellos.
